@@ -1,0 +1,101 @@
+"""sparseloco: the SparseLoCo outer optimizer, its codec and aggregation, and baselines.
+
+Quick use::
+
+    from sparseloco import SparseLoCo, OuterLoop, InProcessHub
+
+    exchange = InProcessHub().connect("peer-0")          # or netcomm's storage exchange
+    outer = SparseLoCo(model.named_parameters(), exchange, "covenant-72b")
+    with OuterLoop(inner_optimizer, outer, on_round=print):
+        ...  # the usual loop: loss.backward(); inner_optimizer.step()
+"""
+
+from sparseloco.aggregate import aggregate, iter_aggregate, iter_aggregate_dense
+from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import (
+    CompressedTensor,
+    CompressedUpdate,
+    ErrorFeedback,
+    decode,
+    decode_sparse,
+    decode_tensor,
+    encode,
+    encode_tensor,
+)
+from sparseloco.config import PRESETS, CodecConfig, OuterConfig, preset
+from sparseloco.errors import (
+    BackendUnavailableError,
+    CodecMismatchError,
+    ConfigError,
+    CorruptUpdateError,
+    ExchangeError,
+    NonFiniteError,
+    ShapeMismatchError,
+    SparseLoCoError,
+    UnknownPresetError,
+    UpdateError,
+)
+from sparseloco.exchange import (
+    DistributedExchange,
+    Exchange,
+    GatherResult,
+    InProcessExchange,
+    InProcessHub,
+    PeerStatus,
+)
+from sparseloco.optim import (
+    DataParallel,
+    DiLoCo,
+    OuterLoop,
+    OuterOptimizer,
+    RoundReport,
+    SparseLoCo,
+)
+from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BackendUnavailableError",
+    "ChunkLayout",
+    "CodecConfig",
+    "CodecMismatchError",
+    "CompressedTensor",
+    "CompressedUpdate",
+    "ConfigError",
+    "CorruptUpdateError",
+    "DataParallel",
+    "DenseUpdate",
+    "DiLoCo",
+    "DistributedExchange",
+    "ErrorFeedback",
+    "Exchange",
+    "ExchangeError",
+    "GatherResult",
+    "InProcessExchange",
+    "InProcessHub",
+    "NonFiniteError",
+    "OuterConfig",
+    "OuterLoop",
+    "OuterOptimizer",
+    "Payload",
+    "PeerStatus",
+    "RoundReport",
+    "ShapeMismatchError",
+    "SparseLoCo",
+    "SparseLoCoError",
+    "UnknownPresetError",
+    "UpdateError",
+    "aggregate",
+    "decode",
+    "decode_sparse",
+    "decode_tensor",
+    "encode",
+    "encode_tensor",
+    "iter_aggregate",
+    "iter_aggregate_dense",
+    "payload_from_tensors",
+    "preset",
+    "validate_payload",
+]

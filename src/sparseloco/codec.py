@@ -1,0 +1,372 @@
+"""The SparseLoCo codec: error feedback, chunked top-k, low-bit values, packed indices.
+
+For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §1, steps 3–8):
+
+    e ← β·e + Δ
+    I  = per chunk, the k entries of largest |e| (ties to the lower index), ascending
+    v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]
+    e[I] ← v − v̂          (so e_old·β + Δ = e_new + decode(sent) exactly up to rounding)
+
+The message carries the packed indices (or Rice-coded gaps), the packed codes and the
+L-entry table. :func:`encode` works tensor by tensor and mutates the error buffers in place;
+:func:`decode` turns a message back into dense tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from sparseloco.chunking import ChunkLayout
+from sparseloco.config import CodecConfig
+from sparseloco.errors import (
+    CodecMismatchError,
+    CorruptUpdateError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UpdateError,
+)
+from sparseloco.packing import rice_decode, unpack_codes, unpack_indices
+
+FORMAT = "sparseloco.compressed/1"
+
+
+@dataclass(frozen=True)
+class CompressedTensor:
+    """One tensor's share of a compressed update.
+
+    Attributes:
+        shape: shape of the dense tensor.
+        indices: ``uint8`` packed in-chunk indices (``"packed"`` coding) or the Rice
+            remainder stream (``"rice"``); empty when every entry is kept.
+        gaps: ``uint8`` Rice unary stream; empty unless ``"rice"`` coding.
+        codes: ``uint8`` packed quantization codes, chunk-major, ascending index order.
+        table: ``float32`` decode table of 2**value_bits entries.
+        rice_param: the Rice parameter p (0 for packed coding).
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    gaps: torch.Tensor
+    codes: torch.Tensor
+    table: torch.Tensor
+    rice_param: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes (buffers and table)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers().values())
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {"idx": self.indices, "gap": self.gaps, "code": self.codes, "table": self.table}
+
+    def to(self, device: torch.device | str) -> CompressedTensor:
+        return CompressedTensor(
+            shape=self.shape,
+            indices=self.indices.to(device),
+            gaps=self.gaps.to(device),
+            codes=self.codes.to(device),
+            table=self.table.to(device),
+            rice_param=self.rice_param,
+        )
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """A whole compressed pseudo-gradient: the codec it was made with and its tensors."""
+
+    codec: CodecConfig
+    tensors: dict[str, CompressedTensor] = field(default_factory=dict)
+
+    kind = "sparse"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def num_kept(self) -> int:
+        """Number of transmitted (index, value) entries."""
+        total = 0
+        for t in self.tensors.values():
+            layout = ChunkLayout.for_shape(t.shape, self.codec.chunk_size)
+            total += layout.num_chunks * layout.k(self.codec.topk)
+        return total
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Flat (tensors, string metadata) for safetensors; see :meth:`from_tensors`."""
+        tensors: dict[str, torch.Tensor] = {}
+        shapes: dict[str, list[int]] = {}
+        rice: dict[str, int] = {}
+        for name in sorted(self.tensors):
+            ct = self.tensors[name]
+            for part, buf in ct.buffers().items():
+                tensors[f"{name}::{part}"] = buf.detach().contiguous().cpu()
+            shapes[name] = list(ct.shape)
+            if ct.rice_param:
+                rice[name] = ct.rice_param
+        meta = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "codec": json.dumps(self.codec.wire_fields(), sort_keys=True),
+            "shapes": json.dumps(shapes, sort_keys=True),
+            "rice": json.dumps(rice, sort_keys=True),
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
+    ) -> CompressedUpdate:
+        """Rebuild from :meth:`to_tensors` output; checks structure, not contents."""
+        if meta.get("format") != FORMAT:
+            raise CorruptUpdateError(f"unknown payload format {meta.get('format')!r}")
+        try:
+            codec = CodecConfig.from_dict(json.loads(meta["codec"]))
+            shapes = json.loads(meta["shapes"])
+            rice = json.loads(meta.get("rice", "{}"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptUpdateError(f"bad payload metadata: {exc}") from None
+        if not isinstance(shapes, dict) or not isinstance(rice, dict):
+            raise CorruptUpdateError("bad payload metadata: shapes/rice must be objects")
+        expected = {f"{n}::{p}" for n in shapes for p in ("idx", "gap", "code", "table")}
+        if set(tensors) != expected:
+            extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+            raise CorruptUpdateError(
+                f"payload tensors do not match: extra {extra}, missing {missing}"
+            )
+        out: dict[str, CompressedTensor] = {}
+        for name, shape in shapes.items():
+            if not (
+                isinstance(shape, list)
+                and all(isinstance(s, int) and 0 <= s < 2**40 for s in shape)
+                and len(shape) <= 8
+            ):
+                raise CorruptUpdateError("bad shape in payload metadata", tensor=name)
+            p = rice.get(name, 0)
+            if not isinstance(p, int) or not 0 <= p <= 16:
+                raise CorruptUpdateError(f"bad rice parameter {p!r}", tensor=name)
+            out[name] = CompressedTensor(
+                shape=tuple(shape),
+                indices=tensors[f"{name}::idx"],
+                gaps=tensors[f"{name}::gap"],
+                codes=tensors[f"{name}::code"],
+                table=tensors[f"{name}::table"],
+                rice_param=p,
+            )
+        return cls(codec=codec, tensors=out)
+
+    def check_matches(self, shapes: Mapping[str, tuple[int, ...]], codec: CodecConfig) -> None:
+        """Raise unless this update has exactly these tensor names/shapes and this codec."""
+        if self.codec.wire_fields() != codec.wire_fields():
+            raise CodecMismatchError(
+                f"update was encoded with {self.codec.wire_fields()}, receiver expects "
+                f"{codec.wire_fields()}"
+            )
+        missing, extra = (
+            sorted(set(shapes) - set(self.tensors)),
+            sorted(set(self.tensors) - set(shapes)),
+        )
+        if missing or extra:
+            raise ShapeMismatchError(f"tensor names differ: missing {missing}, extra {extra}")
+        for name, shape in shapes.items():
+            if tuple(self.tensors[name].shape) != tuple(shape):
+                raise ShapeMismatchError(
+                    f"shape {tuple(self.tensors[name].shape)} != expected {tuple(shape)}",
+                    tensor=name,
+                )
+
+
+class ErrorFeedback:
+    """The error-feedback buffers e, one per tensor name, in chunked layout.
+
+    Buffers are created as zeros on first use with the requested device and dtype
+    (float32 by default; bfloat16 halves the memory at the cost of rounding the residual).
+    """
+
+    def __init__(self, config: CodecConfig) -> None:
+        self.config = config
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(
+        self,
+        name: str,
+        shape: tuple[int, ...] | torch.Size,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pin_memory: bool = False,
+    ) -> torch.Tensor:
+        layout = ChunkLayout.for_shape(shape, self.config.chunk_size)
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = torch.zeros(layout.buffer_shape, device=device, dtype=dtype)
+            if pin_memory:
+                buf = buf.pin_memory()
+            self.buffers[name] = buf
+        elif tuple(buf.shape) != layout.buffer_shape:
+            raise ShapeMismatchError(
+                f"error buffer has shape {tuple(buf.shape)}, expected {layout.buffer_shape}",
+                tensor=name,
+            )
+        return buf
+
+    def dense(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The buffer of ``name`` in the tensor's own shape (a copy)."""
+        layout = ChunkLayout.for_shape(shape, self.config.chunk_size)
+        return layout.from_chunks(self.buffers[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.buffers)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            if name in self.buffers:
+                if self.buffers[name].shape != value.shape:
+                    raise ShapeMismatchError(
+                        f"error buffer shape {tuple(value.shape)} != "
+                        f"{tuple(self.buffers[name].shape)}",
+                        tensor=name,
+                    )
+                self.buffers[name].copy_(value)
+            else:
+                self.buffers[name] = value.clone()
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` if ``tensor`` has NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError("contains NaN or Inf", tensor=name)
+
+
+def encode_tensor(
+    name: str,
+    delta: torch.Tensor,
+    error: torch.Tensor,
+    config: CodecConfig,
+) -> CompressedTensor:
+    """Encode one pseudo-gradient ``delta``, updating its chunked error buffer in place.
+
+    Raises :class:`NonFiniteError` or :class:`ShapeMismatchError` before touching ``error``.
+    """
+    from sparseloco.kernels import compress
+
+    check_finite(name, delta)
+    layout = ChunkLayout.for_shape(delta.shape, config.chunk_size)
+    if tuple(error.shape) != layout.buffer_shape:
+        raise ShapeMismatchError(
+            f"error buffer has shape {tuple(error.shape)}, expected {layout.buffer_shape} "
+            f"for a tensor of shape {tuple(delta.shape)}",
+            tensor=name,
+        )
+    if error.device != delta.device:
+        raise UpdateError(
+            f"error buffer on {error.device} but delta on {delta.device}", tensor=name
+        )
+    return compress(delta, error, layout, config)
+
+
+def encode(
+    deltas: Mapping[str, torch.Tensor],
+    error_feedback: ErrorFeedback,
+    config: CodecConfig | None = None,
+) -> CompressedUpdate:
+    """Encode named pseudo-gradients; every input is checked before any buffer changes."""
+    config = config or error_feedback.config
+    if config.wire_fields() != error_feedback.config.wire_fields():
+        raise CodecMismatchError("codec config differs from the error feedback's config")
+    for name in sorted(deltas):
+        check_finite(name, deltas[name])
+    buffers = {
+        name: error_feedback.buffer(name, deltas[name].shape, device=deltas[name].device)
+        for name in sorted(deltas)
+    }
+    return CompressedUpdate(
+        codec=config,
+        tensors={
+            name: encode_tensor(name, deltas[name], buffers[name], config) for name in buffers
+        },
+    )
+
+
+def decode_sparse(
+    name: str, ct: CompressedTensor, codec: CodecConfig
+) -> tuple[ChunkLayout, torch.Tensor | None, torch.Tensor]:
+    """Validate and unpack one tensor: (layout, in-chunk indices or None if dense, values).
+
+    Indices and values have shape ``(num_chunks, k)``; indices are int64, values float32.
+    Raises :class:`CorruptUpdateError` naming the tensor on any inconsistency.
+    """
+    layout = ChunkLayout.for_shape(ct.shape, codec.chunk_size)
+    k, n_chunks = layout.k(codec.topk), layout.num_chunks
+    count = n_chunks * k
+    try:
+        table = ct.table
+        if table.dtype != torch.float32 or tuple(table.shape) != (codec.levels,):
+            raise CorruptUpdateError(
+                f"table must be float32 of shape ({codec.levels},), got {table.dtype} "
+                f"{tuple(table.shape)}"
+            )
+        if not bool(torch.isfinite(table).all()):
+            raise CorruptUpdateError("table contains NaN or Inf")
+        codes = unpack_codes(ct.codes, codec.value_bits, count)
+        values = table[codes].view(n_chunks, k)
+        if layout.is_dense(codec.topk):
+            if ct.indices.numel() or ct.gaps.numel():
+                raise CorruptUpdateError("dense tensor must not carry indices")
+            return layout, None, values
+        if codec.index_coding == "packed":
+            if ct.gaps.numel():
+                raise CorruptUpdateError("packed index coding must not carry a gap stream")
+            idx = unpack_indices(ct.indices, codec.index_bits, count).view(n_chunks, k)
+            if count and int(idx.max()) >= layout.chunk_numel:
+                raise CorruptUpdateError(
+                    f"index {int(idx.max())} out of range for chunks of {layout.chunk_numel}"
+                )
+            if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+                raise CorruptUpdateError("indices are not strictly ascending within a chunk")
+        else:
+            if not 0 <= ct.rice_param <= codec.index_bits:
+                raise CorruptUpdateError(f"rice parameter {ct.rice_param} out of range")
+            gaps = rice_decode(ct.gaps.cpu(), ct.indices.cpu(), ct.rice_param, count)
+            idx = (gaps.view(n_chunks, k) + 1).cumsum(dim=1) - 1
+            if count and int(idx[:, -1].max()) >= layout.chunk_numel:
+                raise CorruptUpdateError(
+                    f"index {int(idx[:, -1].max())} out of range for chunks of {layout.chunk_numel}"
+                )
+            idx = idx.to(values.device)
+        return layout, idx, values
+    except CorruptUpdateError as exc:
+        if exc.tensor is None:
+            raise CorruptUpdateError(str(exc), tensor=name) from None
+        raise
+
+
+def decode_tensor(
+    name: str, ct: CompressedTensor, codec: CodecConfig, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dense tensor of ``ct.shape`` holding the decoded values (zeros elsewhere)."""
+    layout, idx, values = decode_sparse(name, ct, codec)
+    if idx is None:
+        return layout.from_chunks(values).to(dtype)
+    out = torch.zeros(layout.numel, dtype=dtype, device=values.device)
+    out[layout.flat_positions(idx).reshape(-1)] = values.reshape(-1).to(dtype)
+    return out.view(layout.shape)
+
+
+def decode(update: CompressedUpdate, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """All tensors of ``update`` as dense tensors."""
+    return {
+        name: decode_tensor(name, ct, update.codec, dtype)
+        for name, ct in sorted(update.tensors.items())
+    }
+
+
+def iter_sparse(
+    update: CompressedUpdate, names: Iterable[str] | None = None
+) -> Iterator[tuple[str, ChunkLayout, torch.Tensor | None, torch.Tensor]]:
+    """(name, layout, indices, values) for each tensor, in sorted name order."""
+    for name in sorted(update.tensors if names is None else names):
+        yield (name, *decode_sparse(name, update.tensors[name], update.codec))

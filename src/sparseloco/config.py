@@ -1,0 +1,206 @@
+"""Typed configurations and named presets for the codec and the outer optimizers.
+
+Presets (see ``../shared/REFERENCE.md`` §1):
+
+* ``"covenant-72b"``: Templar's Covenant-72B run: 64×64 chunks, k=64 (1.5625 %), 2-bit
+  values, error-feedback decay β=0.95, outer SGD α=1.0 with no momentum, H=30 inner steps,
+  "mean over the peers that selected a coordinate" with median-norm clipping.
+* ``"sparseloco-512m"``: the SparseLoCo paper's 512M setting: k=128 of 4096, H=15, the
+  paper's plain mean over R peers.
+* ``"covenant-72b-rice"``: Covenant's settings with sorted, Rice-coded index gaps instead of
+  fixed 12-bit indices (same selection and values, fewer bits on the wire).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from sparseloco.errors import ConfigError, UnknownPresetError
+
+IndexCoding = Literal["packed", "rice"]
+Reducer = Literal["mean_selected", "mean"]
+Backend = Literal["auto", "torch", "triton"]
+
+_VALUE_BITS = (2, 4, 8)
+_INDEX_CODINGS = ("packed", "rice")
+_REDUCERS = ("mean_selected", "mean")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How a pseudo-gradient is compressed.
+
+    Args:
+        chunk_size: side S of the square chunks a 2-D tensor is cut into (S×S entries; a
+            dimension not divisible by S uses its largest divisor ≤ S). 1-D tensors are cut
+            into rows of S the same way. At most 256 so that an index fits in 16 bits.
+        topk: entries kept per full chunk, by largest magnitude; a smaller chunk keeps
+            ``min(topk, chunk entries)``. Must not exceed S².
+        value_bits: bits per kept value: 2, 4 or 8 (2^bits quantization bins).
+        index_coding: ``"packed"`` stores each in-chunk index in a fixed ⌈log2 S²⌉-bit field
+            (12 bits for S=64, two per three bytes); ``"rice"`` stores the gaps between sorted
+            indices with a Rice code whose parameter is chosen per tensor.
+        error_decay: β of the error-feedback update e ← β·e + Δ.
+        backend: ``"torch"`` (reference, any device), ``"triton"`` (CUDA kernels; raises if
+            they cannot run) or ``"auto"`` (Triton on CUDA tensors when importable).
+    """
+
+    chunk_size: int = 64
+    topk: int = 64
+    value_bits: int = 2
+    index_coding: IndexCoding = "packed"
+    error_decay: float = 0.95
+    backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_size, int) or not 1 <= self.chunk_size <= 256:
+            raise ConfigError(f"chunk_size must be an integer in [1, 256], got {self.chunk_size!r}")
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise ConfigError(f"topk must be a positive integer, got {self.topk!r}")
+        if self.topk > self.chunk_size**2:
+            raise ConfigError(
+                f"topk={self.topk} is larger than a chunk of {self.chunk_size}x{self.chunk_size}"
+                f"={self.chunk_size**2} entries; lower topk or raise chunk_size"
+            )
+        if self.value_bits not in _VALUE_BITS:
+            raise ConfigError(f"value_bits must be one of {_VALUE_BITS}, got {self.value_bits!r}")
+        if self.index_coding not in _INDEX_CODINGS:
+            raise ConfigError(
+                f"index_coding must be one of {_INDEX_CODINGS}, got {self.index_coding!r}"
+            )
+        if not 0.0 <= float(self.error_decay) <= 1.0:
+            raise ConfigError(f"error_decay must lie in [0, 1], got {self.error_decay!r}")
+        if self.backend not in _BACKENDS:
+            raise ConfigError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+
+    @property
+    def index_bits(self) -> int:
+        """Width of one packed in-chunk index: 12 for chunks up to 4096 entries, else 16."""
+        return 12 if self.chunk_size**2 <= 4096 else 16
+
+    @property
+    def levels(self) -> int:
+        """Number of quantization bins, 2**value_bits."""
+        return 1 << self.value_bits
+
+    @property
+    def density(self) -> float:
+        """Fraction of a full chunk that is kept."""
+        return self.topk / self.chunk_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodecConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown CodecConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The fields a decoder must agree on (the backend is a local choice)."""
+        return {k: v for k, v in self.to_dict().items() if k != "backend"}
+
+    @classmethod
+    def from_preset(cls, name: str) -> CodecConfig:
+        return preset(name).codec
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """Everything one outer round of SparseLoCo needs besides the model and the exchange.
+
+    Args:
+        codec: the compression of pseudo-gradients.
+        lr: outer learning rate α of θ ← θ₀ − α·agg (param groups may override it).
+        momentum: outer momentum μ (0 = plain SGD, SparseLoCo's choice: error feedback stands
+            in for momentum).
+        nesterov: Nesterov form of the outer momentum (needs momentum > 0).
+        inner_steps: H, inner optimizer steps between outer rounds (used by the hook).
+        reducer: ``"mean_selected"`` averages each coordinate over the peers that selected it
+            (Templar's code); ``"mean"`` divides the sum by the number of peers R (paper text).
+        clip_to_median: scale each peer's decoded tensor to at most the median norm over peers.
+        error_dtype: dtype of the error-feedback buffer, ``"float32"`` or ``"bfloat16"``.
+        offload: keep θ₀ and the error buffer in (pinned when CUDA is present) CPU memory.
+    """
+
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    inner_steps: int = 30
+    reducer: Reducer = "mean_selected"
+    clip_to_median: bool = True
+    error_dtype: Literal["float32", "bfloat16"] = "float32"
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.codec, CodecConfig):
+            raise ConfigError(f"codec must be a CodecConfig, got {type(self.codec).__name__}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.nesterov and self.momentum == 0.0:
+            raise ConfigError("nesterov=True needs momentum > 0")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+            raise ConfigError(f"inner_steps must be a positive integer, got {self.inner_steps!r}")
+        if self.reducer not in _REDUCERS:
+            raise ConfigError(f"reducer must be one of {_REDUCERS}, got {self.reducer!r}")
+        if self.error_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"error_dtype must be 'float32' or 'bfloat16', got {self.error_dtype!r}"
+            )
+
+    def replace(self, **changes: Any) -> OuterConfig:
+        """A copy with some fields changed; ``codec`` may be given as a dict of its changes."""
+        codec = changes.pop("codec", None)
+        if isinstance(codec, dict):
+            changes["codec"] = replace(self.codec, **codec)
+        elif codec is not None:
+            changes["codec"] = codec
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, OuterConfig] = {
+    "covenant-72b": OuterConfig(
+        codec=CodecConfig(chunk_size=64, topk=64, value_bits=2, error_decay=0.95),
+        lr=1.0,
+        inner_steps=30,
+        reducer="mean_selected",
+        clip_to_median=True,
+    ),
+    "covenant-72b-rice": OuterConfig(
+        codec=CodecConfig(
+            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, index_coding="rice"
+        ),
+        lr=1.0,
+        inner_steps=30,
+        reducer="mean_selected",
+        clip_to_median=True,
+    ),
+    "sparseloco-512m": OuterConfig(
+        codec=CodecConfig(chunk_size=64, topk=128, value_bits=2, error_decay=0.95),
+        lr=1.0,
+        inner_steps=15,
+        reducer="mean",
+        clip_to_median=True,
+    ),
+}
+
+
+def preset(name: str) -> OuterConfig:
+    """The named :class:`OuterConfig`; raises :class:`UnknownPresetError` listing the names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownPresetError(
+            f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
+        ) from None

@@ -1,0 +1,248 @@
+"""The exchange interface the outer optimizers talk to, and two implementations.
+
+An exchange moves one payload per peer per window. The optimizer calls
+``publish(window, payload)`` and then ``gather(window)``, which returns the *other* peers'
+payloads with a status per peer. ``netcomm`` provides the object-storage implementation;
+this module provides:
+
+* :class:`InProcessHub` / :class:`InProcessExchange`: peers as threads of one process
+  (tests, simulations, single-machine runs);
+* :class:`DistributedExchange`: peers as ranks of a ``torch.distributed`` process group
+  (gloo or NCCL), payloads serialized with safetensors (never pickle) and all-gathered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from sparseloco.errors import ExchangeError, SparseLoCoError
+from sparseloco.payload import Payload, payload_from_tensors, validate_payload
+
+Status = Literal["ok", "missing", "late", "invalid", "timeout"]
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """What happened to one peer's payload in a gather."""
+
+    peer: str
+    status: Status
+    reason: str = ""
+    nbytes: int = 0
+    latency_s: float = 0.0
+
+
+@dataclass
+class GatherResult:
+    """The usable payloads of a window (``status == "ok"``) and every peer's status."""
+
+    window: int
+    updates: dict[str, Payload] = field(default_factory=dict)
+    statuses: dict[str, PeerStatus] = field(default_factory=dict)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(s.nbytes for s in self.statuses.values())
+
+
+@runtime_checkable
+class Exchange(Protocol):
+    """What an outer optimizer needs from the network."""
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id (used to order peers and to exclude itself from gather)."""
+        ...
+
+    def publish(self, window: int, payload: Payload) -> int:
+        """Make ``payload`` available to the other peers for ``window``; returns bytes sent."""
+        ...
+
+    def gather(self, window: int) -> GatherResult:
+        """The other peers' payloads for ``window``."""
+        ...
+
+
+class InProcessHub:
+    """A mailbox shared by peers running as threads of one process.
+
+    Args:
+        timeout: seconds ``gather`` waits for every connected peer before marking the rest
+            ``"missing"``.
+        keep_windows: windows kept in memory; older ones are dropped.
+        validate: decode every payload once on publish, so a bad one is reported
+            ``"invalid"`` by gather instead of failing inside aggregation.
+    """
+
+    def __init__(self, *, timeout: float = 60.0, keep_windows: int = 4, validate: bool = True):
+        self.timeout = timeout
+        self.keep_windows = keep_windows
+        self.validate = validate
+        self._peers: list[str] = []
+        self._mail: dict[int, dict[str, tuple[Payload | None, str]]] = {}
+        self._cond = threading.Condition()
+
+    @property
+    def peers(self) -> list[str]:
+        with self._cond:
+            return list(self._peers)
+
+    def connect(self, peer_id: str) -> InProcessExchange:
+        with self._cond:
+            if peer_id in self._peers:
+                raise ExchangeError(f"peer id {peer_id!r} is already connected")
+            self._peers.append(peer_id)
+        return InProcessExchange(self, peer_id)
+
+    def observer(self, name: str = "observer") -> InProcessExchange:
+        """A read-only handle (a validator) that gathers every peer and publishes nothing."""
+        return InProcessExchange(self, name, can_publish=False)
+
+    def _post(self, window: int, peer: str, payload: Payload) -> None:
+        error = ""
+        if self.validate:
+            try:
+                validate_payload(payload)
+            except SparseLoCoError as exc:
+                error = str(exc)
+        with self._cond:
+            box = self._mail.setdefault(window, {})
+            box[peer] = (None, error) if error else (payload, "")
+            for old in [w for w in self._mail if w <= window - self.keep_windows]:
+                del self._mail[old]
+            self._cond.notify_all()
+
+    def _collect(self, window: int, me: str) -> GatherResult:
+        start = time.monotonic()
+        deadline = start + self.timeout
+        with self._cond:
+            expected = [p for p in self._peers if p != me]
+            while True:
+                box = self._mail.get(window, {})
+                if all(p in box for p in expected):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            box = dict(self._mail.get(window, {}))
+        result = GatherResult(window=window)
+        elapsed = time.monotonic() - start
+        for peer in sorted(expected):
+            if peer not in box:
+                result.statuses[peer] = PeerStatus(peer, "missing", "nothing published")
+                continue
+            payload, error = box[peer]
+            if payload is None:
+                result.statuses[peer] = PeerStatus(peer, "invalid", error)
+                continue
+            result.updates[peer] = payload
+            result.statuses[peer] = PeerStatus(peer, "ok", nbytes=payload.nbytes, latency_s=elapsed)
+        return result
+
+
+class InProcessExchange:
+    """One peer's handle on an :class:`InProcessHub`."""
+
+    def __init__(self, hub: InProcessHub, peer_id: str, *, can_publish: bool = True) -> None:
+        self._hub = hub
+        self._peer_id = peer_id
+        self._can_publish = can_publish
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    def publish(self, window: int, payload: Payload) -> int:
+        if not self._can_publish:
+            raise ExchangeError(f"{self._peer_id!r} is an observer and cannot publish")
+        self._hub._post(window, self._peer_id, payload)
+        return payload.nbytes
+
+    def gather(self, window: int) -> GatherResult:
+        return self._hub._collect(window, self._peer_id)
+
+
+class DistributedExchange:
+    """Peers are the ranks of a ``torch.distributed`` process group.
+
+    Each payload is serialized with safetensors, lengths are all-gathered, then the padded
+    byte buffers; peer ids are ``"rank{r}"``. Every rank must call publish and gather for the
+    same windows (collectives), so use it among cooperating processes, not strangers.
+    """
+
+    def __init__(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ExchangeError("torch.distributed is not initialized; call init_process_group")
+        self._dist = dist
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._world = dist.get_world_size(group)
+        self._pending: dict[int, bytes] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return f"rank{self._rank}"
+
+    def publish(self, window: int, payload: Payload) -> int:
+        from safetensors.torch import save
+
+        tensors, meta = payload.to_tensors()
+        self._pending[window] = save(tensors, metadata=meta)
+        return len(self._pending[window])
+
+    def gather(self, window: int) -> GatherResult:
+        from safetensors.torch import load
+
+        data = self._pending.pop(window, b"")
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world)]
+        self._dist.all_gather(lengths, length, group=self._group)
+        size = max(int(n) for n in lengths)
+        buf = torch.zeros(size, dtype=torch.uint8)
+        if data:
+            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        bufs = [torch.zeros(size, dtype=torch.uint8) for _ in range(self._world)]
+        self._dist.all_gather(bufs, buf, group=self._group)
+        result = GatherResult(window=window)
+        for rank, (n, b) in enumerate(zip(lengths, bufs, strict=True)):
+            peer = f"rank{rank}"
+            if rank == self._rank:
+                continue
+            if int(n) == 0:
+                result.statuses[peer] = PeerStatus(peer, "missing", "nothing published")
+                continue
+            raw = b[: int(n)].numpy().tobytes()
+            try:
+                payload = payload_from_tensors(load(raw), _safetensors_metadata(raw))
+                validate_payload(payload)
+            except (SparseLoCoError, ValueError, RuntimeError) as exc:
+                result.statuses[peer] = PeerStatus(peer, "invalid", str(exc), int(n))
+                continue
+            result.updates[peer] = payload
+            result.statuses[peer] = PeerStatus(peer, "ok", nbytes=int(n))
+        return result
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors byte string (header is JSON, length-prefixed)."""
+    import json
+    import struct
+
+    if len(raw) < 8:
+        raise ValueError("safetensors buffer too short")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise ValueError("safetensors header length exceeds buffer")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors metadata is not an object")
+    return {str(k): str(v) for k, v in meta.items()}

@@ -1,0 +1,87 @@
+"""Compute backends for the codec: an exact PyTorch reference and Triton kernels for CUDA.
+
+:func:`resolve_backend` turns a requested backend (``"auto"``, ``"torch"``, ``"triton"``) and a
+device into the backend that will run plus a sentence saying why, so callers can report it.
+Asking for ``"triton"`` where it cannot run raises :class:`BackendUnavailableError`; ``"auto"``
+picks Triton only on CUDA tensors with Triton importable and says which it chose.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import CompressedTensor
+from sparseloco.config import CodecConfig
+from sparseloco.errors import BackendUnavailableError
+from sparseloco.kernels import reference
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend that runs and the reason it was chosen."""
+
+    name: str
+    reason: str
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device``, and why not if they cannot."""
+    if device.type != "cuda":
+        return False, f"tensors are on {device.type}, the Triton kernels need CUDA tensors"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'sparseloco[triton]')"
+    if importlib.util.find_spec("sparseloco.kernels.triton_codec") is None:
+        return False, "this build of sparseloco ships no Triton kernels"
+    return True, "CUDA tensors and triton importable"
+
+
+def resolve_backend(requested: str, device: torch.device) -> BackendChoice:
+    ok, why = triton_status(device)
+    if requested == "torch":
+        return BackendChoice("torch", "torch backend requested")
+    if requested == "triton":
+        if not ok:
+            raise BackendUnavailableError(f"backend='triton' cannot run: {why}")
+        return BackendChoice("triton", "triton backend requested")
+    if ok:
+        return BackendChoice("triton", f"auto: {why}")
+    return BackendChoice("torch", f"auto: {why}")
+
+
+def compress(
+    delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, config: CodecConfig
+) -> CompressedTensor:
+    """Fused error-feedback update, exact top-k, quantization and packing of one tensor."""
+    choice = resolve_backend(config.backend, error.device)
+    if choice.name == "triton":
+        from sparseloco.kernels import triton_codec
+
+        return triton_codec.compress(delta, error, layout, config)
+    return reference.compress(delta, error, layout, config)
+
+
+def aggregate_sparse(
+    layout: ChunkLayout,
+    peers: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    *,
+    reducer: str,
+    clip_to_median: bool,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Decode + aggregate of many peers' records for one tensor (see the reference)."""
+    choice = resolve_backend(backend, peers[0][1].device)
+    if choice.name == "triton":
+        from sparseloco.kernels import triton_codec
+
+        return triton_codec.aggregate_sparse(
+            layout, peers, reducer=reducer, clip_to_median=clip_to_median
+        )
+    return reference.aggregate_sparse(layout, peers, reducer=reducer, clip_to_median=clip_to_median)
+
+
+__all__ = ["BackendChoice", "aggregate_sparse", "compress", "resolve_backend", "triton_status"]

@@ -1,0 +1,152 @@
+"""Exact PyTorch reference of the compress and decode+aggregate kernels; runs on any device.
+
+This file *defines* the results: the Triton kernels must match it bit for bit on indices and
+codes, and within float tolerance on floats. Work is done in blocks of chunks so temporaries
+stay bounded (``BLOCK_ELEMENTS`` entries) whatever the tensor's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import CompressedTensor
+from sparseloco.config import CodecConfig
+from sparseloco.packing import best_rice_parameter, pack_codes, pack_indices, rice_encode
+from sparseloco.quantize import centroid_table, quant_scale, quantize_codes
+
+BLOCK_ELEMENTS = 1 << 22
+
+
+def topk_exact(x: torch.Tensor, k: int) -> torch.Tensor:
+    """In-chunk indices of the k largest |x| per row, ties to the lower index, ascending.
+
+    ``x`` is ``(rows, n)`` float32. Uses a float top-(k+1): when the k-th and (k+1)-th
+    magnitudes differ, the top-k set is unique and the float result is exact; rows where they
+    tie are redone with an integer key (|x| bits, then reversed index) that has no ties.
+    """
+    rows, n = x.shape
+    if k >= n:
+        return torch.arange(n, device=x.device).expand(rows, n).clone()
+    mag = x.abs()
+    vals, idx = torch.topk(mag, k + 1, dim=1, sorted=False)
+    low = vals.min(dim=1, keepdim=True).values
+    tied = (vals == low).sum(dim=1) > 1
+    drop = torch.argmin(vals, dim=1, keepdim=True)
+    keep = torch.ones_like(idx, dtype=torch.bool).scatter_(1, drop, False)
+    out = idx[keep].view(rows, k)
+    if bool(tied.any()):
+        rows_t = tied.nonzero().squeeze(1)
+        bits = mag[rows_t].view(torch.int32).to(torch.int64)
+        rev = torch.arange(n - 1, -1, -1, device=x.device, dtype=torch.int64)
+        key = (bits << 16) | rev
+        top = torch.topk(key, k, dim=1, sorted=False).values
+        out[rows_t] = (n - 1) - (top & 0xFFFF)
+    return out.sort(dim=1).values
+
+
+def compress(
+    delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, config: CodecConfig
+) -> CompressedTensor:
+    """e ← β·e + Δ; per-chunk exact top-k of |e|; quantize; e[I] ← v − v̂; pack.
+
+    ``error`` is the chunked buffer ``(num_chunks, chunk_numel)`` (float32 or bfloat16) and is
+    updated in place. β·e + Δ is computed as two rounded float32 operations (no fused
+    multiply-add), Δ converted to float32 first.
+    """
+    k = layout.k(config.topk)
+    beta = float(config.error_decay)
+    idx_blocks, val_blocks = [], []
+    for start, stop in layout.blocks(BLOCK_ELEMENTS):
+        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
+        block = error[c0:c1]
+        work = block if block.dtype == torch.float32 else block.float()
+        tiles = work.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
+        tiles.mul_(beta).add_(layout.tile_view(delta, start, stop).to(torch.float32))
+        idx = topk_exact(work, k)
+        idx_blocks.append(idx)
+        val_blocks.append(work.gather(1, idx))
+        if work is not block:
+            block.copy_(work)
+    idx = torch.cat(idx_blocks) if idx_blocks else torch.empty(0, k, dtype=torch.int64)
+    values = torch.cat(val_blocks) if val_blocks else torch.empty(0, k)
+    flat = values.reshape(-1)
+    levels = config.levels
+    mu, scale = quant_scale(flat, levels)
+    codes = quantize_codes(flat, mu, scale, levels)
+    table = centroid_table(flat, codes, mu, scale, levels)
+    residual = (flat - table[codes]).view_as(values)
+    error.scatter_(1, idx.to(error.device), residual.to(error.dtype))
+
+    rice_param = 0
+    gaps = torch.empty(0, dtype=torch.uint8)
+    if layout.is_dense(config.topk):
+        packed_idx = torch.empty(0, dtype=torch.uint8)
+    elif config.index_coding == "packed":
+        packed_idx = pack_indices(idx, config.index_bits)
+    else:
+        diffs = torch.diff(idx, dim=1, prepend=torch.full_like(idx[:, :1], -1)) - 1
+        rice_param = best_rice_parameter(diffs, config.index_bits)
+        gaps, packed_idx = rice_encode(diffs, rice_param)
+    return CompressedTensor(
+        shape=layout.shape,
+        indices=packed_idx.to(error.device),
+        gaps=gaps.to(error.device),
+        codes=pack_codes(codes, config.value_bits),
+        table=table,
+        rice_param=rice_param,
+    )
+
+
+def median(values: Sequence[float]) -> float:
+    """Median with the mean of the two middle values for an even count."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+def clip_factors(norms: Sequence[float]) -> list[float]:
+    """min(1, median/‖vᵢ‖) per peer (1 for a zero norm)."""
+    med = median(norms)
+    return [1.0 if n <= med or n == 0.0 else med / n for n in norms]
+
+
+def aggregate_sparse(
+    layout: ChunkLayout,
+    peers: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    *,
+    reducer: str,
+    clip_to_median: bool,
+) -> torch.Tensor:
+    """Combine peers' decoded ``(indices, values)`` for one tensor into a dense float32 tensor.
+
+    Peers are summed in the given order (callers sort by peer id) after scaling each by its
+    median-norm clip factor. ``"mean_selected"`` divides each coordinate by the number of
+    peers that sent it, ``"mean"`` by the number of peers.
+    """
+    device = peers[0][1].device
+    factors = [1.0] * len(peers)
+    if clip_to_median:
+        norms = [float(torch.linalg.vector_norm(v.to(torch.float64))) for _, v in peers]
+        factors = clip_factors(norms)
+    total = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+    count = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+    for (idx, values), f in zip(peers, factors, strict=True):
+        contrib = (values * f if f != 1.0 else values).reshape(-1)
+        if idx is None:
+            total.add_(layout.from_chunks(contrib.view(layout.buffer_shape)).reshape(-1))
+            count.add_(1.0)
+        else:
+            pos = layout.flat_positions(idx).reshape(-1)
+            total.index_add_(0, pos, contrib)
+            count.index_add_(0, pos, torch.ones_like(contrib))
+    if reducer == "mean":
+        total.div_(len(peers))
+    else:
+        total.div_(count.clamp_min_(1.0))
+    return total.view(layout.shape)

@@ -1,0 +1,587 @@
+"""Outer optimizers in ``torch.optim`` style: SparseLoCo and the DiLoCo / data-parallel baselines.
+
+The user keeps their model, inner optimizer and loop. Every H inner steps, one call to
+``outer.step()`` runs a whole round and returns a :class:`RoundReport`:
+
+    Δ = θ₀ − θ                               pseudo-gradient
+    e ← β·e + Δ;  m = C(e);  e ← e − D(m)    error feedback + compression (SparseLoCo)
+    publish m; gather the others' messages
+    g = aggregate(D(m₁), …, D(m_R))          peers sorted by id: same result on every peer
+    θ ← θ₀ − α·g   (optionally with momentum / Nesterov);  θ₀ ← θ
+
+:class:`OuterLoop` hooks the inner optimizer's ``step`` so the loop does not change at all
+(the pattern of torchft's ``DiLoCo`` context manager).
+
+State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` bytes):
+
+* SparseLoCo: θ₀ snapshot (``dtype_bytes``) + error buffer (4, or 2 with
+  ``error_dtype="bfloat16"``) + momentum buffer (4, only when momentum > 0). With
+  ``offload=True`` θ₀ and the error buffer live in CPU memory (pinned when CUDA is present)
+  and the accelerator holds none of them between rounds.
+* DiLoCo: θ₀ (``dtype_bytes``) + Nesterov momentum (4).
+* DataParallel: nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from sparseloco.aggregate import iter_aggregate, iter_aggregate_dense
+from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import CompressedUpdate, check_finite, encode_tensor
+from sparseloco.config import OuterConfig, preset
+from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
+from sparseloco.exchange import Exchange, GatherResult, PeerStatus
+from sparseloco.kernels import resolve_backend
+from sparseloco.payload import DenseUpdate, Payload, wire_dtype
+
+
+@dataclass
+class RoundReport:
+    """What one outer round did, for logs and dashboards.
+
+    ``timings`` holds seconds per phase (check, encode, publish, gather, aggregate_step).
+    ``statuses`` maps every other peer to ``ok``/``missing``/``late``/``invalid``/``timeout``
+    and ``peers`` lists the ids whose updates were aggregated (this peer included).
+    """
+
+    window: int
+    peer_id: str
+    method: str
+    backend: str
+    backend_reason: str
+    bytes_sent: int
+    bytes_received: int
+    peers: list[str]
+    statuses: dict[str, PeerStatus]
+    pseudo_grad_norm: float
+    update_norm: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["statuses"] = {p: s.status for p, s in self.statuses.items()}
+        return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+
+class OuterOptimizer(Optimizer):
+    """Common machinery of the outer optimizers (names, θ₀ snapshots, reports, state).
+
+    ``params`` may be ``model.named_parameters()`` (names are then used on the wire and in
+    errors) or plain tensors / param groups (named ``"{group}.{index}"``). Every peer must
+    build its optimizer from the same model definition so names and shapes agree.
+    """
+
+    method = "outer"
+    #: whether :class:`OuterLoop` runs ``step`` after every H inner steps ("post") or
+    #: before every inner step ("pre", gradient averaging).
+    hook = "post"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        exchange: Exchange,
+        defaults: dict[str, Any],
+        *,
+        inner_steps: int,
+        offload: bool = False,
+    ) -> None:
+        if not isinstance(exchange, Exchange):
+            raise ConfigError(
+                f"exchange must provide peer_id, publish and gather; got {type(exchange).__name__}"
+            )
+        super().__init__(params, defaults)
+        self.exchange = exchange
+        self.inner_steps = inner_steps
+        self.offload = offload
+        self.window = 0
+        self.last_report: RoundReport | None = None
+        seen: set[str] = set()
+        self._names: dict[torch.Tensor, str] = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"{gi}.{pi}" for pi in range(len(group["params"]))]
+            for name, p in zip(names, group["params"], strict=True):
+                if name in seen:
+                    raise ConfigError(f"parameter name {name!r} appears twice")
+                seen.add(name)
+                self._names[p] = name
+        with torch.no_grad():
+            for name, p, _ in self.named_params():
+                self._init_state(name, p)
+
+    def named_params(self) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
+        """(name, parameter, group) in a fixed order."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield self._names[p], p, group
+
+    def _init_state(self, name: str, p: torch.Tensor) -> None:
+        self.state[p]["theta0"] = self._store(p.detach().clone())
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """Where long-lived state lives: with the parameter, or pinned CPU when offloading."""
+        if not self.offload:
+            return t
+        t = t.to("cpu")
+        return t.pin_memory() if torch.cuda.is_available() else t
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p, _ in self.named_params()}
+
+    def _check_params(self) -> None:
+        for name, p, _ in self.named_params():
+            check_finite(name, p)
+
+    def _usable(
+        self, gathered: GatherResult, own: Payload
+    ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
+        """Own payload plus gathered ones that match this model; mismatches become invalid."""
+        shapes = self._shapes()
+        statuses = dict(gathered.statuses)
+        updates: dict[str, Payload] = {self.exchange.peer_id: own}
+        for peer, payload in gathered.updates.items():
+            try:
+                if type(payload) is not type(own):
+                    raise UpdateError(f"expected a {own.kind} payload, got {payload.kind}")
+                if isinstance(payload, CompressedUpdate):
+                    payload.check_matches(shapes, own.codec)  # type: ignore[union-attr]
+                else:
+                    payload.check_matches(shapes)
+            except SparseLoCoError as exc:
+                old = statuses.get(peer, PeerStatus(peer, "ok"))
+                statuses[peer] = PeerStatus(peer, "invalid", str(exc), old.nbytes, old.latency_s)
+                continue
+            updates[peer] = payload
+        return updates, statuses
+
+    def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
+        """θ ← θ₀ − α·g (g through momentum/Nesterov when enabled); θ₀ ← θ."""
+        state = self.state[p]
+        momentum = group.get("momentum", 0.0)
+        direction = agg
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = self._store(agg.clone())
+            else:
+                buf.mul_(momentum).add_(agg.to(buf.device))
+            buf_d = buf.to(agg.device, non_blocking=True)
+            direction = agg.add(buf_d, alpha=momentum) if group.get("nesterov") else buf_d
+        theta0 = state["theta0"].to(p.device, torch.float32, non_blocking=True)
+        p.copy_(theta0.sub_(direction, alpha=group["lr"]))
+        state["theta0"].copy_(p)
+
+    def _report(self, **kwargs: Any) -> RoundReport:
+        report = RoundReport(peer_id=self.exchange.peer_id, method=self.method, **kwargs)
+        self.last_report = report
+        self.window += 1
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["outer"] = {"window": self.window, "method": self.method}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore groups' hyperparameters and every state tensor in place.
+
+        Unlike ``torch.optim.Optimizer.load_state_dict`` this keeps each buffer's own dtype and
+        device (a float32 error buffer of a bfloat16 model stays float32; offloaded state
+        stays on the CPU). Shapes are checked; nothing changes if any check fails.
+        """
+        outer = state_dict.get("outer", {})
+        if outer.get("method") != self.method:
+            raise ConfigError(
+                f"state_dict is for {outer.get('method')!r}, this optimizer is {self.method!r}"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(h["params"])
+            for g, h in zip(groups, self.param_groups, strict=True)
+        ):
+            raise ConfigError("state_dict's parameter groups do not match this optimizer's")
+        saved_state = state_dict["state"]
+        plan: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                for key, value in saved_state.get(pid, {}).items():
+                    current = self.state[p].get(key)
+                    if current is not None and tuple(current.shape) != tuple(value.shape):
+                        raise ConfigError(
+                            f"{self._names[p]}: saved {key} has shape {tuple(value.shape)}, "
+                            f"expected {tuple(current.shape)}"
+                        )
+                    plan.append((p, key, value))
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            for key, value in saved.items():
+                if key not in ("params", "param_names"):
+                    group[key] = value
+        for p, key, value in plan:
+            current = self.state[p].get(key)
+            if current is None:
+                self.state[p][key] = self._store(value.to(p.device).clone())
+            else:
+                current.copy_(value)
+        self.window = int(outer["window"])
+
+
+class SparseLoCo(OuterOptimizer):
+    """SparseLoCo outer optimizer (arXiv 2508.15706), as run for Covenant-72B.
+
+    Args:
+        params: the model's parameters, preferably ``model.named_parameters()``.
+        exchange: where updates are published and gathered (:class:`InProcessExchange`,
+            :class:`DistributedExchange`, or netcomm's object-storage exchange).
+        config: an :class:`OuterConfig` or a preset name (``"covenant-72b"`` by default).
+        **overrides: fields of the config to change, e.g. ``lr=0.4`` or
+            ``codec={"topk": 128}``.
+
+    ``step()`` runs one round (see the module docstring) and returns a :class:`RoundReport`.
+    θ and the error buffers are untouched when a parameter holds NaN/Inf; a failure after
+    publishing leaves the error buffers as published (the message is out) and θ unchanged.
+    """
+
+    method = "sparseloco"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        exchange: Exchange,
+        config: OuterConfig | str = "covenant-72b",
+        **overrides: Any,
+    ) -> None:
+        cfg = preset(config) if isinstance(config, str) else config
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+        self._error_dtype = getattr(torch, cfg.error_dtype)
+        super().__init__(
+            params,
+            exchange,
+            {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
+            inner_steps=cfg.inner_steps,
+            offload=cfg.offload,
+        )
+
+    def _init_state(self, name: str, p: torch.Tensor) -> None:
+        super()._init_state(name, p)
+        layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
+        self.state[p]["error"] = self._store(
+            torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
+        if closure is not None:
+            raise ConfigError("outer optimizers take no closure")
+        codec = self.config.codec
+        timer = _Timer()
+        window = self.window
+        params = list(self.named_params())
+        device = params[0][1].device
+        choice = resolve_backend(codec.backend, device)
+        with timer("check"):
+            self._check_params()
+        tensors = {}
+        pg_sq = 0.0
+        with timer("encode"):
+            for name, p, _ in params:
+                state = self.state[p]
+                delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+                pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+                error = state["error"]
+                work = error.to(p.device, non_blocking=True) if self.offload else error
+                tensors[name] = encode_tensor(name, delta, work, codec)
+                if work is not error:
+                    error.copy_(work)
+                del delta
+        update = CompressedUpdate(codec=codec, tensors=tensors)
+        with timer("publish"):
+            sent = self.exchange.publish(window, update)
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+        updates, statuses = self._usable(gathered, update)
+        lookup = {name: (p, group) for name, p, group in params}
+        upd_sq = 0.0
+        with timer("aggregate_step"):
+            for name, agg in iter_aggregate(
+                updates,  # type: ignore[arg-type]
+                reducer=self.config.reducer,
+                clip_to_median=self.config.clip_to_median,
+                device=device,
+                backend=codec.backend,
+            ):
+                p, group = lookup[name]
+                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+                self._outer_update(p, group, agg)
+        return self._report(
+            window=window,
+            backend=choice.name,
+            backend_reason=choice.reason,
+            bytes_sent=sent,
+            bytes_received=gathered.bytes_received,
+            peers=sorted(updates),
+            statuses=statuses,
+            pseudo_grad_norm=pg_sq**0.5,
+            update_norm=upd_sq**0.5,
+            timings=timer.times,
+        )
+
+
+class DiLoCo(OuterOptimizer):
+    """DiLoCo (arXiv 2311.08455): dense pseudo-gradients, averaged, outer Nesterov SGD.
+
+    Args:
+        params, exchange: as for :class:`SparseLoCo`.
+        lr: outer learning rate (paper: 0.7; 0.4 is often better at small scale).
+        momentum: outer momentum (paper: 0.9).
+        nesterov: Nesterov momentum (paper: True).
+        inner_steps: H (paper: 500).
+        wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` pseudo-gradients on the wire.
+        offload: keep θ₀ and the momentum buffer in CPU memory.
+    """
+
+    method = "diloco"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        exchange: Exchange,
+        *,
+        lr: float = 0.7,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        inner_steps: int = 500,
+        wire_dtype: str = "float32",
+        offload: bool = False,
+    ) -> None:
+        if lr < 0 or not 0.0 <= momentum < 1.0 or (nesterov and momentum == 0.0):
+            raise ConfigError(
+                f"need lr >= 0, 0 <= momentum < 1 and momentum > 0 for Nesterov; got lr={lr}, "
+                f"momentum={momentum}, nesterov={nesterov}"
+            )
+        if inner_steps < 1:
+            raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
+        self.wire_dtype = wire_dtype
+        self._wire = wire_dtype_or_raise(wire_dtype)
+        super().__init__(
+            params,
+            exchange,
+            {"lr": lr, "momentum": momentum, "nesterov": nesterov},
+            inner_steps=inner_steps,
+            offload=offload,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
+        if closure is not None:
+            raise ConfigError("outer optimizers take no closure")
+        timer = _Timer()
+        window = self.window
+        params = list(self.named_params())
+        device = params[0][1].device
+        with timer("check"):
+            self._check_params()
+        with timer("encode"):
+            deltas = {
+                name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire)
+                for name, p, _ in params
+            }
+        pg = sum(
+            float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
+        )
+        update = DenseUpdate(tensors=deltas)
+        with timer("publish"):
+            sent = self.exchange.publish(window, update)
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+        updates, statuses = self._usable(gathered, update)
+        lookup = {name: (p, group) for name, p, group in params}
+        upd_sq = 0.0
+        with timer("aggregate_step"):
+            for name, agg in iter_aggregate_dense(updates, device=device):  # type: ignore[arg-type]
+                p, group = lookup[name]
+                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+                self._outer_update(p, group, agg)
+        return self._report(
+            window=window,
+            backend="torch",
+            backend_reason="dense baseline",
+            bytes_sent=sent,
+            bytes_received=gathered.bytes_received,
+            peers=sorted(updates),
+            statuses=statuses,
+            pseudo_grad_norm=pg**0.5,
+            update_norm=upd_sq**0.5,
+            timings=timer.times,
+        )
+
+
+class DataParallel(OuterOptimizer):
+    """Plain data parallelism: every inner step, peers' gradients are averaged densely.
+
+    Used through :class:`OuterLoop`, ``step()`` runs *before* each inner step and replaces
+    every ``.grad`` with the mean over peers (sorted peer order). ``wire_dtype`` as for DiLoCo.
+    """
+
+    method = "data_parallel"
+    hook = "pre"
+
+    def __init__(self, params: Iterable[Any], exchange: Exchange, *, wire_dtype: str = "float32"):
+        self.wire_dtype = wire_dtype
+        self._wire = wire_dtype_or_raise(wire_dtype)
+        super().__init__(params, exchange, {"lr": 1.0}, inner_steps=1)
+
+    def _init_state(self, name: str, p: torch.Tensor) -> None:
+        del name, p
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
+        if closure is not None:
+            raise ConfigError("outer optimizers take no closure")
+        timer = _Timer()
+        window = self.window
+        params = [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
+        with timer("check"):
+            for name, p, _ in params:
+                check_finite(name, p.grad)  # type: ignore[arg-type]
+        grads = {name: p.grad.to(self._wire) for name, p, _ in params}  # type: ignore[union-attr]
+        update = DenseUpdate(tensors=grads)
+        with timer("publish"):
+            sent = self.exchange.publish(window, update)
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+        shapes = {name: tuple(p.shape) for name, p, _ in params}
+        updates: dict[str, DenseUpdate] = {self.exchange.peer_id: update}
+        statuses = dict(gathered.statuses)
+        for peer, payload in gathered.updates.items():
+            try:
+                if not isinstance(payload, DenseUpdate):
+                    raise UpdateError(f"expected a dense payload, got {payload.kind}")
+                payload.check_matches(shapes)
+            except SparseLoCoError as exc:
+                statuses[peer] = PeerStatus(peer, "invalid", str(exc))
+                continue
+            updates[peer] = payload
+        lookup = {name: p for name, p, _ in params}
+        norm_sq = 0.0
+        with timer("aggregate_step"):
+            for name, mean in iter_aggregate_dense(updates, device=params[0][1].device):
+                grad = lookup[name].grad
+                grad.copy_(mean)  # type: ignore[union-attr]
+                norm_sq += float(torch.linalg.vector_norm(mean, dtype=torch.float64)) ** 2
+        return self._report(
+            window=window,
+            backend="torch",
+            backend_reason="dense baseline",
+            bytes_sent=sent,
+            bytes_received=gathered.bytes_received,
+            peers=sorted(updates),
+            statuses=statuses,
+            pseudo_grad_norm=norm_sq**0.5,
+            update_norm=norm_sq**0.5,
+            timings=timer.times,
+        )
+
+
+def wire_dtype_or_raise(name: str) -> torch.dtype:
+    try:
+        return wire_dtype(name)
+    except SparseLoCoError:
+        raise ConfigError(
+            f"wire_dtype must be float32, bfloat16 or float16, got {name!r}"
+        ) from None
+
+
+class OuterLoop:
+    """Run an outer optimizer from the inner optimizer's hooks; the training loop is unchanged.
+
+    Example::
+
+        outer = SparseLoCo(model.named_parameters(), exchange)
+        with OuterLoop(inner_opt, outer, on_round=print):
+            for batch in data:
+                loss = model(batch).loss
+                loss.backward()
+                inner_opt.step()      # every H-th call also runs outer.step()
+                inner_opt.zero_grad()
+
+    Args:
+        inner: the user's inner optimizer (e.g. AdamW).
+        outer: a :class:`SparseLoCo`, :class:`DiLoCo` or :class:`DataParallel`.
+        sync_every: inner steps per outer round; defaults to ``outer.inner_steps``.
+        on_round: called with each :class:`RoundReport`.
+    """
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        outer: OuterOptimizer,
+        *,
+        sync_every: int | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.outer = outer
+        self.sync_every = outer.inner_steps if sync_every is None else sync_every
+        if self.sync_every < 1:
+            raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
+        if outer.hook == "pre" and self.sync_every != 1:
+            raise ConfigError(f"{type(outer).__name__} averages gradients every step: sync_every=1")
+        self.on_round = on_round
+        self.inner_step_count = 0
+        self.reports: list[RoundReport] = []
+        self._handle: Any = None
+
+    def _run_outer(self) -> None:
+        report = self.outer.step()
+        self.reports.append(report)
+        if self.on_round is not None:
+            self.on_round(report)
+
+    def _pre(self, *_: Any) -> None:
+        self._run_outer()
+
+    def _post(self, *_: Any) -> None:
+        self.inner_step_count += 1
+        if self.inner_step_count % self.sync_every == 0:
+            self._run_outer()
+
+    def __enter__(self) -> OuterLoop:
+        if self._handle is not None:
+            raise ConfigError("OuterLoop is already active")
+        if self.outer.hook == "pre":
+            self._handle = self.inner.register_step_pre_hook(self._pre)
+        else:
+            self._handle = self.inner.register_step_post_hook(self._post)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner_step_count": self.inner_step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner_step_count = int(state["inner_step_count"])
