@@ -1,0 +1,1 @@
+"""gauntlet: contribution scoring, ratings, weights and the chain interface."""

@@ -1,0 +1,1 @@
+"""netcomm: object-storage exchange of updates between untrusting peers."""
