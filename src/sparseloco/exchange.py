@@ -60,7 +60,10 @@ class Exchange(Protocol):
         ...
 
     def publish(self, window: int, payload: Payload) -> int:
-        """Make ``payload`` available to the other peers for ``window``; returns bytes sent."""
+        """Make ``payload`` available to the other peers for ``window``; returns bytes sent.
+
+        The exchange may keep references to the payload's tensors: do not modify them after.
+        """
         ...
 
     def gather(self, window: int) -> GatherResult:
@@ -72,17 +75,27 @@ class InProcessHub:
     """A mailbox shared by peers running as threads of one process.
 
     Args:
-        timeout: seconds ``gather`` waits for every connected peer before marking the rest
+        peers: the ids ``gather`` waits for. Without it, gather waits for the peers connected
+            at that moment, so connect every peer before any of them gathers.
+        timeout: seconds ``gather`` waits for every expected peer before marking the rest
             ``"missing"``.
         keep_windows: windows kept in memory; older ones are dropped.
         validate: decode every payload once on publish, so a bad one is reported
             ``"invalid"`` by gather instead of failing inside aggregation.
     """
 
-    def __init__(self, *, timeout: float = 60.0, keep_windows: int = 4, validate: bool = True):
+    def __init__(
+        self,
+        peers: list[str] | None = None,
+        *,
+        timeout: float = 60.0,
+        keep_windows: int = 4,
+        validate: bool = True,
+    ) -> None:
         self.timeout = timeout
         self.keep_windows = keep_windows
         self.validate = validate
+        self._fixed = None if peers is None else sorted(peers)
         self._peers: list[str] = []
         self._mail: dict[int, dict[str, tuple[Payload | None, str]]] = {}
         self._cond = threading.Condition()
@@ -96,6 +109,8 @@ class InProcessHub:
         with self._cond:
             if peer_id in self._peers:
                 raise ExchangeError(f"peer id {peer_id!r} is already connected")
+            if self._fixed is not None and peer_id not in self._fixed:
+                raise ExchangeError(f"peer id {peer_id!r} is not one of the hub's peers")
             self._peers.append(peer_id)
         return InProcessExchange(self, peer_id)
 
@@ -121,7 +136,7 @@ class InProcessHub:
         start = time.monotonic()
         deadline = start + self.timeout
         with self._cond:
-            expected = [p for p in self._peers if p != me]
+            expected = [p for p in (self._fixed or self._peers) if p != me]
             while True:
                 box = self._mail.get(window, {})
                 if all(p in box for p in expected):

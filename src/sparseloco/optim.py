@@ -465,7 +465,8 @@ class DataParallel(OuterOptimizer):
         with timer("check"):
             for name, p, _ in params:
                 check_finite(name, p.grad)  # type: ignore[arg-type]
-        grads = {name: p.grad.to(self._wire) for name, p, _ in params}  # type: ignore[union-attr]
+        # a copy: the payload must stay unchanged after publishing while .grad is overwritten below
+        grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
         update = DenseUpdate(tensors=grads)
         with timer("publish"):
             sent = self.exchange.publish(window, update)
