@@ -3,12 +3,19 @@
 :func:`resolve_backend` turns a requested backend (``"auto"``, ``"torch"``, ``"triton"``) and a
 device into the backend that will run plus a sentence saying why, so callers can report it.
 Asking for ``"triton"`` where it cannot run raises :class:`BackendUnavailableError`; ``"auto"``
-picks Triton only on CUDA tensors with Triton importable and says which it chose.
+picks Triton only on CUDA tensors with Triton importable and says which it chose; it never
+falls back silently after choosing.
+
+For tests, ``backend="triton"`` also runs on CPU tensors when ``TRITON_INTERPRET=1`` was set
+before the kernel modules were imported (Triton's CPU interpreter: exact, but slow, so
+``"auto"`` never picks it).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +26,8 @@ from sparseloco.codec import CompressedTensor
 from sparseloco.config import CodecConfig
 from sparseloco.errors import BackendUnavailableError
 from sparseloco.kernels import reference
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,12 +40,25 @@ class BackendChoice:
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton kernels can run on ``device``, and why not if they cannot."""
-    if device.type != "cuda":
-        return False, f"tensors are on {device.type}, the Triton kernels need CUDA tensors"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        return False, (
+            f"tensors are on {device.type}, the Triton kernels need CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1 for Triton's interpreter)"
+        )
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'sparseloco[triton]')"
     if importlib.util.find_spec("sparseloco.kernels.triton_codec") is None:
         return False, "this build of sparseloco ships no Triton kernels"
+    if device.type == "cpu":
+        from sparseloco.kernels import triton_codec
+
+        if not triton_codec.interpreted():
+            return False, (
+                "TRITON_INTERPRET=1 was set after the kernels were imported; set it before "
+                "importing sparseloco.kernels.triton_codec"
+            )
+        return True, "CPU tensors under TRITON_INTERPRET=1 (Triton interpreter)"
     return True, "CUDA tensors and triton importable"
 
 
@@ -48,8 +70,10 @@ def resolve_backend(requested: str, device: torch.device) -> BackendChoice:
         if not ok:
             raise BackendUnavailableError(f"backend='triton' cannot run: {why}")
         return BackendChoice("triton", "triton backend requested")
-    if ok:
+    if ok and device.type == "cuda":
         return BackendChoice("triton", f"auto: {why}")
+    if ok:
+        return BackendChoice("torch", "auto: the Triton interpreter runs only when asked for")
     return BackendChoice("torch", f"auto: {why}")
 
 
@@ -58,6 +82,7 @@ def compress(
 ) -> CompressedTensor:
     """Fused error-feedback update, exact top-k, quantization and packing of one tensor."""
     choice = resolve_backend(config.backend, error.device)
+    logger.debug("compress %s: %s backend (%s)", tuple(layout.shape), choice.name, choice.reason)
     if choice.name == "triton":
         from sparseloco.kernels import triton_codec
 
@@ -75,6 +100,7 @@ def aggregate_sparse(
 ) -> torch.Tensor:
     """Decode + aggregate of many peers' records for one tensor (see the reference)."""
     choice = resolve_backend(backend, peers[0][1].device)
+    logger.debug("aggregate %s: %s backend (%s)", tuple(layout.shape), choice.name, choice.reason)
     if choice.name == "triton":
         from sparseloco.kernels import triton_codec
 
