@@ -1,1 +1,143 @@
-"""gauntlet: contribution scoring, ratings, weights and the chain interface."""
+"""gauntlet: contribution scoring, ratings, weights and the chain interface.
+
+A validator's window, in a few lines::
+
+    from gauntlet import Scorer, WindowInputs, GauntletConfig
+
+    scorer = Scorer(model, loss_fn, batches_for, seed="run-1", config=GauntletConfig())
+    report = scorer.score_window(WindowInputs(window, gather, eval_seed, publish_times,
+                                              digests, sync_values))
+    cw = scorer.scoreboard.chain_weights(chain.metagraph(), chain.weight_limits())
+    chain.set_weights(cw.uids, cw.values)
+
+Formulas and defaults: ``docs/gauntlet.md``.
+"""
+
+from gauntlet.assignment import (
+    assign_samples,
+    data_digest,
+    derive_seed,
+    draw_ids,
+    eval_assigned_samples,
+    random_samples,
+)
+from gauntlet.bittensor_chain import BittensorChain, interpret_response
+from gauntlet.chain import (
+    MAX_COMMITMENT_BYTES,
+    Chain,
+    InMemoryChain,
+    InMemorySubnet,
+    Metagraph,
+    SetWeightsResult,
+    WeightLimits,
+)
+from gauntlet.config import (
+    AssignmentConfig,
+    EvalConfig,
+    GauntletConfig,
+    RatingConfig,
+    SignalConfig,
+    WeightsConfig,
+)
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
+from gauntlet.errors import ChainError, GauntletConfigError, GauntletError, WeightsError
+from gauntlet.evaluate import (
+    Baseline,
+    EvalResult,
+    Evaluator,
+    LossFn,
+    mean_loss,
+    median_clip_factors,
+    relative_gain,
+)
+from gauntlet.ratings import ordinal, rate_match, rating_factor
+from gauntlet.scoreboard import PeerRecord, Scoreboard
+from gauntlet.scorer import PeerOutcome, Scorer, WindowInputs, WindowReport
+from gauntlet.signals import (
+    CopyVerdict,
+    PairSimilarity,
+    SyncResult,
+    blame_copies,
+    effective_bma,
+    index_overlap,
+    pair_similarities,
+    sample_values,
+    sync_positions,
+    sync_score,
+    update_bma,
+)
+from gauntlet.weights import (
+    U16_MAX,
+    ChainWeights,
+    cap_weights,
+    normalize_scores,
+    rank_profile,
+    to_u16,
+)
+from gauntlet.yuma import YumaResult, yuma_consensus
+
+__all__ = [
+    "MAX_COMMITMENT_BYTES",
+    "U16_MAX",
+    "AssignmentConfig",
+    "Baseline",
+    "BittensorChain",
+    "Chain",
+    "ChainError",
+    "ChainWeights",
+    "CopyVerdict",
+    "DecodedUpdate",
+    "EvalConfig",
+    "EvalResult",
+    "Evaluator",
+    "GauntletConfig",
+    "GauntletConfigError",
+    "GauntletError",
+    "InMemoryChain",
+    "InMemorySubnet",
+    "InvalidUpdate",
+    "LossFn",
+    "Metagraph",
+    "PairSimilarity",
+    "PeerOutcome",
+    "PeerRecord",
+    "RatingConfig",
+    "Scoreboard",
+    "Scorer",
+    "SetWeightsResult",
+    "SignalConfig",
+    "SyncResult",
+    "WeightLimits",
+    "WeightsConfig",
+    "WeightsError",
+    "WindowInputs",
+    "WindowReport",
+    "YumaResult",
+    "assign_samples",
+    "blame_copies",
+    "cap_weights",
+    "data_digest",
+    "decode_update",
+    "derive_seed",
+    "draw_ids",
+    "effective_bma",
+    "eval_assigned_samples",
+    "index_overlap",
+    "interpret_response",
+    "mean_loss",
+    "median_clip_factors",
+    "normalize_scores",
+    "ordinal",
+    "pair_similarities",
+    "random_samples",
+    "rank_profile",
+    "rate_match",
+    "rating_factor",
+    "relative_gain",
+    "sample_values",
+    "sync_positions",
+    "sync_score",
+    "to_u16",
+    "update_bma",
+    "yuma_consensus",
+]

@@ -1,0 +1,314 @@
+"""Typed, validated configuration of the scorer; every default is documented on its field.
+
+``GauntletConfig`` groups one dataclass per concern. All are frozen, check their fields in
+``__post_init__`` and raise :class:`~gauntlet.errors.GauntletConfigError` (a ``ValueError``)
+with a sentence naming the field, the bad value and the accepted range.
+``to_dict``/``from_dict`` round-trip through plain JSON values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from gauntlet.errors import GauntletConfigError
+
+WeightScheme = Literal["power", "rank"]
+RatingTransform = Literal["clamp", "shift"]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise GauntletConfigError(message)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        f"{name} must be a positive integer, got {value!r}; pass an int >= 1",
+    )
+
+
+def _finite(name: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
+    bracket = "(" if open_lo else "["
+    _require(ok, f"{name} must be a finite number in {bracket}{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class AssignmentConfig:
+    """Which samples a peer trains on and which ones a validator evaluates.
+
+    Args:
+        num_samples: size of the sample-id space ``[0, num_samples)``; set it to your
+            dataset's length (default 65,536).
+        samples_per_peer: ids assigned to one peer per window (default 64).
+        eval_assigned: how many of those the validator evaluates, drawn with the window's
+            evaluation seed (default 32; at most ``samples_per_peer``).
+        eval_random: size of the shared random evaluation set per window (default 64).
+        enforce_digest: a peer whose published proof-of-data digest is missing or differs
+            from the one recomputed from its assignment fails the window (default True).
+    """
+
+    num_samples: int = 65_536
+    samples_per_peer: int = 64
+    eval_assigned: int = 32
+    eval_random: int = 64
+    enforce_digest: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "samples_per_peer", "eval_assigned", "eval_random"):
+            _positive_int(name, getattr(self, name))
+        _require(
+            self.samples_per_peer <= self.num_samples and self.eval_random <= self.num_samples,
+            f"samples_per_peer ({self.samples_per_peer}) and eval_random ({self.eval_random}) "
+            f"must not exceed num_samples ({self.num_samples}); raise num_samples",
+        )
+        _require(
+            self.eval_assigned <= self.samples_per_peer,
+            f"eval_assigned ({self.eval_assigned}) must not exceed samples_per_peer "
+            f"({self.samples_per_peer}); lower eval_assigned",
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How one peer's update is applied for evaluation: θ ← θ − α·scale·clip(v).
+
+    Args:
+        outer_lr: α, the outer learning rate of the run (default 1.0).
+        step_scale: fraction of the outer step used for evaluation (default 0.2, Gauntlet).
+        eval_mode: run the loss with ``model.eval()`` (no dropout) and restore each module's
+            training flag afterwards (default True).
+        loss_floor: smallest |L_before| a relative gain divides by (default 1e-8).
+    """
+
+    outer_lr: float = 1.0
+    step_scale: float = 0.2
+    eval_mode: bool = True
+    loss_floor: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _finite("outer_lr", self.outer_lr, 0.0, 1e6, open_lo=True)
+        _finite("step_scale", self.step_scale, 0.0, 1e6, open_lo=True)
+        _finite("loss_floor", self.loss_floor, 0.0, 1.0, open_lo=True)
+
+    @property
+    def step(self) -> float:
+        """The evaluation step size α·scale."""
+        return self.outer_lr * self.step_scale
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """Sync check, copy detection and the assigned-data indicator.
+
+    Args:
+        sync_samples: parameter values each peer publishes for the sync check (default 256).
+        sync_max: x at which sync reaches 0, in rounds of typical change (default 3.0).
+        sync_power: exponent of sync = (1 − min(x, max)/max)^power (default 2.5).
+        sync_missing: sync of a peer that published no (or malformed) values (default 0.0).
+        copy_overlap: mean per-chunk top-k index overlap at which the later publisher of a
+            pair is blamed for copying (default 0.4).
+        copy_cosine: cosine similarity of two decoded updates at which the later one is a
+            near-duplicate (default 0.95); identical updates are always duplicates.
+        bma_decay: EMA decay of the assigned-data indicator, BMA ← d·BMA + (1−d)·b
+            (default 0.95).
+        bma_threshold: BMA below this counts as 0 once a peer has ``bma_warmup``
+            evaluations (default 0.10).
+        bma_warmup: evaluations before the threshold applies (default 3).
+        assigned_margin: b = +1 only when gain_assigned − gain_random exceeds this
+            (default 0.0, Gauntlet's strict comparison).
+    """
+
+    sync_samples: int = 256
+    sync_max: float = 3.0
+    sync_power: float = 2.5
+    sync_missing: float = 0.0
+    copy_overlap: float = 0.4
+    copy_cosine: float = 0.95
+    bma_decay: float = 0.95
+    bma_threshold: float = 0.10
+    bma_warmup: int = 3
+    assigned_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive_int("sync_samples", self.sync_samples)
+        _finite("sync_max", self.sync_max, 0.0, 1e6, open_lo=True)
+        _finite("sync_power", self.sync_power, 0.0, 100.0, open_lo=True)
+        _finite("sync_missing", self.sync_missing, 0.0, 1.0)
+        _finite("copy_overlap", self.copy_overlap, 0.0, 1.0, open_lo=True)
+        _finite("copy_cosine", self.copy_cosine, 0.0, 1.0, open_lo=True)
+        _finite("bma_decay", self.bma_decay, 0.0, 1.0)
+        _finite("bma_threshold", self.bma_threshold, 0.0, 1.0)
+        _require(
+            isinstance(self.bma_warmup, int) and self.bma_warmup >= 0,
+            f"bma_warmup must be an integer >= 0, got {self.bma_warmup!r}",
+        )
+        _finite("assigned_margin", self.assigned_margin, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RatingConfig:
+    """OpenSkill Plackett-Luce ratings and the penalties of failed contributions.
+
+    A failed peer enters the window's match with score ``min(0, lowest valid score) −
+    penalty`` so it ranks below every evaluated peer, the more severe failures lowest.
+
+    Args:
+        beta: PlackettLuce β (default 7).
+        tau: PlackettLuce τ, the per-match sigma inflation (default 0.1).
+        mu: a fresh rating's μ (default 25).
+        sigma: a fresh rating's σ (default 25/3).
+        z: ordinal = μ − z·σ (default 3; a fresh ordinal is 0).
+        transform: how the ordinal becomes a non-negative factor: ``"clamp"`` =
+            max(0, ordinal) (default), ``"shift"`` = max(0, ordinal + shift).
+        shift: offset for ``"shift"`` (default 0.0).
+        penalty_missing: for ``missing`` and ``timeout`` statuses (default 1.0).
+        penalty_late: for ``late`` (default 0.5).
+        penalty_invalid: for ``invalid`` updates, non-finite or undecodable (default 2.0).
+        penalty_copy: for a blamed copier (default 2.0).
+        penalty_data: for a proof-of-data digest mismatch (default 2.0).
+    """
+
+    beta: float = 7.0
+    tau: float = 0.1
+    mu: float = 25.0
+    sigma: float = 25.0 / 3.0
+    z: float = 3.0
+    transform: RatingTransform = "clamp"
+    shift: float = 0.0
+    penalty_missing: float = 1.0
+    penalty_late: float = 0.5
+    penalty_invalid: float = 2.0
+    penalty_copy: float = 2.0
+    penalty_data: float = 2.0
+
+    def __post_init__(self) -> None:
+        _finite("beta", self.beta, 0.0, 1e6, open_lo=True)
+        _finite("tau", self.tau, 0.0, 1e6)
+        _finite("mu", self.mu, -1e6, 1e6)
+        _finite("sigma", self.sigma, 0.0, 1e6, open_lo=True)
+        _finite("z", self.z, 0.0, 100.0)
+        _require(
+            self.transform in ("clamp", "shift"),
+            f"transform must be 'clamp' or 'shift', got {self.transform!r}",
+        )
+        _finite("shift", self.shift, -1e6, 1e6)
+        for name in ("missing", "late", "invalid", "copy", "data"):
+            _finite(f"penalty_{name}", getattr(self, f"penalty_{name}"), 0.0, 1e6, open_lo=True)
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """How final scores become normalized weights.
+
+    Args:
+        scheme: ``"power"``: w ∝ s^power (default); ``"rank"``: a fixed profile by rank.
+        power: exponent of the power scheme (default 2.0, early Templar).
+        rank_top: peers in the top band of the rank profile (default 20).
+        rank_top_share: total weight of the top band (default 0.75).
+        rank_ramp: first-to-last weight ratio on the top band's linear ramp (default 2.0).
+        rank_next: peers in the second band (default 10).
+        rank_next_ratio: ratio between consecutive weights of the geometric second band
+            (default 0.8).
+        burn_uid: uid that receives ``burn_fraction`` of the weight (default None: no burn).
+        burn_fraction: share of the weight sent to ``burn_uid`` (default 0.0).
+    """
+
+    scheme: WeightScheme = "power"
+    power: float = 2.0
+    rank_top: int = 20
+    rank_top_share: float = 0.75
+    rank_ramp: float = 2.0
+    rank_next: int = 10
+    rank_next_ratio: float = 0.8
+    burn_uid: int | None = None
+    burn_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.scheme in ("power", "rank"),
+            f"scheme must be 'power' or 'rank', got {self.scheme!r}",
+        )
+        _finite("power", self.power, 0.0, 100.0, open_lo=True)
+        _positive_int("rank_top", self.rank_top)
+        _require(
+            isinstance(self.rank_next, int) and self.rank_next >= 0,
+            f"rank_next must be an integer >= 0, got {self.rank_next!r}",
+        )
+        _finite("rank_top_share", self.rank_top_share, 0.0, 1.0, open_lo=True)
+        _finite("rank_ramp", self.rank_ramp, 1.0, 1e6)
+        _finite("rank_next_ratio", self.rank_next_ratio, 0.0, 1.0, open_lo=True)
+        _finite("burn_fraction", self.burn_fraction, 0.0, 1.0)
+        _require(
+            self.burn_uid is None or (isinstance(self.burn_uid, int) and self.burn_uid >= 0),
+            f"burn_uid must be None or a uid >= 0, got {self.burn_uid!r}",
+        )
+        _require(
+            self.burn_fraction == 0.0 or self.burn_uid is not None,
+            "burn_fraction > 0 needs a burn_uid; set burn_uid or burn_fraction=0",
+        )
+
+
+_SECTIONS = {
+    "assignment": AssignmentConfig,
+    "evaluation": EvalConfig,
+    "signals": SignalConfig,
+    "rating": RatingConfig,
+    "weights": WeightsConfig,
+}
+
+
+@dataclass(frozen=True)
+class GauntletConfig:
+    """Everything the scorer needs besides the model, the loss and the data.
+
+    Args:
+        assignment: data assignment sizes (:class:`AssignmentConfig`).
+        evaluation: the evaluation step (:class:`EvalConfig`).
+        signals: sync, copy and assigned-data indicator (:class:`SignalConfig`).
+        rating: OpenSkill and penalties (:class:`RatingConfig`).
+        weights: the weight scheme and burn (:class:`WeightsConfig`).
+        max_evaluations: evaluate at most this many peers per window, the least recently
+            evaluated first (ties by a hash of the window seed); None = all (default).
+    """
+
+    assignment: AssignmentConfig = field(default_factory=AssignmentConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    signals: SignalConfig = field(default_factory=SignalConfig)
+    rating: RatingConfig = field(default_factory=RatingConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    max_evaluations: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            _require(
+                isinstance(getattr(self, name), cls),
+                f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}",
+            )
+        if self.max_evaluations is not None:
+            _positive_int("max_evaluations", self.max_evaluations)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GauntletConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise instead of being ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown GauntletConfig fields {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            section = _SECTIONS.get(name)
+            if section is None:
+                kwargs[name] = value
+                continue
+            allowed = {f.name for f in fields(section)}
+            bad = sorted(set(value) - allowed)
+            _require(not bad, f"unknown {section.__name__} fields {bad}; known: {sorted(allowed)}")
+            kwargs[name] = section(**value)
+        return cls(**kwargs)

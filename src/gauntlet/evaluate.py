@@ -1,0 +1,269 @@
+"""Loss before and after applying one peer's update alone (Gauntlet's gradient score).
+
+For a peer i with decoded dense update vᵢ (one tensor per parameter name) the evaluation
+step is, per tensor,
+
+    θ ← θ − α·scale·fᵢ·vᵢ,   fᵢ = min(1, median_j ‖v_j‖ / ‖vᵢ‖)
+
+where the median is over every peer whose update was gathered and decoded this window
+(``sparseloco.kernels.reference.clip_factors``). With L_b / L_a the mean loss before /
+after on a set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
+
+* gradient score sᵢ = g on the shared random set (the same batches for every peer, so
+  scores are comparable in one ranking);
+* g on the peer's own assigned batches; indicator bᵢ = +1 if g_assigned − g_random >
+  margin, else −1.
+
+Before-losses are computed once per window (:meth:`Evaluator.baseline`) and shared.
+The model is restored bit for bit after every peer (parameters, buffers, gradients,
+training flags, the global RNG state, and an optimizer's state if one is given), by
+copying back a snapshot rather than subtracting the step again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gauntlet.config import EvalConfig
+from sparseloco.kernels.reference import clip_factors
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Before-losses of one window: the shared random set and each peer's assigned set."""
+
+    random: float
+    assigned: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One peer's evaluation.
+
+    Attributes:
+        peer: the evaluated peer.
+        loss_random_before / loss_random_after: mean loss on the shared random batches.
+        loss_assigned_before / loss_assigned_after: mean loss on the peer's assigned batches.
+        gain_random: (L_b − L_a)/L_b on the random set, the gradient score.
+        gain_assigned: the same on the assigned set.
+        indicator: +1 if gain_assigned − gain_random > margin, else −1.
+        finite: False when an after-loss is NaN/Inf (the scorer counts it as invalid).
+    """
+
+    peer: str
+    loss_random_before: float
+    loss_random_after: float
+    loss_assigned_before: float
+    loss_assigned_after: float
+    gain_random: float
+    gain_assigned: float
+    indicator: int
+    finite: bool
+
+    @property
+    def gradient_score(self) -> float:
+        return self.gain_random
+
+
+def relative_gain(before: float, after: float, floor: float = 1e-8) -> float:
+    """(L_b − L_a) / max(|L_b|, floor); NaN when either loss is not finite."""
+    if not (math.isfinite(before) and math.isfinite(after)):
+        return math.nan
+    return (before - after) / max(abs(before), floor)
+
+
+def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> float:
+    """Mean of ``loss_fn(model, batch)`` over ``batches``, summed in order in float64."""
+    if not batches:
+        raise ValueError("mean_loss needs at least one batch")
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            total += float(loss_fn(model, batch).detach().to(torch.float64))
+    return total / len(batches)
+
+
+def median_clip_factors(
+    updates: Mapping[str, Mapping[str, torch.Tensor]],
+) -> dict[str, dict[str, float]]:
+    """Per peer and tensor, fᵢ = min(1, median_j ‖v_j‖/‖vᵢ‖) over all given peers.
+
+    Norms are float64 and peers are taken in sorted order, so every validator agrees.
+    """
+    peers = sorted(updates)
+    out: dict[str, dict[str, float]] = {p: {} for p in peers}
+    if not peers:
+        return out
+    for name in sorted(updates[peers[0]]):
+        norms = [float(torch.linalg.vector_norm(updates[p][name].to(torch.float64))) for p in peers]
+        for peer, f in zip(peers, clip_factors(norms), strict=True):
+            out[peer][name] = f
+    return out
+
+
+class _Snapshot:
+    """Exact copies of everything an evaluation may touch, and their in-place restore."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model = model
+        self.tensors = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+        self.grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.optim: list[tuple[dict[str, Any], str, Any]] = []
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    saved = value.clone() if isinstance(value, torch.Tensor) else value
+                    self.optim.append((state, key, saved))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in self.tensors:
+                t.copy_(saved)
+        for p, g in self.grads:
+            if g is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        for module, flag in self.training:
+            module.training = flag
+        for state, key, saved in self.optim:
+            if isinstance(saved, torch.Tensor):
+                state[key].copy_(saved)
+            else:
+                state[key] = saved
+
+
+class Evaluator:
+    """Evaluates peers' decoded updates on one model; the model is left exactly as found.
+
+    Args:
+        model: the validator's model at the start of the window (any ``nn.Module``).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``; called under ``torch.no_grad``.
+        config: the evaluation step (:class:`~gauntlet.config.EvalConfig`).
+        optimizer: an optimizer whose state must also be preserved (optional).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        config: EvalConfig | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config or EvalConfig()
+        self.optimizer = optimizer
+        self._params = dict(model.named_parameters())
+
+    @contextmanager
+    def _preserved(self) -> Iterator[_Snapshot]:
+        snap = _Snapshot(self.model, self.optimizer)
+        devices = sorted(
+            {p.device.index or 0 for p in self._params.values() if p.device.type == "cuda"}
+        )
+        try:
+            with torch.random.fork_rng(devices=devices):
+                if self.config.eval_mode:
+                    self.model.eval()
+                yield snap
+        finally:
+            snap.restore()
+
+    def _loss(self, batches: Sequence[Any]) -> float:
+        return mean_loss(self.model, self.loss_fn, batches)
+
+    def baseline(
+        self, random_batches: Sequence[Any], assigned_batches: Mapping[str, Sequence[Any]]
+    ) -> Baseline:
+        """Before-losses, once per window: the random set and every peer's assigned set."""
+        with self._preserved():
+            rand = self._loss(random_batches)
+            assigned = {p: self._loss(assigned_batches[p]) for p in sorted(assigned_batches)}
+        return Baseline(random=rand, assigned=assigned)
+
+    def _apply(self, update: Mapping[str, torch.Tensor], factors: Mapping[str, float]) -> None:
+        step = self.config.step
+        with torch.no_grad():
+            for name in sorted(update):
+                param = self._params[name]
+                v = update[name].to(device=param.device, dtype=param.dtype)
+                param.sub_(v, alpha=step * factors.get(name, 1.0))
+
+    def evaluate_many(
+        self,
+        updates: Mapping[str, Mapping[str, torch.Tensor]],
+        factors: Mapping[str, Mapping[str, float]],
+        baseline: Baseline,
+        random_batches: Sequence[Any],
+        assigned_batches: Mapping[str, Sequence[Any]],
+        *,
+        margin: float = 0.0,
+    ) -> dict[str, EvalResult]:
+        """Evaluate each peer of ``updates`` alone, in sorted order, restoring in between.
+
+        ``updates`` maps peer → {parameter name → dense decoded update}; ``factors`` are the
+        clip factors of :func:`median_clip_factors` (computed over all gathered peers).
+        """
+        unknown = sorted({n for u in updates.values() for n in u} - set(self._params))
+        if unknown:
+            raise KeyError(f"updates name tensors the model does not have: {unknown}")
+        floor = self.config.loss_floor
+        results: dict[str, EvalResult] = {}
+        with self._preserved() as snap:
+            for peer in sorted(updates):
+                self._apply(updates[peer], factors[peer])
+                rand_after = self._loss(random_batches)
+                own_after = self._loss(assigned_batches[peer])
+                snap.restore()
+                if self.config.eval_mode:
+                    self.model.eval()
+                own_before = baseline.assigned[peer]
+                g_rand = relative_gain(baseline.random, rand_after, floor)
+                g_own = relative_gain(own_before, own_after, floor)
+                finite = math.isfinite(g_rand) and math.isfinite(g_own)
+                results[peer] = EvalResult(
+                    peer=peer,
+                    loss_random_before=baseline.random,
+                    loss_random_after=rand_after,
+                    loss_assigned_before=own_before,
+                    loss_assigned_after=own_after,
+                    gain_random=g_rand,
+                    gain_assigned=g_own,
+                    indicator=1 if finite and g_own - g_rand > margin else -1,
+                    finite=finite,
+                )
+        return results
+
+    def evaluate(
+        self,
+        peer: str,
+        update: Mapping[str, torch.Tensor],
+        factors: Mapping[str, float],
+        baseline: Baseline,
+        random_batches: Sequence[Any],
+        assigned_batches: Sequence[Any],
+        *,
+        margin: float = 0.0,
+    ) -> EvalResult:
+        """One peer; see :meth:`evaluate_many`."""
+        return self.evaluate_many(
+            {peer: update},
+            {peer: factors},
+            baseline,
+            random_batches,
+            {peer: assigned_batches},
+            margin=margin,
+        )[peer]

@@ -1,0 +1,57 @@
+"""OpenSkill Plackett-Luce ratings: one match per window, ranked by the window's scores.
+
+Each peer holds (μ, σ), fresh at (25, 25/3). Per window every evaluated or failed peer enters
+one free-for-all match (``openskill.models.PlackettLuce``, β = 7, τ = 0.1), peers in sorted
+id order, higher score = better rank. The ordinal μ − z·σ (z = 3) of a fresh rating is 0 and
+a loser's goes negative; multiplying a negative ordinal by the other factors would reward
+losers with two negatives, so :func:`rating_factor` maps it to a non-negative factor first:
+
+* ``"clamp"``: max(0, μ − z·σ)  (fresh peers and losers get 0 until they win);
+* ``"shift"``: max(0, μ − z·σ + shift).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from openskill.models import PlackettLuce
+
+from gauntlet.config import RatingConfig
+
+
+def _model(config: RatingConfig) -> PlackettLuce:
+    return PlackettLuce(mu=config.mu, sigma=config.sigma, beta=config.beta, tau=config.tau)
+
+
+def rate_match(
+    ratings: Mapping[str, tuple[float, float]],
+    scores: Mapping[str, float],
+    config: RatingConfig,
+) -> dict[str, tuple[float, float]]:
+    """New (μ, σ) of every peer in ``scores`` after one match; others are not returned.
+
+    Peers missing from ``ratings`` start fresh. With fewer than two players nothing changes.
+    """
+    peers = sorted(scores)
+    current = {p: ratings.get(p, (config.mu, config.sigma)) for p in peers}
+    if len(peers) < 2:
+        return dict(current)
+    model = _model(config)
+    teams = [[model.rating(mu=current[p][0], sigma=current[p][1])] for p in peers]
+    result = model.rate(teams, scores=[float(scores[p]) for p in peers])
+    return {
+        p: (float(team[0].mu), float(team[0].sigma)) for p, team in zip(peers, result, strict=True)
+    }
+
+
+def ordinal(mu: float, sigma: float, config: RatingConfig) -> float:
+    """μ − z·σ."""
+    return mu - config.z * sigma
+
+
+def rating_factor(mu: float, sigma: float, config: RatingConfig) -> float:
+    """The non-negative rating term of the final score (see the module docstring)."""
+    value = ordinal(mu, sigma, config)
+    if config.transform == "shift":
+        value += config.shift
+    return max(0.0, value)

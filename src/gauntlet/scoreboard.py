@@ -1,0 +1,120 @@
+"""All per-peer scoring state, its final score, its weights, and a pickle-free state dict.
+
+Per peer (keyed by hotkey): the OpenSkill (μ, σ), the assigned-data BMA, the last sync
+factor, counts of evaluations and failures by kind, and the last window's numbers. The final
+score is
+
+    score = rating_factor(μ, σ) × BMA_eff × sync
+
+with ``rating_factor`` from :mod:`gauntlet.ratings` and ``BMA_eff`` from
+:func:`gauntlet.signals.effective_bma`. ``state_dict()`` holds only JSON values (floats
+round-trip exactly through ``json``), so a restarted validator loses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gauntlet.chain import Metagraph, WeightLimits
+from gauntlet.config import GauntletConfig
+from gauntlet.errors import GauntletError
+from gauntlet.ratings import rating_factor
+from gauntlet.signals import effective_bma
+from gauntlet.weights import ChainWeights, normalize_scores, to_u16
+
+STATE_VERSION = 1
+
+
+@dataclass
+class PeerRecord:
+    """One peer's scoring state (plain values only)."""
+
+    mu: float
+    sigma: float
+    bma: float = 0.0
+    sync: float = 1.0
+    evaluations: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    last_window: int = -1
+    last_evaluated: int = -1
+    last_status: str = ""
+    last_gain_random: float | None = None
+    last_gain_assigned: float | None = None
+
+
+class Scoreboard:
+    """Per-peer state plus the sync reference; see the module docstring for the score."""
+
+    def __init__(self, config: GauntletConfig | None = None) -> None:
+        self.config = config or GauntletConfig()
+        self.peers: dict[str, PeerRecord] = {}
+        self.typical_change: float | None = None
+        self.sync_reference: dict[str, Any] | None = None
+
+    def record(self, peer: str) -> PeerRecord:
+        """The peer's record, created fresh on first sight."""
+        rec = self.peers.get(peer)
+        if rec is None:
+            rc = self.config.rating
+            rec = self.peers[peer] = PeerRecord(mu=rc.mu, sigma=rc.sigma)
+        return rec
+
+    def prune(self, keep: set[str] | list[str]) -> list[str]:
+        """Forget peers not in ``keep`` (deregistered hotkeys); returns the removed ones."""
+        gone = sorted(set(self.peers) - set(keep))
+        for peer in gone:
+            del self.peers[peer]
+        return gone
+
+    def final_score(self, peer: str) -> float:
+        """rating_factor(μ, σ) × BMA_eff × sync (0 for unknown peers)."""
+        rec = self.peers.get(peer)
+        if rec is None:
+            return 0.0
+        rating = rating_factor(rec.mu, rec.sigma, self.config.rating)
+        bma = effective_bma(rec.bma, rec.evaluations, self.config.signals)
+        return rating * bma * rec.sync
+
+    def final_scores(self) -> dict[str, float]:
+        return {p: self.final_score(p) for p in sorted(self.peers)}
+
+    def weights(self) -> dict[str, float]:
+        """Normalized weights per hotkey under ``config.weights``."""
+        return normalize_scores(self.final_scores(), self.config.weights)
+
+    def chain_weights(self, metagraph: Metagraph, limits: WeightLimits) -> ChainWeights:
+        """Weights for the registered uids in the chain's u16 form (unregistered peers drop)."""
+        by_hotkey = metagraph.hotkey_to_uid()
+        weights = {by_hotkey[p]: w for p, w in self.weights().items() if p in by_hotkey and w}
+        wc = self.config.weights
+        return to_u16(
+            weights,
+            metagraph.uids,
+            max_weight_limit=limits.max_weight_limit,
+            min_allowed_weights=limits.min_allowed_weights,
+            burn_uid=wc.burn_uid,
+            burn_fraction=wc.burn_fraction,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state: version, config, peers, sync reference and typical change."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "peers": {p: asdict(r) for p, r in sorted(self.peers.items())},
+            "typical_change": self.typical_change,
+            "sync_reference": self.sync_reference,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the config in it replaces this one's."""
+        if state.get("version") != STATE_VERSION:
+            raise GauntletError(
+                f"scoreboard state version {state.get('version')!r} is not {STATE_VERSION}; "
+                "it was written by an incompatible gauntlet release"
+            )
+        self.config = GauntletConfig.from_dict(state["config"])
+        self.peers = {p: PeerRecord(**r) for p, r in state["peers"].items()}
+        self.typical_change = state["typical_change"]
+        self.sync_reference = state["sync_reference"]

@@ -1,0 +1,356 @@
+"""One validator window: gathered payloads and side data in, scores and weights out.
+
+:meth:`Scorer.score_window` runs, in this order (every step deterministic: peers sorted,
+float64 reductions, seeds from public values):
+
+1. **statuses**: ``missing``/``late``/``invalid``/``timeout`` from the exchange fail the
+   window; ``ok`` payloads are decoded (:func:`gauntlet.decoding.decode_update`) and any
+   that do not decode or hold NaN/Inf are ``invalid``;
+2. **proof of data**: the published digest must equal :func:`gauntlet.assignment.data_digest`
+   of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``;
+3. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``;
+4. **clip factors**: median norm per tensor over every decoded update;
+5. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
+   evaluated first); a non-finite after-loss is ``invalid``;
+6. **sync** from the published sampled values;
+7. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
+   ``min(0, lowest valid) − penalty``; BMA gets b for evaluated peers and −1 for failed ones;
+8. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`.
+
+Call ``score_window`` before applying the window's outer step to the model: it records the
+model's sampled values for the next window's typical-change reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gauntlet.assignment import (
+    assign_samples,
+    data_digest,
+    derive_seed,
+    eval_assigned_samples,
+    random_samples,
+)
+from gauntlet.config import GauntletConfig
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
+from gauntlet.evaluate import EvalResult, Evaluator, LossFn, median_clip_factors
+from gauntlet.ratings import rate_match
+from gauntlet.scoreboard import Scoreboard
+from gauntlet.signals import (
+    CopyVerdict,
+    PairSimilarity,
+    SyncResult,
+    blame_copies,
+    mean_abs_diff,
+    pair_similarities,
+    sample_values,
+    sync_positions,
+    sync_score,
+    update_bma,
+)
+from sparseloco.config import CodecConfig
+from sparseloco.exchange import GatherResult
+
+
+@dataclass(frozen=True)
+class WindowInputs:
+    """What a validator collected for one window.
+
+    Attributes:
+        window: the window index.
+        gather: the exchange's :class:`~sparseloco.exchange.GatherResult` (payloads and a
+            status for every expected peer).
+        eval_seed: a value that became public only after the publish deadline (e.g. the
+            hash of that block); picks the evaluated subset and the random set.
+        publish_times: peer → publish time (storage timestamp or block), for copy blame.
+        digests: peer → the proof-of-data digest it published.
+        sync_values: peer → the values it published at :meth:`Scorer.sync_positions`.
+    """
+
+    window: int
+    gather: GatherResult
+    eval_seed: str
+    publish_times: Mapping[str, float] = field(default_factory=dict)
+    digests: Mapping[str, str] = field(default_factory=dict)
+    sync_values: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PeerOutcome:
+    """One peer's window: its status, evaluation, sync, match score and final score."""
+
+    peer: str
+    status: str
+    reason: str = ""
+    evaluation: EvalResult | None = None
+    sync: SyncResult | None = None
+    match_score: float | None = None
+    final_score: float = 0.0
+
+
+@dataclass
+class WindowReport:
+    """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation."""
+
+    window: int
+    outcomes: dict[str, PeerOutcome]
+    pairs: list[PairSimilarity]
+    copies: dict[str, CopyVerdict]
+    scores: dict[str, float]
+    weights: dict[str, float]
+    timings: dict[str, float]
+
+    @property
+    def accepted(self) -> list[str]:
+        """Peers evaluated this window with a positive gradient score (aggregation set)."""
+        return sorted(
+            p
+            for p, o in self.outcomes.items()
+            if o.status == "evaluated" and o.evaluation is not None and o.evaluation.gain_random > 0
+        )
+
+    def table(self) -> str:
+        """A fixed-width text table of the window's outcomes."""
+        lines = [
+            f"{'peer':<14}{'status':<11}{'gain_rand':>10}{'gain_asg':>10}"
+            f"{'sync':>7}{'score':>10}{'weight':>8}"
+        ]
+        for p in sorted(self.outcomes):
+            o = self.outcomes[p]
+            gr = f"{o.evaluation.gain_random:10.4f}" if o.evaluation else f"{'-':>10}"
+            ga = f"{o.evaluation.gain_assigned:10.4f}" if o.evaluation else f"{'-':>10}"
+            sy = f"{o.sync.score:7.3f}" if o.sync else f"{'-':>7}"
+            lines.append(
+                f"{p:<14}{o.status:<11}{gr}{ga}{sy}{self.scores.get(p, 0.0):10.4f}"
+                f"{self.weights.get(p, 0.0):8.4f}"
+            )
+        return "\n".join(lines)
+
+
+class Scorer:
+    """Gauntlet scoring of a window's contributions on a validator's model.
+
+    Args:
+        model: the validator's model at the start of the window (restored after scoring).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batches_for: sample ids → the batches made of them (the validator's data loader).
+        seed: the public seed of the run (data assignment and sync positions).
+        config: :class:`~gauntlet.config.GauntletConfig`.
+        scoreboard: existing state to continue from (a fresh one by default).
+        codec: the codec every compressed update must use (None: accept the payload's).
+        contents_for: sample ids → their contents, to include in the digest (optional).
+        optimizer: an optimizer whose state the evaluation must also preserve (optional).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches_for: Callable[[Sequence[int]], Sequence[Any]],
+        *,
+        seed: str,
+        config: GauntletConfig | None = None,
+        scoreboard: Scoreboard | None = None,
+        codec: CodecConfig | None = None,
+        contents_for: Callable[[Sequence[int]], Iterable[Any]] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.config = config or (scoreboard.config if scoreboard else GauntletConfig())
+        self.scoreboard = scoreboard or Scoreboard(self.config)
+        self.model = model
+        self.batches_for = batches_for
+        self.seed = seed
+        self.codec = codec
+        self.contents_for = contents_for
+        self.evaluator = Evaluator(model, loss_fn, self.config.evaluation, optimizer)
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    def sync_positions(self, window: int) -> list[tuple[str, int]]:
+        """The parameter entries peers publish for ``window``'s sync check."""
+        return sync_positions(self._shapes, window, self.seed, self.config.signals.sync_samples)
+
+    def expected_digest(self, peer: str, window: int) -> str:
+        """The proof-of-data digest an honest ``peer`` publishes for ``window``."""
+        ids = assign_samples(peer, window, self.seed, self.config.assignment)
+        contents = self.contents_for(ids) if self.contents_for is not None else None
+        return data_digest(peer, window, ids, contents)
+
+    def _own_values(self, window: int) -> torch.Tensor:
+        return sample_values(dict(self.model.named_parameters()), self.sync_positions(window))
+
+    def _typical_change(self, window: int, own: torch.Tensor) -> float | None:
+        board = self.scoreboard
+        ref = board.sync_reference
+        if ref is not None and ref["window"] == window and len(ref["values"]) == own.numel():
+            board.typical_change = mean_abs_diff(own, torch.tensor(ref["values"]))
+        return board.typical_change
+
+    def _select(self, candidates: list[str], window: int, eval_seed: str) -> list[str]:
+        limit = self.config.max_evaluations
+        if limit is None or len(candidates) <= limit:
+            return candidates
+
+        def key(p: str) -> tuple[int, int]:
+            return (self.scoreboard.record(p).last_evaluated, derive_seed(eval_seed, window, p))
+
+        return sorted(sorted(candidates, key=key)[:limit])
+
+    def score_window(self, inputs: WindowInputs) -> WindowReport:
+        """Score every peer of ``inputs.gather`` for ``inputs.window``; see the module doc."""
+        cfg = self.config
+        board = self.scoreboard
+        window = inputs.window
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        status: dict[str, tuple[str, str]] = {}
+        peers = sorted(set(inputs.gather.statuses) | set(inputs.gather.updates))
+        decoded: dict[str, DecodedUpdate] = {}
+        for peer in peers:
+            st = inputs.gather.statuses.get(peer)
+            kind = st.status if st is not None else "ok"
+            if kind != "ok":
+                status[peer] = (kind, st.reason if st is not None else "")
+                continue
+            payload = inputs.gather.updates.get(peer)
+            if payload is None:
+                status[peer] = ("missing", "status ok but no payload")
+                continue
+            try:
+                decoded[peer] = decode_update(payload, self._shapes, self.codec)
+            except InvalidUpdate as exc:
+                status[peer] = ("invalid", str(exc))
+        timings["decode"] = time.perf_counter() - t0
+
+        if cfg.assignment.enforce_digest:
+            for peer in sorted(decoded):
+                got = inputs.digests.get(peer)
+                if got != self.expected_digest(peer, window):
+                    status[peer] = (
+                        "bad_data",
+                        "no proof-of-data digest" if got is None else "digest mismatch",
+                    )
+
+        t1 = time.perf_counter()
+        pairs = pair_similarities(decoded)
+        copies = blame_copies(pairs, inputs.publish_times, cfg.signals)
+        for peer, verdict in copies.items():
+            if peer not in status:
+                status[peer] = (
+                    "copy",
+                    f"copies {verdict.source} (overlap {verdict.overlap:.3f}, "
+                    f"cosine {verdict.cosine:.4f})",
+                )
+        timings["copy_detection"] = time.perf_counter() - t1
+
+        factors = median_clip_factors({p: d.dense for p, d in decoded.items()})
+        candidates = [p for p in sorted(decoded) if p not in status]
+        chosen = self._select(candidates, window, inputs.eval_seed)
+
+        t2 = time.perf_counter()
+        a_cfg = cfg.assignment
+        random_batches = self.batches_for(random_samples(window, inputs.eval_seed, a_cfg))
+        assigned = {
+            p: self.batches_for(
+                eval_assigned_samples(p, window, self.seed, inputs.eval_seed, a_cfg)
+            )
+            for p in chosen
+        }
+        results: dict[str, EvalResult] = {}
+        if chosen:
+            baseline = self.evaluator.baseline(random_batches, assigned)
+            timings["baseline"] = time.perf_counter() - t2
+            t3 = time.perf_counter()
+            results = self.evaluator.evaluate_many(
+                {p: decoded[p].dense for p in chosen},
+                {p: factors[p] for p in chosen},
+                baseline,
+                random_batches,
+                assigned,
+                margin=cfg.signals.assigned_margin,
+            )
+            timings["evaluate"] = time.perf_counter() - t3
+        for peer, res in results.items():
+            if not res.finite:
+                status[peer] = ("invalid", "non-finite loss after applying the update")
+
+        own = self._own_values(window)
+        typical = self._typical_change(window, own)
+        syncs = {p: sync_score(own, inputs.sync_values.get(p), typical, cfg.signals) for p in peers}
+
+        evaluated = {p: r for p, r in results.items() if p not in status}
+        valid = [r.gain_random for r in evaluated.values()]
+        low = min([0.0, *valid])
+        rc = cfg.rating
+        penalty = {
+            "missing": rc.penalty_missing,
+            "timeout": rc.penalty_missing,
+            "late": rc.penalty_late,
+            "invalid": rc.penalty_invalid,
+            "copy": rc.penalty_copy,
+            "bad_data": rc.penalty_data,
+        }
+        match: dict[str, float] = {p: r.gain_random for p, r in evaluated.items()}
+        for peer, (kind, _) in status.items():
+            match[peer] = low - penalty.get(kind, rc.penalty_invalid)
+        new_ratings = rate_match(
+            {p: (board.record(p).mu, board.record(p).sigma) for p in match}, match, rc
+        )
+
+        for peer in peers:
+            rec = board.record(peer)
+            rec.last_window = window
+            if peer in new_ratings:
+                rec.mu, rec.sigma = new_ratings[peer]
+            if peer in evaluated:
+                res = evaluated[peer]
+                rec.bma = update_bma(rec.bma, res.indicator, cfg.signals)
+                rec.evaluations += 1
+                rec.last_evaluated = window
+                rec.last_status = "evaluated"
+                rec.last_gain_random = res.gain_random
+                rec.last_gain_assigned = res.gain_assigned
+                rec.sync = syncs[peer].score
+            elif peer in status:
+                kind = status[peer][0]
+                rec.bma = update_bma(rec.bma, -1, cfg.signals)
+                rec.failures[kind] = rec.failures.get(kind, 0) + 1
+                rec.last_status = kind
+            else:
+                rec.last_status = "skipped"
+
+        board.sync_reference = {
+            "window": window + 1,
+            "values": [float(v) for v in self._own_values(window + 1)],
+        }
+        scores = board.final_scores()
+        weights = board.weights()
+        outcomes: dict[str, PeerOutcome] = {}
+        for peer in peers:
+            kind, reason = status.get(peer, ("evaluated" if peer in evaluated else "skipped", ""))
+            outcomes[peer] = PeerOutcome(
+                peer=peer,
+                status=kind,
+                reason=reason,
+                evaluation=results.get(peer),
+                sync=syncs.get(peer),
+                match_score=match.get(peer),
+                final_score=scores.get(peer, 0.0),
+            )
+        timings["total"] = time.perf_counter() - t0
+        return WindowReport(
+            window=window,
+            outcomes=outcomes,
+            pairs=pairs,
+            copies=copies,
+            scores=scores,
+            weights=weights,
+            timings=timings,
+        )

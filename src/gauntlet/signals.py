@@ -1,0 +1,193 @@
+"""Sync check, copy detection and the assigned-data indicator's moving average.
+
+**Sync.** Each peer publishes the values of ``sync_samples`` parameter entries of the model
+it started the window from; positions come from (public seed, window) by hash
+(:func:`sync_positions`). With θ_val the validator's values at those positions and
+τ = mean|θ_t − θ_{t−1}| the validator's own last per-round change at the same positions,
+
+    x = mean|θ_val − θ_peer| / τ,   sync = (1 − min(x, x_max)/x_max)^p
+
+(x_max = 3, p = 2.5 by default), so a peer one round behind has x ≈ 1 and sync ≈ 0.36, three
+rounds behind 0. Without a reference yet (a validator's first window) sync is 1.
+
+**Copies.** For two peers a, b: the mean over chunks of |I_a ∩ I_b| / k (top-k index overlap)
+and the cosine of the decoded updates. A pair is a copy when the updates are identical, the
+cosine ≥ ``copy_cosine`` or the overlap ≥ ``copy_overlap``; the later publisher is blamed
+(both when their publish times tie or both are unknown; an unknown time counts as latest).
+
+**Assigned-data indicator.** BMA ← d·BMA + (1−d)·b with b = ±1, then BMA ← max(0, BMA); the
+value used for scoring is 0 when BMA < threshold once the peer has ``warmup`` evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gauntlet.assignment import draw_ids
+from gauntlet.config import SignalConfig
+from gauntlet.decoding import DecodedUpdate
+
+
+def sync_positions(
+    shapes: Mapping[str, tuple[int, ...]], window: int, seed: str, count: int
+) -> list[tuple[str, int]]:
+    """(parameter name, flat index) pairs to sample in ``window``, in a fixed order."""
+    names = sorted(shapes)
+    sizes = [math.prod(shapes[n]) for n in names]
+    total = sum(sizes)
+    picks = sorted(draw_ids("sync", (seed, int(window)), total, min(count, total)))
+    out: list[tuple[str, int]] = []
+    bounds = np.cumsum([0, *sizes])
+    for g in picks:
+        i = int(np.searchsorted(bounds, g, side="right")) - 1
+        out.append((names[i], int(g - bounds[i])))
+    return out
+
+
+def sample_values(
+    params: Mapping[str, torch.Tensor], positions: list[tuple[str, int]]
+) -> torch.Tensor:
+    """The float64 values of ``params`` at ``positions`` (what a peer publishes)."""
+    if not positions:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack(
+        [params[name].detach().reshape(-1)[i].to(torch.float64).cpu() for name, i in positions]
+    )
+
+
+def mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean|a − b| in float64."""
+    return float((a.to(torch.float64) - b.to(torch.float64)).abs().mean())
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """x (rounds behind, NaN when unknown) and the sync factor in [0, 1]."""
+
+    x: float
+    score: float
+
+
+def sync_score(
+    own: torch.Tensor,
+    peer: torch.Tensor | None,
+    typical_change: float | None,
+    config: SignalConfig,
+) -> SyncResult:
+    """sync = (1 − min(x, x_max)/x_max)^p with x = mean|own − peer| / typical_change."""
+    if peer is None or tuple(peer.shape) != tuple(own.shape):
+        return SyncResult(math.nan, config.sync_missing)
+    peer = peer.to(torch.float64)
+    if not bool(torch.isfinite(peer).all()):
+        return SyncResult(math.nan, config.sync_missing)
+    diff = mean_abs_diff(own, peer)
+    if diff == 0.0:
+        return SyncResult(0.0, 1.0)
+    if typical_change is None:
+        return SyncResult(math.nan, 1.0)
+    x = diff / typical_change if typical_change > 0 else math.inf
+    frac = min(x, config.sync_max) / config.sync_max
+    return SyncResult(x, (1.0 - frac) ** config.sync_power)
+
+
+@dataclass(frozen=True)
+class PairSimilarity:
+    """Similarity of two peers' updates (``a`` < ``b`` by id)."""
+
+    a: str
+    b: str
+    overlap: float
+    cosine: float
+    identical: bool
+
+
+@dataclass(frozen=True)
+class CopyVerdict:
+    """``peer`` is blamed for copying ``source`` (the earlier publisher)."""
+
+    peer: str
+    source: str
+    overlap: float
+    cosine: float
+    identical: bool
+
+
+def index_overlap(a: DecodedUpdate, b: DecodedUpdate) -> float:
+    """Mean over all sparse chunks of |I_a ∩ I_b| / k; NaN when no tensor is sparse."""
+    total, chunks = 0.0, 0
+    for name in sorted(set(a.keys) & set(b.keys)):
+        n_chunks, k = a.kept[name]
+        if n_chunks == 0 or b.kept[name] != (n_chunks, k):
+            continue
+        shared = np.intersect1d(a.keys[name], b.keys[name], assume_unique=True).size
+        total += shared / k
+        chunks += n_chunks
+    return total / chunks if chunks else math.nan
+
+
+def pair_similarities(updates: Mapping[str, DecodedUpdate]) -> list[PairSimilarity]:
+    """Overlap, cosine and identity of every pair, peers in sorted order (float64 Gram)."""
+    peers = sorted(updates)
+    n = len(peers)
+    if n < 2:
+        return []
+    gram = np.zeros((n, n), dtype=np.float64)
+    names = sorted(updates[peers[0]].dense)
+    for name in names:
+        mat = torch.stack(
+            [updates[p].dense[name].reshape(-1).to(torch.float64).cpu() for p in peers]
+        )
+        gram += (mat @ mat.T).numpy()
+    norms = np.sqrt(np.diag(gram))
+    out = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = updates[peers[i]], updates[peers[j]]
+            denom = norms[i] * norms[j]
+            cos = float(gram[i, j] / denom) if denom > 0 else 0.0
+            identical = (norms[i] == norms[j]) and (denom == 0 or cos > 1 - 1e-9)
+            identical = identical and all(torch.equal(a.dense[m], b.dense[m]) for m in names)
+            out.append(PairSimilarity(peers[i], peers[j], index_overlap(a, b), cos, identical))
+    return out
+
+
+def blame_copies(
+    pairs: list[PairSimilarity],
+    publish_times: Mapping[str, float],
+    config: SignalConfig,
+) -> dict[str, CopyVerdict]:
+    """The later publisher of every copied pair, with the strongest evidence against it."""
+    blamed: dict[str, CopyVerdict] = {}
+    for pair in pairs:
+        overlap_hit = not math.isnan(pair.overlap) and pair.overlap >= config.copy_overlap
+        if not (pair.identical or pair.cosine >= config.copy_cosine or overlap_hit):
+            continue
+        ta = publish_times.get(pair.a, math.inf)
+        tb = publish_times.get(pair.b, math.inf)
+        culprits = [(pair.a, pair.b)] if ta > tb else [(pair.b, pair.a)] if tb > ta else []
+        if ta == tb:
+            culprits = [(pair.a, pair.b), (pair.b, pair.a)]
+        for peer, source in culprits:
+            verdict = CopyVerdict(peer, source, pair.overlap, pair.cosine, pair.identical)
+            prev = blamed.get(peer)
+            if prev is None or (verdict.cosine, verdict.source) > (prev.cosine, prev.source):
+                blamed[peer] = verdict
+    return blamed
+
+
+def update_bma(bma: float, indicator: int, config: SignalConfig) -> float:
+    """BMA ← max(0, d·BMA + (1 − d)·b)."""
+    d = config.bma_decay
+    return max(0.0, d * bma + (1.0 - d) * float(indicator))
+
+
+def effective_bma(bma: float, evaluations: int, config: SignalConfig) -> float:
+    """BMA as used in the final score: 0 below the threshold once past warm-up."""
+    if evaluations >= config.bma_warmup and bma < config.bma_threshold:
+        return 0.0
+    return max(0.0, bma)
