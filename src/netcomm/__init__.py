@@ -1,1 +1,95 @@
-"""netcomm: object-storage exchange of updates between untrusting peers."""
+"""netcomm: object-storage exchange of updates between untrusting peers.
+
+Quick use::
+
+    from netcomm import (ExchangeConfig, LocalStorage, ModelSpec, PeerRecord, StaticDirectory,
+                         StorageExchange, Ed25519Signer)
+
+    signer = Ed25519Signer.generate()
+    storage = LocalStorage("/shared/bucket")            # or S3Storage(S3Config(...))
+    directory = StaticDirectory([PeerRecord("peer-0", storage, signer.public_key), ...])
+    exchange = StorageExchange("peer-0", storage, directory, signer,
+                               ModelSpec.from_module(model), ExchangeConfig(deadline_s=30))
+    outer = sparseloco.SparseLoCo(model.named_parameters(), exchange)
+
+Modules: :mod:`~netcomm.storage` (interface, keys, local folder), :mod:`~netcomm.s3`
+(S3-compatible backend), :mod:`~netcomm.envelope` (wire format), :mod:`~netcomm.signing`,
+:mod:`~netcomm.directory`, :mod:`~netcomm.exchange`, :mod:`~netcomm.checkpoint`,
+:mod:`~netcomm.faults` (fault injection for tests). See ``docs/netcomm.md``.
+"""
+
+from netcomm.checkpoint import Checkpoint, CheckpointStore
+from netcomm.directory import PeerDirectory, PeerRecord, StaticDirectory, update_key
+from netcomm.envelope import (
+    FORMAT_VERSION,
+    Envelope,
+    EnvelopeLimits,
+    open_envelope,
+    read_header,
+    seal_envelope,
+)
+from netcomm.errors import (
+    CheckpointError,
+    EnvelopeError,
+    InvalidKeyError,
+    NetcommConfigError,
+    NetcommError,
+    NotEnoughPeersError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from netcomm.exchange import ExchangeConfig, StorageExchange
+from netcomm.faults import FaultPlan, FaultProxy, FaultyStorage
+from netcomm.s3 import S3Config, S3Storage
+from netcomm.signing import (
+    Ed25519Signer,
+    Ed25519Verifier,
+    Signer,
+    Verifier,
+    default_verifiers,
+)
+from netcomm.spec import ModelSpec
+from netcomm.storage import LocalStorage, ObjectInfo, Storage, join_key, validate_key
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointStore",
+    "Ed25519Signer",
+    "Ed25519Verifier",
+    "Envelope",
+    "EnvelopeError",
+    "EnvelopeLimits",
+    "ExchangeConfig",
+    "FaultPlan",
+    "FaultProxy",
+    "FaultyStorage",
+    "InvalidKeyError",
+    "LocalStorage",
+    "ModelSpec",
+    "NetcommConfigError",
+    "NetcommError",
+    "NotEnoughPeersError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "PeerDirectory",
+    "PeerRecord",
+    "S3Config",
+    "S3Storage",
+    "Signer",
+    "StaticDirectory",
+    "Storage",
+    "StorageError",
+    "StorageExchange",
+    "TransientStorageError",
+    "Verifier",
+    "default_verifiers",
+    "join_key",
+    "open_envelope",
+    "read_header",
+    "seal_envelope",
+    "update_key",
+    "validate_key",
+]

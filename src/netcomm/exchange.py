@@ -1,0 +1,411 @@
+"""The object-storage exchange: publish one signed envelope per window, gather the others'.
+
+:class:`StorageExchange` implements :class:`sparseloco.exchange.Exchange`, so
+``sparseloco.SparseLoCo(params, exchange=StorageExchange(...))`` works unchanged.
+
+Gather semantics (every requested peer gets exactly one status):
+
+* ``ok``: downloaded and fully verified (see :func:`netcomm.envelope.open_envelope`).
+* ``missing``: not in the directory, or no object appeared before the deadline.
+* ``late``: the object's storage timestamp is after the ``cutoff``; it is not downloaded.
+* ``invalid``: the object was rejected (``reason`` starts with the
+  :class:`~netcomm.errors.EnvelopeError` reason code), or it is larger than the cap.
+* ``timeout``: the object exists but its download did not finish (or kept failing with
+  transient errors) before the deadline.
+
+Missing objects are polled every ``poll_interval_s``. A transfer that fails transiently
+(connection error, 5xx, truncated body) or whose bytes fail the signature or checksum (transit
+corruption looks the same as a bad publisher) is retried with backoff up to ``attempts`` times.
+An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat gather of the
+same window reuses the result as long as the object's etag is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from netcomm.directory import PeerDirectory, PeerRecord, update_key
+from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
+from netcomm.errors import (
+    EnvelopeError,
+    NetcommConfigError,
+    NotEnoughPeersError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from netcomm.signing import Signer, Verifier, default_verifiers
+from netcomm.spec import ModelSpec
+from netcomm.storage import ObjectInfo, Storage
+from sparseloco.config import CodecConfig
+from sparseloco.exchange import GatherResult, PeerStatus
+from sparseloco.payload import Payload
+
+# Byte-level failures that a re-download can cure when they happened in transit.
+_RETRYABLE_REASONS = frozenset({"format", "signature", "checksum", "decompress"})
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """How a :class:`StorageExchange` publishes and gathers.
+
+    Args:
+        deadline_s: default time budget of ``gather``, seconds from the call.
+        min_peers: default minimum of ``ok`` peers; fewer raises
+            :class:`~netcomm.errors.NotEnoughPeersError` (0 never raises).
+        max_concurrency: parallel probes/downloads in one gather.
+        attempts: tries per object for transient or integrity failures.
+        backoff_s / backoff_max_s: retry n waits ``min(backoff_max_s, backoff_s·2ⁿ)`` times a
+            random factor in [0.5, 1], never past the deadline.
+        poll_interval_s: how often a not-yet-published object is looked for again.
+        compression_level: zstd level for published envelopes.
+        compression_threads: zstd worker threads when publishing (0 = calling thread).
+        limits: size caps for received envelopes.
+        codec: the codec received sparse updates must use (``None``: any, checked later by
+            the optimizer).
+        keep_windows: windows whose verified results are kept for repeat gathers.
+    """
+
+    deadline_s: float = 60.0
+    min_peers: int = 0
+    max_concurrency: int = 8
+    attempts: int = 3
+    backoff_s: float = 0.25
+    backoff_max_s: float = 4.0
+    poll_interval_s: float = 0.5
+    compression_level: int = 3
+    compression_threads: int = 0
+    limits: EnvelopeLimits = field(default_factory=EnvelopeLimits)
+    codec: CodecConfig | None = None
+    keep_windows: int = 2
+
+    def __post_init__(self) -> None:
+        positive = ("deadline_s", "poll_interval_s", "backoff_s", "backoff_max_s")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise NetcommConfigError(f"ExchangeConfig.{name} must be a finite number > 0")
+        for name in ("max_concurrency", "attempts", "keep_windows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise NetcommConfigError(f"ExchangeConfig.{name} must be an integer >= 1")
+        if not isinstance(self.min_peers, int) or self.min_peers < 0:
+            raise NetcommConfigError("ExchangeConfig.min_peers must be an integer >= 0")
+        if not 1 <= self.compression_level <= 22:
+            raise NetcommConfigError("ExchangeConfig.compression_level must lie in [1, 22]")
+        if not isinstance(self.limits, EnvelopeLimits):
+            raise NetcommConfigError("ExchangeConfig.limits must be an EnvelopeLimits")
+
+
+@dataclass
+class _PeerState:
+    peer: str
+    record: PeerRecord | None
+    key: str = ""
+    info: ObjectInfo | None = None
+    status: PeerStatus | None = None
+    payload: Payload | None = None
+    future: Future | None = None
+    next_try: float = 0.0
+    tries: int = 0
+    nbytes: int = 0
+    started: float | None = None
+    last_error: str = ""
+
+
+class StorageExchange:
+    """One peer's exchange through object storage.
+
+    Args:
+        peer_id: this peer's id (must match its record in the directory).
+        storage: where this peer publishes (it needs write access there).
+        directory: where the other peers' updates live and their public keys.
+        signer: this peer's signing key.
+        spec: the model's names/shapes/dtypes; updates for other models are rejected.
+        config: timing, concurrency and caps (:class:`ExchangeConfig`).
+        prefix: key prefix of this peer's objects in ``storage`` (its directory record's
+            ``prefix``).
+        verifiers: signature verifiers by scheme (Ed25519 by default).
+    """
+
+    def __init__(
+        self,
+        peer_id: str,
+        storage: Storage,
+        directory: PeerDirectory,
+        signer: Signer,
+        spec: ModelSpec,
+        config: ExchangeConfig | None = None,
+        *,
+        prefix: str = "",
+        verifiers: Mapping[str, Verifier] | None = None,
+    ) -> None:
+        update_key(prefix, 0, peer_id)  # validates the id and prefix up front
+        self._peer_id = peer_id
+        self.storage = storage
+        self.directory = directory
+        self.signer = signer
+        self.spec = spec
+        self.config = config or ExchangeConfig()
+        self.prefix = prefix
+        self.verifiers = dict(verifiers) if verifiers is not None else default_verifiers()
+        self._shapes = spec.shapes
+        self._fingerprint = spec.fingerprint
+        self._cache: dict[int, dict[str, tuple[str, PeerStatus, Payload | None]]] = {}
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    def publish(self, window: int, payload: Payload) -> int:
+        """Seal ``payload`` for ``window`` and store it; returns the bytes written."""
+        blob = seal_envelope(
+            payload,
+            window=window,
+            publisher=self._peer_id,
+            fingerprint=self._fingerprint,
+            signer=self.signer,
+            level=self.config.compression_level,
+            threads=self.config.compression_threads,
+        )
+        key = update_key(self.prefix, window, self._peer_id)
+        for attempt in range(self.config.attempts):
+            try:
+                self.storage.put(key, blob)
+                break
+            except TransientStorageError:
+                if attempt + 1 == self.config.attempts:
+                    raise
+                time.sleep(self._backoff(attempt))
+        return len(blob)
+
+    def gather(
+        self,
+        window: int,
+        peers: Sequence[str] | None = None,
+        *,
+        deadline: float | None = None,
+        min_peers: int | None = None,
+        cutoff: float | None = None,
+    ) -> GatherResult:
+        """Download and verify the other peers' updates for ``window``.
+
+        Args:
+            peers: peer ids to gather (default: every peer in the directory); this peer is
+                always left out.
+            deadline: seconds from now after which gather returns whatever it has
+                (default ``config.deadline_s``).
+            min_peers: raise :class:`NotEnoughPeersError` (carrying the result) if fewer
+                peers are ``ok`` (default ``config.min_peers``).
+            cutoff: epoch seconds; objects stored later are ``late`` (default: no cutoff).
+        """
+        cfg = self.config
+        budget = cfg.deadline_s if deadline is None else deadline
+        need = cfg.min_peers if min_peers is None else min_peers
+        names = sorted(set(self.directory.peers() if peers is None else peers) - {self._peer_id})
+        start = time.monotonic()
+        end = start + budget
+        states = {p: self._initial_state(window, p) for p in names}
+        pool = ThreadPoolExecutor(
+            max(1, min(cfg.max_concurrency, len(names))), thread_name_prefix="netcomm-gather"
+        )
+        try:
+            self._run(window, states, end, cutoff, pool)
+        finally:
+            # Stragglers still running are abandoned; their results are never read.
+            pool.shutdown(wait=False, cancel_futures=True)
+        result = GatherResult(window=window)
+        for name in names:
+            st = states[name]
+            status = st.status or self._unfinished(st)
+            result.statuses[name] = status
+            if status.status == "ok" and st.payload is not None:
+                result.updates[name] = st.payload
+        self._remember(window, states)
+        ok = len(result.updates)
+        if ok < need:
+            raise NotEnoughPeersError(
+                f"window {window}: {ok} usable updates, {need} required", result
+            )
+        return result
+
+    # -- gather internals ---------------------------------------------------------------
+
+    def _initial_state(self, window: int, peer: str) -> _PeerState:
+        record = self.directory.lookup(peer)
+        st = _PeerState(peer, record)
+        if record is None:
+            st.status = PeerStatus(peer, "missing", "not in the peer directory")
+        else:
+            st.key = update_key(record.prefix, window, peer)
+        return st
+
+    def _run(
+        self,
+        window: int,
+        states: dict[str, _PeerState],
+        end: float,
+        cutoff: float | None,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        cached = self._cache.get(window, {})
+        while True:
+            now = time.monotonic()
+            pending = [s for s in states.values() if s.status is None]
+            if not pending or now >= end:
+                return
+            for st in pending:
+                if st.future is None and st.next_try <= now:
+                    if st.info is None:
+                        st.future = pool.submit(st.record.storage.head, st.key)  # type: ignore[union-attr]
+                    else:
+                        st.started = st.started if st.started is not None else now
+                        st.future = pool.submit(self._fetch, window, st.record, st.info)  # type: ignore[arg-type]
+            inflight = [s.future for s in pending if s.future is not None]
+            wake = min([s.next_try for s in pending if s.future is None] + [end])
+            wait(inflight, timeout=max(0.0, wake - time.monotonic()), return_when=FIRST_COMPLETED)
+            for st in pending:
+                if st.future is not None and st.future.done():
+                    future, st.future = st.future, None
+                    if st.info is None:
+                        self._on_probe(st, future, cutoff, cached.get(st.peer))
+                    else:
+                        self._on_fetch(st, future, end)
+
+    def _on_probe(
+        self,
+        st: _PeerState,
+        future: Future,
+        cutoff: float | None,
+        cached: tuple[str, PeerStatus, Payload | None] | None,
+    ) -> None:
+        now = time.monotonic()
+        try:
+            info: ObjectInfo = future.result()
+        except ObjectNotFoundError:
+            st.next_try = now + self.config.poll_interval_s
+            return
+        except TransientStorageError as exc:
+            st.last_error = str(exc)
+            st.next_try = now + self._backoff(0)
+            return
+        except StorageError as exc:
+            st.status = PeerStatus(st.peer, "missing", f"cannot read storage: {exc}")
+            return
+        if cached is not None and cached[0] == info.etag:
+            _, status, payload = cached
+            st.status = PeerStatus(st.peer, status.status, status.reason or "already verified")
+            st.payload = payload
+            return
+        if cutoff is not None and info.mtime > cutoff:
+            st.status = PeerStatus(
+                st.peer, "late", f"stored at {info.mtime:.3f}, cutoff {cutoff:.3f}"
+            )
+            return
+        if info.size > self.config.limits.max_object_bytes:
+            st.status = PeerStatus(
+                st.peer,
+                "invalid",
+                f"too_large: object is {info.size} bytes, cap "
+                f"{self.config.limits.max_object_bytes}",
+            )
+            return
+        st.info = info
+
+    def _on_fetch(self, st: _PeerState, future: Future, end: float) -> None:
+        now = time.monotonic()
+        latency = now - (st.started or now)
+        st.tries += 1
+        try:
+            nbytes, outcome = future.result()
+        except ObjectNotFoundError:
+            # Deleted or replaced between head and get: look for it again.
+            st.info = None
+            st.next_try = now
+            return
+        except TransientStorageError as exc:
+            nbytes, outcome = 0, exc
+        except StorageError as exc:
+            st.status = PeerStatus(st.peer, "invalid", f"storage: {exc}", st.nbytes, latency)
+            return
+        st.nbytes += nbytes
+        if isinstance(outcome, Envelope):
+            st.payload = outcome.payload
+            st.status = PeerStatus(st.peer, "ok", "", st.nbytes, latency)
+            return
+        is_envelope = isinstance(outcome, EnvelopeError)
+        if is_envelope and outcome.reason not in _RETRYABLE_REASONS:
+            st.status = PeerStatus(st.peer, "invalid", str(outcome), st.nbytes, latency)
+            return
+        st.last_error = str(outcome)
+        if st.tries >= self.config.attempts:
+            st.status = PeerStatus(
+                st.peer,
+                "invalid" if is_envelope else "timeout",
+                f"{outcome} (after {st.tries} attempts)",
+                st.nbytes,
+                latency,
+            )
+            return
+        st.next_try = min(end, now + self._backoff(st.tries - 1))
+
+    def _fetch(
+        self, window: int, record: PeerRecord, info: ObjectInfo
+    ) -> tuple[int, Envelope | TransientStorageError | EnvelopeError]:
+        """(bytes received, the verified envelope or why the bytes were rejected)."""
+        blob = record.storage.get_range(info.key, 0, info.size)
+        if len(blob) != info.size:
+            return len(blob), TransientStorageError(
+                f"truncated download: {len(blob)} of {info.size} bytes"
+            )
+        try:
+            return len(blob), open_envelope(
+                blob,
+                expected_peer=record.peer_id,
+                public_key=record.public_key,
+                verifiers=self.verifiers,
+                window=window,
+                fingerprint=self._fingerprint,
+                shapes=self._shapes,
+                codec=self.config.codec,
+                limits=self.config.limits,
+            )
+        except EnvelopeError as exc:
+            return len(blob), exc
+
+    @staticmethod
+    def _unfinished(st: _PeerState) -> PeerStatus:
+        waited = f"; last error: {st.last_error}" if st.last_error else ""
+        if st.info is None:
+            return PeerStatus(st.peer, "missing", f"no object by the deadline{waited}")
+        return PeerStatus(
+            st.peer, "timeout", f"download not finished by the deadline{waited}", st.nbytes
+        )
+
+    def _remember(self, window: int, states: dict[str, _PeerState]) -> None:
+        with self._lock:
+            box = self._cache.setdefault(window, {})
+            for st in states.values():
+                if (
+                    st.info is not None
+                    and st.status is not None
+                    and st.status.status
+                    in (
+                        "ok",
+                        "invalid",
+                    )
+                ):
+                    box[st.peer] = (st.info.etag, st.status, st.payload)
+            for old in sorted(self._cache)[: -self.config.keep_windows]:
+                del self._cache[old]
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config
+        return min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * self._rng.uniform(0.5, 1.0)

@@ -1,0 +1,384 @@
+"""An S3-compatible storage backend (AWS S3, Cloudflare R2, MinIO, ...) through boto3.
+
+boto3 is imported when an :class:`S3Storage` is built, so ``import netcomm`` works without it
+(install the ``s3`` extra). Large objects are uploaded as parallel multipart uploads and
+downloaded as parallel ranged GETs; every request has connect/read timeouts and is retried on
+transient failures (connection errors, timeouts, 5xx, 429/SlowDown, truncated bodies) with
+capped exponential backoff and jitter. botocore's own retries are switched off so that
+:class:`S3Config` is the single place that decides how long an operation may take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from netcomm.errors import (
+    NetcommConfigError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from netcomm.storage import ObjectInfo, join_key, validate_key
+
+T = TypeVar("T")
+_MIB = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where the bucket is and how to talk to it.
+
+    Args:
+        bucket: bucket name.
+        endpoint_url: e.g. ``https://<account>.r2.cloudflarestorage.com`` for R2,
+            ``http://127.0.0.1:9000`` for MinIO; ``None`` for AWS.
+        region: region name (R2 accepts ``"auto"``).
+        access_key_id / secret_access_key / session_token: credentials; when left ``None``
+            boto3's default chain (environment, config files, instance role) is used.
+        prefix: key prefix inside the bucket under which this storage works.
+        addressing_style: ``"path"`` (MinIO, most self-hosted servers), ``"virtual"`` or
+            ``"auto"``.
+        multipart_threshold: objects larger than this are uploaded in parts.
+        part_size: size of an upload part (S3 requires at least 5 MiB except the last) and of
+            a ranged download request.
+        max_concurrency: parallel part uploads/downloads per storage object.
+        connect_timeout_s / read_timeout_s: per-request socket timeouts.
+        max_attempts: tries per request (1 = no retry).
+        backoff_s / backoff_max_s: the n-th retry waits ``min(backoff_max_s, backoff_s·2ⁿ)``
+            scaled by a random factor in [0.5, 1].
+    """
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    prefix: str = ""
+    addressing_style: Literal["auto", "path", "virtual"] = "path"
+    multipart_threshold: int = 32 * _MIB
+    part_size: int = 16 * _MIB
+    max_concurrency: int = 8
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = 4
+    backoff_s: float = 0.2
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            raise NetcommConfigError("S3Config.bucket must name a bucket")
+        if self.prefix:
+            validate_key(self.prefix)
+        if self.addressing_style not in ("auto", "path", "virtual"):
+            raise NetcommConfigError(
+                f"S3Config.addressing_style must be 'auto', 'path' or 'virtual', "
+                f"got {self.addressing_style!r}"
+            )
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise NetcommConfigError(
+                "S3Config needs both access_key_id and secret_access_key, or neither (to use "
+                "boto3's default credential chain)"
+            )
+        if self.part_size < 5 * _MIB:
+            raise NetcommConfigError(
+                f"S3Config.part_size must be at least 5 MiB (S3's minimum part), got "
+                f"{self.part_size}"
+            )
+        if self.multipart_threshold < self.part_size:
+            raise NetcommConfigError(
+                "S3Config.multipart_threshold must be at least part_size; raise the threshold"
+            )
+        for name in ("max_concurrency", "max_attempts"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise NetcommConfigError(f"S3Config.{name} must be an integer >= 1")
+        for name in ("connect_timeout_s", "read_timeout_s", "backoff_s", "backoff_max_s"):
+            if not getattr(self, name) > 0:
+                raise NetcommConfigError(f"S3Config.{name} must be > 0 seconds")
+
+
+class S3Storage:
+    """A :class:`~netcomm.storage.Storage` on an S3-compatible bucket.
+
+    Args:
+        config: the bucket, endpoint, credentials and transfer settings.
+        client: an existing boto3 S3 client to use instead of building one (its own timeout
+            and retry settings then apply).
+
+    Thread-safe; call :meth:`close` (or use it as a context manager) to stop its worker
+    threads.
+    """
+
+    def __init__(self, config: S3Config, *, client: Any = None) -> None:
+        import botocore.exceptions
+
+        self.config = config
+        self._exc = botocore.exceptions
+        self._client = client if client is not None else self._make_client(config)
+        self._pool = ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="netcomm-s3")
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    @staticmethod
+    def _make_client(config: S3Config) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        boto_config = Config(
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            # Gather threads times parallel parts share this pool.
+            max_pool_connections=4 * config.max_concurrency,
+            s3={"addressing_style": config.addressing_style},
+            # botocore >= 1.36 adds CRC trailers by default, which R2 and older MinIO reject;
+            # integrity is checked by the envelope's signed SHA-256 instead.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            aws_session_token=config.session_token,
+            config=boto_config,
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Storage(bucket={self.config.bucket!r}, endpoint={self.config.endpoint_url!r})"
+
+    def __enter__(self) -> S3Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def create_bucket(self) -> None:
+        """Create the bucket (tests and self-hosted servers); an existing bucket is fine."""
+        try:
+            self._retry(
+                "create_bucket", "", lambda: self._client.create_bucket(Bucket=self.config.bucket)
+            )
+        except StorageError as exc:
+            if "BucketAlreadyOwnedByYou" not in str(exc):
+                raise
+
+    # -- Storage interface -------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        if len(data) <= self.config.multipart_threshold:
+            self._retry(
+                "put",
+                key,
+                lambda: self._client.put_object(Bucket=self.config.bucket, Key=full, Body=data),
+            )
+            return
+        self._put_multipart(key, full, memoryview(data))
+
+    def get(self, key: str) -> bytes:
+        first, total = self._get_part(key, 0, self.config.part_size)
+        if total <= len(first):
+            return first
+        return first + self.get_range(key, len(first), total)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        if start < 0 or end < start:
+            raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
+        if end == start:
+            return b""
+        step = self.config.part_size
+        if end - start <= step:
+            return self._get_part(key, start, end)[0]
+        bounds = [(s, min(s + step, end)) for s in range(start, end, step)]
+        parts = list(self._pool.map(lambda b: self._get_part(key, *b), bounds))
+        total = parts[0][1]
+        out = bytearray()
+        for (s, e), (chunk, _) in zip(bounds, parts, strict=True):
+            out += chunk
+            if len(chunk) < e - s:  # the object ends inside this part
+                break
+        if len(out) != min(end, total) - start:
+            raise TransientStorageError(f"{key}: object changed size during a ranged download")
+        return bytes(out)
+
+    def head(self, key: str) -> ObjectInfo:
+        resp = self._retry(
+            "head",
+            key,
+            lambda: self._client.head_object(Bucket=self.config.bucket, Key=self._full(key)),
+        )
+        return ObjectInfo(
+            key,
+            int(resp["ContentLength"]),
+            resp["LastModified"].timestamp(),
+            str(resp.get("ETag", "")).strip('"'),
+        )
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full_prefix = join_key(self.config.prefix, prefix) if self.config.prefix else prefix
+        if self.config.prefix and not prefix:
+            full_prefix += "/"
+        out = []
+        token: str | None = None
+        while True:
+            kwargs = {"Bucket": self.config.bucket, "Prefix": full_prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._retry("list", prefix, lambda kw=kwargs: self._client.list_objects_v2(**kw))
+            for obj in resp.get("Contents", []):
+                key = obj["Key"]
+                if self.config.prefix:
+                    key = key[len(self.config.prefix) + 1 :]
+                out.append(
+                    ObjectInfo(
+                        key,
+                        int(obj["Size"]),
+                        obj["LastModified"].timestamp(),
+                        str(obj.get("ETag", "")).strip('"'),
+                    )
+                )
+            if not resp.get("IsTruncated"):
+                break
+            token = resp["NextContinuationToken"]
+        return sorted(out, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        self._retry(
+            "delete",
+            key,
+            lambda: self._client.delete_object(Bucket=self.config.bucket, Key=self._full(key)),
+        )
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return join_key(self.config.prefix, validate_key(key))
+
+    def _get_part(self, key: str, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes [start, end) and the object's total size, retried as one unit."""
+
+        def fetch() -> tuple[bytes, int]:
+            try:
+                resp = self._client.get_object(
+                    Bucket=self.config.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
+                )
+            except self._exc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b"", start  # start is at or past the end of the object
+                raise
+            body = resp["Body"].read()
+            match = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange", "")))
+            if match:
+                total = int(match.group(3))
+                expected = int(match.group(2)) - int(match.group(1)) + 1
+            else:  # a server that ignores Range sends the whole object
+                total = expected = int(resp["ContentLength"])
+                body = body[start:end] if len(body) == total else body
+                expected = min(end, total) - start
+            if len(body) != expected:
+                raise TransientStorageError(
+                    f"{key}: truncated body ({len(body)} of {expected} bytes)"
+                )
+            return body, total
+
+        return self._retry("get", key, fetch)
+
+    def _put_multipart(self, key: str, full: str, data: memoryview) -> None:
+        bucket = self.config.bucket
+        upload = self._retry(
+            "put", key, lambda: self._client.create_multipart_upload(Bucket=bucket, Key=full)
+        )
+        upload_id = upload["UploadId"]
+        step = self.config.part_size
+        offsets = list(range(0, len(data), step))
+
+        def send(number_offset: tuple[int, int]) -> dict[str, Any]:
+            number, offset = number_offset
+            chunk = bytes(data[offset : offset + step])
+            resp = self._retry(
+                "put",
+                key,
+                lambda: self._client.upload_part(
+                    Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=chunk
+                ),
+            )
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
+        try:
+            parts = list(self._pool.map(send, enumerate(offsets, start=1)))
+            self._retry(
+                "put",
+                key,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            # Best effort: the original error is the one worth reporting.
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(Bucket=bucket, Key=full, UploadId=upload_id)
+            raise
+
+    def _retry(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        cfg = self.config
+        for attempt in range(cfg.max_attempts):
+            try:
+                return fn()
+            except Exception as exc:  # every failure is classified below
+                error = self._classify(op, key, exc)
+                if not isinstance(error, TransientStorageError) or attempt + 1 == cfg.max_attempts:
+                    raise error from exc
+            with self._rng_lock:
+                jitter = self._rng.uniform(0.5, 1.0)
+            time.sleep(min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * jitter)
+        raise AssertionError("unreachable")
+
+    def _classify(self, op: str, key: str, exc: Exception) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        exc_mod = self._exc
+        if isinstance(exc, exc_mod.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and op != "list"):
+                return ObjectNotFoundError(key)
+            message = f"{op} {key!r}: {code} (HTTP {status}) {err.get('Message', '')}".rstrip()
+            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+                return TransientStorageError(message)
+            return StorageError(message)
+        transient = (
+            exc_mod.ConnectionError,
+            exc_mod.HTTPClientError,
+            exc_mod.IncompleteReadError,
+            exc_mod.ResponseStreamingError,
+            OSError,
+        )
+        if isinstance(exc, transient) or type(exc).__module__.startswith("urllib3"):
+            return TransientStorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
+        return StorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")

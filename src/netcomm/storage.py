@@ -1,0 +1,184 @@
+"""The storage interface every backend implements, key rules, and the local-folder backend.
+
+A key is a ``/``-separated path of segments made of letters, digits, ``.``, ``_`` and ``-``;
+no segment may be empty or start with ``.`` (this rules out ``..`` traversal and hides the
+backends' temporary files from listings). Keys are at most 1024 characters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from netcomm.errors import InvalidKeyError, ObjectNotFoundError
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
+MAX_KEY_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What ``head`` and ``list`` report about an object.
+
+    Attributes:
+        key: the object's key.
+        size: its length in bytes.
+        mtime: last-modified time, seconds since the epoch, as the backend reports it.
+        etag: an opaque version tag (changes when the object is replaced).
+    """
+
+    key: str
+    size: int
+    mtime: float
+    etag: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A flat key → bytes store. Writes are atomic: a reader sees the old or the new object."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key``, replacing any previous object."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The whole object; raises :class:`ObjectNotFoundError` if absent."""
+        ...
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (fewer if it is shorter)."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size and version of the object; raises :class:`ObjectNotFoundError` if absent."""
+        ...
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, sorted by key."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting a missing key is not an error."""
+        ...
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it follows the key rules above, else raise :class:`InvalidKeyError`."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(f"key is {len(key)} characters long, the limit is {MAX_KEY_LENGTH}")
+    for segment in key.split("/"):
+        if not _SEGMENT.fullmatch(segment):
+            raise InvalidKeyError(
+                f"key {key!r} has an invalid segment {segment!r}: use letters, digits, '.', '_' "
+                "and '-', with no empty segment and none starting with '.'"
+            )
+    return key
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/``, ignoring empty parts and stray slashes at the ends."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def _check_range(start: int, end: int) -> None:
+    if start < 0 or end < start:
+        raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
+
+
+class LocalStorage:
+    """Objects as files under a root folder (the embedded default backend).
+
+    Writes go to a temporary file in the destination folder, are flushed to disk and then
+    renamed over the key, so a concurrent reader sees either the old or the new object and a
+    crash leaves at most a hidden temporary file. ``mtime`` is the file's modification time and
+    ``etag`` combines size and nanosecond mtime.
+
+    Args:
+        root: the folder; created if missing.
+        fsync: flush each write to disk before renaming (durability across power loss).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        # The key rules already forbid traversal; this also catches symlinks planted in the root.
+        if not path.is_relative_to(self.root):
+            raise InvalidKeyError(f"key {key!r} resolves outside the storage root")
+        return path
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        _check_range(start, end)
+        try:
+            with self._path(key).open("rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFoundError(key) from None
+        if not path.is_file():
+            raise ObjectNotFoundError(key)
+        return self._info(key, st)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:  # deleted while listing
+                        continue
+                    out.append(self._info(key, st))
+        return sorted(out, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    @staticmethod
+    def _info(key: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(key, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")
