@@ -35,9 +35,11 @@ def _manual(updates, reducer, clip):
     for name in SHAPES:
         vals = [dense[p][name].double() for p in sorted(dense)]
         norms = [float(v.norm()) for v in vals]
-        med = sorted(norms)[len(norms) // 2] if len(norms) % 2 else sum(
-            sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]
-        ) / 2
+        med = (
+            sorted(norms)[len(norms) // 2]
+            if len(norms) % 2
+            else sum(sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]) / 2
+        )
         f = [min(1.0, med / n) if clip and n > 0 else 1.0 for n in norms]
         total = sum(v * fi for v, fi in zip(vals, f))
         if reducer == "mean":
@@ -63,7 +65,7 @@ def test_mean_selected_differs_from_mean_where_few_peers_selected():
     sel = aggregate(updates, reducer="mean_selected", clip_to_median=False)["w"]
     avg = aggregate(updates, reducer="mean", clip_to_median=False)["w"]
     nz = avg != 0
-    assert bool(((sel[nz].abs() >= avg[nz].abs() - 1e-7)).all())
+    assert bool((sel[nz].abs() >= avg[nz].abs() - 1e-7).all())
     assert float((sel - avg).abs().max()) > 0
 
 
@@ -99,6 +101,6 @@ def test_mixed_codecs_rejected():
 def test_dense_mean_in_fixed_order():
     g = torch.Generator().manual_seed(3)
     ups = {f"p{i}": DenseUpdate({"w": torch.randn(7, 5, generator=g)}) for i in range(3)}
-    (name, mean), = list(iter_aggregate_dense(ups))
+    ((name, mean),) = list(iter_aggregate_dense(ups))
     want = (ups["p0"].tensors["w"] + ups["p1"].tensors["w"] + ups["p2"].tensors["w"]) / 3
     torch.testing.assert_close(mean, want)

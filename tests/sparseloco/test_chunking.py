@@ -5,7 +5,8 @@ from sparseloco.chunking import ChunkLayout, largest_divisor_at_most
 
 
 @pytest.mark.parametrize(
-    ("n", "limit", "expected"), [(4096, 64, 64), (50257, 64, 29), (7, 64, 7), (67, 64, 1), (0, 64, 1)]
+    ("n", "limit", "expected"),
+    [(4096, 64, 64), (50257, 64, 29), (7, 64, 7), (67, 64, 1), (0, 64, 1)],
 )
 def test_largest_divisor(n, limit, expected):
     assert largest_divisor_at_most(n, limit) == expected

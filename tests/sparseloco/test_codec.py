@@ -60,9 +60,7 @@ def float64_codec(e_new, cfg):
     sigma = math.sqrt((c * c).sum() / (n - 1)) if n > 1 else 0.0
     s = 6 * sigma / levels
     q = np.full(n, levels // 2) if s == 0 else np.clip(np.rint(c / s + levels // 2), 0, levels - 1)
-    table = np.array(
-        [c[q == j].mean() + mu if (q == j).any() else np.nan for j in range(levels)]
-    )
+    table = np.array([c[q == j].mean() + mu if (q == j).any() else np.nan for j in range(levels)])
     dense = np.zeros(e_new.numel())
     dense[pos] = table[q.astype(int)]
     return pos, q.astype(int), c / s + levels // 2 if s else None, dense.reshape(e_new.shape)
@@ -237,7 +235,9 @@ def _one(shape=(64, 64), cfg=None):
 
 def _with(update, **changes):
     ct = update.tensors["w"]
-    fields = {f: getattr(ct, f) for f in ("shape", "indices", "gaps", "codes", "table", "rice_param")}
+    fields = {
+        f: getattr(ct, f) for f in ("shape", "indices", "gaps", "codes", "table", "rice_param")
+    }
     fields.update(changes)
     return CompressedTensor(**fields)
 

@@ -95,7 +95,10 @@ def test_one_sparseloco_round_equals_the_formula():
     models = [_model(), _model()]
     hub = InProcessHub(timeout=10)
     exchanges = [hub.connect("a"), hub.connect("b")]
-    outers = [SparseLoCo(m.named_parameters(), ex, codec={"topk": 8}, lr=0.7) for m, ex in zip(models, exchanges)]
+    outers = [
+        SparseLoCo(m.named_parameters(), ex, codec={"topk": 8}, lr=0.7)
+        for m, ex in zip(models, exchanges)
+    ]
     theta0 = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -193,7 +196,11 @@ def test_load_state_dict_keeps_buffer_dtypes_and_rejects_mismatch():
         p0.add_(0.125)
     outer.step()
     sd = outer.state_dict()
-    fresh = SparseLoCo(_model().to(torch.bfloat16).named_parameters(), InProcessHub().connect("y"), codec={"topk": 8})
+    fresh = SparseLoCo(
+        _model().to(torch.bfloat16).named_parameters(),
+        InProcessHub().connect("y"),
+        codec={"topk": 8},
+    )
     fresh.load_state_dict(sd)
     q0 = next(iter(fresh.param_groups[0]["params"]))
     assert fresh.state[q0]["error"].dtype == torch.float32
@@ -242,4 +249,8 @@ def test_constructor_validation():
     with pytest.raises(ConfigError, match="exchange"):
         SparseLoCo(_model().parameters(), object())
     with pytest.raises(ConfigError, match="sync_every=1"):
-        OuterLoop(torch.optim.SGD(_model().parameters(), lr=0.1), DataParallel(_model().parameters(), ex), sync_every=5)
+        OuterLoop(
+            torch.optim.SGD(_model().parameters(), lr=0.1),
+            DataParallel(_model().parameters(), ex),
+            sync_every=5,
+        )

@@ -1,0 +1,181 @@
+"""Codec benchmark: size on the wire and CPU throughput on a ~1B Llama-style model.
+
+For every tensor of the model (one at a time, so memory stays bounded) a random
+pseudo-gradient is encoded with error feedback, then decoded. Reported:
+
+* all-in bits per kept entry: the bytes of the whole update serialized with safetensors
+  (indices + codes + tables + every header and name) × 8 / kept entries, for fixed 12-bit
+  indices ("packed") and Rice-coded gaps ("rice"); compression vs dense fp32 and bf16;
+* encode and decode throughput (pseudo-gradient elements per second) next to a plain
+  torch-op pipeline (EF update, chunk, torch.topk, gather, quantize, scatter back; no
+  packing) measured in the same run on the same tensors;
+* optimizer state in bytes per parameter for the memory options.
+
+Run: ``python benchmarks/codec.py`` (full, ~1.24e9 parameters) or ``--layers 2`` (quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from safetensors.torch import save
+
+from benchmarks.common import environment, llama_shapes, print_table, timed, write_json
+from sparseloco import CodecConfig, CompressedUpdate, InProcessHub, SparseLoCo, decode_tensor
+from sparseloco.chunking import ChunkLayout
+from sparseloco.kernels.reference import compress
+
+
+def torch_op_encode(
+    delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, k: int, beta: float
+):
+    """Templar-style pipeline: EF in natural layout, chunk copy, topk, gather, quantize, scatter."""
+    error.mul_(beta).add_(delta)
+    x = layout.to_chunks(error)
+    _, idx = torch.topk(x.abs(), k, dim=1, sorted=False)
+    v = torch.gather(x, 1, idx)
+    mu = v.mean()
+    c = v - mu
+    s = c.std() * 1.5
+    q = torch.round(c / s + 2).clamp_(0, 3).long()
+    sums = torch.zeros(4).index_add_(0, q.reshape(-1), c.reshape(-1))
+    table = sums / torch.bincount(q.reshape(-1), minlength=4).clamp_min(1) + mu
+    x.scatter_(1, idx, v - table[q])
+    error.copy_(layout.from_chunks(x))
+    return idx.to(torch.int16), q.to(torch.uint8), table
+
+
+def torch_op_decode(idx: torch.Tensor, q: torch.Tensor, table: torch.Tensor, layout: ChunkLayout):
+    x = torch.zeros(layout.buffer_shape)
+    x.scatter_(1, idx.long(), table[q.long()])
+    return layout.from_chunks(x)
+
+
+def state_bytes_per_param(layers: int) -> list[dict]:
+    shapes = {n: s for n, s in llama_shapes(layers=layers, vocab=32).items() if "embed" not in n}
+    rows = []
+    for label, dtype, kwargs in [
+        ("bf16 model, defaults", torch.bfloat16, {}),
+        ("bf16 model, bf16 error buffer", torch.bfloat16, {"error_dtype": "bfloat16"}),
+        ("bf16 model, offload", torch.bfloat16, {"offload": True}),
+        ("bf16 model, momentum 0.9", torch.bfloat16, {"momentum": 0.9}),
+        ("fp32 model, defaults", torch.float32, {}),
+    ]:
+        params = [(n, torch.nn.Parameter(torch.zeros(s, dtype=dtype))) for n, s in shapes.items()]
+        n_params = sum(p.numel() for _, p in params)
+        outer = SparseLoCo(params, InProcessHub().connect("bench"), **kwargs)
+        if "momentum" in kwargs:
+            for _, p in params:  # the buffer is created by the first step
+                outer.state[p]["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32)
+        by_place = {"with the model": 0, "offloaded to CPU": 0}
+        for _, p in params:
+            for t in outer.state[p].values():
+                place = "offloaded to CPU" if outer.offload else "with the model"
+                by_place[place] += t.numel() * t.element_size()
+        rows.append(
+            {
+                "configuration": label,
+                "bytes/param with model": by_place["with the model"] / n_params,
+                "bytes/param offloaded": by_place["offloaded to CPU"] / n_params,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--layers", type=int, default=16, help="transformer layers (16 = ~1.24e9 params)"
+    )
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    shapes = llama_shapes(layers=args.layers)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    g = torch.Generator().manual_seed(args.seed)
+    results: dict = {"params": n_params, "topk": args.topk, "environment": environment()}
+    size_rows, speed_rows = [], []
+    times = {"ours_encode": 0.0, "ours_decode": 0.0, "torchop_encode": 0.0, "torchop_decode": 0.0}
+    updates = {"packed": {}, "rice": {}}
+    rice_encode_time = 0.0
+    for name, shape in shapes.items():
+        delta = torch.randn(shape, generator=g) * 1e-3
+        layout = ChunkLayout.for_shape(shape, 64)
+        for coding in ("packed", "rice"):
+            cfg = CodecConfig(topk=args.topk, index_coding=coding)
+            error = torch.randn(layout.buffer_shape, generator=g) * 1e-3
+            t, ct = timed(lambda cfg=cfg, error=error: compress(delta, error, layout, cfg))
+            updates[coding][name] = ct
+            if coding == "packed":
+                times["ours_encode"] += t
+                t, _ = timed(lambda cfg=cfg, ct=ct: decode_tensor(name, ct, cfg))
+                times["ours_decode"] += t
+            else:
+                rice_encode_time += t
+        error = torch.randn(shape, generator=g) * 1e-3
+        t, (idx, q, table) = timed(
+            lambda error=error: torch_op_encode(delta, error, layout, layout.k(args.topk), 0.95)
+        )
+        times["torchop_encode"] += t
+        t, _ = timed(lambda: torch_op_decode(idx, q, table, layout))
+        times["torchop_decode"] += t
+        del delta, error
+
+    for coding, tensors in updates.items():
+        update = CompressedUpdate(
+            codec=CodecConfig(topk=args.topk, index_coding=coding), tensors=tensors
+        )
+        flat, meta = update.to_tensors()
+        wire = len(save(flat, metadata=meta))
+        kept = update.num_kept()
+        bits = 8 * wire / kept
+        size_rows.append(
+            {
+                "index coding": coding,
+                "kept entries": kept,
+                "payload bytes": update.nbytes,
+                "all-in bytes": wire,
+                "all-in bits/kept": bits,
+                "vs fp32": 32 * n_params / (8 * wire),
+                "vs bf16": 16 * n_params / (8 * wire),
+            }
+        )
+    t_rice_decode, _ = timed(
+        lambda: [
+            decode_tensor(n, ct, CodecConfig(topk=args.topk, index_coding="rice"))
+            for n, ct in updates["rice"].items()
+        ]
+    )
+    for label, enc, dec in [
+        ("sparseloco (packed)", times["ours_encode"], times["ours_decode"]),
+        ("sparseloco (rice)", rice_encode_time, t_rice_decode),
+        ("torch-op pipeline", times["torchop_encode"], times["torchop_decode"]),
+    ]:
+        speed_rows.append(
+            {
+                "path": label,
+                "encode s": enc,
+                "encode Melem/s": n_params / enc / 1e6,
+                "decode s": dec,
+                "decode Melem/s": n_params / dec / 1e6,
+                "encode speed vs torch-op": times["torchop_encode"] / enc,
+            }
+        )
+    mem_rows = state_bytes_per_param(layers=min(args.layers, 2))
+    print(f"\nsizes: {n_params / 1e9:.3f}e9 parameters, k={args.topk} of 4096")
+    print_table(size_rows, list(size_rows[0]))
+    print("\nCPU throughput (elements of the pseudo-gradient per second)")
+    print_table(speed_rows, list(speed_rows[0]))
+    print("\noptimizer state, bytes per parameter")
+    print_table(mem_rows, list(mem_rows[0]))
+    results |= {"sizes": size_rows, "throughput": speed_rows, "state_memory": mem_rows}
+    print(f"\nwrote {write_json('codec', results)}")
+
+
+if __name__ == "__main__":
+    main()
