@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 
 import torch
 from safetensors.torch import save
@@ -109,20 +110,20 @@ def main() -> None:
         for coding in ("packed", "rice"):
             cfg = CodecConfig(topk=args.topk, index_coding=coding)
             error = torch.randn(layout.buffer_shape, generator=g) * 1e-3
-            t, ct = timed(lambda cfg=cfg, error=error: compress(delta, error, layout, cfg))
+            t, ct = timed(partial(compress, delta, error, layout, cfg))
             updates[coding][name] = ct
             if coding == "packed":
                 times["ours_encode"] += t
-                t, _ = timed(lambda cfg=cfg, ct=ct: decode_tensor(name, ct, cfg))
+                t, _ = timed(partial(decode_tensor, name, ct, cfg))
                 times["ours_decode"] += t
             else:
                 rice_encode_time += t
         error = torch.randn(shape, generator=g) * 1e-3
         t, (idx, q, table) = timed(
-            lambda error=error: torch_op_encode(delta, error, layout, layout.k(args.topk), 0.95)
+            partial(torch_op_encode, delta, error, layout, layout.k(args.topk), 0.95)
         )
         times["torchop_encode"] += t
-        t, _ = timed(lambda: torch_op_decode(idx, q, table, layout))
+        t, _ = timed(partial(torch_op_decode, idx, q, table, layout))
         times["torchop_decode"] += t
         del delta, error
 

@@ -41,7 +41,7 @@ def _manual(updates, reducer, clip):
             else sum(sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]) / 2
         )
         f = [min(1.0, med / n) if clip and n > 0 else 1.0 for n in norms]
-        total = sum(v * fi for v, fi in zip(vals, f))
+        total = sum(v * fi for v, fi in zip(vals, f, strict=True))
         if reducer == "mean":
             out[name] = total / len(vals)
         else:

@@ -118,7 +118,7 @@ def test_one_sparseloco_round_equals_the_formula():
     from sparseloco import ErrorFeedback, encode
 
     msgs = {}
-    for peer, d in zip("ab", deltas):
+    for peer, d in zip("ab", deltas, strict=True):
         msgs[peer] = encode(d, ErrorFeedback(outers[0].config.codec))
     agg = aggregate(msgs, reducer="mean_selected", clip_to_median=True)
     for n, p in models[0].named_parameters():
@@ -140,7 +140,7 @@ def test_diloco_round_is_nesterov_sgd_on_the_mean():
     outer = DiLoCo(m.named_parameters(), InProcessHub().connect("solo"), lr=0.5, momentum=0.9)
     theta0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     shift = {n: torch.full_like(p, 0.01) for n, p in m.named_parameters()}
-    for rnd in range(2):
+    for _ in range(2):
         with torch.no_grad():
             for n, p in m.named_parameters():
                 p.sub_(shift[n])
@@ -208,7 +208,7 @@ def test_load_state_dict_keeps_buffer_dtypes_and_rejects_mismatch():
     with pytest.raises(ConfigError, match="diloco"):
         DiLoCo(_model().named_parameters(), InProcessHub().connect("z")).load_state_dict(sd)
     other = SparseLoCo(torch.nn.Linear(3, 3).named_parameters(), InProcessHub().connect("w"))
-    with pytest.raises(ConfigError, match="groups|shape"):
+    with pytest.raises(ConfigError, match=r"groups|shape"):
         other.load_state_dict(sd)
 
 
