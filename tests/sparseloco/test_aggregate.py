@@ -101,6 +101,6 @@ def test_mixed_codecs_rejected():
 def test_dense_mean_in_fixed_order():
     g = torch.Generator().manual_seed(3)
     ups = {f"p{i}": DenseUpdate({"w": torch.randn(7, 5, generator=g)}) for i in range(3)}
-    ((name, mean),) = list(iter_aggregate_dense(ups))
+    ((_, mean),) = list(iter_aggregate_dense(ups))
     want = (ups["p0"].tensors["w"] + ups["p1"].tensors["w"] + ups["p2"].tensors["w"]) / 3
     torch.testing.assert_close(mean, want)

@@ -97,7 +97,7 @@ def test_one_sparseloco_round_equals_the_formula():
     exchanges = [hub.connect("a"), hub.connect("b")]
     outers = [
         SparseLoCo(m.named_parameters(), ex, codec={"topk": 8}, lr=0.7)
-        for m, ex in zip(models, exchanges)
+        for m, ex in zip(models, exchanges, strict=True)
     ]
     theta0 = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     g = torch.Generator().manual_seed(5)
