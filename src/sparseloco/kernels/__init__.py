@@ -29,6 +29,11 @@ from sparseloco.kernels import reference
 
 logger = logging.getLogger(__name__)
 
+# Largest chunk the Triton kernels take: a program holds a whole chunk in registers, and
+# beyond 8192 entries they spill on sm_90 (16384 spills at 16 and 32 warps; the 8192 variant
+# is checked by tests/kernels/sm90_build.py).
+TRITON_MAX_CHUNK_NUMEL = 8192
+
 
 @dataclass(frozen=True)
 class BackendChoice:
@@ -38,8 +43,14 @@ class BackendChoice:
     reason: str
 
 
-def triton_status(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernels can run on ``device``, and why not if they cannot."""
+def triton_status(device: torch.device, chunk_numel: int | None = None) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device`` (for chunks of ``chunk_numel``
+    entries, when given), and why not if they cannot."""
+    if chunk_numel is not None and chunk_numel > TRITON_MAX_CHUNK_NUMEL:
+        return False, (
+            f"chunks of {chunk_numel} entries exceed the Triton kernels' limit of "
+            f"{TRITON_MAX_CHUNK_NUMEL} (chunk_size <= 90)"
+        )
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
         return False, (
@@ -62,8 +73,14 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     return True, "CUDA tensors and triton importable"
 
 
-def resolve_backend(requested: str, device: torch.device) -> BackendChoice:
-    ok, why = triton_status(device)
+def resolve_backend(
+    requested: str, device: torch.device, chunk_numel: int | None = None
+) -> BackendChoice:
+    """The backend that runs for ``requested`` on ``device``, with the reason.
+
+    Raises :class:`BackendUnavailableError` when ``"triton"`` is asked for and cannot run.
+    """
+    ok, why = triton_status(device, chunk_numel)
     if requested == "torch":
         return BackendChoice("torch", "torch backend requested")
     if requested == "triton":
@@ -81,7 +98,7 @@ def compress(
     delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, config: CodecConfig
 ) -> CompressedTensor:
     """Fused error-feedback update, exact top-k, quantization and packing of one tensor."""
-    choice = resolve_backend(config.backend, error.device)
+    choice = resolve_backend(config.backend, error.device, layout.chunk_numel)
     logger.debug("compress %s: %s backend (%s)", tuple(layout.shape), choice.name, choice.reason)
     if choice.name == "triton":
         from sparseloco.kernels import triton_codec
@@ -99,7 +116,7 @@ def aggregate_sparse(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Decode + aggregate of many peers' records for one tensor (see the reference)."""
-    choice = resolve_backend(backend, peers[0][1].device)
+    choice = resolve_backend(backend, peers[0][1].device, layout.chunk_numel)
     logger.debug("aggregate %s: %s backend (%s)", tuple(layout.shape), choice.name, choice.reason)
     if choice.name == "triton":
         from sparseloco.kernels import triton_codec
@@ -110,4 +127,11 @@ def aggregate_sparse(
     return reference.aggregate_sparse(layout, peers, reducer=reducer, clip_to_median=clip_to_median)
 
 
-__all__ = ["BackendChoice", "aggregate_sparse", "compress", "resolve_backend", "triton_status"]
+__all__ = [
+    "TRITON_MAX_CHUNK_NUMEL",
+    "BackendChoice",
+    "aggregate_sparse",
+    "compress",
+    "resolve_backend",
+    "triton_status",
+]

@@ -65,7 +65,8 @@ def _rows_per_program(block: int, num_chunks: int) -> int:
     return min(rows, triton.next_power_of_2(max(num_chunks, 1)))
 
 
-def _num_warps(elements: int) -> int:
+def num_warps_for(elements: int) -> int:
+    """Warps for a program holding ``elements`` entries: about 16 per thread, 1 to 16 warps."""
     return max(1, min(16, elements // 512))
 
 
@@ -115,7 +116,7 @@ def compress(
             ERR_BF16=err_bf16,
             ROWS=rows,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=num_warps_for(block),
             enable_fp_fusion=False,
         )
 
@@ -135,6 +136,7 @@ def compress(
             BITS=bits,
             BLOCK=_FLAT_BLOCK,
             num_warps=4,
+            enable_fp_fusion=False,
         )
     table = centroid_table(flat, codes.long(), mu, scale, levels)
 
@@ -161,6 +163,7 @@ def compress(
             INDEX_BITS=index_bits,
             BLOCK=_FLAT_BLOCK,
             num_warps=4,
+            enable_fp_fusion=False,
         )
 
     rice_param = 0
@@ -254,8 +257,9 @@ def aggregate_sparse(
         ROWS=rows,
         BLOCK=block,
         KBLOCK=triton.next_power_of_2(k),
-        num_warps=_num_warps(block),
+        num_warps=num_warps_for(block),
         # Software pipelining could hoist the next peer's gather above the barrier.
         num_stages=1,
+        enable_fp_fusion=False,
     )
     return out.view(layout.shape)
