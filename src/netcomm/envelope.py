@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import zstandard
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from netcomm.errors import EnvelopeError, NetcommConfigError
 from netcomm.signing import Signer, Verifier
@@ -63,6 +63,7 @@ PREFIX_SIZE = _PREFIX.size
 
 # Payload tensors are uint8 buffers and float tables/values; nothing else is legitimate.
 _ST_DTYPES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
+_ST_NAMES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _HEADER_FIELDS = {
     "format": str,
     "version": int,
@@ -151,7 +152,7 @@ def seal_envelope(
         threads: zstd worker threads (0 = compress on the calling thread).
     """
     tensors, meta = payload.to_tensors()
-    raw = st_save(tensors, metadata=meta)
+    raw = _safetensors_bytes(tensors, meta)
     body = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=True).compress(
         raw
     )
@@ -177,6 +178,31 @@ def seal_envelope(
     signature = signer.sign(_signed_message(unsigned, header))
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(signature), len(header), len(body))
     return b"".join((prefix, header, body, signature))
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
+    """The safetensors encoding with a canonical header, so equal payloads give equal bytes.
+
+    ``safetensors.torch.save`` orders metadata keys differently from run to run.
+    """
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    chunks = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, not a wire dtype")
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries[name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data section to 8 bytes
+    return b"".join([struct.pack("<Q", len(header)), header, *chunks])
 
 
 def _signed_message(prefix: bytes, header: bytes) -> bytes:

@@ -29,6 +29,8 @@ from netcomm.errors import (
 from netcomm.storage import ObjectInfo, join_key, validate_key
 
 T = TypeVar("T")
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
 _MIB = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _TRANSIENT_CODES = {
@@ -154,16 +156,22 @@ class S3Storage:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=config.endpoint_url,
-            region_name=config.region,
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=config.secret_access_key,
-            aws_session_token=config.session_token,
-            config=boto_config,
-        )
+        global _SESSION
+        # One session per process: building it loads botocore's service models (~0.5 s), and
+        # a validator builds a client per peer bucket. Sessions are not thread-safe, hence the
+        # lock.
+        with _SESSION_LOCK:
+            if _SESSION is None:
+                _SESSION = boto3.session.Session()
+            return _SESSION.client(
+                "s3",
+                endpoint_url=config.endpoint_url,
+                region_name=config.region,
+                aws_access_key_id=config.access_key_id,
+                aws_secret_access_key=config.secret_access_key,
+                aws_session_token=config.session_token,
+                config=boto_config,
+            )
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.config.bucket!r}, endpoint={self.config.endpoint_url!r})"
@@ -366,7 +374,7 @@ class S3Storage:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in ("NoSuchKey", "NotFound", "404") or (status == 404 and op != "list"):
+            if code != "NoSuchBucket" and (code in ("NoSuchKey", "NotFound") or status == 404):
                 return ObjectNotFoundError(key)
             message = f"{op} {key!r}: {code} (HTTP {status}) {err.get('Message', '')}".rstrip()
             if status >= 500 or status == 429 or code in _TRANSIENT_CODES:

@@ -1,0 +1,303 @@
+"""The wire format: round trips, and every rejection reason the reader can give."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as st_save
+
+from netcomm import (
+    Ed25519Signer,
+    EnvelopeError,
+    EnvelopeLimits,
+    NetcommConfigError,
+    default_verifiers,
+    open_envelope,
+    read_header,
+    seal_envelope,
+)
+from netcomm.envelope import PREFIX_SIZE, _canonical, _signed_message
+from sparseloco import CodecConfig, CompressedUpdate
+from sparseloco.codec import CompressedTensor
+
+
+def seal(payload, signer, spec, window=7, publisher="alice"):
+    return seal_envelope(
+        payload, window=window, publisher=publisher, fingerprint=spec.fingerprint, signer=signer
+    )
+
+
+def open_(blob, signer, spec, **overrides):
+    kwargs = dict(
+        expected_peer="alice",
+        public_key=signer.public_key,
+        verifiers=default_verifiers(),
+        window=7,
+        fingerprint=spec.fingerprint,
+        shapes=spec.shapes,
+        codec=CodecConfig(),
+    )
+    kwargs.update(overrides)
+    return open_envelope(blob, **kwargs)
+
+
+def reason_of(fn) -> str:
+    with pytest.raises(EnvelopeError) as info:
+        fn()
+    return info.value.reason
+
+
+def craft(
+    signer, spec, *, raw=None, body=None, tensors=None, meta=None, count=None, **header_changes
+):
+    """A correctly signed envelope around arbitrary (possibly hostile) contents."""
+    if raw is None:
+        raw = st_save(tensors, metadata=meta)
+    if body is None:
+        body = zstandard.ZstdCompressor().compress(raw)
+    header = {
+        "format": "netcomm.envelope",
+        "version": 1,
+        "scheme": "ed25519",
+        "publisher": "alice",
+        "window": 7,
+        "fingerprint": spec.fingerprint,
+        "kind": "sparse",
+        "codec": CodecConfig().wire_fields(),
+        "compression": "zstd",
+        "raw_len": len(raw),
+        "body_len": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "tensors": count if count is not None else len(tensors or {}),
+    }
+    header.update(header_changes)
+    hdr = _canonical(header)
+    unsigned = struct.pack("<4sHHIQ", b"NCEN", 1, 0, len(hdr), len(body))
+    sig = signer.sign(_signed_message(unsigned, hdr))
+    return struct.pack("<4sHHIQ", b"NCEN", 1, len(sig), len(hdr), len(body)) + hdr + body + sig
+
+
+def test_sparse_roundtrip_is_exact(model, spec, signer, kit):
+    update = kit.sparse_update(model)
+    blob = seal(update, signer, spec)
+    env = open_(blob, signer, spec)
+    assert (env.publisher, env.window) == ("alice", 7)
+    assert isinstance(env.payload, CompressedUpdate)
+    assert kit.payload_bytes(env.payload) == kit.payload_bytes(update)
+    header, _ = read_header(blob, EnvelopeLimits())
+    assert header["kind"] == "sparse" and header["tensors"] == 16
+    assert blob[:4] == b"NCEN" and struct.unpack_from("<H", blob, 4)[0] == 1
+
+
+def test_dense_roundtrip_is_exact(model, spec, signer, kit):
+    update = kit.dense_update(model)
+    env = open_(seal(update, signer, spec), signer, spec)
+    assert kit.payload_bytes(env.payload) == kit.payload_bytes(update)
+
+
+def test_sealing_is_deterministic(model, spec, signer, kit):
+    update = kit.sparse_update(model)
+    assert seal(update, signer, spec) == seal(update, signer, spec)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"expected_peer": "bob"}, "peer"),
+        ({"public_key": Ed25519Signer.from_seed(b"\1" * 32).public_key}, "signature"),
+        ({"verifiers": {}}, "signature"),
+        ({"window": 8}, "window"),
+        ({"fingerprint": "0" * 64}, "fingerprint"),
+        ({"codec": CodecConfig(topk=32)}, "codec"),
+        ({"shapes": {"0.weight": (128, 64)}}, "shape"),
+        ({"limits": EnvelopeLimits(max_object_bytes=100)}, "too_large"),
+        ({"limits": EnvelopeLimits(max_decompressed_bytes=1000)}, "too_large"),
+        ({"limits": EnvelopeLimits(max_tensors=3)}, "too_large"),
+        ({"limits": EnvelopeLimits(max_header_bytes=50)}, "too_large"),
+    ],
+)
+def test_expectation_mismatch_reasons(model, spec, signer, kit, changes, reason):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    assert reason_of(lambda: open_(blob, signer, spec, **changes)) == reason
+
+
+def test_wrong_shape_from_other_model(spec, signer, kit):
+    other = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 9))
+    blob = seal(kit.sparse_update(other), signer, spec)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "shape"
+
+
+def test_signed_by_another_key(model, spec, signer, kit):
+    mallory = Ed25519Signer.from_seed(b"\2" * 32)
+    blob = seal(kit.sparse_update(model), mallory, spec)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "signature"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda b: b[:-1], "format"),
+        (lambda b: b + b"\0", "format"),
+        (lambda b: b[:10], "format"),
+        (lambda b: b"XXXX" + b[4:], "format"),
+        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "version"),
+        (lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], "signature"),
+        (lambda b: b[:600] + bytes([b[600] ^ 1]) + b[601:], "checksum"),
+    ],
+)
+def test_tampered_bytes(model, spec, signer, kit, mutate, reason):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    header_len = struct.unpack_from("<I", blob, 8)[0]
+    assert PREFIX_SIZE + header_len < 600 < len(blob) - 64  # byte 600 lies in the body
+    assert reason_of(lambda: open_(mutate(blob), signer, spec)) == reason
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_single_byte_change_is_rejected(model, spec, signer, kit, data):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    xor = data.draw(st.integers(1, 255))
+    bad = bytearray(blob)
+    bad[pos] ^= xor
+    with pytest.raises(EnvelopeError):
+        open_(bytes(bad), signer, spec)
+
+
+def test_zstd_bomb_is_stopped_at_declared_size(spec, signer):
+    raw = b"\0" * (8 << 20)  # 8 MiB of zeros compresses to a few hundred bytes
+    body = zstandard.ZstdCompressor().compress(raw)
+    blob = craft(signer, spec, body=body, raw=b"\0" * 100)  # header claims 100 bytes
+    assert reason_of(lambda: open_(blob, signer, spec)) == "decompress"
+
+
+def test_frame_without_content_size_is_rejected(spec, signer):
+    cobj = zstandard.ZstdCompressor().compressobj()
+    body = cobj.compress(b"\0" * 1000) + cobj.flush()
+    blob = craft(signer, spec, body=body, raw=b"\0" * 1000)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "decompress"
+
+
+def test_second_frame_beyond_declared_size_is_rejected(spec, signer):
+    raw = b"\1" * 1000
+    one = zstandard.ZstdCompressor().compress(raw)
+    blob = craft(signer, spec, body=one + one, raw=raw)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "decompress"
+
+
+def test_huge_declared_size_rejected_before_decompressing(spec, signer):
+    blob = craft(signer, spec, raw=b"x" * 100, raw_len=1 << 40)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "too_large"
+
+
+def test_pickle_body_is_never_unpickled(spec, signer):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    raw = pickle.dumps(Boom())
+    blob = craft(signer, spec, raw=raw)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "tensors"
+
+
+def _raw_with_header(header: dict, data: bytes) -> bytes:
+    hdr = json.dumps(header).encode()
+    return struct.pack("<Q", len(hdr)) + hdr + data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}},
+        {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 8]}},
+        {"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 16]}},
+        {
+            "a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+            "b": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+        },
+        {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}},
+        {"a": {"dtype": "U8", "shape": [-8], "data_offsets": [0, 8]}},
+        {"a": [1, 2, 3]},
+    ],
+    ids=["dtype", "size", "bounds", "overlap", "gap", "negative", "malformed"],
+)
+def test_hostile_safetensors_headers(spec, signer, header):
+    raw = _raw_with_header(header, b"\0" * 8)
+    blob = craft(signer, spec, raw=raw, count=len(header))
+    assert reason_of(lambda: open_(blob, signer, spec)) == "tensors"
+
+
+def test_safetensors_header_length_is_bounded(spec, signer):
+    raw = struct.pack("<Q", 1 << 40) + b"{}"
+    blob = craft(signer, spec, raw=raw)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "tensors"
+
+
+def _sparse_tensors(model, kit):
+    update = kit.sparse_update(model)
+    return update.to_tensors()
+
+
+def test_out_of_range_or_unsorted_indices_are_corrupt(model, spec, signer, kit):
+    tensors, meta = _sparse_tensors(model, kit)
+    idx = tensors["0.weight::idx"].clone()
+    idx[:3] = torch.tensor([0xFF, 0xFF, 0x00], dtype=torch.uint8)  # first index 4095, then 4080
+    tensors["0.weight::idx"] = idx
+    blob = craft(signer, spec, tensors=tensors, meta=meta)
+    with pytest.raises(EnvelopeError) as info:
+        open_(blob, signer, spec)
+    assert info.value.reason == "corrupt"
+    assert "0.weight" in str(info.value)
+
+
+def test_nan_table_is_corrupt_and_nan_dense_is_nonfinite(model, spec, signer, kit):
+    tensors, meta = _sparse_tensors(model, kit)
+    tensors["1.bias::table"] = torch.tensor([float("nan"), 0.0, 1.0, 2.0])
+    blob = craft(signer, spec, tensors=tensors, meta=meta)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "corrupt"
+
+    dense = kit.dense_update(model)
+    dense.tensors["1.bias"][3] = float("inf")
+    blob = seal(dense, signer, spec)
+    with pytest.raises(EnvelopeError) as info:
+        open_(blob, signer, spec)
+    assert (info.value.reason, "1.bias" in str(info.value)) == ("nonfinite", True)
+
+
+def test_body_codec_must_match_header(model, spec, signer, kit):
+    tensors, meta = _sparse_tensors(model, kit)
+    blob = craft(signer, spec, tensors=tensors, meta=meta, codec={"topk": 1})
+    assert reason_of(lambda: open_(blob, signer, spec, codec=None)) == "codec"
+
+
+def test_header_schema_is_strict(spec, signer):
+    blob = craft(signer, spec, raw=b"x" * 10, window="7")
+    assert reason_of(lambda: open_(blob, signer, spec)) == "format"
+    blob = craft(signer, spec, raw=b"x" * 10, extra=1)
+    assert reason_of(lambda: open_(blob, signer, spec)) == "format"
+
+
+def test_limits_validate():
+    with pytest.raises(NetcommConfigError, match="max_tensors must be a positive integer"):
+        EnvelopeLimits(max_tensors=0)
+    assert isinstance(NetcommConfigError("x"), ValueError)
+
+
+def test_ed25519_signer_seed_length():
+    with pytest.raises(ValueError, match="32 bytes"):
+        Ed25519Signer.from_seed(b"short")
+
+
+def test_compressed_tensor_type_is_rebuilt(model, spec, signer, kit):
+    env = open_(seal(kit.sparse_update(model), signer, spec), signer, spec)
+    assert all(isinstance(t, CompressedTensor) for t in env.payload.tensors.values())

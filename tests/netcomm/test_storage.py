@@ -1,0 +1,174 @@
+"""The storage contract, run against the local folder and the loopback S3 server."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from netcomm import (
+    InvalidKeyError,
+    LocalStorage,
+    ObjectNotFoundError,
+    S3Storage,
+    Storage,
+    validate_key,
+)
+
+
+def test_implements_protocol(storage):
+    assert isinstance(storage, Storage)
+
+
+def test_put_get_head_roundtrip(storage):
+    storage.put("a/b/c.bin", b"hello world")
+    assert storage.get("a/b/c.bin") == b"hello world"
+    info = storage.head("a/b/c.bin")
+    assert (info.key, info.size) == ("a/b/c.bin", 11)
+    assert info.etag
+
+
+def test_overwrite_changes_content_and_etag(storage):
+    storage.put("k", b"first")
+    etag = storage.head("k").etag
+    storage.put("k", b"second version")
+    assert storage.get("k") == b"second version"
+    assert storage.head("k").size == 14
+    assert storage.head("k").etag != etag
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [(0, 5, b"01234"), (3, 7, b"3456"), (8, 100, b"89"), (10, 20, b""), (4, 4, b"")],
+)
+def test_get_range(storage, start, end, expected):
+    storage.put("r", b"0123456789")
+    assert storage.get_range("r", start, end) == expected
+
+
+def test_invalid_range_raises(storage):
+    storage.put("r", b"abc")
+    with pytest.raises(ValueError, match="invalid byte range"):
+        storage.get_range("r", 2, 1)
+
+
+def test_missing_key_raises_not_found(storage):
+    for op in (storage.get, storage.head, lambda k: storage.get_range(k, 0, 4)):
+        with pytest.raises(ObjectNotFoundError) as info:
+            op("nope/none")
+        assert info.value.key == "nope/none"
+
+
+def test_list_is_sorted_and_prefix_filtered(storage):
+    for key in ["w/2/b", "w/10/a", "w/2/a", "x/1"]:
+        storage.put(key, key.encode())
+    assert [i.key for i in storage.list("w/")] == ["w/10/a", "w/2/a", "w/2/b"]
+    assert [i.key for i in storage.list()] == ["w/10/a", "w/2/a", "w/2/b", "x/1"]
+    assert [i.size for i in storage.list("x")] == [3]
+    assert storage.list("zzz") == []
+
+
+def test_delete_is_idempotent(storage):
+    storage.put("d", b"x")
+    storage.delete("d")
+    storage.delete("d")
+    with pytest.raises(ObjectNotFoundError):
+        storage.get("d")
+    assert storage.list() == []
+
+
+def test_empty_object(storage):
+    storage.put("empty", b"")
+    assert storage.get("empty") == b""
+    assert storage.head("empty").size == 0
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/abs",
+        "a//b",
+        "../x",
+        "a/../b",
+        "a/./b",
+        ".hidden",
+        "a/.tmp-x",
+        "a\\b",
+        "sp ace",
+        "x" * 1025,
+        "a/b/",
+    ],
+)
+def test_bad_keys_rejected(storage, key):
+    with pytest.raises(InvalidKeyError):
+        storage.put(key, b"x")
+    with pytest.raises(InvalidKeyError):
+        validate_key(key)
+
+
+def test_large_object_multipart_and_parallel_ranges(s3_factory):
+    mib = 1 << 20
+    storage = s3_factory(part_size=5 * mib, multipart_threshold=5 * mib, max_concurrency=4)
+    data = os.urandom(13 * mib + 123)
+    storage.put("big", data)
+    assert storage.head("big").size == len(data)
+    assert storage.get("big") == data
+    assert storage.get_range("big", mib, 12 * mib + 7) == data[mib : 12 * mib + 7]
+    # Multipart ETags carry the part count after a dash.
+    assert storage.head("big").etag.endswith("-3")
+
+
+def test_s3_prefix_isolates_keys(s3_factory):
+    a = s3_factory(prefix="tenant-a")
+    b = s3_factory(prefix="tenant-b")
+    a.put("k", b"from a")
+    b.put("k", b"from b")
+    assert a.get("k") == b"from a"
+    assert [i.key for i in a.list()] == ["k"]
+    assert [i.key for i in b.list()] == ["k"]
+
+
+def test_local_write_is_atomic_for_concurrent_readers(tmp_path):
+    storage = LocalStorage(tmp_path, fsync=False)
+    versions = [bytes([i]) * (1 << 20) for i in range(1, 5)]
+    storage.put("obj", versions[0])
+    stop = threading.Event()
+    seen: list[bytes] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(storage.get("obj"))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(10):
+        for v in versions:
+            storage.put("obj", v)
+    stop.set()
+    thread.join()
+    assert seen
+    assert all(s in versions for s in seen)
+    assert [p.name for p in tmp_path.iterdir()] == ["obj"]  # no temporary files left
+
+
+def test_local_symlink_escape_rejected(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    storage = LocalStorage(tmp_path / "root")
+    os.symlink(outside, tmp_path / "root" / "link")
+    with pytest.raises(InvalidKeyError, match="outside the storage root"):
+        storage.get("link/secret")
+
+
+def test_s3_permanent_error_is_not_retried(s3_factory, kit, moto_url):
+    storage = S3Storage(kit.s3_config(moto_url, "no-such-bucket"))
+    with pytest.raises(Exception) as info:
+        storage.put("k", b"x")
+    from netcomm import StorageError, TransientStorageError
+
+    assert isinstance(info.value, StorageError)
+    assert not isinstance(info.value, TransientStorageError)
+    assert "NoSuchBucket" in str(info.value)
