@@ -1,0 +1,125 @@
+"""Sync check, copy detection, BMA and ratings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gauntlet import (
+    RatingConfig,
+    SignalConfig,
+    blame_copies,
+    decode_update,
+    effective_bma,
+    index_overlap,
+    ordinal,
+    pair_similarities,
+    rate_match,
+    rating_factor,
+    sample_values,
+    sync_positions,
+    sync_score,
+    update_bma,
+)
+from sparseloco import CodecConfig, ErrorFeedback, encode
+
+SIG = SignalConfig()
+CODEC = CodecConfig(chunk_size=8, topk=4, backend="torch")
+SHAPES = {"w": (16, 16), "b": (16,)}
+
+
+def compressed(seed: int, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: scale * torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    return delta, decode_update(encode(delta, ErrorFeedback(CODEC)), SHAPES, CODEC)
+
+
+def test_sync_formula():
+    own = torch.zeros(10, dtype=torch.float64)
+    assert sync_score(own, own.clone(), 0.5, SIG).score == 1.0
+    one_round = sync_score(own, torch.full((10,), 0.5), 0.5, SIG)
+    assert one_round.x == pytest.approx(1.0)
+    assert one_round.score == pytest.approx((1 - 1 / 3) ** 2.5)
+    assert sync_score(own, torch.full((10,), 2.0), 0.5, SIG).score == 0.0
+    assert sync_score(own, None, 0.5, SIG).score == SIG.sync_missing
+    assert sync_score(own, torch.full((10,), math.nan), 0.5, SIG).score == SIG.sync_missing
+    assert sync_score(own, torch.zeros(3), 0.5, SIG).score == SIG.sync_missing
+    assert sync_score(own, torch.ones(10), None, SIG).score == 1.0  # no reference yet
+
+
+def test_sync_positions_deterministic_and_valid():
+    pos = sync_positions(SHAPES, 4, "s", 50)
+    assert pos == sync_positions(SHAPES, 4, "s", 50) != sync_positions(SHAPES, 5, "s", 50)
+    assert len(set(pos)) == 50
+    assert all(0 <= i < math.prod(SHAPES[n]) for n, i in pos)
+    params = {n: torch.arange(math.prod(s), dtype=torch.float32).view(s) for n, s in SHAPES.items()}
+    vals = sample_values(params, pos)
+    assert [float(v) for v in vals] == [float(i) for _, i in pos]
+
+
+def test_copy_detection_blames_later_publisher():
+    _, a = compressed(0)
+    _, b = compressed(1)
+    # a copier re-encodes the victim's decoded update with a little noise
+    near = {n: d + 0.01 * d.abs().max() * torch.randn(d.shape) for n, d in b.dense.items()}
+    c = decode_update(encode(near, ErrorFeedback(CODEC)), SHAPES, CODEC)
+    updates = {"a": a, "b": b, "b-copy": b, "c": c}
+    pairs = {(p.a, p.b): p for p in pair_similarities(updates)}
+    assert pairs[("b", "b-copy")].identical and pairs[("b", "b-copy")].overlap == 1.0
+    assert pairs[("b", "c")].cosine > 0.95 and not pairs[("b", "c")].identical
+    assert pairs[("a", "b")].overlap < 0.4 and abs(pairs[("a", "b")].cosine) < 0.5
+    times = {"a": 0.0, "b": 1.0, "b-copy": 2.0, "c": 3.0}
+    blamed = blame_copies(list(pairs.values()), times, SIG)
+    assert sorted(blamed) == ["b-copy", "c"]
+    assert blamed["b-copy"].source == "b"
+    # the copy published first: the original is blamed instead; ties blame both
+    blamed = blame_copies(list(pairs.values()), {**times, "b-copy": 0.5}, SIG)
+    assert "b" in blamed and "b-copy" not in blamed
+    blamed = blame_copies(list(pairs.values()), {**times, "b-copy": 1.0}, SIG)
+    assert {"b", "b-copy"} <= set(blamed)
+
+
+def test_index_overlap_value():
+    _, a = compressed(0)
+    assert index_overlap(a, a) == 1.0
+    _, b = compressed(5)
+    assert set(a.keys) == {"w", "b"}  # 1-D rows of 8 keep 4: sparse too
+    shared = 0.0
+    for name in a.keys:
+        chunks, k = a.kept[name]
+        for c in range(chunks):
+            ia = {int(x) for x in a.keys[name] if x // 64 == c} if name == "w" else None
+            ib = {int(x) for x in b.keys[name] if x // 64 == c} if name == "w" else None
+            if name == "b":
+                ia = {int(x) for x in a.keys[name] if x // 8 == c}
+                ib = {int(x) for x in b.keys[name] if x // 8 == c}
+            shared += len(ia & ib) / k
+    total_chunks = a.kept["w"][0] + a.kept["b"][0]
+    assert index_overlap(a, b) == pytest.approx(shared / total_chunks)
+    assert 0.0 < index_overlap(a, b) < 1.0
+
+
+def test_bma_update_clip_and_warmup():
+    bma = 0.0
+    for _ in range(2):
+        bma = update_bma(bma, 1, SIG)
+    assert bma == pytest.approx(0.0975)
+    assert effective_bma(bma, 2, SIG) == pytest.approx(0.0975)  # still warming up
+    assert effective_bma(bma, 3, SIG) == 0.0  # below threshold after warm-up
+    assert update_bma(0.01, -1, SIG) == 0.0
+
+
+def test_ratings_match_and_fresh_pitfall():
+    cfg = RatingConfig()
+    fresh = (cfg.mu, cfg.sigma)
+    assert ordinal(*fresh, cfg) == pytest.approx(0.0)
+    new = rate_match({}, {"a": 0.3, "b": 0.1, "c": -1.0}, cfg)
+    assert new["a"][0] > cfg.mu > new["c"][0]
+    assert ordinal(*new["c"], cfg) < 0
+    assert rating_factor(*new["c"], cfg) == 0.0  # clamped, not negative
+    shifted = RatingConfig(transform="shift", shift=10.0)
+    assert rating_factor(*new["c"], shifted) == pytest.approx(ordinal(*new["c"], cfg) + 10.0)
+    assert rate_match(new, {"a": 1.0}, cfg) == {"a": new["a"]}  # one player: no match
+    assert rate_match({}, {"b": 0.1, "a": 0.3, "c": -1.0}, cfg) == new  # order-free
