@@ -102,7 +102,12 @@ class CheckpointStore:
             data = st_save(_detached(tensors))
             key = self._key(step, f"{name}.safetensors")
             self.storage.put(key, data)
-            files[name] = {"key": key, "size": len(data), "sha256": _sha(data)}
+            files[name] = {
+                "key": key,
+                "size": len(data),
+                "sha256": _sha(data),
+                "names": list(tensors),  # safetensors sorts names; state_dict order is kept here
+            }
         try:
             manifest = _dumps(
                 {
@@ -157,7 +162,9 @@ class CheckpointStore:
         for name, entry in sorted(files.items()):
             data = self._read(entry["key"], entry["size"], entry["sha256"])
             loaded = st_load(data)
-            tensors[name] = {k: v.to(map_location) for k, v in loaded.items()}
+            if sorted(loaded) != sorted(entry["names"]):
+                raise CheckpointError(f"{entry['key']!r} holds other tensors than its manifest")
+            tensors[name] = {k: loaded[k].to(map_location) for k in entry["names"]}
         optimizer = None
         if manifest.get("optimizer") is not None:
             optimizer = _decode(manifest["optimizer"], tensors.get("optimizer", {}))
@@ -192,7 +199,8 @@ def _sha(data: bytes) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, indent=1, allow_nan=False).encode()
+    # Key order is kept: a state_dict round-trips with its own order.
+    return json.dumps(obj, indent=1, allow_nan=False).encode()
 
 
 def _loads(data: bytes, what: str) -> dict[str, Any]:
@@ -211,7 +219,7 @@ def _detached(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors; those sharing storage (tied weights) are copied apart."""
     out = {}
     seen: set[int] = set()
-    for name, t in sorted(tensors.items()):
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{name!r} is a {type(t).__name__}, not a tensor")
         c = t.detach().to("cpu").contiguous()
