@@ -46,7 +46,7 @@ _SELECT_NAMES = [
 
 
 def _select(delta: str, err: str, block: int) -> tuple:
-    types = [delta, err, "*i32", "*fp32"] + [_I32] * 7 + ["fp32"]
+    types = [delta, err, "*i16", "*fp32"] + [_I32] * 7 + ["fp32"]
     sig = dict(zip(_SELECT_NAMES, types, strict=True))
     const = {"DELTA_BF16": delta == "*i16", "ERR_BF16": err == "*i16", "ROWS": 1, "BLOCK": block}
     return ("select_kernel", sig, const, num_warps_for(block), 3)
@@ -61,7 +61,7 @@ def _codes(bits: int) -> tuple:
 def _scatter(index_bits: int, err: str) -> tuple:
     names = ["idx_ptr", "val_ptr", "codes_ptr", "table_ptr", "err_ptr", "packed_ptr"]
     names += ["count", "k", "n"]
-    types = ["*i32", "*fp32", "*u8", "*fp32", err, "*u8", _I32, _I32, _I32]
+    types = ["*i16", "*fp32", "*u8", "*fp32", err, "*u8", _I32, _I32, _I32]
     const = {"ERR_BF16": err == "*i16", "INDEX_BITS": index_bits, "BLOCK": 1024}
     return ("scatter_pack_kernel", dict(zip(names, types, strict=True)), const, 4, 3)
 

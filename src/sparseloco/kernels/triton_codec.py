@@ -94,7 +94,7 @@ def compress(
     err_bf16 = error.dtype == torch.bfloat16
     err = error.view(torch.int16) if err_bf16 else error
 
-    idx = torch.empty((num_chunks, k), dtype=torch.int32, device=device)
+    idx = torch.empty((num_chunks, k), dtype=torch.int16, device=device)
     values = torch.empty((num_chunks, k), dtype=torch.float32, device=device)
     if num_chunks:
         block = triton.next_power_of_2(n)

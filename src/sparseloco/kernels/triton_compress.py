@@ -11,7 +11,8 @@ The host side (:mod:`sparseloco.kernels.triton_codec`) runs them in this order:
    The bits of |w| (sign cleared) order like |w| for finite floats, so T is the k-th largest
    magnitude and the set I is the exact top-k with ties going to the lower index. A cumsum
    of the selection mask gives every kept entry its output slot, so indices come out
-   ascending. The kernel writes I, v = w[I] and the whole updated row w back into e.
+   ascending. The kernel writes I (int16: chunks have at most 8192 entries), v = w[I] and
+   the whole updated row w back into e.
 2. μ and s come from :func:`sparseloco.quantize.quant_scale` on v (torch, float64 sums),
    so they are the reference's bits.
 3. :func:`codes_kernel`: q = clamp(round_half_even(c ⊘ s + L/2), 0, L−1), c = v ⊖ μ with an
@@ -109,7 +110,9 @@ def select_kernel(
     sel = above | (tie & (tie_rank <= need[:, None]))
     slot = tl.cumsum(sel.to(tl.int32), axis=1) - 1
     out_off = chunk[:, None] * k + slot
-    tl.store(idx_ptr + out_off, pos[None, :] + tl.zeros([ROWS, BLOCK], tl.int32), mask=sel)
+    tl.store(
+        idx_ptr + out_off, (pos[None, :] + tl.zeros([ROWS, BLOCK], tl.int32)).to(tl.int16), mask=sel
+    )
     tl.store(val_ptr + out_off, w, mask=sel)
 
     if ERR_BF16:
@@ -181,7 +184,7 @@ def scatter_pack_kernel(
     pair = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     j = pair[:, None] * 2 + tl.arange(0, 2)[None, :]
     m = j < count
-    i = tl.load(idx_ptr + j, mask=m, other=0)
+    i = tl.load(idx_ptr + j, mask=m, other=0).to(tl.int32)
     v = tl.load(val_ptr + j, mask=m, other=0.0)
     q = tl.load(codes_ptr + j, mask=m, other=0).to(tl.int32)
     res = v - tl.load(table_ptr + q, mask=m, other=0.0)
