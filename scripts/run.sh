@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${SPARSELOCO_VENV:-.venv}/bin/python" examples/quickstart.py "$@"
+exec "${SPARSELOCO_VENV:-.venv}/bin/sparseloco" simulate "$@"

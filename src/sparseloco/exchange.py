@@ -39,11 +39,18 @@ class PeerStatus:
 
 @dataclass
 class GatherResult:
-    """The usable payloads of a window (``status == "ok"``) and every peer's status."""
+    """The usable payloads of a window (``status == "ok"``) and every peer's status.
+
+    ``self_selected`` says whether the gathering peer's own update belongs in the aggregate;
+    an exchange that aggregates only a selected set of peers (e.g. the validators'
+    top-rated) sets it to False when this peer is not among them, so every peer aggregates
+    the same set and stays in sync.
+    """
 
     window: int
     updates: dict[str, Payload] = field(default_factory=dict)
     statuses: dict[str, PeerStatus] = field(default_factory=dict)
+    self_selected: bool = True
 
     @property
     def bytes_received(self) -> int:

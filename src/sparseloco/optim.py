@@ -155,10 +155,13 @@ class OuterOptimizer(Optimizer):
     def _usable(
         self, gathered: GatherResult, own: Payload
     ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
-        """Own payload plus gathered ones that match this model; mismatches become invalid."""
+        """Own payload (if selected) plus gathered ones that match this model.
+
+        Gathered payloads of the wrong kind, codec, names or shapes become ``invalid``.
+        """
         shapes = self._shapes()
         statuses = dict(gathered.statuses)
-        updates: dict[str, Payload] = {self.exchange.peer_id: own}
+        updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
             try:
                 if type(payload) is not type(own):
@@ -173,6 +176,11 @@ class OuterOptimizer(Optimizer):
                 continue
             updates[peer] = payload
         return updates, statuses
+
+    def _zero_aggregate(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The aggregate of a round with no selected update: zero for every tensor."""
+        for name, p, _ in self.named_params():
+            yield name, torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
     def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         """θ ← θ₀ − α·g (g through momentum/Nesterov when enabled); θ₀ ← θ."""
@@ -324,13 +332,18 @@ class SparseLoCo(OuterOptimizer):
         lookup = {name: (p, group) for name, p, group in params}
         upd_sq = 0.0
         with timer("aggregate_step"):
-            for name, agg in iter_aggregate(
-                updates,  # type: ignore[arg-type]
-                reducer=self.config.reducer,
-                clip_to_median=self.config.clip_to_median,
-                device=device,
-                backend=codec.backend,
-            ):
+            stream = (
+                iter_aggregate(
+                    updates,  # type: ignore[arg-type]
+                    reducer=self.config.reducer,
+                    clip_to_median=self.config.clip_to_median,
+                    device=device,
+                    backend=codec.backend,
+                )
+                if updates
+                else self._zero_aggregate()
+            )
+            for name, agg in stream:
                 p, group = lookup[name]
                 upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
                 self._outer_update(p, group, agg)
@@ -419,7 +432,12 @@ class DiLoCo(OuterOptimizer):
         lookup = {name: (p, group) for name, p, group in params}
         upd_sq = 0.0
         with timer("aggregate_step"):
-            for name, agg in iter_aggregate_dense(updates, device=device):  # type: ignore[arg-type]
+            stream = (
+                iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+                if updates
+                else self._zero_aggregate()
+            )
+            for name, agg in stream:
                 p, group = lookup[name]
                 upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
                 self._outer_update(p, group, agg)
@@ -473,7 +491,9 @@ class DataParallel(OuterOptimizer):
         with timer("gather"):
             gathered = self.exchange.gather(window)
         shapes = {name: tuple(p.shape) for name, p, _ in params}
-        updates: dict[str, DenseUpdate] = {self.exchange.peer_id: update}
+        updates: dict[str, DenseUpdate] = (
+            {self.exchange.peer_id: update} if gathered.self_selected else {}
+        )
         statuses = dict(gathered.statuses)
         for peer, payload in gathered.updates.items():
             try:

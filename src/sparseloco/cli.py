@@ -1,0 +1,100 @@
+"""The ``sparseloco`` command: ``sparseloco simulate`` runs a local multi-peer swarm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from sparseloco.errors import SparseLoCoError
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from sparseloco.models.gpt import GPTConfig
+    from sparseloco.sim import ADVERSARY_KINDS, SimConfig, run
+
+    adversaries: tuple[str, ...] = ()
+    if args.adversaries:
+        adversaries = (
+            ADVERSARY_KINDS
+            if args.adversaries == "all"
+            else tuple(a.strip() for a in args.adversaries.split(",") if a.strip())
+        )
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    cfg = SimConfig(
+        peers=args.peers,
+        windows=args.windows,
+        inner_steps=args.inner_steps,
+        batch_size=args.batch_size,
+        inner_lr=args.inner_lr,
+        model=GPTConfig(
+            block_size=args.block_size,
+            n_layer=args.layers,
+            n_head=args.heads,
+            n_embd=args.width,
+        ),
+        preset=args.preset,
+        outer_lr=args.outer_lr,
+        adversaries=adversaries,
+        aggregate=args.aggregate,
+        storage=args.storage or "",
+        s3_endpoint=args.s3_endpoint,
+        data=args.data,
+        seed=args.seed,
+        out=out,
+    )
+    result = run(cfg, progress=not args.quiet, echo=not args.quiet)
+    s = result.summary
+    print(
+        f"\nheld-out loss {s['heldout_loss_initial']:.3f} -> {s['heldout_loss_final']:.3f} "
+        f"over {s['windows']} windows ({s['tokens_per_peer']:,} tokens per peer), "
+        f"{s['seconds']:.0f} s"
+    )
+    print(
+        f"bytes sent per peer per window: {s['bytes_sent_per_window_mean']:,.0f} "
+        f"({s['compression_vs_fp32']:.0f}x less than dense fp32)"
+    )
+    print("final weights: " + json.dumps({k: round(v, 3) for k, v in s["final_weights"].items()}))
+    print(f"wrote {out}/metrics.jsonl, summary.json, loss.png, weights.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparseloco", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run N peers and a validator on this machine")
+    sim.add_argument("--peers", type=int, default=4, help="honest peers (default 4)")
+    sim.add_argument("--windows", type=int, default=12)
+    sim.add_argument("--inner-steps", type=int, default=10, help="H, inner steps per window")
+    sim.add_argument("--batch-size", type=int, default=8)
+    sim.add_argument("--inner-lr", type=float, default=2e-3)
+    sim.add_argument("--outer-lr", type=float, default=None, help="override the preset's α")
+    sim.add_argument("--preset", default="covenant-72b")
+    sim.add_argument("--layers", type=int, default=2)
+    sim.add_argument("--heads", type=int, default=4)
+    sim.add_argument("--width", type=int, default=64)
+    sim.add_argument("--block-size", type=int, default=64)
+    sim.add_argument(
+        "--adversaries",
+        default="",
+        help="comma-separated kinds (free-rider,noise,copier,stale,wrong-data,poisoner) or 'all'",
+    )
+    sim.add_argument("--aggregate", choices=["top", "all"], default="top")
+    sim.add_argument("--storage", help="folder or s3://bucket/prefix (default <out>/storage)")
+    sim.add_argument("--s3-endpoint", help="endpoint URL for s3:// storage (R2, MinIO, ...)")
+    sim.add_argument("--data", help="text files or token shards (default: Python's stdlib)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", help="run folder (default runs/sim-<time>)")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    args = parser.parse_args(argv)
+    try:
+        return _simulate(args)
+    except SparseLoCoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

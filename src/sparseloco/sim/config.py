@@ -1,0 +1,105 @@
+"""The simulation's typed configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sparseloco.config import PRESETS
+from sparseloco.errors import ConfigError
+from sparseloco.models.gpt import GPTConfig
+
+#: adversary behaviours: free-rider (zero update), noise (random update with an honest norm),
+#: copier (republishes another peer's update, lightly perturbed), stale (trains from a model
+#: three windows old), wrong-data (trains on data that is not its assignment), poisoner
+#: (sign-flipped, amplified update).
+ADVERSARY_KINDS = ("free-rider", "noise", "copier", "stale", "wrong-data", "poisoner")
+
+
+def default_model() -> GPTConfig:
+    return GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A local multi-peer run.
+
+    Args:
+        peers: honest SparseLoCo peers.
+        windows: outer rounds.
+        inner_steps: AdamW steps per window (H).
+        batch_size: sequences per inner step.
+        inner_lr: AdamW learning rate.
+        model: the GPT's shape (byte-level; vocab 256).
+        preset: SparseLoCo preset (``covenant-72b`` …); ``outer_lr`` overrides its α.
+        adversaries: adversary kinds to add, one peer each (see :data:`ADVERSARY_KINDS`).
+        aggregate: ``"top"``: peers aggregate the updates of peers the validator weighted
+            above zero in the previous window (everyone in window 0); ``"all"``: every valid
+            update.
+        storage: a folder, or ``s3://bucket/prefix`` (with ``s3_endpoint`` and credentials
+            from the environment); empty = ``<out>/storage``.
+        data: text files or token shards; ``None`` = the Python standard library's sources.
+        corpus_bytes: bytes of the standard library corpus to read.
+        heldout_batches: held-out batches (of ``batch_size``) for the global loss curve.
+        seed: the run's public seed (model init, data assignment, evaluation).
+        out: run folder for metrics, summary and plots.
+        deadline_s: gather deadline per window.
+        threads: torch intra-op threads (the peers already run in parallel threads).
+    """
+
+    peers: int = 4
+    windows: int = 12
+    inner_steps: int = 10
+    batch_size: int = 8
+    inner_lr: float = 2e-3
+    model: GPTConfig = field(default_factory=default_model)
+    preset: str = "covenant-72b"
+    outer_lr: float | None = None
+    adversaries: tuple[str, ...] = ()
+    aggregate: Literal["top", "all"] = "top"
+    storage: str = ""
+    s3_endpoint: str | None = None
+    data: str | None = None
+    corpus_bytes: int = 2_000_000
+    heldout_batches: int = 8
+    seed: int = 0
+    out: Path = Path("runs/latest")
+    deadline_s: float = 120.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("peers", "windows", "inner_steps", "batch_size", "heldout_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = [a for a in self.adversaries if a not in ADVERSARY_KINDS]
+        if unknown:
+            raise ConfigError(
+                f"unknown adversary kinds {unknown}; choose from {', '.join(ADVERSARY_KINDS)}"
+            )
+        if "copier" in self.adversaries and self.peers < 1:
+            raise ConfigError("a copier needs at least one honest peer to copy")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        if self.aggregate not in ("top", "all"):
+            raise ConfigError(f"aggregate must be 'top' or 'all', got {self.aggregate!r}")
+        if self.inner_lr <= 0 or (self.outer_lr is not None and self.outer_lr <= 0):
+            raise ConfigError("learning rates must be > 0")
+
+    @property
+    def honest_ids(self) -> list[str]:
+        return [f"peer-{i}" for i in range(self.peers)]
+
+    @property
+    def adversary_ids(self) -> dict[str, str]:
+        """peer id → adversary kind."""
+        return {f"adv-{kind}": kind for kind in self.adversaries}
+
+    @property
+    def peer_ids(self) -> list[str]:
+        return sorted([*self.honest_ids, *self.adversary_ids])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d

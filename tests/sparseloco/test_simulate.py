@@ -1,0 +1,62 @@
+"""A short version of the main job: real storage, signed envelopes, validator, adversaries."""
+
+import json
+
+import pytest
+
+from sparseloco.errors import ConfigError
+from sparseloco.models.gpt import GPTConfig
+from sparseloco.sim import SimConfig, run
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    cfg = SimConfig(
+        peers=3,
+        windows=4,
+        inner_steps=5,
+        batch_size=8,
+        model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
+        adversaries=("free-rider", "poisoner", "copier"),
+        corpus_bytes=300_000,
+        out=out,
+    )
+    return run(cfg, progress=False, echo=False)
+
+
+def test_loss_decreases_and_files_are_written(short_run):
+    s = short_run.summary
+    assert s["heldout_loss_final"] < s["heldout_loss_initial"] - 0.3
+    for name in ("metrics.jsonl", "summary.json", "peers.jsonl", "loss.png", "weights.png"):
+        assert (short_run.out / name).stat().st_size > 0
+    lines = (short_run.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["window"] for x in lines] == [0, 1, 2, 3]
+    assert json.loads((short_run.out / "summary.json").read_text())["windows"] == 4
+
+
+def test_every_honest_update_gathered_and_adversaries_unpaid(short_run):
+    s = short_run.summary
+    records = [json.loads(x) for x in (short_run.out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        for peer in ("peer-0", "peer-1", "peer-2"):
+            assert r["validator"][peer]["status"] == "evaluated"
+        assert r["validator"]["adv-copier"]["status"] == "copy"
+        assert not any(p.startswith("adv-poisoner") for p in r["aggregated"])
+    assert s["adversary_weight_total"] == 0.0
+    assert sum(s["final_weights"][p] for p in ("peer-0", "peer-1", "peer-2")) == pytest.approx(1.0)
+    assert s["compression_vs_fp32"] > 20
+
+
+def test_peers_stay_in_sync_with_the_validator(short_run):
+    records = [json.loads(x) for x in (short_run.out / "metrics.jsonl").read_text().splitlines()]
+    for r in records[1:]:
+        for peer in ("peer-0", "peer-1", "peer-2"):
+            assert r["validator"][peer]["sync"] == pytest.approx(1.0)
+
+
+def test_bad_config_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown adversary"):
+        SimConfig(adversaries=("sybil",), out=tmp_path)
+    with pytest.raises(ConfigError, match="preset"):
+        SimConfig(preset="nope", out=tmp_path)
