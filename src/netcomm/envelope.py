@@ -44,6 +44,7 @@ from safetensors.torch import load as st_load
 
 from netcomm.errors import EnvelopeError, NetcommConfigError
 from netcomm.signing import Signer, Verifier
+from netcomm.validate import check_payload
 from sparseloco.codec import CompressedUpdate
 from sparseloco.config import CodecConfig
 from sparseloco.errors import (
@@ -52,7 +53,7 @@ from sparseloco.errors import (
     ShapeMismatchError,
     SparseLoCoError,
 )
-from sparseloco.payload import Payload, payload_from_tensors, validate_payload
+from sparseloco.payload import Payload, payload_from_tensors
 
 MAGIC = b"NCEN"
 FORMAT_VERSION = 1
@@ -424,7 +425,7 @@ def _check_contents(
                 payload.check_matches(shapes, codec or payload.codec)
             else:
                 payload.check_matches(shapes)
-        validate_payload(payload)
+        check_payload(payload)
     except ShapeMismatchError as exc:
         raise EnvelopeError("shape", str(exc)) from None
     except CodecMismatchError as exc:

@@ -1,0 +1,234 @@
+"""Gather throughput of netcomm's StorageExchange next to raw boto3 downloads of the same objects.
+
+A moto S3 server runs on 127.0.0.1. Each peer publishes a synthetic but valid SparseLoCo update
+(Covenant codec: 64x64 chunks, k=64, 2-bit values, 12-bit indices) sized like a real one; a
+1B-parameter model's update is ~27 MB. Two scenarios:
+
+* ``peers``: one observer gathers ``--peers`` updates of ``--update-mb`` MB each;
+* ``large``: one update of ``--large-mb`` MB (multipart upload, parallel ranged download).
+
+"raw boto3" downloads exactly the same objects in the same run with the same concurrency
+(``get_object().read()`` per object; boto3's managed ``download_fileobj`` for the large one),
+without any verification. gather also verifies every envelope completely (signature,
+checksum, zstd, safetensors caps, index ranges and finite values).
+
+    python benchmarks/exchange.py            # 20 x 27 MB and 1 x 64 MB
+    python benchmarks/exchange.py --quick    # small sizes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from netcomm import (
+    Ed25519Signer,
+    ExchangeConfig,
+    ModelSpec,
+    PeerRecord,
+    S3Config,
+    S3Storage,
+    StaticDirectory,
+    StorageExchange,
+    update_key,
+)
+from sparseloco import CodecConfig, CompressedUpdate
+from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import CompressedTensor
+from sparseloco.packing import pack_codes, pack_indices
+
+SHAPE = (8192, 8192)
+CODEC = CodecConfig()
+
+
+def tensor_bytes() -> int:
+    layout = ChunkLayout.for_shape(SHAPE, CODEC.chunk_size)
+    count = layout.num_chunks * layout.k(CODEC.topk)
+    return 3 * ((count + 1) // 2) + count * CODEC.value_bits // 8 + 4 * CODEC.levels
+
+
+def synthetic_update(n_tensors: int, seed: int) -> CompressedUpdate:
+    """A valid compressed update of ``n_tensors`` 8192x8192 tensors (random codes/indices)."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = ChunkLayout.for_shape(SHAPE, CODEC.chunk_size)
+    k, chunks = layout.k(CODEC.topk), layout.num_chunks
+    stride = layout.chunk_numel // k
+    tensors = {}
+    for i in range(n_tensors):
+        offsets = torch.randint(0, stride, (chunks, k), generator=gen)
+        idx = torch.arange(0, layout.chunk_numel, stride).expand(chunks, k) + offsets
+        codes = torch.randint(0, CODEC.levels, (chunks * k,), generator=gen, dtype=torch.uint8)
+        tensors[f"layer{i:03d}.weight"] = CompressedTensor(
+            shape=SHAPE,
+            indices=pack_indices(idx.reshape(-1), CODEC.index_bits),
+            gaps=torch.empty(0, dtype=torch.uint8),
+            codes=pack_codes(codes, CODEC.value_bits),
+            table=torch.tensor([-1.5, -0.5, 0.5, 1.5]) * 1e-3,
+        )
+    return CompressedUpdate(codec=CODEC, tensors=tensors)
+
+
+def spec_for(n_tensors: int) -> ModelSpec:
+    return ModelSpec(tuple((f"layer{i:03d}.weight", SHAPE, "bfloat16") for i in range(n_tensors)))
+
+
+def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeats, large):
+    s3 = S3Config(
+        bucket=bucket,
+        endpoint_url=endpoint,
+        access_key_id="bench",
+        secret_access_key="bench",
+        max_concurrency=concurrency,
+        read_timeout_s=120,
+    )
+    storage = S3Storage(s3)
+    storage.create_bucket()
+    spec = spec_for(n_tensors)
+    peers = [f"peer{i:02d}" for i in range(n_peers)]
+    signers = {p: Ed25519Signer.from_seed(bytes([i + 1]) * 32) for i, p in enumerate(peers)}
+    directory = StaticDirectory(PeerRecord(p, storage, signers[p].public_key) for p in peers)
+    config = ExchangeConfig(
+        deadline_s=600, max_concurrency=concurrency, codec=CODEC, compression_level=1
+    )
+    t0 = time.perf_counter()
+    sizes = {}
+    for i, p in enumerate(peers):
+        ex = StorageExchange(p, storage, directory, signers[p], spec, config)
+        sizes[p] = ex.publish(0, synthetic_update(n_tensors, seed=i))
+    publish_s = time.perf_counter() - t0
+    total = sum(sizes.values())
+    keys = [update_key("", 0, p) for p in peers]
+    client = storage._client
+
+    def raw_get(key: str) -> int:
+        return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def raw_all() -> int:
+        if large:
+            from boto3.s3.transfer import TransferConfig
+
+            buf = io.BytesIO()
+            client.download_fileobj(
+                bucket,
+                keys[0],
+                buf,
+                Config=TransferConfig(
+                    max_concurrency=concurrency, multipart_chunksize=s3.part_size
+                ),
+            )
+            return buf.getbuffer().nbytes
+        with ThreadPoolExecutor(concurrency) as pool:
+            return sum(pool.map(raw_get, keys))
+
+    observer = StorageExchange(
+        "observer", storage, directory, Ed25519Signer.generate(), spec, config
+    )
+    raw_times, gather_times = [], []
+    for rep in range(repeats):
+        t = time.perf_counter()
+        got = raw_all()
+        raw_times.append(time.perf_counter() - t)
+        assert got == total, (got, total)
+        observer._cache.clear()  # every repeat downloads again
+        t = time.perf_counter()
+        result = observer.gather(rep * 0)
+        gather_times.append(time.perf_counter() - t)
+        bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
+        assert not bad, bad
+        assert result.bytes_received == total
+    storage.close()
+    raw_s, gather_s = statistics.median(raw_times), statistics.median(gather_times)
+    return {
+        "scenario": name,
+        "peers": n_peers,
+        "object_mb": round(total / n_peers / 1e6, 2),
+        "total_mb": round(total / 1e6, 1),
+        "concurrency": concurrency,
+        "repeats": repeats,
+        "publish_s": round(publish_s, 3),
+        "raw_boto3_s": round(raw_s, 3),
+        "gather_s": round(gather_s, 3),
+        "raw_boto3_mb_s": round(total / raw_s / 1e6, 1),
+        "gather_mb_s": round(total / gather_s / 1e6, 1),
+        "ratio": round(raw_s / gather_s, 3),
+        "raw_times_s": [round(x, 3) for x in raw_times],
+        "gather_times_s": [round(x, 3) for x in gather_times],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers", type=int, default=20)
+    parser.add_argument("--update-mb", type=float, default=27.0, help="size of one peer update")
+    parser.add_argument("--large-mb", type=float, default=64.0, help="size of the large object")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="4 peers x 4 MB, 16 MB, 1 repeat")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "exchange.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.peers, args.update_mb, args.large_mb, args.repeats = 4, 4.0, 16.0, 1
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    per_tensor = tensor_bytes()
+    rows = []
+    try:
+        for name, peers, mb, large in (
+            ("peers", args.peers, args.update_mb, False),
+            ("large", 1, args.large_mb, True),
+        ):
+            n_tensors = max(1, round(mb * 1e6 / per_tensor))
+            rows.append(
+                run_scenario(
+                    name,
+                    endpoint,
+                    f"bench-{name}",
+                    peers,
+                    n_tensors,
+                    args.concurrency,
+                    args.repeats,
+                    large,
+                )
+            )
+    finally:
+        server.stop()
+    head = f"{'scenario':<9}{'peers':>6}{'MB/obj':>9}{'total MB':>10}{'raw s':>8}{'gather s':>10}"
+    head += f"{'raw MB/s':>10}{'gather MB/s':>13}{'ratio':>7}"
+    print(head)
+    for r in rows:
+        print(
+            f"{r['scenario']:<9}{r['peers']:>6}{r['object_mb']:>9}{r['total_mb']:>10}"
+            f"{r['raw_boto3_s']:>8}{r['gather_s']:>10}{r['raw_boto3_mb_s']:>10}"
+            f"{r['gather_mb_s']:>13}{r['ratio']:>7}"
+        )
+    out = {
+        "command": "python benchmarks/exchange.py" + (" --quick" if args.quick else ""),
+        "args": vars(args),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "results": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
