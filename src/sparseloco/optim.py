@@ -307,7 +307,7 @@ class SparseLoCo(OuterOptimizer):
         window = self.window
         params = list(self.named_params())
         device = params[0][1].device
-        choice = resolve_backend(codec.backend, device)
+        choice = resolve_backend(codec.backend, device, codec.chunk_size**2)
         with timer("check"):
             self._check_params()
         tensors = {}

@@ -53,8 +53,14 @@ def centroid_table(
 ) -> torch.Tensor:
     """The float32 decode table: mean of the centred values in each bin, plus μ."""
     c = (values - mu).to(torch.float64)
-    sums = torch.zeros(levels, dtype=torch.float64, device=values.device).index_add_(0, codes, c)
-    counts = torch.bincount(codes, minlength=levels).to(torch.float64)
+    counts_i = torch.bincount(codes, minlength=levels)
+    # Bin sums as differences of one running sum over the values sorted by bin: a fixed
+    # order on every device (index_add_ adds float64 with atomics on CUDA, which is not).
+    running = torch.cumsum(c[torch.argsort(codes, stable=True)], 0)
+    running = torch.cat([running.new_zeros(1), running])
+    at_ends = running[torch.cumsum(counts_i, 0)]
+    sums = torch.diff(at_ends, prepend=at_ends.new_zeros(1))
+    counts = counts_i.to(torch.float64)
     centres = (torch.arange(levels, device=values.device, dtype=torch.float64) - levels // 2) * (
         scale.to(torch.float64)
     )
