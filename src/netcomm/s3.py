@@ -225,14 +225,15 @@ class S3Storage:
         bounds = [(s, min(s + step, end)) for s in range(start, end, step)]
         parts = list(self._pool.map(lambda b: self._get_part(key, *b), bounds))
         total = parts[0][1]
-        out = bytearray()
+        chunks = []
         for (s, e), (chunk, _) in zip(bounds, parts, strict=True):
-            out += chunk
+            chunks.append(chunk)
             if len(chunk) < e - s:  # the object ends inside this part
                 break
+        out = b"".join(chunks)
         if len(out) != min(end, total) - start:
             raise TransientStorageError(f"{key}: object changed size during a ranged download")
-        return bytes(out)
+        return out
 
     def head(self, key: str) -> ObjectInfo:
         resp = self._retry(
