@@ -123,7 +123,7 @@ def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeat
                 keys[0],
                 buf,
                 Config=TransferConfig(
-                    max_concurrency=concurrency, multipart_chunksize=s3.part_size
+                    max_concurrency=concurrency, multipart_chunksize=s3.download_part_size
                 ),
             )
             return buf.getbuffer().nbytes

@@ -59,8 +59,9 @@ class S3Config:
         addressing_style: ``"path"`` (MinIO, most self-hosted servers), ``"virtual"`` or
             ``"auto"``.
         multipart_threshold: objects larger than this are uploaded in parts.
-        part_size: size of an upload part (S3 requires at least 5 MiB except the last) and of
-            a ranged download request.
+        part_size: size of an upload part (S3 requires at least 5 MiB except the last).
+        download_part_size: objects larger than this are downloaded as parallel ranged GETs
+            of this size (one request per part; below it a single GET is faster).
         max_concurrency: parallel part uploads/downloads per storage object.
         connect_timeout_s / read_timeout_s: per-request socket timeouts.
         max_attempts: tries per request (1 = no retry).
@@ -78,6 +79,7 @@ class S3Config:
     addressing_style: Literal["auto", "path", "virtual"] = "path"
     multipart_threshold: int = 32 * _MIB
     part_size: int = 16 * _MIB
+    download_part_size: int = 32 * _MIB
     max_concurrency: int = 8
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
@@ -105,6 +107,8 @@ class S3Config:
                 f"S3Config.part_size must be at least 5 MiB (S3's minimum part), got "
                 f"{self.part_size}"
             )
+        if self.download_part_size < _MIB:
+            raise NetcommConfigError("S3Config.download_part_size must be at least 1 MiB")
         if self.multipart_threshold < self.part_size:
             raise NetcommConfigError(
                 "S3Config.multipart_threshold must be at least part_size; raise the threshold"
@@ -209,7 +213,7 @@ class S3Storage:
         self._put_multipart(key, full, memoryview(data))
 
     def get(self, key: str) -> bytes:
-        first, total = self._get_part(key, 0, self.config.part_size)
+        first, total = self._get_part(key, 0, self.config.download_part_size)
         if total <= len(first):
             return first
         return first + self.get_range(key, len(first), total)
@@ -219,7 +223,7 @@ class S3Storage:
             raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
         if end == start:
             return b""
-        step = self.config.part_size
+        step = self.config.download_part_size
         if end - start <= step:
             return self._get_part(key, start, end)[0]
         bounds = [(s, min(s + step, end)) for s in range(start, end, step)]

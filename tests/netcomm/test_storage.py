@@ -110,7 +110,12 @@ def test_bad_keys_rejected(storage, key):
 
 def test_large_object_multipart_and_parallel_ranges(s3_factory):
     mib = 1 << 20
-    storage = s3_factory(part_size=5 * mib, multipart_threshold=5 * mib, max_concurrency=4)
+    storage = s3_factory(
+        part_size=5 * mib,
+        multipart_threshold=5 * mib,
+        download_part_size=4 * mib,
+        max_concurrency=4,
+    )
     data = os.urandom(13 * mib + 123)
     storage.put("big", data)
     assert storage.head("big").size == len(data)
