@@ -1,0 +1,283 @@
+"""Convergence benchmark: SparseLoCo vs DiLoCo vs data-parallel AdamW at equal tokens.
+
+Every method trains the same byte-level GPT with the same number of peers, the same inner
+optimizer (AdamW), the same per-peer data stream and the same number of inner steps; only
+the synchronisation differs:
+
+* ``sparseloco``: the ``covenant-72b`` preset (k=64/4096, 2-bit, β=0.95, α=1), with both
+  reducers (``mean_selected`` as Templar runs it, ``mean`` as the paper writes it), and
+  with the paper's 512M density (k=128/4096);
+* ``diloco``: dense fp32 pseudo-gradients, outer Nesterov SGD (momentum 0.9) at several
+  outer learning rates;
+* ``dp``: dense gradient averaging every step (the data-parallel reference).
+
+Each method's inner learning rate is chosen from a small grid by mean final held-out loss
+over the seeds; every tried value is reported. Prints tables, writes
+``results/convergence.json`` and ``results/convergence.png``.
+
+Run: ``python -m benchmarks.convergence`` (CPU, a few minutes) or ``--preset gpu`` for a
+larger model on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.common import environment, print_table, write_json
+from sparseloco import DataParallel, DiLoCo, InProcessHub, OuterLoop, SparseLoCo
+from sparseloco.data import TokenDataset, stdlib_corpus
+from sparseloco.models import GPT, GPTConfig
+
+SIZES = {
+    "cpu": dict(
+        model=GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64),
+        peers=4,
+        rounds=12,
+        inner_steps=20,
+        batch=8,
+        corpus=3_000_000,
+        inner_lrs=(1e-3, 2e-3, 4e-3),
+        seeds=(0, 1),
+        device="cpu",
+    ),
+    "gpu": dict(
+        model=GPTConfig(block_size=256, n_layer=8, n_head=8, n_embd=512),
+        peers=8,
+        rounds=30,
+        inner_steps=50,
+        batch=32,
+        corpus=60_000_000,
+        inner_lrs=(3e-4, 6e-4, 1e-3),
+        seeds=(0, 1, 2),
+        device="cuda",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    options: dict[str, Any]
+
+
+def methods(diloco_lrs: tuple[float, ...]) -> list[Method]:
+    out = [
+        Method("sparseloco/mean_selected", "sparseloco", {"reducer": "mean_selected"}),
+        Method("sparseloco/mean", "sparseloco", {"reducer": "mean"}),
+        Method("sparseloco/k128", "sparseloco", {"codec": {"topk": 128}}),
+    ]
+    out += [Method(f"diloco/lr={lr}", "diloco", {"lr": lr}) for lr in diloco_lrs]
+    out.append(Method("dp-adamw", "dp", {}))
+    return out
+
+
+def train(
+    method: Method, data: TokenDataset, size: dict, inner_lr: float, seed: int
+) -> dict[str, Any]:
+    """One swarm run; returns the held-out curve (per round) and bytes sent per peer."""
+    device = torch.device(size["device"])
+    peers, rounds, h, batch = size["peers"], size["rounds"], size["inner_steps"], size["batch"]
+    torch.manual_seed(seed)
+    init = GPT(size["model"]).state_dict()
+    names = [f"p{i}" for i in range(peers)]
+    hub = InProcessHub(names, timeout=600)
+    models = []
+    for _ in names:
+        m = GPT(size["model"]).to(device)
+        m.load_state_dict(init)
+        models.append(m)
+    heldout = [
+        tuple(t.to(device) for t in data.heldout_batch(range(i, i + batch)))
+        for i in range(0, min(16 * batch, data.num_heldout - batch), batch)
+    ]
+    curve: list[float] = []
+    sent = [0] * peers
+    barrier = threading.Barrier(peers)
+
+    @torch.no_grad()
+    def evaluate(model: GPT) -> float:
+        model.eval()
+        loss = sum(float(model(x, y)[1]) for x, y in heldout) / len(heldout)
+        model.train()
+        return loss
+
+    def peer(i: int) -> None:
+        model = models[i]
+        inner = torch.optim.AdamW(model.parameters(), lr=inner_lr, weight_decay=0.1)
+        ex = hub.connect(names[i])
+        if method.kind == "sparseloco":
+            outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", **method.options)
+        elif method.kind == "diloco":
+            outer = DiLoCo(model.named_parameters(), ex, inner_steps=h, **method.options)
+        else:
+            outer = DataParallel(model.named_parameters(), ex)
+        g = torch.Generator().manual_seed(1000 * seed + i)
+        with OuterLoop(inner, outer, sync_every=1 if method.kind == "dp" else h) as loop:
+            for _round in range(rounds):
+                for _ in range(h):
+                    ids = torch.randint(0, data.num_train, (batch,), generator=g).tolist()
+                    x, y = (t.to(device) for t in data.train_batch(ids))
+                    _, loss = model(x, y)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    inner.step()
+                    inner.zero_grad(set_to_none=True)
+                barrier.wait()
+                if i == 0:
+                    curve.append(evaluate(model))
+                barrier.wait()
+        sent[i] = sum(rep.bytes_sent for rep in loop.reports)
+
+    threads = [threading.Thread(target=peer, args=(i,)) for i in range(peers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in models]
+    assert all(torch.equal(flat[0], f) for f in flat[1:]), "peers drifted apart"
+    return {"curve": curve, "final": curve[-1], "bytes_per_peer": statistics.mean(sent)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--diloco-lrs", type=float, nargs="+", default=[0.4, 0.7, 1.0])
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
+    ap.add_argument("--inner-lrs", type=float, nargs="+", help="override the inner-lr grid")
+    args = ap.parse_args()
+    size = dict(SIZES[args.preset])
+    if args.seeds:
+        size["seeds"] = tuple(args.seeds)
+    if args.inner_lrs:
+        size["inner_lrs"] = tuple(args.inner_lrs)
+    torch.set_num_threads(1 if size["device"] == "cpu" else torch.get_num_threads())
+    data = TokenDataset(stdlib_corpus(size["corpus"]), size["model"].block_size)
+    start = time.time()
+    runs: dict[str, dict[float, dict[int, dict]]] = {}
+    for method in methods(tuple(args.diloco_lrs)):
+        for lr in size["inner_lrs"]:
+            for seed in size["seeds"]:
+                res = train(method, data, size, lr, seed)
+                runs.setdefault(method.name, {}).setdefault(lr, {})[seed] = res
+                print(f"{method.name:26s} inner_lr={lr:<7} seed={seed}  final {res['final']:.4f}")
+    tried, best = [], {}
+    for name, by_lr in runs.items():
+        for lr, by_seed in by_lr.items():
+            finals = [r["final"] for r in by_seed.values()]
+            tried.append(
+                {
+                    "method": name,
+                    "inner lr": lr,
+                    "mean final": statistics.mean(finals),
+                    "per seed": " ".join(f"{f:.4f}" for f in finals),
+                }
+            )
+        lr_best = min(by_lr, key=lambda lr: statistics.mean(r["final"] for r in by_lr[lr].values()))
+        best[name] = (lr_best, by_lr[lr_best])
+    tokens = size["rounds"] * size["inner_steps"] * size["batch"] * size["model"].block_size
+    dense = next(iter(best["dp-adamw"][1].values()))["bytes_per_peer"]
+    rows = []
+    for name, (lr, by_seed) in best.items():
+        finals = [r["final"] for r in by_seed.values()]
+        sent = statistics.mean(r["bytes_per_peer"] for r in by_seed.values())
+        rows.append(
+            {
+                "method": name,
+                "inner lr": lr,
+                "held-out mean": statistics.mean(finals),
+                "spread (max-min)": max(finals) - min(finals),
+                "per seed": " ".join(f"{f:.4f}" for f in finals),
+                "MB sent/peer": sent / 1e6,
+                "bytes vs dp": dense / sent,
+            }
+        )
+    diloco = [n for n in best if n.startswith("diloco")]
+    seeds = size["seeds"]
+    best_diloco_per_seed = {s: min(best[n][1][s]["final"] for n in diloco) for s in seeds}
+    sparse_names = [n for n in best if n.startswith("sparseloco")]
+    verdict = {
+        n: {
+            "beats_best_diloco_every_seed": all(
+                best[n][1][s]["final"] <= best_diloco_per_seed[s] for s in seeds
+            ),
+            "fewer_bytes_than_diloco": min(
+                statistics.mean(r["bytes_per_peer"] for r in best[d][1].values()) for d in diloco
+            )
+            / statistics.mean(r["bytes_per_peer"] for r in best[n][1].values()),
+        }
+        for n in sparse_names
+    }
+    print(
+        f"\n{size['peers']} peers, {tokens:,} tokens per peer, seeds {list(seeds)}, "
+        f"{time.time() - start:.0f} s\n\nevery configuration tried:"
+    )
+    print_table(tried, list(tried[0]))
+    print("\nbest inner lr per method:")
+    print_table(rows, list(rows[0]))
+    print("\nSparseLoCo vs the best DiLoCo (per seed) and bytes per round:")
+    for n, v in verdict.items():
+        print(
+            f"  {n}: beats best DiLoCo in every seed: {v['beats_best_diloco_every_seed']}, "
+            f"{v['fewer_bytes_than_diloco']:.0f}x fewer bytes than DiLoCo"
+        )
+    png = plot(best, size)
+    path = write_json(
+        "convergence",
+        {
+            "preset": args.preset,
+            "size": {k: str(v) for k, v in size.items()},
+            "tokens_per_peer": tokens,
+            "tried": tried,
+            "best": rows,
+            "verdict": verdict,
+            "curves": {
+                n: {str(s): r["curve"] for s, r in by_seed.items()}
+                for n, (_, by_seed) in best.items()
+            },
+            "environment": environment(),
+            "seconds": time.time() - start,
+            "plot": str(png),
+        },
+    )
+    print(f"\nwrote {path} and {png}")
+
+
+def plot(best: dict, size: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import RESULTS
+
+    per_round = size["inner_steps"] * size["batch"] * size["model"].block_size
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (lr, by_seed) in best.items():
+        curves = [r["curve"] for r in by_seed.values()]
+        mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
+        x = [(i + 1) * per_round for i in range(len(mean))]
+        ax.plot(x, mean, marker="o", ms=3, label=f"{name} (inner lr {lr})")
+    ax.set_xlabel("tokens per peer")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.set_title(f"{size['peers']} peers, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "convergence.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
