@@ -109,11 +109,18 @@ class WindowReport:
 
     @property
     def accepted(self) -> list[str]:
-        """Peers evaluated this window with a positive gradient score (aggregation set)."""
+        """The aggregation set: evaluated peers whose update helped this window or whose
+        standing (final score) is positive.
+
+        The standing keeps an honest peer whose gain on a small random set came out slightly
+        negative once; failed peers (missing, invalid, copies, bad data) are never accepted.
+        """
         return sorted(
             p
             for p, o in self.outcomes.items()
-            if o.status == "evaluated" and o.evaluation is not None and o.evaluation.gain_random > 0
+            if o.status == "evaluated"
+            and o.evaluation is not None
+            and (o.evaluation.gain_random > 0 or self.scores.get(p, 0.0) > 0)
         )
 
     def table(self) -> str:

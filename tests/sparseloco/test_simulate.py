@@ -43,6 +43,7 @@ def test_every_honest_update_gathered_and_adversaries_unpaid(short_run):
             assert r["validator"][peer]["status"] == "evaluated"
         assert r["validator"]["adv-copier"]["status"] == "copy"
         assert not any(p.startswith("adv-poisoner") for p in r["aggregated"])
+    assert s["honest_gathered_every_window"]
     assert s["adversary_weight_total"] == 0.0
     assert sum(s["final_weights"][p] for p in ("peer-0", "peer-1", "peer-2")) == pytest.approx(1.0)
     assert s["compression_vs_fp32"] > 20

@@ -136,7 +136,13 @@ def _summary(
         "final_weights": weights,
         "adversary_weight_total": sum(weights[p] for p in adv),
         "honest_gathered_every_window": all(
-            set(cfg.honest_ids) <= set(r["aggregated"]) for r in records
+            r["validator"][p]["status"] == "evaluated" for r in records for p in cfg.honest_ids
+        ),
+        "honest_aggregated_fraction": (
+            sum(p in r["aggregated"] for r in records for p in cfg.honest_ids)
+            / (len(records) * len(cfg.honest_ids))
+            if records
+            else 0.0
         ),
     }
 
