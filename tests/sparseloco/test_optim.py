@@ -254,3 +254,30 @@ def test_constructor_validation():
             DataParallel(_model().parameters(), ex),
             sync_every=5,
         )
+
+
+class _Unselected:
+    """An exchange whose selection leaves this peer out and has no other updates."""
+
+    peer_id = "solo"
+
+    def publish(self, window, payload):
+        return payload.nbytes
+
+    def gather(self, window):
+        from sparseloco import GatherResult
+
+        return GatherResult(window=window, self_selected=False)
+
+
+def test_round_without_selected_updates_returns_to_theta0():
+    m = _model()
+    outer = SparseLoCo(m.named_parameters(), _Unselected(), codec={"topk": 8})
+    theta0 = _flat(m).clone()
+    with torch.no_grad():
+        m[0].weight.add_(0.5)
+    report = outer.step()
+    assert report.peers == []
+    assert report.update_norm == 0.0
+    assert torch.equal(_flat(m), theta0)
+    assert float(outer.state[m[0].weight]["error"].abs().sum()) > 0  # the residual is kept
