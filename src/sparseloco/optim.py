@@ -39,7 +39,7 @@ from sparseloco.codec import CompressedUpdate, check_finite, encode_tensor
 from sparseloco.config import OuterConfig, preset
 from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
-from sparseloco.kernels import resolve_backend
+from sparseloco.kernels import BackendChoice, resolve_backend
 from sparseloco.payload import DenseUpdate, Payload, wire_dtype
 
 
@@ -145,21 +145,86 @@ class OuterOptimizer(Optimizer):
         t = t.to("cpu")
         return t.pin_memory() if torch.cuda.is_available() else t
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(p.shape) for name, p, _ in self.named_params()}
+    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+        """The parameters a round works on (all of them; gradient averaging skips no-grads)."""
+        return list(self.named_params())
 
-    def _check_params(self) -> None:
-        for name, p, _ in self.named_params():
-            check_finite(name, p)
+    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor a round reads from ``p`` and checks for NaN/Inf before changing anything."""
+        return p
+
+    def _backend(self, device: torch.device) -> BackendChoice:
+        return BackendChoice("torch", "dense baseline")
+
+    def _encode(
+        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
+    ) -> tuple[Payload, float]:
+        """This round's payload and the norm of what it was made from."""
+        raise NotImplementedError
+
+    def _aggregate(
+        self, updates: dict[str, Payload], device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, aggregate) per tensor from the selected payloads (own included)."""
+        raise NotImplementedError
+
+    def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
+        self._outer_update(p, group, agg)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
+        """One round: check, encode, publish, gather, aggregate, apply; returns the report."""
+        if closure is not None:
+            raise ConfigError("outer optimizers take no closure")
+        timer = _Timer()
+        window = self.window
+        params = self._round_params()
+        device = params[0][1].device
+        choice = self._backend(device)
+        with timer("check"):
+            for name, p, _ in params:
+                check_finite(name, self._round_input(p))
+        with timer("encode"):
+            own, source_norm = self._encode(params)
+        with timer("publish"):
+            sent = self.exchange.publish(window, own)
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+        shapes = {name: tuple(p.shape) for name, p, _ in params}
+        updates, statuses = self._usable(gathered, own, shapes)
+        lookup = {name: (p, group) for name, p, group in params}
+        upd_sq = 0.0
+        with timer("aggregate_step"):
+            stream = self._aggregate(updates, device) if updates else self._zeros(params)
+            for name, agg in stream:
+                p, group = lookup[name]
+                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+                self._apply(p, group, agg)
+        report = RoundReport(
+            window=window,
+            peer_id=self.exchange.peer_id,
+            method=self.method,
+            backend=choice.name,
+            backend_reason=choice.reason,
+            bytes_sent=sent,
+            bytes_received=gathered.bytes_received,
+            peers=sorted(updates),
+            statuses=statuses,
+            pseudo_grad_norm=source_norm,
+            update_norm=upd_sq**0.5,
+            timings=timer.times,
+        )
+        self.last_report = report
+        self.window += 1
+        return report
 
     def _usable(
-        self, gathered: GatherResult, own: Payload
+        self, gathered: GatherResult, own: Payload, shapes: dict[str, tuple[int, ...]]
     ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
         """Own payload (if selected) plus gathered ones that match this model.
 
         Gathered payloads of the wrong kind, codec, names or shapes become ``invalid``.
         """
-        shapes = self._shapes()
         statuses = dict(gathered.statuses)
         updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
@@ -177,9 +242,12 @@ class OuterOptimizer(Optimizer):
             updates[peer] = payload
         return updates, statuses
 
-    def _zero_aggregate(self) -> Iterator[tuple[str, torch.Tensor]]:
+    @staticmethod
+    def _zeros(
+        params: list[tuple[str, torch.Tensor, dict[str, Any]]],
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """The aggregate of a round with no selected update: zero for every tensor."""
-        for name, p, _ in self.named_params():
+        for name, p, _ in params:
             yield name, torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
     def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
@@ -198,12 +266,6 @@ class OuterOptimizer(Optimizer):
         theta0 = state["theta0"].to(p.device, torch.float32, non_blocking=True)
         p.copy_(theta0.sub_(direction, alpha=group["lr"]))
         state["theta0"].copy_(p)
-
-    def _report(self, **kwargs: Any) -> RoundReport:
-        report = RoundReport(peer_id=self.exchange.peer_id, method=self.method, **kwargs)
-        self.last_report = report
-        self.window += 1
-        return report
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -298,66 +360,38 @@ class SparseLoCo(OuterOptimizer):
             torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
-        if closure is not None:
-            raise ConfigError("outer optimizers take no closure")
+    def _backend(self, device: torch.device) -> BackendChoice:
         codec = self.config.codec
-        timer = _Timer()
-        window = self.window
-        params = list(self.named_params())
-        device = params[0][1].device
-        choice = resolve_backend(codec.backend, device, codec.chunk_size**2)
-        with timer("check"):
-            self._check_params()
+        return resolve_backend(codec.backend, device, codec.chunk_size**2)
+
+    def _encode(
+        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
+    ) -> tuple[Payload, float]:
+        """Δ = θ₀ − θ per tensor, through error feedback and the codec (one tensor at a time)."""
+        codec = self.config.codec
         tensors = {}
         pg_sq = 0.0
-        with timer("encode"):
-            for name, p, _ in params:
-                state = self.state[p]
-                delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
-                pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-                error = state["error"]
-                work = error.to(p.device, non_blocking=True) if self.offload else error
-                tensors[name] = encode_tensor(name, delta, work, codec)
-                if work is not error:
-                    error.copy_(work)
-                del delta
-        update = CompressedUpdate(codec=codec, tensors=tensors)
-        with timer("publish"):
-            sent = self.exchange.publish(window, update)
-        with timer("gather"):
-            gathered = self.exchange.gather(window)
-        updates, statuses = self._usable(gathered, update)
-        lookup = {name: (p, group) for name, p, group in params}
-        upd_sq = 0.0
-        with timer("aggregate_step"):
-            stream = (
-                iter_aggregate(
-                    updates,  # type: ignore[arg-type]
-                    reducer=self.config.reducer,
-                    clip_to_median=self.config.clip_to_median,
-                    device=device,
-                    backend=codec.backend,
-                )
-                if updates
-                else self._zero_aggregate()
-            )
-            for name, agg in stream:
-                p, group = lookup[name]
-                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-                self._outer_update(p, group, agg)
-        return self._report(
-            window=window,
-            backend=choice.name,
-            backend_reason=choice.reason,
-            bytes_sent=sent,
-            bytes_received=gathered.bytes_received,
-            peers=sorted(updates),
-            statuses=statuses,
-            pseudo_grad_norm=pg_sq**0.5,
-            update_norm=upd_sq**0.5,
-            timings=timer.times,
+        for name, p, _ in params:
+            state = self.state[p]
+            delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+            pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+            error = state["error"]
+            work = error.to(p.device, non_blocking=True) if self.offload else error
+            tensors[name] = encode_tensor(name, delta, work, codec)
+            if work is not error:
+                error.copy_(work)
+            del delta
+        return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
+
+    def _aggregate(
+        self, updates: dict[str, Payload], device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_aggregate(
+            updates,  # type: ignore[arg-type]
+            reducer=self.config.reducer,
+            clip_to_median=self.config.clip_to_median,
+            device=device,
+            backend=self.config.codec.backend,
         )
 
 
@@ -405,54 +439,21 @@ class DiLoCo(OuterOptimizer):
             offload=offload,
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
-        if closure is not None:
-            raise ConfigError("outer optimizers take no closure")
-        timer = _Timer()
-        window = self.window
-        params = list(self.named_params())
-        device = params[0][1].device
-        with timer("check"):
-            self._check_params()
-        with timer("encode"):
-            deltas = {
-                name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire)
-                for name, p, _ in params
-            }
-        pg = sum(
+    def _encode(
+        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
+    ) -> tuple[Payload, float]:
+        deltas = {
+            name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire) for name, p, _ in params
+        }
+        norm_sq = sum(
             float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
         )
-        update = DenseUpdate(tensors=deltas)
-        with timer("publish"):
-            sent = self.exchange.publish(window, update)
-        with timer("gather"):
-            gathered = self.exchange.gather(window)
-        updates, statuses = self._usable(gathered, update)
-        lookup = {name: (p, group) for name, p, group in params}
-        upd_sq = 0.0
-        with timer("aggregate_step"):
-            stream = (
-                iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
-                if updates
-                else self._zero_aggregate()
-            )
-            for name, agg in stream:
-                p, group = lookup[name]
-                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-                self._outer_update(p, group, agg)
-        return self._report(
-            window=window,
-            backend="torch",
-            backend_reason="dense baseline",
-            bytes_sent=sent,
-            bytes_received=gathered.bytes_received,
-            peers=sorted(updates),
-            statuses=statuses,
-            pseudo_grad_norm=pg**0.5,
-            update_norm=upd_sq**0.5,
-            timings=timer.times,
-        )
+        return DenseUpdate(tensors=deltas), norm_sq**0.5
+
+    def _aggregate(
+        self, updates: dict[str, Payload], device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
 
 
 class DataParallel(OuterOptimizer):
@@ -473,56 +474,29 @@ class DataParallel(OuterOptimizer):
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         del name, p
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
-        if closure is not None:
-            raise ConfigError("outer optimizers take no closure")
-        timer = _Timer()
-        window = self.window
-        params = [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
-        with timer("check"):
-            for name, p, _ in params:
-                check_finite(name, p.grad)  # type: ignore[arg-type]
-        # a copy: the payload must stay unchanged after publishing while .grad is overwritten below
+    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+        return [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
+
+    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
+        return p.grad  # type: ignore[return-value]
+
+    def _encode(
+        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
+    ) -> tuple[Payload, float]:
+        # a copy: the payload must stay unchanged after publishing while .grad is overwritten
         grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
-        update = DenseUpdate(tensors=grads)
-        with timer("publish"):
-            sent = self.exchange.publish(window, update)
-        with timer("gather"):
-            gathered = self.exchange.gather(window)
-        shapes = {name: tuple(p.shape) for name, p, _ in params}
-        updates: dict[str, DenseUpdate] = (
-            {self.exchange.peer_id: update} if gathered.self_selected else {}
+        norm_sq = sum(
+            float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values()
         )
-        statuses = dict(gathered.statuses)
-        for peer, payload in gathered.updates.items():
-            try:
-                if not isinstance(payload, DenseUpdate):
-                    raise UpdateError(f"expected a dense payload, got {payload.kind}")
-                payload.check_matches(shapes)
-            except SparseLoCoError as exc:
-                statuses[peer] = PeerStatus(peer, "invalid", str(exc))
-                continue
-            updates[peer] = payload
-        lookup = {name: p for name, p, _ in params}
-        norm_sq = 0.0
-        with timer("aggregate_step"):
-            for name, mean in iter_aggregate_dense(updates, device=params[0][1].device):
-                grad = lookup[name].grad
-                grad.copy_(mean)  # type: ignore[union-attr]
-                norm_sq += float(torch.linalg.vector_norm(mean, dtype=torch.float64)) ** 2
-        return self._report(
-            window=window,
-            backend="torch",
-            backend_reason="dense baseline",
-            bytes_sent=sent,
-            bytes_received=gathered.bytes_received,
-            peers=sorted(updates),
-            statuses=statuses,
-            pseudo_grad_norm=norm_sq**0.5,
-            update_norm=norm_sq**0.5,
-            timings=timer.times,
-        )
+        return DenseUpdate(tensors=grads), norm_sq**0.5
+
+    def _aggregate(
+        self, updates: dict[str, Payload], device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+
+    def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
+        p.grad.copy_(agg)  # type: ignore[union-attr]
 
 
 def wire_dtype_or_raise(name: str) -> torch.dtype:
