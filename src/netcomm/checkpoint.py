@@ -208,7 +208,7 @@ def _loads(data: bytes, what: str) -> dict[str, Any]:
         raise CheckpointError(f"{what} is larger than {_MAX_JSON_BYTES} bytes")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise CheckpointError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} is not a JSON object")

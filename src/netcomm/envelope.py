@@ -240,7 +240,7 @@ def read_header(blob: bytes | memoryview, limits: EnvelopeLimits) -> tuple[dict[
         )
     try:
         header = json.loads(bytes(view[PREFIX_SIZE : PREFIX_SIZE + header_len]))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise EnvelopeError("format", f"header is not JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
         raise EnvelopeError("format", "header fields are missing or unexpected")
@@ -369,7 +369,7 @@ def _check_safetensors(raw: bytes, count: int, limits: EnvelopeLimits) -> dict[s
         raise EnvelopeError("tensors", f"safetensors header length {n} is out of bounds")
     try:
         header = json.loads(raw[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise EnvelopeError("tensors", f"safetensors header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise EnvelopeError("tensors", "safetensors header is not an object")

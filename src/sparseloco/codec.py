@@ -127,7 +127,7 @@ class CompressedUpdate:
             codec = CodecConfig.from_dict(json.loads(meta["codec"]))
             shapes = json.loads(meta["shapes"])
             rice = json.loads(meta.get("rice", "{}"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:  # deep nesting too
             raise CorruptUpdateError(f"bad payload metadata: {exc}") from None
         if not isinstance(shapes, dict) or not isinstance(rice, dict):
             raise CorruptUpdateError("bad payload metadata: shapes/rice must be objects")

@@ -1,0 +1,113 @@
+"""Decoder fuzzing in CI: a fast subset of benchmarks/reliability_fuzz.py's cases.
+
+Every case must end in a payload or an ``EnvelopeError``: no other exception, no hang, no
+forged or unusable payload accepted, memory bounded. ``benchmarks/reliability.py`` runs
+100,000 cases of the same mutators.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netcomm import CheckpointError, CheckpointStore, EnvelopeError, LocalStorage
+from netcomm.envelope import _safetensors_bytes
+from sparseloco.codec import CompressedUpdate
+from sparseloco.errors import CorruptUpdateError
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data(), rng=st.randoms(use_true_random=False))
+def test_hypothesis_cases_end_in_typed_errors_or_valid_payloads(fuzzlib, fuzz_target, data, rng):
+    stats = fuzzlib.FuzzStats()
+    mutator = data.draw(st.sampled_from(sorted(fuzzlib.MUTATORS)))
+    outcome = fuzzlib.run_one(fuzz_target, stats, mutator, rng)
+    assert outcome.startswith(("accepted", "rejected:")), (mutator, outcome)
+    assert stats.max_case_s < 2.0
+
+
+def test_seeded_run_covers_every_mutator_within_bounds(fuzzlib, fuzz_target):
+    stats = fuzzlib.fuzz(1020, seed=12345, target=fuzz_target)
+    assert (stats.crashes, stats.hangs, stats.forged, stats.unusable) == (0, 0, 0, 0), (
+        stats.defects[:5]
+    )
+    assert set(stats.by_mutator) == set(fuzzlib.MUTATORS)
+    assert min(stats.by_mutator.values()) == 60
+    # the mix reaches deep checks, not just the signature
+    for reason in ("signature", "window", "fingerprint", "decompress", "tensors", "corrupt"):
+        assert stats.rejected[reason] > 0, reason
+    assert 0 < stats.accepted < stats.cases
+    assert stats.max_case_s < 2.0
+    assert stats.rss_growth_mb < 300  # zstd bombs stay within LIMITS' 4 MiB cap
+
+
+def test_a_crash_is_counted_not_hidden(fuzzlib, fuzz_target):
+    """The harness itself can fail: a non-typed exception or a forgery is a defect."""
+    import random
+
+    stats = fuzzlib.FuzzStats()
+
+    def broken(target, case, strict):
+        raise KeyError("boom")
+
+    outcome = fuzzlib.run_one(fuzz_target, stats, "bitflip", random.Random(0), opener=broken)
+    assert outcome == "crash:KeyError: 'boom'" and stats.crashes == 1
+
+    def accept_anything(target, case, strict):
+        return fuzz_target.bases[0][0]
+
+    outcome = fuzzlib.run_one(
+        fuzz_target, stats, "bitflip", random.Random(0), opener=accept_anything
+    )
+    assert outcome == "forged" and stats.forged == 1
+
+
+DEEP = b"[" * 100_000
+
+
+def test_deeply_nested_envelope_header_is_a_format_error(fuzzlib, fuzz_target):
+    """Regression: json.loads raised RecursionError before the signature was even checked."""
+    blob = fuzzlib.sign_raw(fuzz_target, DEEP[:10_000], b"")  # under the 16 KiB header cap
+    case = fuzzlib.Case(blob, True, None)
+    with pytest.raises(EnvelopeError) as info:
+        fuzzlib.open_case(fuzz_target, case, strict=True)
+    assert info.value.reason == "format"
+
+
+def test_deeply_nested_safetensors_header_is_a_tensors_error(fuzzlib, fuzz_target):
+    payload, codec = fuzz_target.bases[0]
+    hdr = b'{"a":' + DEEP + b"}"
+    raw = struct.pack("<Q", len(hdr)) + hdr
+    blob = fuzzlib._resign_raw(fuzz_target, payload, raw)
+    with pytest.raises(EnvelopeError) as info:
+        fuzzlib.open_case(fuzz_target, fuzzlib.Case(blob, True, codec), strict=True)
+    assert info.value.reason == "tensors"
+
+
+def test_deeply_nested_payload_metadata_is_a_typed_error(fuzzlib, fuzz_target):
+    payload, codec = fuzz_target.bases[0]
+    tensors, meta = payload.to_tensors()
+    meta = {**meta, "codec": DEEP.decode()}
+    with pytest.raises(CorruptUpdateError, match="bad payload metadata"):
+        CompressedUpdate.from_tensors(tensors, meta)
+    blob = fuzzlib._resign_raw(fuzz_target, payload, _safetensors_bytes(tensors, meta))
+    with pytest.raises(EnvelopeError) as info:
+        fuzzlib.open_case(fuzz_target, fuzzlib.Case(blob, True, codec), strict=True)
+    assert info.value.reason == "tensors"
+
+
+def test_deeply_nested_checkpoint_pointer_is_a_checkpoint_error(tmp_path):
+    store = CheckpointStore(LocalStorage(tmp_path))
+    store.save(1, {"w": torch.zeros(2)})
+    store.storage.put(store.latest_key, DEEP)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        store.load()
