@@ -1,0 +1,157 @@
+"""One PRISM round end to end: submissions → funnel → ranked table → weights → winner config.
+
+``python -m examples.prism [--out DIR] [--seed S] [--simulate WINDOWS]`` from the repository
+root. The winner's full :class:`~sparseloco.models.GPTConfig` is written to
+``DIR/winner_gpt.json``; the ``sparseloco simulate`` command printed beside it carries the
+fields its flags take, and ``--simulate`` runs the local swarm on the complete config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from examples.common.settle import Settlement, settle
+from examples.common.submissions import SubmissionBox
+from examples.common.table import format_table
+from examples.prism.candidates import submit_demo
+from examples.prism.config import PrismConfig
+from examples.prism.funnel import CandidateResult, run_funnel
+from gauntlet import InMemorySubnet
+from netcomm import LocalStorage
+from sparseloco.models import GPTConfig
+
+VALIDATOR = "validator"
+#: GPTConfig fields ``sparseloco simulate`` takes as flags, and the flag names
+SIMULATE_FLAGS = {
+    "n_layer": "--layers",
+    "n_head": "--heads",
+    "n_embd": "--width",
+    "block_size": "--block-size",
+}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Everything a round produced."""
+
+    ranked: list[CandidateResult]
+    settlement: Settlement
+    winner: CandidateResult | None
+    winner_path: Path | None
+
+
+def simulate_command(gpt: GPTConfig, out: Path) -> tuple[str, list[str]]:
+    """The ``sparseloco simulate`` command for ``gpt``, and the fields its flags cannot carry."""
+    flags = " ".join(f"{flag} {getattr(gpt, name)}" for name, flag in SIMULATE_FLAGS.items())
+    default = GPTConfig()
+    lost = [
+        f"{name}={getattr(gpt, name)!r}"
+        for name in ("n_kv_head", "mlp_ratio", "norm", "pos", "tie_weights")
+        if getattr(gpt, name) != getattr(default, name)
+    ]
+    return f"sparseloco simulate {flags} --out {out}", lost
+
+
+def ranked_table(ranked: list[CandidateResult]) -> str:
+    """The ranked candidates with each tier's score and the tier that dropped them."""
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = []
+    for rank, r in enumerate(ranked, start=1):
+        c = r.config
+        arch = (
+            f"L{c.n_layer} d{c.n_embd} h{c.n_head}/{c.kv_heads} x{c.mlp_ratio:g} {c.norm} {c.pos}"
+            if c
+            else json.dumps(r.body, sort_keys=True)[:44]
+        )
+        rows.append(
+            [
+                rank,
+                r.hotkey,
+                arch,
+                "-" if r.params is None else f"{r.params:,}",
+                fmt(r.proxy),
+                fmt(r.train),
+                fmt(r.bench),
+                "-" if r.bench_bpb is None else f"{r.bench_bpb:.3f}",
+                r.dropped_at or ("winner" if rank == 1 else "benchmarked"),
+                r.reason,
+            ]
+        )
+    headers = ["#", "hotkey", "architecture", "params", "proxy", "train", "bench", "bpb"]
+    return format_table([*headers, "dropped at", "why"], rows)
+
+
+def run_round(
+    cfg: PrismConfig, workdir: Path, log: Callable[[str], None] = lambda _: None
+) -> RoundResult:
+    """Run the demo round in ``workdir`` (bucket, winner config)."""
+    subnet = InMemorySubnet(netuid=100)
+    subnet.register(VALIDATOR, stake=1000.0)
+    box = SubmissionBox(LocalStorage(workdir / "bucket", fsync=False), "prism")
+    submit_demo(box, subnet)
+    submissions, rejected = box.collect(subnet.connect(VALIDATOR))
+    log(f"{len(submissions)} signed submissions verified, {len(rejected)} rejected")
+    ranked = run_funnel(submissions, rejected, cfg, log)
+    scores: dict[str, float] = {}
+    for r in ranked:  # a miner's score is its best benchmarked candidate's; 0 otherwise
+        scores[r.hotkey] = max(scores.get(r.hotkey, 0.0), r.bench or 0.0)
+    settlement = settle(subnet, VALIDATOR, scores)
+    winner = ranked[0] if ranked and ranked[0].dropped_at is None else None
+    winner_path = None
+    if winner is not None and winner.config is not None:
+        winner_path = workdir / "winner_gpt.json"
+        winner_path.write_text(json.dumps(winner.config.to_dict(), indent=2) + "\n")
+    return RoundResult(ranked, settlement, winner, winner_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.prism", description=__doc__)
+    parser.add_argument("--out", default="runs/prism", help="bucket and winner config folder")
+    parser.add_argument("--seed", default=PrismConfig.seed, help="the round's public seed")
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        default=0,
+        metavar="WINDOWS",
+        help="then run `sparseloco.sim` on the winner's full config for WINDOWS windows",
+    )
+    args = parser.parse_args(argv)
+    cfg = PrismConfig(seed=args.seed)
+    out = Path(args.out)
+    result = run_round(cfg, out, log=print)
+    print()
+    print(ranked_table(result.ranked))
+    print()
+    s = result.settlement
+    weights = {h: round(w, 4) for h, w in sorted(s.weights.items()) if w > 0}
+    print(f"weights {weights}; chain: {s.result.message}")
+    if result.winner is None or result.winner_path is None or result.winner.config is None:
+        print("no candidate reached the benchmark")
+        return 1
+    command, lost = simulate_command(result.winner.config, out / "sim")
+    print(f"winner {result.winner.hotkey}: config written to {result.winner_path}")
+    print(f"train it locally:  {command}")
+    if lost:
+        print(
+            f"  (the CLI's flags cannot carry {', '.join(lost)}; --simulate runs the full config)"
+        )
+    if args.simulate:
+        from sparseloco.sim import SimConfig, run
+
+        summary = run(
+            SimConfig(model=result.winner.config, windows=args.simulate, out=out / "sim"),
+            progress=False,
+            echo=False,
+        ).summary
+        print(
+            f"simulated {args.simulate} windows on the winner: held-out loss "
+            f"{summary['heldout_loss_initial']:.3f} -> {summary['heldout_loss_final']:.3f}"
+        )
+    return 0
