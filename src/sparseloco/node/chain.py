@@ -1,0 +1,28 @@
+"""The chain a node talks to, from its ``[chain]`` section."""
+
+from __future__ import annotations
+
+from gauntlet import BittensorChain, Chain, InMemorySubnet
+from sparseloco.node.config import NodeConfig
+
+
+def open_chain(cfg: NodeConfig, subnet: InMemorySubnet | None = None) -> Chain:
+    """This node's chain handle.
+
+    ``memory``: a handle on ``subnet`` (a fresh one when ``None``; nodes share an in-memory
+    chain only inside one process), with the node's hotkey registered at ``chain.stake``,
+    which stands in for ``btcli subnet register`` and staking. ``bittensor``: the network and
+    wallet of the config (the ``bittensor`` package is imported here, and the hotkey must
+    already be registered on the subnet).
+    """
+    if cfg.chain.kind == "bittensor":
+        return BittensorChain.connect(
+            cfg.chain.netuid,
+            network=cfg.chain.network,
+            wallet_name=cfg.chain.wallet_name,
+            wallet_hotkey=cfg.chain.wallet_hotkey,
+        )
+    if subnet is None:
+        subnet = InMemorySubnet(netuid=cfg.chain.netuid)
+    subnet.register(cfg.hotkey, stake=cfg.chain.stake)
+    return subnet.connect(cfg.hotkey)
