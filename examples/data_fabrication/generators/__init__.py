@@ -1,0 +1,1 @@
+"""The demo miners' generator scripts (submitted as source text, run in the sandbox)."""

@@ -1,0 +1,99 @@
+"""One data-fabrication epoch end to end: submissions → sandbox → checks → scores → weights.
+
+``python -m examples.data_fabrication [--out DIR] [--seed S] [--count N]`` from the
+repository root. Accepted pairs (valid, correct, original) are written to the bucket as
+``DIR/bucket/data-fabrication-accepted/<hotkey>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from examples.common.settle import Settlement, settle
+from examples.common.submissions import SubmissionBox
+from examples.common.table import format_table
+from examples.data_fabrication.config import FabricationConfig
+from examples.data_fabrication.miners import submit_demo
+from examples.data_fabrication.tasks import is_correct
+from examples.data_fabrication.validator import MinerResult, evaluate_epoch
+from gauntlet import InMemorySubnet
+from netcomm import LocalStorage
+
+VALIDATOR = "validator"
+CHALLENGE = "data-fabrication"
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """Per-miner results (ranked by score) and the settlement on the chain."""
+
+    results: list[MinerResult]
+    settlement: Settlement
+
+
+def run_epoch(
+    cfg: FabricationConfig, workdir: Path, log: Callable[[str], None] = lambda _: None
+) -> EpochResult:
+    """Run the demo epoch in ``workdir``."""
+    subnet = InMemorySubnet(netuid=100)
+    subnet.register(VALIDATOR, stake=1000.0)
+    storage = LocalStorage(workdir / "bucket", fsync=False)
+    box = SubmissionBox(storage, CHALLENGE)
+    submit_demo(box, subnet)
+    submissions, rejected = box.collect(subnet.connect(VALIDATOR))
+    for r in rejected:
+        log(f"rejected {r.key}: {r.reason}")
+    results = evaluate_epoch(submissions, cfg, log)
+    for res in results:
+        if res.score > 0:
+            accepted = [p for p in res.pairs if is_correct(p)]
+            storage.put(
+                f"{CHALLENGE}-accepted/{res.hotkey}.jsonl",
+                "".join(json.dumps(p.__dict__) + "\n" for p in accepted).encode(),
+            )
+    settlement = settle(subnet, VALIDATOR, {r.hotkey: r.score for r in results})
+    ranked = sorted(results, key=lambda r: (-r.score, r.block, r.hotkey))
+    return EpochResult(ranked, settlement)
+
+
+def results_table(epoch: EpochResult) -> str:
+    """Ranked miners with each factor of the score, the plagiarism verdict and the weight."""
+    rows = []
+    for rank, r in enumerate(epoch.results, start=1):
+        ran = r.status == "ok"
+        plag = r.plagiarism
+        rows.append(
+            [
+                rank,
+                r.hotkey,
+                r.status if ran else f"{r.status} ({r.detail})",
+                f"{r.format_score:.2f}" if ran else "-",
+                f"{r.quality:.2f}" if ran else "-",
+                f"{r.diversity:.2f}" if ran else "-",
+                plag.verdict if plag else "-",
+                plag.describe() if plag else "",
+                f"{r.score:.3f}",
+                f"{epoch.settlement.weights.get(r.hotkey, 0.0):.3f}",
+            ]
+        )
+    headers = ["#", "hotkey", "run", "format", "quality", "diverse", "verdict", "similarity"]
+    return format_table([*headers, "score", "weight"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.data_fabrication", description=__doc__
+    )
+    parser.add_argument("--out", default="runs/data_fabrication", help="bucket folder")
+    parser.add_argument("--seed", default=FabricationConfig.seed, help="the epoch's public seed")
+    parser.add_argument("--count", type=int, default=FabricationConfig.count, help="pairs per run")
+    args = parser.parse_args(argv)
+    epoch = run_epoch(FabricationConfig(seed=args.seed, count=args.count), Path(args.out), print)
+    print()
+    print(results_table(epoch))
+    print(f"\nchain: {epoch.settlement.result.message}")
+    return 0
