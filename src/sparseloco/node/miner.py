@@ -197,6 +197,8 @@ class Miner(Node):
             if validator is not None:
                 chosen = read_selection(self.directory.entry(validator).storage, window)
                 if chosen is not None:
+                    if any(self.directory.entry(p) is None for p in chosen):
+                        self.directory.refresh()  # a miner that committed after our refresh
                     return chosen
             if time.monotonic() >= deadline:
                 log.warning("%s: no aggregation set for window %d", self.hotkey, window)

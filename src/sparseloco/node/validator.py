@@ -144,7 +144,9 @@ class Validator(Node):
         self.directory.refresh()
         peers = self.directory.hotkeys("miner")
         gathered = self.updates.gather(window, peers=peers)
-        proofs = self.proofs.gather(window, peers=peers)
+        # A peer without an update fails the window anyway; not waiting for its proof keeps a
+        # missing peer from costing a second gather deadline.
+        proofs = self.proofs.gather(window, peers=sorted(gathered.updates))
         digests, sync = {}, {}
         for peer, payload in proofs.updates.items():
             try:
