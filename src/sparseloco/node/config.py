@@ -375,7 +375,7 @@ def config_from_dict(
 
 def _build(cls: type, data: Any, where: str, environ: typing.Mapping[str, str]) -> Any:
     if not isinstance(data, dict):
-        raise NodeConfigError(f"{where or 'the config'} must be a table, got {data!r}")
+        raise NodeConfigError(f"{where.rstrip('.') or 'the config'} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -431,8 +431,9 @@ def _convert(hint: Any, value: Any, path: str, environ: typing.Mapping[str, str]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise NodeConfigError(f"{path} must be a number, got {value!r}")
         return float(value)
-    if target in (int, str, bool):
+    names = {int: "an integer", str: "a string", bool: "true or false"}
+    if target in names:
         if not isinstance(value, target) or (target is int and isinstance(value, bool)):
-            raise NodeConfigError(f"{path} must be a {target.__name__}, got {value!r}")
+            raise NodeConfigError(f"{path} must be {names[target]}, got {value!r}")
         return value
     raise NodeConfigError(f"{path}: unsupported field type {hint!r}")
