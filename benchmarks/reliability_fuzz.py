@@ -298,7 +298,7 @@ def m_length_field(t: Target, rng: random.Random) -> Case:
     blob = t.seal(payload)
     sig_len, header_len, body_len = _split(blob)
     which = rng.randrange(3)
-    value = rng.choice(_BOUNDARY_INTS[:14] + [sig_len + 1, header_len - 1, body_len + 1])
+    value = rng.choice([*_BOUNDARY_INTS[:14], sig_len + 1, header_len - 1, body_len + 1])
     fields = [sig_len, header_len, body_len]
     limits = [0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF]
     fields[which] = max(0, value) & limits[which]

@@ -1,0 +1,283 @@
+"""What the library survives, in figures: fuzzed decoders, Byzantine peers, faults and crashes.
+
+Sections (all by default; ``--only`` picks some and merges them into the existing JSON):
+
+* ``fuzz``: ``--fuzz-cases`` (default 100,000) hostile envelopes from
+  ``benchmarks/reliability_fuzz.py``: crashes, hangs, forged or unusable payloads accepted,
+  the slowest case and the peak RSS. Also how much a *default-limits* reader allocates for
+  one small signed zstd bomb (``--bomb-mb``).
+* ``byzantine``: ``sparseloco.sim.run`` with 25 % adversaries (6 honest + 2 adversaries per
+  run, kinds rotated over three runs so each of the six kinds appears once) against the same
+  run honest-only, for ``aggregate="all"`` and ``"top"``: final held-out loss difference, the
+  adversaries' total weight and the fraction of (honest, adversary) pairs ranked correctly.
+* ``faults``: peers and a validator as separate processes over a loopback S3 server
+  (``benchmarks/reliability_worker.py``): an uninterrupted reference, a run whose processes
+  are SIGKILLed at random points and restarted from their checkpoints, and a run with 20 % of
+  storage requests failing, slow or corrupted plus the kills.
+
+    python benchmarks/reliability.py                      # everything (~25 min on 2 cores)
+    python benchmarks/reliability.py --quick              # small sizes, a few minutes
+    python benchmarks/reliability.py --only fuzz faults   # some sections
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+# Run as a file, this folder would come first on sys.path and its gauntlet.py would shadow the
+# gauntlet package; the repository root goes there instead, for ``benchmarks.*`` imports.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import RESULTS, environment  # noqa: E402
+
+ROTATIONS = (("free-rider", "noise"), ("copier", "stale"), ("wrong-data", "poisoner"))
+
+
+# -- fuzz --------------------------------------------------------------------------------
+
+
+def default_limits_bomb(mb: int) -> dict[str, Any]:
+    """One signed ~KB object whose header honestly declares ``mb`` MiB: what a reader with
+    the default ``EnvelopeLimits`` (4 GiB decompressed) allocates before rejecting it."""
+    import resource
+
+    import zstandard
+
+    from benchmarks.reliability_fuzz import Target, _header_for, sign_raw
+    from netcomm import EnvelopeError, default_verifiers, open_envelope
+
+    t = Target.build()
+    payload, codec = t.bases[0]
+    raw_len = mb << 20
+    body = zstandard.ZstdCompressor(level=3).compress(b"\0" * raw_len)
+    header = _header_for(payload, b"", body, t)
+    header["raw_len"] = raw_len
+    blob = sign_raw(t, header, body)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    try:
+        open_envelope(
+            blob,
+            expected_peer="alice",
+            public_key=t.signer.public_key,
+            verifiers=default_verifiers(),
+            shapes=t.spec.shapes,
+            codec=codec,
+        )
+        reason = "accepted"
+    except EnvelopeError as exc:
+        reason = exc.reason
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "object_bytes": len(blob),
+        "declared_mb": mb,
+        "outcome": reason,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_growth_mb": after - before,
+    }
+
+
+def run_fuzz(cases: int, seed: int, bomb_mb: int) -> dict[str, Any]:
+    from benchmarks.reliability_fuzz import CASE_TIMEOUT_S, LIMITS, fuzz
+
+    stats = fuzz(cases, seed=seed)
+    out = stats.to_dict()
+    out["seed"] = seed
+    out["case_timeout_s"] = CASE_TIMEOUT_S
+    out["limits"] = {k: getattr(LIMITS, k) for k in LIMITS.__dataclass_fields__}
+    # Measured after the fuzz run so that its peak RSS is not inflated by the bomb.
+    out["default_limits_bomb"] = default_limits_bomb(bomb_mb)
+    return out
+
+
+# -- Byzantine -----------------------------------------------------------------------------
+
+
+def ranking_accuracy(weights: dict[str, float]) -> float | None:
+    """Fraction of (honest, adversary) pairs where the honest peer has the higher weight."""
+    honest = [w for p, w in weights.items() if not p.startswith("adv-")]
+    adv = [w for p, w in weights.items() if p.startswith("adv-")]
+    pairs = [(h, a) for h, a in product(honest, adv)]
+    return sum(h > a for h, a in pairs) / len(pairs) if pairs else None
+
+
+def run_byzantine(honest: int, windows: int, out_dir: Path, seed: int) -> dict[str, Any]:
+    from sparseloco.sim import SimConfig, run
+
+    runs = []
+    for aggregate in ("all", "top"):
+        for adversaries in ((), *ROTATIONS):
+            name = f"{aggregate}-{'-'.join(adversaries) or 'honest'}"
+            cfg = SimConfig(
+                peers=honest,
+                windows=windows,
+                adversaries=adversaries,
+                aggregate=aggregate,
+                seed=seed,
+                out=out_dir / name,
+            )
+            print(f"byzantine: {name} ...", flush=True)
+            s = run(cfg, progress=False, echo=False).summary
+            weights = s["final_weights"]
+            runs.append(
+                {
+                    "name": name,
+                    "aggregate": aggregate,
+                    "honest": honest,
+                    "adversaries": list(adversaries),
+                    "windows": s["windows"],
+                    "seconds": s["seconds"],
+                    "heldout_loss_initial": s["heldout_loss_initial"],
+                    "heldout_loss_final": s["heldout_loss_final"],
+                    "adversary_weight_total": s["adversary_weight_total"],
+                    "ranking_accuracy": ranking_accuracy(weights),
+                    "honest_aggregated_fraction": s["honest_aggregated_fraction"],
+                    "final_weights": weights,
+                }
+            )
+    baseline = {r["aggregate"]: r["heldout_loss_final"] for r in runs if not r["adversaries"]}
+    for r in runs:
+        base = baseline[r["aggregate"]]
+        r["loss_vs_honest_pct"] = 100.0 * (r["heldout_loss_final"] - base) / base
+    attacked = [r for r in runs if r["adversaries"]]
+    summary = {}
+    for aggregate in ("all", "top"):
+        rs = [r for r in attacked if r["aggregate"] == aggregate]
+        summary[aggregate] = {
+            "max_loss_vs_honest_pct": max(r["loss_vs_honest_pct"] for r in rs),
+            "max_adversary_weight": max(r["adversary_weight_total"] for r in rs),
+            "min_ranking_accuracy": min(r["ranking_accuracy"] for r in rs),
+        }
+    return {
+        "setup": {
+            "honest": honest,
+            "adversaries_per_run": 2,
+            "rotations": [list(r) for r in ROTATIONS],
+            "windows": windows,
+            "seed": seed,
+            "model": "sparseloco simulate defaults (GPT 2x64, H=10, batch 8, covenant-72b)",
+        },
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+def run_faults(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    from benchmarks.reliability_worker import FaultScenario, run_scenario
+
+    common = dict(peers=args.fault_peers, windows=args.fault_windows, seed=args.seed)
+    reference = run_scenario(FaultScenario(name="reference", **common), out_dir / "reference")
+    killed = run_scenario(
+        FaultScenario(name="sigkill", kills=args.kills, **common), out_dir / "sigkill"
+    )
+    faulty = run_scenario(
+        FaultScenario(name="faults+sigkill", kills=args.kills, fault_rate=0.2, **common),
+        out_dir / "faults",
+    )
+    for run in (killed, faulty):
+        run["identical_to_reference"] = {
+            role: run["final_sha256"].get(role) == digest
+            for role, digest in reference["final_sha256"].items()
+        }
+    return {"reference": reference, "sigkill": killed, "faults": faulty}
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    fz = results.get("fuzz")
+    if fz:
+        rows.append(
+            (
+                "malformed envelopes",
+                f"{fz['cases']:,} tried: {fz['crashes']} crashes, {fz['hangs']} hangs, "
+                f"{fz['forged_accepted']} forged and {fz['unusable_accepted']} unusable "
+                f"accepted; slowest {fz['max_case_s'] * 1000:.0f} ms, peak RSS "
+                f"{fz['peak_rss_mb']:.0f} MB",
+            )
+        )
+    bz = results.get("byzantine")
+    if bz:
+        s = bz["setup"]
+        for aggregate, v in bz["summary"].items():
+            rows.append(
+                (
+                    f"25% adversaries, aggregate={aggregate}",
+                    f"{s['honest']}+2 peers x 3 runs (all 6 kinds), {s['windows']} windows: "
+                    f"held-out loss within {v['max_loss_vs_honest_pct']:+.2f}% of honest-only, "
+                    f"adversary weight <= {v['max_adversary_weight']:.3f}, ranking accuracy "
+                    f">= {v['min_ranking_accuracy']:.2f}",
+                )
+            )
+    ft = results.get("faults")
+    if ft:
+        for key in ("sigkill", "faults"):
+            r = ft[key]
+            same = all(r["identical_to_reference"].values())
+            rows.append(
+                (
+                    r["scenario"]["name"],
+                    f"{r['windows_completed']}/{r['windows_expected']} windows, "
+                    f"{r['kills']} SIGKILLs, {r['faults_injected']} faults injected, "
+                    f"{r['updates_lost']} updates lost, {r['corrupt_accepted']} corrupt "
+                    f"accepted, resumed state identical to uninterrupted: "
+                    f"{'yes' if same else 'no'}",
+                )
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=("fuzz", "byzantine", "faults"))
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    ap.add_argument("--fuzz-cases", type=int, default=100_000)
+    ap.add_argument("--bomb-mb", type=int, default=1024)
+    ap.add_argument("--honest", type=int, default=6)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--fault-peers", type=int, default=3)
+    ap.add_argument("--fault-windows", type=int, default=6)
+    ap.add_argument("--kills", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
+    args = ap.parse_args()
+    if args.quick:
+        args.fuzz_cases, args.bomb_mb = 5_000, 256
+        args.honest, args.windows = 3, 4
+        args.fault_windows, args.kills = 4, 3
+    sections = args.only or ["fuzz", "byzantine", "faults"]
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="reliability-"))
+    path = RESULTS / "reliability.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if args.only and path.exists() else {}
+    results["environment"] = environment()
+    results["command"] = " ".join(["python", "benchmarks/reliability.py", *sys.argv[1:]])
+    if "fuzz" in sections:
+        results["fuzz"] = run_fuzz(args.fuzz_cases, args.seed, args.bomb_mb)
+    if "byzantine" in sections:
+        results["byzantine"] = run_byzantine(args.honest, args.windows, out_dir / "sim", args.seed)
+    if "faults" in sections:
+        results["faults"] = run_faults(args, out_dir / "faults")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    rows = table(results)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'what':<{width}}  figures")
+    for what, figures in rows:
+        print(f"{what:<{width}}  {figures}")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
