@@ -23,9 +23,15 @@ from gauntlet import derive_seed
 
 Verdict = Literal["copy", "suspicious", "original"]
 
-# Universal hashing h(x) = (a·x + b) mod p with x < 2³² and a < 2³¹ keeps a·x below 2⁶³, so
-# the products never overflow uint64.
-_PRIME = np.uint64((1 << 61) - 1)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer: a bijection on uint64 whose outputs look independent."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1  # uint64 arrays wrap modulo 2**64, as intended
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
 
 
 @dataclass(frozen=True)
@@ -79,22 +85,21 @@ class MinHasher:
             raise ValueError(f"num_perm must be >= 1, got {num_perm}")
         rng = np.random.Generator(np.random.PCG64(derive_seed("minhash", seed)))
         self.num_perm = num_perm
-        self._a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-        self._b = rng.integers(0, 1 << 61, size=num_perm, dtype=np.uint64)
+        # slot i hashes x as mix(x XOR salt_i): one well-mixed hash function per slot
+        self._salts = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64)
 
     def signature(self, items: Iterable[str]) -> np.ndarray:
         """The (num_perm,) uint64 signature of a set; an empty set gives all-max slots."""
         x = np.array(
             [
-                int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
+                int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
                 for s in set(items)
             ],
             dtype=np.uint64,
         )
         if x.size == 0:
             return np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-        hashed = (x[None, :] * self._a[:, None] + self._b[:, None]) % _PRIME
-        return hashed.min(axis=1)
+        return _mix64(x[None, :] ^ self._salts[:, None]).min(axis=1)
 
     @staticmethod
     def estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

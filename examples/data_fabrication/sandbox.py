@@ -6,8 +6,8 @@ site-packages, so only the standard library is importable, and the environment p
 empty. Limits (POSIX ``resource``, so Linux and macOS):
 
 * RLIMIT_AS (memory) and RLIMIT_CPU (CPU seconds) are set in the child before ``exec``;
-* stdout goes to a file capped by RLIMIT_FSIZE, so a flood ends the run instead of filling
-  the validator's memory;
+* stdout goes to a file capped by RLIMIT_FSIZE, so a flood ends the run (writes past the
+  cap fail) instead of filling the validator's memory;
 * a wall-clock timeout kills the child's whole process group (it runs in its own session),
   which also catches a generator that sleeps or waits instead of computing.
 
@@ -96,7 +96,8 @@ def run_generator(source: str, seed: int, count: int, limits: SandboxLimits) -> 
         seconds = time.monotonic() - started
         stderr = (folder / "stderr").read_bytes().decode("utf-8", "replace").strip()
         last = stderr.splitlines()[-1] if stderr else ""
-        if code == -signal.SIGXFSZ:
+        # Python ignores SIGXFSZ, so hitting the cap surfaces as an OSError (EFBIG) in the child
+        if (folder / "stdout").stat().st_size >= limits.output_bytes:
             return RunOutcome("output-limit", [], seconds, f"> {limits.output_bytes} bytes")
         if code in (-signal.SIGXCPU, -signal.SIGKILL) and not last:
             return RunOutcome("cpu", [], seconds, f"> {limits.cpu_s} CPU s")

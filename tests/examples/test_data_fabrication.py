@@ -1,0 +1,124 @@
+"""Data fabrication example: sandbox verdicts, answer checks, both plagiarism passes, scores."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from examples.common.similarity import MinHasher, Thresholds, jaccard, shingles, verdict
+from examples.data_fabrication.config import FabricationConfig, SandboxLimits
+from examples.data_fabrication.miners import GENERATORS
+from examples.data_fabrication.plagiarism import code_tokens
+from examples.data_fabrication.run import results_table, run_epoch
+from examples.data_fabrication.sandbox import run_generator
+from examples.data_fabrication.tasks import Pair, is_correct, parse_line
+
+CFG = FabricationConfig(seed="test-epoch", count=60, limits=SandboxLimits(timeout_s=2.0, cpu_s=2))
+
+
+@pytest.fixture(scope="module")
+def epoch(tmp_path_factory):
+    return run_epoch(CFG, tmp_path_factory.mktemp("fabrication"))
+
+
+@pytest.fixture(scope="module")
+def by(epoch):
+    return {r.hotkey: r for r in epoch.results}
+
+
+def test_sandbox_limits_end_bad_generators(by):
+    assert (by["grace"].status, by["grace"].score) == ("timeout", 0.0)
+    assert (by["heidi"].status, by["heidi"].score) == ("memory", 0.0)
+    assert all(by[h].status == "ok" for h in ("alice", "bob", "carol", "dave", "erin", "ivan"))
+
+
+def test_format_and_quality_scores(by):
+    assert (by["alice"].valid, by["alice"].correct, by["alice"].score) == (60, 60, 1.0)
+    assert by["bob"].score == 1.0
+    assert by["ivan"].format_score == 0.25 and by["ivan"].quality == 1.0  # 1 line in 4 is valid
+    assert 0.5 < by["frank"].quality < 0.85 and by["frank"].format_score == 1.0
+
+
+def test_plagiarism_verdicts_of_both_passes(by):
+    assert by["alice"].plagiarism.closest is None
+    carol = by["carol"].plagiarism  # renamed copy: caught by pass 1 on code alone
+    assert (carol.verdict, carol.pass1_kind, carol.closest, carol.pass2) == (
+        "copy",
+        "code",
+        "alice",
+        None,
+    )
+    assert carol.pass1 >= 0.97
+    dave = by["dave"].plagiarism  # restructured copy: only the template is close; pass 2 runs it
+    assert (dave.verdict, dave.closest, dave.pass2) == ("copy", "alice", 1.0)
+    assert by["dave"].plagiarism.pass1 >= 0.30 and dave.pass1_kind == "template"
+    erin = by["erin"].plagiarism  # same templates, independent code: suspicious, then cleared
+    assert erin.verdict == "original" and erin.pass2 is not None and erin.pass2 < 0.30
+    assert by["carol"].score == by["dave"].score == 0.0 and by["erin"].score > 0.5
+
+
+def test_weights_follow_scores_and_reach_the_chain(epoch, by):
+    s = epoch.settlement
+    assert s.result.success and math.isclose(sum(s.weights.values()), 1.0)
+    assert s.weights["alice"] == s.weights["bob"] == max(s.weights.values())
+    assert all(s.weights[h] == 0 for h in ("carol", "dave", "grace", "heidi"))
+    assert [r.hotkey for r in epoch.results][:2] == ["alice", "bob"]
+    assert "copy" in results_table(epoch) and "timeout" in results_table(epoch)
+
+
+def test_generators_are_deterministic_from_their_seed():
+    source = (GENERATORS / "alice.py").read_text()
+    first = run_generator(source, 7, 5, CFG.limits)
+    assert first.status == "ok" and len(first.lines) == 5
+    assert run_generator(source, 7, 5, CFG.limits).lines == first.lines
+    assert run_generator(source, 8, 5, CFG.limits).lines != first.lines
+
+
+def test_sandbox_reports_crashes_and_output_floods():
+    crash = run_generator("raise SystemExit('no pairs today')", 0, 1, CFG.limits)
+    assert (crash.status, crash.detail) == ("crashed", "no pairs today")
+    flood = run_generator(
+        "while True:\n    print('x' * 1000)", 0, 1, SandboxLimits(output_bytes=4096)
+    )
+    assert flood.status == "output-limit"
+
+
+@pytest.mark.parametrize(
+    ("task", "prompt", "right", "wrong"),
+    [
+        ("arithmetic", "Compute: 12 * 3 - 40", "-4", "4"),
+        ("reverse", 'Reverse the text: "stone"', "enots", "stone"),
+        ("sort_words", "Sort alphabetically: pear apple fig", "apple fig pear", "pear apple fig"),
+        ("count_char", 'How many times does "a" occur in "banana"?', "3", "2"),
+    ],
+)
+def test_answers_are_recomputed(task, prompt, right, wrong):
+    assert is_correct(Pair(task, prompt, right)) and not is_correct(Pair(task, prompt, wrong))
+
+
+def test_record_format_and_unsafe_arithmetic():
+    assert parse_line('{"task": "reverse", "prompt": "p", "response": "r"}') is not None
+    for bad in (
+        '{"task": "reverse", "prompt": "p", "response": "r", "extra": 1}',
+        '{"task": "poetry", "prompt": "p", "response": "r"}',
+        '{"task": "reverse", "prompt": "p", "response": 5}',
+        "Compute: 1 + 1\t2",
+    ):
+        assert parse_line(bad) is None
+    assert not is_correct(Pair("arithmetic", "Compute: 9 ** 99999", "0"))
+    assert not is_correct(Pair("arithmetic", "Compute: 9999999999999 * 9999999999999", "0"))
+
+
+def test_similarity_primitives():
+    renamed = "def f(a):\n    '''doc'''\n    return a + 1\n"
+    assert code_tokens(renamed) == code_tokens("def g(x):\n    return x + 2\n")
+    a = shingles(["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"], 2)
+    b = shingles(["the", "quick", "brown", "fox", "sleeps", "under", "the", "lazy", "dog"], 2)
+    exact = jaccard(a, b)
+    hasher = MinHasher(256, seed="t")
+    assert abs(MinHasher.estimate(hasher.signature(a), hasher.signature(b)) - exact) < 0.15
+    assert MinHasher.estimate(hasher.signature(a), hasher.signature(set(a))) == 1.0
+    bands = Thresholds()
+    assert [verdict(x, bands) for x in (0.97, 0.5, 0.29)] == ["copy", "suspicious", "original"]
+    with pytest.raises(ValueError):
+        Thresholds(copy=0.2, suspicious=0.3)
