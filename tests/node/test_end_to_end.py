@@ -6,7 +6,8 @@ the run is deterministic. Mid-run:
 
 * miner A stops after window 1 and restarts at once from its checkpoint (no window missed);
 * the validator stops after window 2 and restarts from its bucket checkpoint;
-* miner B stops after window 3, misses window 4 and restarts in window 5, replaying 4.
+* miner B stops after window 3, misses window 4 and restarts in window 5, replaying 4;
+* at the end a new miner C starts from the validator's model checkpoint.
 """
 
 from __future__ import annotations
@@ -114,7 +115,12 @@ def _published(miner: Miner, window: int) -> bool:
 
 @pytest.fixture
 def network(tmp_path, moto_url, kit, one_thread):
-    buckets = {"miner-a": "bucket-a", "miner-b": "bucket-b", "val": "bucket-v"}
+    buckets = {
+        "miner-a": "bucket-a",
+        "miner-b": "bucket-b",
+        "miner-c": "bucket-c",
+        "val": "bucket-v",
+    }
     configs = {}
     for hotkey, bucket in buckets.items():
         S3Storage(
@@ -198,6 +204,12 @@ def test_run_with_restarts_keeps_every_model_equal(network):
     for miner in (a, b):
         for name, p in miner.model.named_parameters():
             assert torch.equal(p, reference[name]), (miner.hotkey, name)
+
+    # A new miner without a checkpoint joins from the validator's latest model checkpoint.
+    c = make("miner-c")
+    assert c.next_window == WINDOWS
+    for name, p in c.model.named_parameters():
+        assert torch.equal(p, reference[name]), name
 
     # Every miner aggregated exactly the set the validator accepted, in every window it trained.
     accepted = {r["window"]: r["accepted"] for r in first_val_history + val.history}
