@@ -1,8 +1,10 @@
 """Gather throughput of netcomm's StorageExchange next to raw boto3 downloads of the same objects.
 
-A moto S3 server runs on 127.0.0.1. Each peer publishes a synthetic but valid SparseLoCo update
-(Covenant codec: 64x64 chunks, k=64, 2-bit values, 12-bit indices) sized like a real one; a
-1B-parameter model's update is ~27 MB. Two scenarios:
+A moto S3 server runs on 127.0.0.1 in its own process, so it does not compete with the client
+for the GIL (it still shares the machine's cores with both measured sides). Each peer
+publishes a synthetic but valid SparseLoCo update (Covenant codec: 64x64 chunks, k=64, 2-bit
+values, 12-bit indices) sized like a real one; a 1B-parameter model's update is ~27 MB. Two
+scenarios:
 
 * ``peers``: one observer gathers ``--peers`` updates of ``--update-mb`` MB each;
 * ``large``: one update of ``--large-mb`` MB (multipart upload, parallel ranged download).
@@ -24,8 +26,12 @@ import json
 import logging
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,6 +172,29 @@ def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeat
     }
 
 
+def start_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in a child process on a free loopback port; waits until it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
+            return server, endpoint
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the moto server did not start") from None
+            time.sleep(0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, default=20)
@@ -179,11 +208,7 @@ def main() -> None:
     if args.quick:
         args.peers, args.update_mb, args.large_mb, args.repeats = 4, 4.0, 16.0, 1
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    server, endpoint = start_server()
     per_tensor = tensor_bytes()
     rows = []
     try:
@@ -205,7 +230,8 @@ def main() -> None:
                 )
             )
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
     head = f"{'scenario':<9}{'peers':>6}{'MB/obj':>9}{'total MB':>10}{'raw s':>8}{'gather s':>10}"
     head += f"{'raw MB/s':>10}{'gather MB/s':>13}{'ratio':>7}"
     print(head)

@@ -1,30 +1,40 @@
-"""The wire format of one published update (format version 1), and its defensive reader.
+"""The wire format of one published update (format versions 1 and 2), and its defensive reader.
 
 Byte layout (integers little-endian)::
 
     offset  size  field
     0       4     magic b"NCEN"
-    4       2     format version (1)
+    4       2     format version (1: zstd body; 2: zstd or uncompressed body)
     6       2     S: signature length
     8       4     H: header length
     12      8     B: body length
     20      H     header: canonical JSON (sorted keys, no spaces), UTF-8
-    20+H    B     body: one zstd frame (content size declared) of the safetensors bytes
+    20+H    B     body: the safetensors bytes, as they are or as one zstd frame (content
+                  size declared), as the header's ``compression`` says
     20+H+B  S     signature of SIGNING_CONTEXT + bytes[0 : 20+H]
 
 The header holds ``format``, ``version``, ``scheme``, ``publisher``, ``window``,
 ``fingerprint`` (see :class:`~netcomm.spec.ModelSpec`), ``kind`` (``"sparse"``/``"dense"``),
-``codec`` (the codec's wire fields, or null for dense), ``compression`` (``"zstd"``),
-``raw_len`` (safetensors length), ``body_len``, ``body_sha256`` and ``tensors`` (count).
+``codec`` (the codec's wire fields, or null for dense), ``compression`` (``"zstd"`` or
+``"none"``), ``raw_len`` (safetensors length), ``body_len``, ``body_sha256`` and ``tensors``
+(count). Version 2 added ``compression: "none"``: packed indices are close to random, so zstd
+may save nothing on a body while still costing every receiver a decompression pass; the
+publisher keeps zstd only when it saves at least ``min_saving`` of the bytes (SparseLoCo
+updates: the 12-bit indices do not shrink, the 2-bit codes of real updates halve, ~5%
+overall). A zstd envelope is written as version 1, byte for byte what version-1 peers write
+and read; an uncompressed one as version 2, which a version-1 reader rejects as an unknown
+version instead of misreading it. This reader accepts both.
 Since the header carries the body's SHA-256 and the signature covers the header, the signature
 covers every byte of the object.
 
 :func:`open_envelope` checks, in this order and before decompressing or allocating anything
 large: lengths and caps, header schema, publisher, signature, window, fingerprint, codec,
-body checksum, the zstd frame's declared size; then it decompresses with a hard output cap,
-bounds and checks the safetensors header (count, dtypes, shapes, offsets tiling the data), and
-finally checks names/shapes against the model and decodes every tensor once (index ranges,
-finite values). Any failure raises :class:`~netcomm.errors.EnvelopeError` with a ``reason``.
+body checksum, the zstd frame's declared size; then it decompresses with a hard output cap
+(or, uncompressed, uses the body in place), bounds and checks the safetensors header (count,
+dtypes, shapes, offsets tiling the data, :func:`sparseloco.serialization.load_safetensors`),
+and finally checks names/shapes against the model and every tensor's contents (index ranges
+and order, finite values: :func:`sparseloco.payload.validate_payload`). Any failure raises
+:class:`~netcomm.errors.EnvelopeError` with a ``reason``.
 Nothing is ever unpickled.
 """
 
@@ -32,19 +42,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import torch
 import zstandard
-from safetensors.torch import load as st_load
 
 from netcomm.errors import EnvelopeError, NetcommConfigError
 from netcomm.signing import Signer, Verifier
-from netcomm.validate import check_payload
 from sparseloco.codec import CompressedUpdate
 from sparseloco.config import CodecConfig
 from sparseloco.errors import (
@@ -53,18 +59,21 @@ from sparseloco.errors import (
     ShapeMismatchError,
     SparseLoCoError,
 )
-from sparseloco.payload import Payload, payload_from_tensors
+from sparseloco.payload import Payload, payload_from_tensors, validate_payload
+from sparseloco.serialization import SafetensorsFormatError, dump_safetensors, load_safetensors
 
 MAGIC = b"NCEN"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes
 FORMAT_NAME = "netcomm.envelope"
-SIGNING_CONTEXT = b"netcomm/envelope/v1\x00"
+SIGNING_CONTEXT = b"netcomm/envelope/v1\x00"  # domain separation; the signed prefix has the version
+# The body encodings each format version allows, and the version a writer uses for each.
+_COMPRESSIONS = {1: ("zstd",), 2: ("zstd", "none")}
+_WRITE_VERSION = {"zstd": 1, "none": 2}
+# The name tests/reliability and benchmarks/reliability_fuzz.py (not netcomm's) import; they
+# can import sparseloco.serialization.dump_safetensors directly and this alias can go.
+_safetensors_bytes = dump_safetensors
 _PREFIX = struct.Struct("<4sHHIQ")
 PREFIX_SIZE = _PREFIX.size
-
-# Payload tensors are uint8 buffers and float tables/values; nothing else is legitimate.
-_ST_DTYPES = {"U8": 1, "F32": 4, "F16": 2, "BF16": 2}
-_ST_NAMES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _HEADER_FIELDS = {
     "format": str,
     "version": int,
@@ -145,65 +154,57 @@ def seal_envelope(
     signer: Signer,
     level: int = 3,
     threads: int = 0,
+    compression: Literal["auto", "zstd", "none"] = "auto",
+    min_saving: float = 0.02,
 ) -> bytes:
     """Serialize, compress and sign ``payload`` for ``window`` as ``publisher``.
 
     Args:
         level: zstd compression level (1 fastest .. 19 smallest).
         threads: zstd worker threads (0 = compress on the calling thread).
+        compression: ``"zstd"``, ``"none"``, or ``"auto"``: zstd only if it makes the body at
+            least ``min_saving`` (a fraction) smaller, since every receiver pays for
+            decompressing it.
     """
+    if compression not in ("auto", *_WRITE_VERSION):
+        raise NetcommConfigError(
+            f"compression must be 'auto', 'zstd' or 'none', got {compression!r}"
+        )
     tensors, meta = payload.to_tensors()
-    raw = _safetensors_bytes(tensors, meta)
-    body = zstandard.ZstdCompressor(level=level, threads=threads, write_content_size=True).compress(
-        raw
-    )
+    try:
+        raw = dump_safetensors(tensors, meta)
+    except SafetensorsFormatError as exc:
+        raise NetcommConfigError(f"payload cannot be serialized: {exc}") from None
+    body, used = raw, "none"
+    if compression != "none":
+        packed = zstandard.ZstdCompressor(
+            level=level, threads=threads, write_content_size=True
+        ).compress(raw)
+        if compression == "zstd" or len(packed) <= (1 - min_saving) * len(raw):
+            body, used = packed, "zstd"
     codec = payload.codec.wire_fields() if isinstance(payload, CompressedUpdate) else None
     header = _canonical(
         {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": _WRITE_VERSION[used],
             "scheme": signer.scheme,
             "publisher": publisher,
             "window": int(window),
             "fingerprint": fingerprint,
             "kind": payload.kind,
             "codec": codec,
-            "compression": "zstd",
+            "compression": used,
             "raw_len": len(raw),
             "body_len": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "tensors": len(tensors),
         }
     )
-    unsigned = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(body))
+    version = _WRITE_VERSION[used]
+    unsigned = _PREFIX.pack(MAGIC, version, 0, len(header), len(body))
     signature = signer.sign(_signed_message(unsigned, header))
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(signature), len(header), len(body))
+    prefix = _PREFIX.pack(MAGIC, version, len(signature), len(header), len(body))
     return b"".join((prefix, header, body, signature))
-
-
-def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
-    """The safetensors encoding with a canonical header, so equal payloads give equal bytes.
-
-    ``safetensors.torch.save`` orders metadata keys differently from run to run.
-    """
-    entries: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    chunks = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, not a wire dtype")
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        entries[name] = {
-            "dtype": _ST_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format aligns the data section to 8 bytes
-    return b"".join([struct.pack("<Q", len(header)), header, *chunks])
 
 
 def _signed_message(prefix: bytes, header: bytes) -> bytes:
@@ -226,8 +227,10 @@ def read_header(blob: bytes | memoryview, limits: EnvelopeLimits) -> tuple[dict[
     magic, version, sig_len, header_len, body_len = _PREFIX.unpack(view[:PREFIX_SIZE])
     if magic != MAGIC:
         raise EnvelopeError("format", f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise EnvelopeError("version", f"format version {version}, this reader supports 1")
+    if version not in _COMPRESSIONS:
+        raise EnvelopeError(
+            "version", f"format version {version}, this reader supports {sorted(_COMPRESSIONS)}"
+        )
     if header_len > limits.max_header_bytes:
         raise EnvelopeError("too_large", f"header of {header_len} bytes exceeds the cap")
     if sig_len > limits.max_signature_bytes:
@@ -248,10 +251,18 @@ def read_header(blob: bytes | memoryview, limits: EnvelopeLimits) -> tuple[dict[
         value = header[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise EnvelopeError("format", f"header field {name!r} has type {type(value).__name__}")
-    if header["format"] != FORMAT_NAME or header["version"] != FORMAT_VERSION:
-        raise EnvelopeError("version", f"header names format {header['format']!r}")
+    if header["format"] != FORMAT_NAME or header["version"] != version:
+        raise EnvelopeError(
+            "version", f"header names format {header['format']!r} {header['version']}"
+        )
     if header["body_len"] != body_len:
         raise EnvelopeError("format", "header body_len disagrees with the prefix")
+    if header["compression"] not in _COMPRESSIONS[version]:
+        raise EnvelopeError(
+            "format", f"compression {header['compression']!r} is not one of version {version}'s"
+        )
+    if header["compression"] == "none" and header["raw_len"] != body_len:
+        raise EnvelopeError("format", "an uncompressed body must have raw_len == body_len")
     return header, header_len
 
 
@@ -313,10 +324,15 @@ def open_envelope(
     body = view[body_start:body_end]
     if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
         raise EnvelopeError("checksum", "body SHA-256 does not match the header")
-    raw = _decompress(body, header["raw_len"], limits)
-    meta = _check_safetensors(raw, header["tensors"], limits)
+    raw = body if header["compression"] == "none" else _decompress(body, header["raw_len"], limits)
     try:
-        payload = payload_from_tensors(st_load(raw), meta)
+        tensors, meta = load_safetensors(
+            raw,
+            max_header_bytes=limits.max_safetensors_header_bytes,
+            max_tensors=limits.max_tensors,
+            expected_tensors=header["tensors"],
+        )
+        payload = payload_from_tensors(tensors, meta)
     except SparseLoCoError as exc:
         raise EnvelopeError("tensors", str(exc)) from None
     if payload.kind != header["kind"]:
@@ -329,7 +345,7 @@ def open_envelope(
     return Envelope(header=header, payload=payload)
 
 
-def _decompress(body: memoryview, raw_len: int, limits: EnvelopeLimits) -> bytes:
+def _decompress(body: memoryview, raw_len: int, limits: EnvelopeLimits) -> bytearray:
     try:
         params = zstandard.get_frame_parameters(body)
     except zstandard.ZstdError as exc:
@@ -359,59 +375,7 @@ def _decompress(body: memoryview, raw_len: int, limits: EnvelopeLimits) -> bytes
                 )
     except zstandard.ZstdError as exc:
         raise EnvelopeError("decompress", f"zstd: {exc}") from None
-    return bytes(out)
-
-
-def _check_safetensors(raw: bytes, count: int, limits: EnvelopeLimits) -> dict[str, str]:
-    """Bound and check the safetensors header so its parser only sees sane input."""
-    (n,) = struct.unpack_from("<Q", raw, 0)
-    if n > limits.max_safetensors_header_bytes or n > len(raw) - 8:
-        raise EnvelopeError("tensors", f"safetensors header length {n} is out of bounds")
-    try:
-        header = json.loads(raw[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
-        raise EnvelopeError("tensors", f"safetensors header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise EnvelopeError("tensors", "safetensors header is not an object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise EnvelopeError("tensors", "safetensors metadata must map strings to strings")
-    if len(header) != count:
-        raise EnvelopeError("tensors", f"{len(header)} tensors, header declared {count}")
-    data_len = len(raw) - 8 - n
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise EnvelopeError("tensors", f"tensor {name!r} has a malformed entry")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_DTYPES:
-            raise EnvelopeError("tensors", f"tensor {name!r} has disallowed dtype {dtype!r}")
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= 8
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-        ):
-            raise EnvelopeError("tensors", f"tensor {name!r} has a bad shape")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise EnvelopeError("tensors", f"tensor {name!r} has bad data offsets")
-        if offsets[1] - offsets[0] != math.prod(shape) * _ST_DTYPES[dtype]:
-            raise EnvelopeError("tensors", f"tensor {name!r} size disagrees with its shape")
-        spans.append((offsets[0], offsets[1]))
-    end = 0
-    for start, stop in sorted(spans):
-        if start != end:
-            raise EnvelopeError("tensors", "tensor data overlaps or leaves gaps")
-        end = stop
-    if end != data_len:
-        raise EnvelopeError("tensors", "tensor data does not cover the buffer exactly")
-    return meta
+    return out
 
 
 def _check_contents(
@@ -425,7 +389,7 @@ def _check_contents(
                 payload.check_matches(shapes, codec or payload.codec)
             else:
                 payload.check_matches(shapes)
-        check_payload(payload)
+        validate_payload(payload)
     except ShapeMismatchError as exc:
         raise EnvelopeError("shape", str(exc)) from None
     except CodecMismatchError as exc:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Literal
 
 from netcomm.directory import PeerDirectory, PeerRecord, update_key
 from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
@@ -64,6 +65,9 @@ class ExchangeConfig:
         backoff_s / backoff_max_s: retry n waits ``min(backoff_max_s, backoff_s·2ⁿ)`` times a
             random factor in [0.5, 1], never past the deadline.
         poll_interval_s: how often a not-yet-published object is looked for again.
+        compression: ``"auto"`` (zstd only when it saves at least ``min_compression_saving``
+            of the bytes), ``"zstd"`` or ``"none"``, for published envelopes.
+        min_compression_saving: the fraction ``"auto"`` requires zstd to save.
         compression_level: zstd level for published envelopes.
         compression_threads: zstd worker threads when publishing (0 = calling thread).
         limits: size caps for received envelopes.
@@ -79,6 +83,8 @@ class ExchangeConfig:
     backoff_s: float = 0.25
     backoff_max_s: float = 4.0
     poll_interval_s: float = 0.5
+    compression: Literal["auto", "zstd", "none"] = "auto"
+    min_compression_saving: float = 0.02
     compression_level: int = 3
     compression_threads: int = 0
     limits: EnvelopeLimits = field(default_factory=EnvelopeLimits)
@@ -96,6 +102,10 @@ class ExchangeConfig:
                 raise NetcommConfigError(f"ExchangeConfig.{name} must be an integer >= 1")
         if not isinstance(self.min_peers, int) or self.min_peers < 0:
             raise NetcommConfigError("ExchangeConfig.min_peers must be an integer >= 0")
+        if self.compression not in ("auto", "zstd", "none"):
+            raise NetcommConfigError("ExchangeConfig.compression must be 'auto', 'zstd' or 'none'")
+        if not 0.0 <= self.min_compression_saving < 1.0:
+            raise NetcommConfigError("ExchangeConfig.min_compression_saving must lie in [0, 1)")
         if not 1 <= self.compression_level <= 22:
             raise NetcommConfigError("ExchangeConfig.compression_level must lie in [1, 22]")
         if not isinstance(self.limits, EnvelopeLimits):
@@ -174,6 +184,8 @@ class StorageExchange:
             signer=self.signer,
             level=self.config.compression_level,
             threads=self.config.compression_threads,
+            compression=self.config.compression,
+            min_saving=self.config.min_compression_saving,
         )
         key = update_key(self.prefix, window, self._peer_id)
         for attempt in range(self.config.attempts):

@@ -8,7 +8,8 @@ this module provides:
 * :class:`InProcessHub` / :class:`InProcessExchange`: peers as threads of one process
   (tests, simulations, single-machine runs);
 * :class:`DistributedExchange`: peers as ranks of a ``torch.distributed`` process group
-  (gloo or NCCL), payloads serialized with safetensors (never pickle) and all-gathered.
+  (gloo or NCCL), payloads serialized with :mod:`sparseloco.serialization` (canonical
+  safetensors, never pickle) and all-gathered.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from sparseloco.errors import ExchangeError, SparseLoCoError
 from sparseloco.payload import Payload, payload_from_tensors, validate_payload
+from sparseloco.serialization import dump_safetensors, load_safetensors
 
 Status = Literal["ok", "missing", "late", "invalid", "timeout"]
 
@@ -193,9 +195,11 @@ class InProcessExchange:
 class DistributedExchange:
     """Peers are the ranks of a ``torch.distributed`` process group.
 
-    Each payload is serialized with safetensors, lengths are all-gathered, then the padded
-    byte buffers; peer ids are ``"rank{r}"``. Every rank must call publish and gather for the
-    same windows (collectives), so use it among cooperating processes, not strangers.
+    Each payload is serialized as canonical safetensors bytes, lengths are all-gathered, then
+    the padded byte buffers; peer ids are ``"rank{r}"``. Received bytes go through the bounded
+    reader and full validation, so a bad rank's payload is reported ``"invalid"``. Every rank
+    must call publish and gather for the same windows (collectives), so use it among
+    cooperating processes, not strangers.
     """
 
     def __init__(self, group: torch.distributed.ProcessGroup | None = None) -> None:
@@ -214,15 +218,10 @@ class DistributedExchange:
         return f"rank{self._rank}"
 
     def publish(self, window: int, payload: Payload) -> int:
-        from safetensors.torch import save
-
-        tensors, meta = payload.to_tensors()
-        self._pending[window] = save(tensors, metadata=meta)
+        self._pending[window] = dump_safetensors(*payload.to_tensors())
         return len(self._pending[window])
 
     def gather(self, window: int) -> GatherResult:
-        from safetensors.torch import load
-
         data = self._pending.pop(window, b"")
         length = torch.tensor([len(data)], dtype=torch.int64)
         lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world)]
@@ -241,30 +240,13 @@ class DistributedExchange:
             if int(n) == 0:
                 result.statuses[peer] = PeerStatus(peer, "missing", "nothing published")
                 continue
-            raw = b[: int(n)].numpy().tobytes()
             try:
-                payload = payload_from_tensors(load(raw), _safetensors_metadata(raw))
+                # The received buffer is this rank's own memory: tensors are views of it.
+                payload = payload_from_tensors(*load_safetensors(b[: int(n)].numpy()))
                 validate_payload(payload)
-            except (SparseLoCoError, ValueError, RuntimeError) as exc:
+            except SparseLoCoError as exc:
                 result.statuses[peer] = PeerStatus(peer, "invalid", str(exc), int(n))
                 continue
             result.updates[peer] = payload
             result.statuses[peer] = PeerStatus(peer, "ok", nbytes=int(n))
         return result
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors byte string (header is JSON, length-prefixed)."""
-    import json
-    import struct
-
-    if len(raw) < 8:
-        raise ValueError("safetensors buffer too short")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > len(raw) - 8:
-        raise ValueError("safetensors header length exceeds buffer")
-    header = json.loads(raw[8 : 8 + n])
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict):
-        raise ValueError("safetensors metadata is not an object")
-    return {str(k): str(v) for k, v in meta.items()}

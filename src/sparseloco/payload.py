@@ -2,7 +2,8 @@
 
 Both kinds flatten to ``(tensors, metadata)`` for safetensors with ``to_tensors()`` and come
 back with :func:`payload_from_tensors`; ``validate_payload`` checks one fully (every tensor
-decodable, every value finite) so that an exchange hands over only usable updates.
+decodable, every value finite) so that an exchange hands over only usable updates. Bytes on
+the wire are :mod:`sparseloco.serialization`'s job.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparseloco.codec import CompressedUpdate, check_finite, decode_sparse
+from sparseloco.codec import CompressedUpdate, check_finite
 from sparseloco.errors import CorruptUpdateError, ShapeMismatchError
+from sparseloco.validation import validate_update
 
 DENSE_FORMAT = "sparseloco.dense/1"
 _WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,10 +82,13 @@ def payload_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
 
 
 def validate_payload(payload: Payload) -> None:
-    """Decode every tensor once; raise a typed error naming the first unusable one."""
+    """Raise a typed error naming the first (by name) unusable tensor.
+
+    A compressed tensor must be decodable by :func:`sparseloco.codec.decode_sparse` (checked
+    without decoding, see :mod:`sparseloco.validation`); a dense one must be finite.
+    """
     if isinstance(payload, CompressedUpdate):
-        for name, ct in sorted(payload.tensors.items()):
-            decode_sparse(name, ct, payload.codec)
+        validate_update(payload)
     else:
         for name, t in sorted(payload.tensors.items()):
             check_finite(name, t)

@@ -24,9 +24,10 @@ from netcomm import (
     read_header,
     seal_envelope,
 )
-from netcomm.envelope import PREFIX_SIZE, _canonical, _signed_message
+from netcomm.envelope import FORMAT_VERSION, PREFIX_SIZE, _canonical, _signed_message
 from sparseloco import CodecConfig, CompressedUpdate
 from sparseloco.codec import CompressedTensor
+from sparseloco.payload import DenseUpdate
 
 
 def seal(payload, signer, spec, window=7, publisher="alice"):
@@ -56,7 +57,16 @@ def reason_of(fn) -> str:
 
 
 def craft(
-    signer, spec, *, raw=None, body=None, tensors=None, meta=None, count=None, **header_changes
+    signer,
+    spec,
+    *,
+    raw=None,
+    body=None,
+    tensors=None,
+    meta=None,
+    count=None,
+    version=FORMAT_VERSION,
+    **header_changes,
 ):
     """A correctly signed envelope around arbitrary (possibly hostile) contents."""
     if raw is None:
@@ -65,7 +75,7 @@ def craft(
         body = zstandard.ZstdCompressor().compress(raw)
     header = {
         "format": "netcomm.envelope",
-        "version": 1,
+        "version": version,
         "scheme": "ed25519",
         "publisher": "alice",
         "window": 7,
@@ -80,9 +90,10 @@ def craft(
     }
     header.update(header_changes)
     hdr = _canonical(header)
-    unsigned = struct.pack("<4sHHIQ", b"NCEN", 1, 0, len(hdr), len(body))
+    unsigned = struct.pack("<4sHHIQ", b"NCEN", version, 0, len(hdr), len(body))
     sig = signer.sign(_signed_message(unsigned, hdr))
-    return struct.pack("<4sHHIQ", b"NCEN", 1, len(sig), len(hdr), len(body)) + hdr + body + sig
+    prefix = struct.pack("<4sHHIQ", b"NCEN", version, len(sig), len(hdr), len(body))
+    return prefix + hdr + body + sig
 
 
 def test_sparse_roundtrip_is_exact(model, spec, signer, kit):
@@ -94,7 +105,8 @@ def test_sparse_roundtrip_is_exact(model, spec, signer, kit):
     assert kit.payload_bytes(env.payload) == kit.payload_bytes(update)
     header, _ = read_header(blob, EnvelopeLimits())
     assert header["kind"] == "sparse" and header["tensors"] == 16
-    assert blob[:4] == b"NCEN" and struct.unpack_from("<H", blob, 4)[0] == 1
+    assert header["compression"] == "zstd"  # the codes of a real update compress
+    assert blob[:4] == b"NCEN" and struct.unpack_from("<H", blob, 4)[0] == header["version"] == 1
 
 
 def test_dense_roundtrip_is_exact(model, spec, signer, kit):
@@ -106,6 +118,52 @@ def test_dense_roundtrip_is_exact(model, spec, signer, kit):
 def test_sealing_is_deterministic(model, spec, signer, kit):
     update = kit.sparse_update(model)
     assert seal(update, signer, spec) == seal(update, signer, spec)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_roundtrip_with_each_compression(model, spec, signer, kit, compression):
+    update = kit.sparse_update(model)
+    blob = seal_envelope(
+        update,
+        window=7,
+        publisher="alice",
+        fingerprint=spec.fingerprint,
+        signer=signer,
+        compression=compression,
+    )
+    header, _ = read_header(blob, EnvelopeLimits())
+    assert header["compression"] == compression
+    assert (header["raw_len"] == header["body_len"]) == (compression == "none")
+    # zstd envelopes stay version 1 (readable by version-1 peers); only "none" needs 2.
+    assert (
+        header["version"]
+        == struct.unpack_from("<H", blob, 4)[0]
+        == {"zstd": 1, "none": 2}[compression]
+    )
+    env = open_(blob, signer, spec)
+    assert kit.payload_bytes(env.payload) == kit.payload_bytes(update)
+
+
+def test_auto_compression_keeps_zstd_only_when_it_pays(model, spec, signer, kit):
+    def used(payload, **kwargs):
+        blob = seal_envelope(
+            payload,
+            window=7,
+            publisher="alice",
+            fingerprint=spec.fingerprint,
+            signer=signer,
+            **kwargs,
+        )
+        return read_header(blob, EnvelopeLimits())[0]["compression"]
+
+    zeros = DenseUpdate({n: torch.zeros(p.shape) for n, p in model.named_parameters()})
+    assert used(zeros) == "zstd"
+    noise = kit.dense_update(model)  # zstd saves well under 90% on random floats
+    assert used(noise, min_saving=0.9) == "none"
+    assert used(noise, min_saving=0.0) == "zstd"
+    assert used(zeros, compression="none") == "none"
+    with pytest.raises(NetcommConfigError, match="compression must be"):
+        used(noise, compression="lz4")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +206,9 @@ def test_signed_by_another_key(model, spec, signer, kit):
         (lambda b: b + b"\0", "format"),
         (lambda b: b[:10], "format"),
         (lambda b: b"XXXX" + b[4:], "format"),
-        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "version"),
+        (lambda b: b[:4] + struct.pack("<H", 0) + b[6:], "version"),
+        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "version"),  # header says 1
+        (lambda b: b[:4] + struct.pack("<H", 3) + b[6:], "version"),
         (lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], "signature"),
         (lambda b: b[:600] + bytes([b[600] ^ 1]) + b[601:], "checksum"),
     ],
@@ -278,6 +338,25 @@ def test_body_codec_must_match_header(model, spec, signer, kit):
     tensors, meta = _sparse_tensors(model, kit)
     blob = craft(signer, spec, tensors=tensors, meta=meta, codec={"topk": 1})
     assert reason_of(lambda: open_(blob, signer, spec, codec=None)) == "codec"
+
+
+def test_uncompressed_body_rules(model, spec, signer, kit):
+    tensors, meta = _sparse_tensors(model, kit)
+    raw = st_save(tensors, metadata=meta)
+    blob = craft(signer, spec, raw=raw, body=raw, tensors=tensors, compression="none")
+    assert kit.payload_bytes(open_(blob, signer, spec).payload) == kit.payload_bytes(
+        kit.sparse_update(model)
+    )
+    padded = craft(signer, spec, raw=raw, body=raw + b"\0", tensors=tensors, compression="none")
+    assert reason_of(lambda: open_(padded, signer, spec)) == "format"
+    blob = craft(signer, spec, raw=raw, tensors=tensors, compression="brotli")
+    assert reason_of(lambda: open_(blob, signer, spec)) == "format"
+    v1 = craft(signer, spec, raw=raw, body=raw, tensors=tensors, compression="none", version=1)
+    assert reason_of(lambda: open_(v1, signer, spec)) == "format"  # version 1 is zstd only
+    # A zstd frame labelled uncompressed is read as safetensors bytes, which it is not.
+    frame = zstandard.ZstdCompressor().compress(raw)
+    blob = craft(signer, spec, raw=frame, body=frame, tensors=tensors, compression="none")
+    assert reason_of(lambda: open_(blob, signer, spec)) == "tensors"
 
 
 def test_header_schema_is_strict(spec, signer):

@@ -1,4 +1,4 @@
-"""check_payload must accept exactly what sparseloco.payload.validate_payload accepts."""
+"""validate_payload accepts exactly what decoding (codec.decode_sparse, the definition) does."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netcomm.validate import check_payload
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
-from sparseloco.codec import CompressedTensor
-from sparseloco.errors import SparseLoCoError
-from sparseloco.payload import validate_payload
+from sparseloco.codec import CompressedTensor, decode_sparse
+from sparseloco.errors import CorruptUpdateError, NonFiniteError, SparseLoCoError
+from sparseloco.payload import DenseUpdate, validate_payload
 
 SHAPES = {"w": (128, 192), "odd": (10, 7), "v": (130,), "t": (3, 5, 8)}
 CODECS = [
@@ -23,11 +22,17 @@ CODECS = [
 ]
 
 
+def decode_all(update: CompressedUpdate) -> None:
+    """The reference: decode every tensor, in name order."""
+    for name, ct in sorted(update.tensors.items()):
+        decode_sparse(name, ct, update.codec)
+
+
 def outcome(fn, payload):
     try:
         fn(payload)
     except SparseLoCoError as exc:
-        return type(exc).__name__, getattr(exc, "tensor", None)
+        return type(exc).__name__, getattr(exc, "tensor", None), str(exc)
     return None
 
 
@@ -40,8 +45,8 @@ def update_for(codec: CodecConfig, seed: int) -> CompressedUpdate:
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.chunk_size}-{c.topk}-{c.index_coding}")
 def test_valid_updates_pass(codec):
     update = update_for(codec, 0)
-    assert outcome(check_payload, update) is None
     assert outcome(validate_payload, update) is None
+    assert outcome(decode_all, update) is None
 
 
 @settings(max_examples=150, deadline=None)
@@ -71,4 +76,36 @@ def test_same_verdict_on_mutations(codec_i, name, part, action, pos, xor):
     fields[part] = buf
     bad = CompressedTensor(shape=ct.shape, rice_param=ct.rice_param, **fields)
     mutated = CompressedUpdate(codec=codec, tensors={**update.tensors, name: bad})
-    assert outcome(check_payload, mutated) == outcome(validate_payload, mutated)
+    assert outcome(validate_payload, mutated) == outcome(decode_all, mutated)
+
+
+def test_errors_name_the_tensor():
+    codec = CODECS[0]
+    update = update_for(codec, 0)
+    ct = update.tensors["w"]
+    idx = ct.indices.clone()
+    idx[:3] = torch.tensor([0xFF, 0xFF, 0x00], dtype=torch.uint8)  # 4095 then 4080
+    bad = CompressedTensor(ct.shape, idx, ct.gaps, ct.codes, ct.table)
+    with pytest.raises(CorruptUpdateError) as info:
+        validate_payload(CompressedUpdate(codec=codec, tensors={**update.tensors, "w": bad}))
+    assert info.value.tensor == "w"
+    assert str(info.value) == "w: indices are not strictly ascending within a chunk"
+
+
+def test_out_of_range_index_in_a_small_chunk():
+    codec = CodecConfig(chunk_size=8, topk=4)  # "odd" (10x7): 2 chunks of 35 entries
+    update = update_for(codec, 3)
+    ct = update.tensors["odd"]
+    idx = ct.indices.clone()
+    idx[-3:] = torch.tensor([0x3F, 0x00, 0x05], dtype=torch.uint8)  # last pair (63, 80)
+    bad = CompressedTensor(ct.shape, idx, ct.gaps, ct.codes, ct.table)
+    mutated = CompressedUpdate(codec=codec, tensors={**update.tensors, "odd": bad})
+    expected = ("CorruptUpdateError", "odd", "odd: index 80 out of range for chunks of 35")
+    assert outcome(validate_payload, mutated) == outcome(decode_all, mutated) == expected
+
+
+def test_dense_payload_must_be_finite():
+    dense = DenseUpdate({"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(NonFiniteError) as info:
+        validate_payload(dense)
+    assert info.value.tensor == "b"
