@@ -142,6 +142,7 @@ class Validator(Node):
         """Score ``window``, publish its aggregation set, step, set weights, checkpoint."""
         started = time.monotonic()
         self.directory.refresh()
+        self.scoreboard.prune(self.chain.metagraph().hotkeys)  # deregistered hotkeys start over
         peers = self.directory.hotkeys("miner")
         gathered = self.updates.gather(window, peers=peers)
         # A peer without an update fails the window anyway; not waiting for its proof keeps a
