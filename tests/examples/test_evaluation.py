@@ -1,0 +1,148 @@
+"""Evaluation example: mining a throwaway git history, seeded task choice, agents, renewal."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from examples.evaluation.agents import ReferenceAgent, TaskView, load_agent
+from examples.evaluation.benchmark import TaskPool
+from examples.evaluation.config import BenchmarkConfig
+from examples.evaluation.demo_repo import add_new_commits, build_demo_repo
+from examples.evaluation.harness import evaluate
+from examples.evaluation.mining import mine_commit
+from examples.evaluation.run import harness_agents, register_agents, run_epoch
+
+from gauntlet import InMemorySubnet
+
+CFG = BenchmarkConfig(seed="test-seed", tasks_per_epoch=2, window=3, test_timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    pool = TaskPool(build_demo_repo(tmp_path_factory.mktemp("swe") / "repo"), CFG)
+    pool.refresh()
+    return pool
+
+
+def _copy(pool: TaskPool, repo: Path, cfg: BenchmarkConfig = CFG) -> TaskPool:
+    """A pool that already holds ``pool``'s tasks (mined once per module: each costs test runs)."""
+    twin = TaskPool(repo, cfg)
+    twin.tasks, twin.skipped, twin.head = list(pool.tasks), list(pool.skipped), pool.head
+    return twin
+
+
+def test_mining_keeps_fixes_with_tests_and_says_why_it_skips_the_rest(pool):
+    assert [t.statement.splitlines()[0] for t in pool.tasks] == [
+        "Fix mul for negative factors",
+        "Fix slugify: drop punctuation",
+        "Fix clamp above the upper bound",
+    ]
+    assert [s.reason for s in pool.skipped] == [
+        "root commit",
+        "changes no tests",
+        "no test fails before and passes after",  # the refactor's new test passed before too
+    ]
+    mul, slug, clamp = pool.tasks
+    assert mul.fail_to_pass == ("tests.test_calc::test_mul_negative",)
+    assert slug.fail_to_pass == ("tests.test_text::test_slugify_punctuation",)
+    assert clamp.fail_to_pass == ("tests.test_calc::test_clamp_above",)
+    # every test of the suite that passed before and after, including the refactor's
+    assert "tests.test_calc::test_add_negative" in clamp.pass_to_pass
+    assert len(clamp.pass_to_pass) == 9 and clamp.fail_to_pass[0] not in clamp.pass_to_pass
+    assert "a/calc.py" in mul.reference_patch and "a/calc.py" not in mul.test_patch
+    assert mul.test_files == ("tests/test_calc.py",)
+
+
+def test_null_agent_scores_zero_and_reference_agent_scores_one(pool):
+    subnet = InMemorySubnet()
+    agents = harness_agents(pool, [])
+    register_agents(subnet, agents)
+    report = run_epoch(pool, agents, 0, subnet)
+    assert report.scores == {"null-agent": 0.0, "reference-agent": 1.0}
+    null = report.results["null-agent"]
+    assert [r.fail_to_pass for r in null] == [0, 0] and all(
+        r.pass_to_pass == r.p2p_total > 0 for r in null
+    )
+    assert report.settlement.result.success
+    assert report.settlement.weights == {"null-agent": 0.0, "reference-agent": 1.0}
+
+
+def test_task_choice_is_deterministic_from_the_seed(pool):
+    twin = _copy(pool, pool.repo)
+    picks = [[t.task_id for t in pool.select(e)] for e in range(6)]
+    assert picks == [[t.task_id for t in twin.select(e)] for e in range(6)]
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # epochs draw different subsets
+    other = _copy(pool, pool.repo, BenchmarkConfig(seed="another", tasks_per_epoch=2, window=3))
+    assert [[t.task_id for t in other.select(e)] for e in range(6)] != picks
+
+
+class TestEditingAgent:
+    """Edits the tests it will be judged by, then crashes: neither must help it."""
+
+    name = "cheater"
+
+    def solve(self, workdir: Path, task: TaskView) -> None:
+        for test in (workdir / "tests").glob("test_*.py"):
+            test.write_text("def test_everything():\n    assert True\n")
+        raise RuntimeError("gave up")
+
+
+def test_agents_cannot_pass_by_rewriting_tests_and_crashes_are_failures(pool):
+    result = evaluate(TestEditingAgent(), pool.tasks[0], pool.repo, CFG)
+    assert (result.fail_to_pass, result.resolved) == (0, False)
+    assert result.error == "RuntimeError: gave up"
+
+
+def test_new_commits_renew_the_pool(pool, tmp_path):
+    repo = tmp_path / "clone"  # a clone has the same commit ids; the shared fixture stays as is
+    subprocess.run(["git", "clone", "-q", str(pool.repo), str(repo)], check=True)
+    pool = _copy(pool, repo)
+    before = [t.task_id for t in pool.tasks]
+    assert pool.refresh() == []  # nothing new: nothing mined
+    add_new_commits(repo)
+    new = pool.refresh()
+    assert [t.statement.splitlines()[0] for t in new] == [
+        "Fix median of an even number of values",
+        "parse_bool: accept yes, 1 and any case",
+    ]
+    assert [t.task_id for t in pool.active()] == [before[-1], *(t.task_id for t in new)]
+    active = {t.task_id for t in pool.active()}
+    assert all(t.task_id in active for e in range(4) for t in pool.select(e))
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert pool.head == head
+    assert evaluate(ReferenceAgent(pool.reference_patch), new[0], repo, CFG).resolved
+
+
+def test_broken_fix_is_not_a_task(tmp_path):
+    """A commit whose added test still fails after the change proves nothing: skipped."""
+    repo = tmp_path / "repo"
+    env_args = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "tests").mkdir()
+    (repo / "m.py").write_text("def f():\n    return 1\n")
+    test = "from m import f\n\n\ndef test_f():\n    assert f()\n"
+    (repo / "tests" / "test_m.py").write_text(test)
+    for args in (["add", "-A"], [*env_args, "commit", "-q", "-m", "base"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    (repo / "m.py").write_text("def f():\n    return 2\n")
+    (repo / "tests" / "test_m.py").write_text(test + "\n\ndef test_three():\n    assert f() == 3\n")
+    for args in (["add", "-A"], [*env_args, "commit", "-q", "-m", "attempt"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    shas = subprocess.run(
+        ["git", "-C", str(repo), "rev-list", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    result = mine_commit(repo, shas[0], shas[1], CFG)
+    assert result.reason == "no test fails before and passes after"
+
+
+def test_agents_load_from_a_spec():
+    assert load_agent("examples.evaluation.agents:NullAgent").name == "null-agent"
+    with pytest.raises(ValueError, match=r"package\.module:ClassName"):
+        load_agent("examples.evaluation.agents")
+    with pytest.raises(TypeError, match="not an agent"):
+        load_agent("examples.evaluation.config:BenchmarkConfig")
