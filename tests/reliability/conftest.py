@@ -32,3 +32,8 @@ def fuzzlib() -> ModuleType:
 @pytest.fixture(scope="session")
 def fuzz_target(fuzzlib):
     return fuzzlib.Target.build()
+
+
+@pytest.fixture(scope="session")
+def workerlib() -> ModuleType:
+    return load_benchmark_module("reliability_worker")
