@@ -67,9 +67,10 @@ def state_bytes_per_param(layers: int) -> list[dict]:
         params = [(n, torch.nn.Parameter(torch.zeros(s, dtype=dtype))) for n, s in shapes.items()]
         n_params = sum(p.numel() for _, p in params)
         outer = SparseLoCo(params, InProcessHub().connect("bench"), **kwargs)
-        if "momentum" in kwargs:
-            for _, p in params:  # the buffer is created by the first step
-                outer.state[p]["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for _, p in params:
+                p.add_(1e-3)
+        outer.step()  # the error and momentum buffers are created by the first round
         by_place = {"with the model": 0, "offloaded to CPU": 0}
         for _, p in params:
             for t in outer.state[p].values():

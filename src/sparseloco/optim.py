@@ -25,7 +25,7 @@ State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` by
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -218,6 +218,29 @@ class OuterOptimizer(Optimizer):
         self.window += 1
         return report
 
+    @torch.no_grad()
+    def apply(self, updates: Mapping[str, Payload]) -> float:
+        """Take the outer step of already-gathered payloads without publishing anything.
+
+        For a window this peer missed (catching up), and for followers that never train
+        (a validator's copy of the model): θ ← θ₀ − α·aggregate(updates), θ₀ ← θ, exactly the
+        step the peers took. Raises a typed error, before changing anything, if a payload
+        does not fit this model. Returns the norm of the aggregate.
+        """
+        params = self._round_params()
+        shapes = {name: tuple(p.shape) for name, p, _ in params}
+        for payload in updates.values():
+            self._check(payload, shapes)
+        lookup = {name: (p, group) for name, p, group in params}
+        norm_sq = 0.0
+        device = params[0][1].device
+        stream = self._aggregate(dict(updates), device) if updates else self._zeros(params)
+        for name, agg in stream:
+            p, group = lookup[name]
+            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+            self._apply(p, group, agg)
+        return norm_sq**0.5
+
     def _usable(
         self, gathered: GatherResult, own: Payload, shapes: dict[str, tuple[int, ...]]
     ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
@@ -229,18 +252,19 @@ class OuterOptimizer(Optimizer):
         updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
             try:
-                if type(payload) is not type(own):
-                    raise UpdateError(f"expected a {own.kind} payload, got {payload.kind}")
-                if isinstance(payload, CompressedUpdate):
-                    payload.check_matches(shapes, own.codec)  # type: ignore[union-attr]
-                else:
-                    payload.check_matches(shapes)
+                self._check(payload, shapes)
             except SparseLoCoError as exc:
                 old = statuses.get(peer, PeerStatus(peer, "ok"))
                 statuses[peer] = PeerStatus(peer, "invalid", str(exc), old.nbytes, old.latency_s)
                 continue
             updates[peer] = payload
         return updates, statuses
+
+    def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise unless ``payload`` is a dense update with exactly these names and shapes."""
+        if not isinstance(payload, DenseUpdate):
+            raise UpdateError(f"expected a dense payload, got {payload.kind}")
+        payload.check_matches(shapes)
 
     @staticmethod
     def _zeros(
@@ -353,12 +377,21 @@ class SparseLoCo(OuterOptimizer):
             offload=cfg.offload,
         )
 
-    def _init_state(self, name: str, p: torch.Tensor) -> None:
-        super()._init_state(name, p)
-        layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
-        self.state[p]["error"] = self._store(
-            torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
-        )
+    def _error_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """The error-feedback buffer of ``p``, created on first use so that followers that only
+        :meth:`apply` aggregates never hold one."""
+        state = self.state[p]
+        if "error" not in state:
+            layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
+            state["error"] = self._store(
+                torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
+            )
+        return state["error"]
+
+    def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
+        if not isinstance(payload, CompressedUpdate):
+            raise UpdateError(f"expected a sparse payload, got {payload.kind}")
+        payload.check_matches(shapes, self.config.codec)
 
     def _backend(self, device: torch.device) -> BackendChoice:
         codec = self.config.codec
@@ -375,7 +408,7 @@ class SparseLoCo(OuterOptimizer):
             state = self.state[p]
             delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-            error = state["error"]
+            error = self._error_buffer(p)
             work = error.to(p.device, non_blocking=True) if self.offload else error
             tensors[name] = encode_tensor(name, delta, work, codec)
             if work is not error:

@@ -39,7 +39,6 @@ from netcomm import (
     update_key,
 )
 from netcomm.signing import default_verifiers
-from sparseloco.aggregate import iter_aggregate
 from sparseloco.exchange import GatherResult
 from sparseloco.node.base import Node
 from sparseloco.node.clock import Stopped
@@ -262,7 +261,7 @@ class Miner(Node):
             if own is not None:
                 updates[self.hotkey] = own
         if updates:
-            self._apply(updates)
+            self.outer.apply(updates)
         self.save(window + 1)
         self.history.append({"window": window, "replayed": True, "aggregated": sorted(updates)})
         log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
@@ -282,20 +281,6 @@ class Miner(Node):
             ).payload
         except (ObjectNotFoundError, NetcommError):
             return None
-
-    @torch.no_grad()
-    def _apply(self, updates: dict[str, Payload]) -> None:
-        cfg = self.outer.config
-        params = dict(self.model.named_parameters())
-        for name, agg in iter_aggregate(
-            updates,  # type: ignore[arg-type]
-            reducer=cfg.reducer,
-            clip_to_median=cfg.clip_to_median,
-            backend=cfg.codec.backend,
-        ):
-            p = params[name]
-            p.copy_(p.to(torch.float32).sub_(agg, alpha=self.outer.param_groups[0]["lr"]))
-            self.outer.state[p]["theta0"].copy_(p)
 
     def catch_up(self, current: int) -> None:
         """Replay every window between the next one to run and ``current`` (exclusive)."""

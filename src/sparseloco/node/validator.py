@@ -35,14 +35,13 @@ from gauntlet import (
     derive_seed,
 )
 from netcomm import CheckpointStore, ModelSpec, NetcommError, StorageExchange, update_key
-from sparseloco.aggregate import iter_aggregate
-from sparseloco.codec import CompressedUpdate
 from sparseloco.node.base import Node
 from sparseloco.node.clock import Stopped
 from sparseloco.node.config import NodeConfig
 from sparseloco.node.protocol import PROOFS, UPDATES, Protocol, read_proof, write_selection
 from sparseloco.node.state import prune_checkpoints
 from sparseloco.node.task import Task
+from sparseloco.optim import SparseLoCo
 
 log = logging.getLogger("sparseloco.node.validator")
 
@@ -99,6 +98,8 @@ class Validator(Node):
             self.protocol.exchange_config(cfg.exchange, proofs=False),
             prefix=UPDATES,
         )
+        # follows the miners: applies each window's accepted updates, never publishes
+        self.follower = SparseLoCo(self.model.named_parameters(), self.updates, self.protocol.outer)
         self.proofs = StorageExchange(
             self.hotkey,
             self.storage,
@@ -166,7 +167,7 @@ class Validator(Node):
         )
         accepted = report.accepted
         write_selection(self.storage, window, accepted)
-        self._step({p: gathered.updates[p] for p in accepted})
+        self.follower.apply({p: gathered.updates[p] for p in accepted})
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()
@@ -204,23 +205,6 @@ class Validator(Node):
         if not result.success:
             log.warning("%s: set_weights refused: %s", self.hotkey, result.message)
         return result.success
-
-    @torch.no_grad()
-    def _step(self, updates: dict) -> None:
-        """The outer step the miners take, so the model stays equal to theirs."""
-        sparse = {p: u for p, u in updates.items() if isinstance(u, CompressedUpdate)}
-        if not sparse:
-            return
-        outer = self.protocol.outer
-        params = dict(self.model.named_parameters())
-        for name, agg in iter_aggregate(
-            sparse,
-            reducer=outer.reducer,
-            clip_to_median=outer.clip_to_median,
-            backend=outer.codec.backend,
-        ):
-            p = params[name]
-            p.copy_(p.to(torch.float32).sub_(agg, alpha=outer.lr))
 
     def run(self, until_window: int | None = None) -> None:
         """Announce, then score each window as it closes, until ``until_window`` is scored or

@@ -8,9 +8,7 @@ import torch
 
 from gauntlet import Scorer, WeightsError, WindowInputs, WindowReport, derive_seed
 from netcomm import update_key
-from sparseloco.aggregate import iter_aggregate
-from sparseloco.codec import CompressedUpdate
-from sparseloco.config import preset
+from sparseloco.optim import SparseLoCo
 from sparseloco.payload import DenseUpdate
 from sparseloco.sim.swarm import PROOF_DIGEST, PROOF_SYNC, Swarm, loss_fn
 
@@ -22,9 +20,12 @@ class Validator:
         self.swarm = swarm
         cfg = swarm.cfg
         self.model = swarm.new_model()
-        self.outer = preset(cfg.preset)
-        self.lr = cfg.outer_lr if cfg.outer_lr is not None else self.outer.lr
         self.updates = swarm.exchange("validator")
+        overrides = {"lr": cfg.outer_lr} if cfg.outer_lr is not None else {}
+        # follows the swarm: applies each window's accepted updates, never publishes
+        self.follower = SparseLoCo(
+            self.model.named_parameters(), self.updates, cfg.preset, **overrides
+        )
         self.proofs = swarm.exchange("validator", proofs=True)
         self.chain = swarm.subnet.connect("validator")
         self.scorer = Scorer(
@@ -89,25 +90,10 @@ class Validator:
             pass  # every score is still 0: nothing to set this window
         else:
             self.chain.set_weights(weights.uids, weights.values)
-        self._step({p: u for p, u in gathered.updates.items() if p in selected})
+        self.follower.apply({p: u for p, u in gathered.updates.items() if p in selected})
         swarm.checkpoints.save(
             w + 1,
             self.model.state_dict(),
             meta={"window": w + 1, "time": time.time()},
         )
         return report, sorted(p for p in gathered.updates if p in selected), self.heldout_loss()
-
-    @torch.no_grad()
-    def _step(self, updates: dict) -> None:
-        """The same outer step the peers take (θ ← θ − α·aggregate), so the model follows them."""
-        if not updates:
-            return
-        params = dict(self.model.named_parameters())
-        for name, agg in iter_aggregate(
-            {p: u for p, u in updates.items() if isinstance(u, CompressedUpdate)},
-            reducer=self.outer.reducer,
-            clip_to_median=self.outer.clip_to_median,
-            backend=self.outer.codec.backend,
-        ):
-            p = params[name]
-            p.copy_(p.to(torch.float32).sub_(agg, alpha=self.lr))
