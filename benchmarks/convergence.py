@@ -15,17 +15,26 @@ Each method's inner learning rate is chosen from a small grid by mean final held
 over the seeds; every tried value is reported. Prints tables, writes
 ``results/convergence.json`` and ``results/convergence.png``.
 
-Run: ``python -m benchmarks.convergence`` (CPU, a few minutes) or ``--preset gpu`` for a
-larger model on a CUDA device.
+Two stages on CPU (the numbers in the README):
+
+1. tuning, 12 rounds, every inner lr of the grid:
+   ``python -m benchmarks.convergence --name convergence-tuning`` (~20 min on 2 cores);
+2. the comparison, 36 rounds, each method at its tuned inner lr:
+   ``python -m benchmarks.convergence --rounds 36 --inner-lr-from
+   benchmarks/results/convergence-tuning.json`` (~20 min).
+
+``--preset gpu`` sizes the model and run for a CUDA device.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,18 +163,30 @@ def main() -> None:
     ap.add_argument("--diloco-lrs", type=float, nargs="+", default=[0.4, 0.7, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     ap.add_argument("--inner-lrs", type=float, nargs="+", help="override the inner-lr grid")
+    ap.add_argument("--rounds", type=int, help="override the preset's number of outer rounds")
+    ap.add_argument(
+        "--inner-lr-from",
+        help="a previous run's JSON: run each method only at the inner lr tuned there",
+    )
+    ap.add_argument("--name", default="convergence", help="results/<name>.json and .png")
     args = ap.parse_args()
     size = dict(SIZES[args.preset])
     if args.seeds:
         size["seeds"] = tuple(args.seeds)
     if args.inner_lrs:
         size["inner_lrs"] = tuple(args.inner_lrs)
+    if args.rounds:
+        size["rounds"] = args.rounds
+    tuned: dict[str, float] = {}
+    if args.inner_lr_from:
+        rows = json.loads(Path(args.inner_lr_from).read_text())["best"]
+        tuned = {r["method"]: r["inner lr"] for r in rows}
     torch.set_num_threads(1 if size["device"] == "cpu" else torch.get_num_threads())
     data = TokenDataset(stdlib_corpus(size["corpus"]), size["model"].block_size)
     start = time.time()
     runs: dict[str, dict[float, dict[int, dict]]] = {}
     for method in methods(tuple(args.diloco_lrs)):
-        for lr in size["inner_lrs"]:
+        for lr in (tuned[method.name],) if method.name in tuned else size["inner_lrs"]:
             for seed in size["seeds"]:
                 res = train(method, data, size, lr, seed)
                 runs.setdefault(method.name, {}).setdefault(lr, {})[seed] = res
@@ -252,7 +273,7 @@ def main() -> None:
     print(f"\nwrote {path} and {png}")
 
 
-def plot(best: dict, size: dict):
+def plot(best: dict, size: dict, name: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +294,7 @@ def plot(best: dict, size: dict):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = RESULTS / "convergence.png"
+    path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
