@@ -1,4 +1,8 @@
-"""The ``sparseloco`` command: ``sparseloco simulate`` runs a local multi-peer swarm."""
+"""The ``sparseloco`` command.
+
+``sparseloco simulate`` runs a local multi-peer swarm; ``sparseloco miner`` /
+``sparseloco validator`` / ``sparseloco demo`` run the deployment roles (:mod:`sparseloco.node`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from sparseloco.errors import SparseLoCoError
+from sparseloco.errors import ConfigError, SparseLoCoError
+from sparseloco.models.gpt import GPTConfig
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from sparseloco.models.gpt import GPTConfig
     from sparseloco.sim import ADVERSARY_KINDS, SimConfig, run
 
     adversaries: tuple[str, ...] = ()
@@ -23,18 +27,22 @@ def _simulate(args: argparse.Namespace) -> int:
             else tuple(a.strip() for a in args.adversaries.split(",") if a.strip())
         )
     out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    if args.model_config:
+        try:
+            model = GPTConfig.from_dict(json.loads(Path(args.model_config).read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--model-config {args.model_config}: {exc}") from None
+    else:
+        model = GPTConfig(
+            block_size=args.block_size, n_layer=args.layers, n_head=args.heads, n_embd=args.width
+        )
     cfg = SimConfig(
         peers=args.peers,
         windows=args.windows,
         inner_steps=args.inner_steps,
         batch_size=args.batch_size,
         inner_lr=args.inner_lr,
-        model=GPTConfig(
-            block_size=args.block_size,
-            n_layer=args.layers,
-            n_head=args.heads,
-            n_embd=args.width,
-        ),
+        model=model,
         preset=args.preset,
         outer_lr=args.outer_lr,
         adversaries=adversaries,
@@ -61,8 +69,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_COMMANDS = ("miner", "validator", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparseloco", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in NODE_COMMANDS:
+        from sparseloco.node.cli import main as node_main
+
+        return node_main(argv)
+    parser = argparse.ArgumentParser(
+        prog="sparseloco",
+        description=__doc__,
+        epilog="Deployment roles: sparseloco {miner,validator} --config FILE.toml, "
+        "sparseloco demo (see docs/miner.md).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run N peers and a validator on this machine")
     sim.add_argument("--peers", type=int, default=4, help="honest peers (default 4)")
@@ -76,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--heads", type=int, default=4)
     sim.add_argument("--width", type=int, default=64)
     sim.add_argument("--block-size", type=int, default=64)
+    sim.add_argument(
+        "--model-config",
+        help="a GPTConfig JSON (e.g. PRISM's winner_gpt.json); replaces the four flags above",
+    )
     sim.add_argument(
         "--adversaries",
         default="",

@@ -72,6 +72,14 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """A config from :meth:`to_dict` output (e.g. a JSON file); unknown keys are an error."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig fields: {unknown}")
+        return cls(**data)
+
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
