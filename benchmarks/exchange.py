@@ -12,7 +12,12 @@ scenarios:
 "raw boto3" downloads exactly the same objects in the same run with the same concurrency
 (``get_object().read()`` per object; boto3's managed ``download_fileobj`` for the large one),
 without any verification. gather also verifies every envelope completely (signature,
-checksum, zstd, safetensors caps, index ranges and finite values).
+checksum, zstd if used, safetensors caps, index ranges and order, finite values).
+
+Each row also reports the CPU seconds the client and the server process spent in the raw and
+the gather phases, and the single-thread cost of each verification step on one envelope, so
+the ratio can be explained: on a machine whose cores are all busy, gather cannot be faster
+than (transfer CPU + verification CPU) / cores.
 
     python benchmarks/exchange.py            # 20 x 27 MB and 1 x 64 MB
     python benchmarks/exchange.py --quick    # small sizes, a few seconds
@@ -21,6 +26,7 @@ checksum, zstd, safetensors caps, index ranges and finite values).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -39,6 +45,7 @@ import torch
 
 from netcomm import (
     Ed25519Signer,
+    EnvelopeLimits,
     ExchangeConfig,
     ModelSpec,
     PeerRecord,
@@ -46,12 +53,18 @@ from netcomm import (
     S3Storage,
     StaticDirectory,
     StorageExchange,
+    default_verifiers,
+    open_envelope,
+    read_header,
     update_key,
 )
+from netcomm.envelope import PREFIX_SIZE
 from sparseloco import CodecConfig, CompressedUpdate
 from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.packing import pack_codes, pack_indices
+from sparseloco.payload import payload_from_tensors, validate_payload
+from sparseloco.serialization import load_safetensors
 
 SHAPE = (8192, 8192)
 CODEC = CodecConfig()
@@ -88,7 +101,54 @@ def spec_for(n_tensors: int) -> ModelSpec:
     return ModelSpec(tuple((f"layer{i:03d}.weight", SHAPE, "bfloat16") for i in range(n_tensors)))
 
 
-def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeats, large):
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, repeats: int = 5) -> float:
+    """Median wall milliseconds of ``fn()`` on the calling thread."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def verify_breakdown(blob: bytes, peer: str, signer, spec: ModelSpec) -> dict[str, float]:
+    """Single-thread milliseconds of each verification step on one envelope."""
+    header, header_len = read_header(blob, EnvelopeLimits())
+    start = PREFIX_SIZE + header_len
+    body = memoryview(blob)[start : start + header["body_len"]]
+    writable = bytearray(body) if header["compression"] == "none" else None
+    steps = {
+        "sha256_ms": timed(lambda: hashlib.sha256(body).digest()),
+        "copy_to_writable_ms": timed(lambda: bytearray(body)),
+    }
+    if writable is not None:
+        payload = payload_from_tensors(*load_safetensors(writable))
+        steps["load_safetensors_ms"] = timed(lambda: load_safetensors(writable))
+        steps["validate_payload_ms"] = timed(lambda: validate_payload(payload))
+    steps["open_envelope_ms"] = timed(
+        lambda: open_envelope(
+            blob,
+            expected_peer=peer,
+            public_key=signer.public_key,
+            verifiers=default_verifiers(),
+            window=0,
+            fingerprint=spec.fingerprint,
+            shapes=spec.shapes,
+            codec=CODEC,
+        )
+    )
+    return steps
+
+
+def run_scenario(
+    name, endpoint, server_pid, bucket, n_peers, n_tensors, concurrency, repeats, large, compression
+):
     s3 = S3Config(
         bucket=bucket,
         endpoint_url=endpoint,
@@ -104,7 +164,11 @@ def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeat
     signers = {p: Ed25519Signer.from_seed(bytes([i + 1]) * 32) for i, p in enumerate(peers)}
     directory = StaticDirectory(PeerRecord(p, storage, signers[p].public_key) for p in peers)
     config = ExchangeConfig(
-        deadline_s=600, max_concurrency=concurrency, codec=CODEC, compression_level=1
+        deadline_s=600,
+        max_concurrency=concurrency,
+        codec=CODEC,
+        compression=compression,
+        compression_level=1,
     )
     t0 = time.perf_counter()
     sizes = {}
@@ -140,18 +204,26 @@ def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeat
         "observer", storage, directory, Ed25519Signer.generate(), spec, config
     )
     raw_times, gather_times = [], []
-    for rep in range(repeats):
-        t = time.perf_counter()
+    cpu = {"raw_client": 0.0, "raw_server": 0.0, "gather_client": 0.0, "gather_server": 0.0}
+    for _ in range(repeats):
+        c0, s0, t = time.process_time(), server_cpu_s(server_pid), time.perf_counter()
         got = raw_all()
         raw_times.append(time.perf_counter() - t)
+        cpu["raw_client"] += time.process_time() - c0
+        cpu["raw_server"] += server_cpu_s(server_pid) - s0
         assert got == total, (got, total)
         observer._cache.clear()  # every repeat downloads again
-        t = time.perf_counter()
-        result = observer.gather(rep * 0)
+        c0, s0, t = time.process_time(), server_cpu_s(server_pid), time.perf_counter()
+        result = observer.gather(0)
         gather_times.append(time.perf_counter() - t)
+        cpu["gather_client"] += time.process_time() - c0
+        cpu["gather_server"] += server_cpu_s(server_pid) - s0
         bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
         assert not bad, bad
         assert result.bytes_received == total
+    blob = storage.get(keys[0])
+    header = read_header(blob, EnvelopeLimits())[0]
+    breakdown = verify_breakdown(blob, peers[0], signers[peers[0]], spec)
     storage.close()
     raw_s, gather_s = statistics.median(raw_times), statistics.median(gather_times)
     return {
@@ -169,6 +241,9 @@ def run_scenario(name, endpoint, bucket, n_peers, n_tensors, concurrency, repeat
         "ratio": round(raw_s / gather_s, 3),
         "raw_times_s": [round(x, 3) for x in raw_times],
         "gather_times_s": [round(x, 3) for x in gather_times],
+        "compression": header["compression"],
+        "cpu_s_per_repeat": {k: round(v / repeats, 3) for k, v in cpu.items()},
+        "verify_one_envelope": breakdown,
     }
 
 
@@ -202,12 +277,16 @@ def main() -> None:
     parser.add_argument("--large-mb", type=float, default=64.0, help="size of the large object")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compression", choices=("auto", "zstd", "none"), default="auto", help="publishers' choice"
+    )
     parser.add_argument("--quick", action="store_true", help="4 peers x 4 MB, 16 MB, 1 repeat")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "exchange.json"))
     args = parser.parse_args()
     if args.quick:
         args.peers, args.update_mb, args.large_mb, args.repeats = 4, 4.0, 16.0, 1
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    load_before = os.getloadavg()
     server, endpoint = start_server()
     per_tensor = tensor_bytes()
     rows = []
@@ -221,12 +300,14 @@ def main() -> None:
                 run_scenario(
                     name,
                     endpoint,
+                    server.pid,
                     f"bench-{name}",
                     peers,
                     n_tensors,
                     args.concurrency,
                     args.repeats,
                     large,
+                    args.compression,
                 )
             )
     finally:
@@ -241,6 +322,16 @@ def main() -> None:
             f"{r['raw_boto3_s']:>8}{r['gather_s']:>10}{r['raw_boto3_mb_s']:>10}"
             f"{r['gather_mb_s']:>13}{r['ratio']:>7}"
         )
+    for r in rows:
+        cpu = r["cpu_s_per_repeat"]
+        print(
+            f"{r['scenario']}: body {r['compression']}; CPU s per repeat: raw client "
+            f"{cpu['raw_client']} server {cpu['raw_server']}, gather client "
+            f"{cpu['gather_client']} server {cpu['gather_server']}; one envelope (ms): "
+            + ", ".join(f"{k[:-3]} {v}" for k, v in r["verify_one_envelope"].items())
+        )
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     out = {
         "command": "python benchmarks/exchange.py" + (" --quick" if args.quick else ""),
         "args": vars(args),
@@ -248,6 +339,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
         },
         "results": rows,
     }
