@@ -46,10 +46,11 @@ from netcomm import (
     open_envelope,
     seal_envelope,
 )
-from netcomm.envelope import PREFIX_SIZE, _canonical, _safetensors_bytes, _signed_message
+from netcomm.envelope import PREFIX_SIZE, _canonical, _signed_message
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
 from sparseloco.codec import CompressedTensor
 from sparseloco.payload import DenseUpdate, Payload, validate_payload
+from sparseloco.serialization import dump_safetensors
 
 WINDOW = 7
 PEER = "alice"
@@ -197,19 +198,32 @@ def _header_for(payload: Payload, raw: bytes, body: bytes, target: Target) -> di
     }
 
 
-def sign_raw(target: Target, header: dict[str, Any] | bytes, body: bytes) -> bytes:
+def sign_raw(
+    target: Target, header: dict[str, Any] | bytes, body: bytes, version: int = 1
+) -> bytes:
     """A correctly signed envelope around any header and body (the malicious-peer case)."""
     hdr = header if isinstance(header, bytes) else _canonical(header)
-    unsigned = struct.pack("<4sHHIQ", b"NCEN", 1, 0, len(hdr), len(body))
+    unsigned = struct.pack("<4sHHIQ", b"NCEN", version, 0, len(hdr), len(body))
     sig = target.signer.sign(_signed_message(unsigned, hdr))
-    return struct.pack("<4sHHIQ", b"NCEN", 1, len(sig), len(hdr), len(body)) + hdr + body + sig
+    prefix = struct.pack("<4sHHIQ", b"NCEN", version, len(sig), len(hdr), len(body))
+    return prefix + hdr + body + sig
 
 
-def _resign_raw(target: Target, payload: Payload, raw: bytes, **header_changes: Any) -> bytes:
-    body = zstandard.ZstdCompressor(level=1).compress(raw)
-    header = _header_for(payload, raw, body, target)
+def _resign_raw(
+    target: Target, payload: Payload, raw: bytes, rng: random.Random, **header_changes: Any
+) -> bytes:
+    """Sign ``raw`` as a zstd body (format version 1) or, half the time, as it is (version 2)."""
+    if rng.random() < 0.5:
+        body = zstandard.ZstdCompressor(level=1).compress(raw)
+        header = _header_for(payload, raw, body, target)
+        version = 1
+    else:
+        body = raw
+        header = _header_for(payload, raw, body, target)
+        header.update(version=2, compression="none")
+        version = 2
     header.update(header_changes)
-    return sign_raw(target, header, body)
+    return sign_raw(target, header, body, version)
 
 
 def _hostile_int(rng: random.Random) -> int:
@@ -352,7 +366,7 @@ def m_random_blob(t: Target, rng: random.Random) -> Case:
 def m_header_field(t: Target, rng: random.Random) -> Case:
     payload, codec = rng.choice(t.bases)
     tensors, meta = payload.to_tensors()
-    raw = _safetensors_bytes(tensors, meta)
+    raw = dump_safetensors(tensors, meta)
     body = zstandard.ZstdCompressor(level=1).compress(raw)
     header = _header_for(payload, raw, body, t)
     name = rng.choice([*header, "extra"])
@@ -380,7 +394,7 @@ def m_header_bytes(t: Target, rng: random.Random) -> Case:
     """Raw JSON header bytes damaged (not JSON, wrong encoding, nesting), then signed."""
     payload, codec = rng.choice(t.bases)
     tensors, meta = payload.to_tensors()
-    raw = _safetensors_bytes(tensors, meta)
+    raw = dump_safetensors(tensors, meta)
     body = zstandard.ZstdCompressor(level=1).compress(raw)
     hdr = _canonical(_header_for(payload, raw, body, t))
     choice = rng.randrange(4)
@@ -399,7 +413,7 @@ def m_zstd(t: Target, rng: random.Random) -> Case:
     """Hostile compressed bodies: bombs, no content size, several frames, garbage, dictionaries."""
     payload, codec = rng.choice(t.bases)
     tensors, meta = payload.to_tensors()
-    raw = _safetensors_bytes(tensors, meta)
+    raw = dump_safetensors(tensors, meta)
     good = zstandard.ZstdCompressor(level=1).compress(raw)
     choice = rng.randrange(7)
     declared = len(raw)
@@ -428,7 +442,7 @@ def m_safetensors_header(t: Target, rng: random.Random) -> Case:
     """The safetensors JSON: dtypes, shapes, huge dims, offsets, counts, metadata strings."""
     payload, codec = rng.choice(t.bases)
     tensors, meta = payload.to_tensors()
-    raw = _safetensors_bytes(tensors, meta)
+    raw = dump_safetensors(tensors, meta)
     (n,) = struct.unpack_from("<Q", raw)
     header = json.loads(raw[8 : 8 + n])
     data = raw[8 + n :]
@@ -482,12 +496,12 @@ def m_safetensors_header(t: Target, rng: random.Random) -> Case:
         # nesting deeper than any JSON parser's recursion limit
         hdr = b'{"a":' + b"[" * 100_000 + b"}"
         raw = struct.pack("<Q", len(hdr)) + hdr + data
-        return Case(_resign_raw(t, payload, raw), True, codec)
+        return Case(_resign_raw(t, payload, raw, rng), True, codec)
     hdr = json.dumps(header).encode()
     hdr += b" " * (-len(hdr) % 8)
     new_raw = struct.pack("<Q", len(hdr)) + hdr + data
     count = sum(1 for k in header if k != "__metadata__")
-    return Case(_resign_raw(t, payload, new_raw, tensors=count), True, codec)
+    return Case(_resign_raw(t, payload, new_raw, rng, tensors=count), True, codec)
 
 
 def m_tensor_bytes(t: Target, rng: random.Random) -> Case:
@@ -505,8 +519,8 @@ def m_tensor_bytes(t: Target, rng: random.Random) -> Case:
         else:
             buf[rng.randrange(buf.numel())] = rng.randrange(256)
     tensors[name] = buf.view(tensors[name].dtype).reshape(tensors[name].shape)
-    raw = _safetensors_bytes(tensors, meta)
-    return Case(_resign_raw(t, payload, raw), True, codec)
+    raw = dump_safetensors(tensors, meta)
+    return Case(_resign_raw(t, payload, raw, rng), True, codec)
 
 
 def m_payload_fields(t: Target, rng: random.Random) -> Case:
@@ -527,8 +541,8 @@ def m_payload_fields(t: Target, rng: random.Random) -> Case:
         else:
             tensors[name] = tensors[name].to(torch.uint8)
         bad = DenseUpdate(tensors)
-        raw = _safetensors_bytes(*bad.to_tensors())
-        return Case(_resign_raw(t, bad, raw), True, codec)
+        raw = dump_safetensors(*bad.to_tensors())
+        return Case(_resign_raw(t, bad, raw, rng), True, codec)
     assert isinstance(payload, CompressedUpdate)
     cts = dict(payload.tensors)
     name = rng.choice(sorted(cts))
@@ -566,8 +580,8 @@ def m_payload_fields(t: Target, rng: random.Random) -> Case:
         fields["codes"] = torch.randint(0, 256, (ct.codes.numel(),), dtype=torch.uint8)
     cts[name] = CompressedTensor(**fields)
     bad = CompressedUpdate(codec=payload.codec, tensors=cts)
-    raw = _safetensors_bytes(*bad.to_tensors())
-    return Case(_resign_raw(t, bad, raw), True, codec)
+    raw = dump_safetensors(*bad.to_tensors())
+    return Case(_resign_raw(t, bad, raw, rng), True, codec)
 
 
 MUTATORS: dict[str, Callable[[Target, random.Random], Case]] = {

@@ -35,6 +35,9 @@ _LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 16 << 20
 MAX_TENSORS = 1 << 16
 _MAX_DIMS = 8
+# Shapes whose element count (zero dimensions aside) torch cannot index: an empty tensor of
+# shape (0, 2**62, 2**62) still overflows its stride calculation.
+_MAX_ELEMENTS = 1 << 48
 
 
 class SafetensorsFormatError(CorruptUpdateError):
@@ -136,6 +139,7 @@ def _entry(name: str, info: object, data_len: int) -> tuple[torch.dtype, list[in
         isinstance(shape, list)
         and len(shape) <= _MAX_DIMS
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        and math.prod(max(s, 1) for s in shape) <= _MAX_ELEMENTS
     ):
         raise SafetensorsFormatError(f"bad shape {shape!r}", tensor=name)
     if not (

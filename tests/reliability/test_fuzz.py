@@ -7,6 +7,8 @@ forged or unusable payload accepted, memory bounded. ``benchmarks/reliability.py
 
 from __future__ import annotations
 
+import json
+import random
 import struct
 
 import pytest
@@ -15,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netcomm import CheckpointError, CheckpointStore, EnvelopeError, LocalStorage
-from netcomm.envelope import _safetensors_bytes
 from sparseloco.codec import CompressedUpdate
 from sparseloco.errors import CorruptUpdateError
+from sparseloco.serialization import SafetensorsFormatError, dump_safetensors, load_safetensors
 
 
 @settings(
@@ -52,8 +54,6 @@ def test_seeded_run_covers_every_mutator_within_bounds(fuzzlib, fuzz_target):
 
 def test_a_crash_is_counted_not_hidden(fuzzlib, fuzz_target):
     """The harness itself can fail: a non-typed exception or a forgery is a defect."""
-    import random
-
     stats = fuzzlib.FuzzStats()
 
     def broken(target, case, strict):
@@ -87,7 +87,7 @@ def test_deeply_nested_safetensors_header_is_a_tensors_error(fuzzlib, fuzz_targe
     payload, codec = fuzz_target.bases[0]
     hdr = b'{"a":' + DEEP + b"}"
     raw = struct.pack("<Q", len(hdr)) + hdr
-    blob = fuzzlib._resign_raw(fuzz_target, payload, raw)
+    blob = fuzzlib._resign_raw(fuzz_target, payload, raw, random.Random(0))
     with pytest.raises(EnvelopeError) as info:
         fuzzlib.open_case(fuzz_target, fuzzlib.Case(blob, True, codec), strict=True)
     assert info.value.reason == "tensors"
@@ -99,7 +99,9 @@ def test_deeply_nested_payload_metadata_is_a_typed_error(fuzzlib, fuzz_target):
     meta = {**meta, "codec": DEEP.decode()}
     with pytest.raises(CorruptUpdateError, match="bad payload metadata"):
         CompressedUpdate.from_tensors(tensors, meta)
-    blob = fuzzlib._resign_raw(fuzz_target, payload, _safetensors_bytes(tensors, meta))
+    blob = fuzzlib._resign_raw(
+        fuzz_target, payload, dump_safetensors(tensors, meta), random.Random(1)
+    )
     with pytest.raises(EnvelopeError) as info:
         fuzzlib.open_case(fuzz_target, fuzzlib.Case(blob, True, codec), strict=True)
     assert info.value.reason == "tensors"
@@ -111,3 +113,18 @@ def test_deeply_nested_checkpoint_pointer_is_a_checkpoint_error(tmp_path):
     store.storage.put(store.latest_key, DEEP)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         store.load()
+
+
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [0, 2**40, 2**40, 2**40]])
+def test_empty_tensor_with_overflowing_shape_is_a_tensors_error(fuzzlib, fuzz_target, shape):
+    """Regression (found by the 100,000-case run): torch.empty overflowed on such shapes and
+    raised TypeError/RuntimeError out of open_envelope, which would end a gather."""
+    payload, codec = fuzz_target.bases[0]
+    hdr = json.dumps({"a": {"dtype": "U8", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    raw = struct.pack("<Q", len(hdr)) + hdr
+    with pytest.raises(SafetensorsFormatError, match="bad shape"):
+        load_safetensors(raw)
+    blob = fuzzlib._resign_raw(fuzz_target, payload, raw, random.Random(2), tensors=1)
+    with pytest.raises(EnvelopeError) as info:
+        fuzzlib.open_case(fuzz_target, fuzzlib.Case(blob, True, codec), strict=False)
+    assert info.value.reason == "tensors"
