@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -239,6 +240,20 @@ def table(results: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=("fuzz", "byzantine", "faults"))
@@ -269,6 +284,8 @@ def main() -> None:
         results["byzantine"] = run_byzantine(args.honest, args.windows, out_dir / "sim", args.seed)
     if "faults" in sections:
         results["faults"] = run_faults(args, out_dir / "faults")
+    for section in sections:  # sections may come from different runs: say which code ran
+        results[section]["commit"] = _commit()
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     rows = table(results)
