@@ -57,7 +57,10 @@ def default_limits_bomb(mb: int) -> dict[str, Any]:
     t = Target.build()
     payload, codec = t.bases[0]
     raw_len = mb << 20
-    body = zstandard.ZstdCompressor(level=3).compress(b"\0" * raw_len)
+    # streamed, so that the measurement's own input never sits in memory
+    cobj = zstandard.ZstdCompressor(level=3).compressobj(size=raw_len)
+    zeros = bytes(1 << 20)
+    body = b"".join(cobj.compress(zeros) for _ in range(mb)) + cobj.flush()
     header = _header_for(payload, b"", body, t)
     header["raw_len"] = raw_len
     blob = sign_raw(t, header, body)
