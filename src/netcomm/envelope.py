@@ -69,9 +69,6 @@ SIGNING_CONTEXT = b"netcomm/envelope/v1\x00"  # domain separation; the signed pr
 # The body encodings each format version allows, and the version a writer uses for each.
 _COMPRESSIONS = {1: ("zstd",), 2: ("zstd", "none")}
 _WRITE_VERSION = {"zstd": 1, "none": 2}
-# The name tests/reliability and benchmarks/reliability_fuzz.py (not netcomm's) import; they
-# can import sparseloco.serialization.dump_safetensors directly and this alias can go.
-_safetensors_bytes = dump_safetensors
 _PREFIX = struct.Struct("<4sHHIQ")
 PREFIX_SIZE = _PREFIX.size
 _HEADER_FIELDS = {

@@ -12,6 +12,7 @@ import torch
 import sparseloco
 from netcomm import (
     Ed25519Signer,
+    EnvelopeLimits,
     ExchangeConfig,
     FaultPlan,
     FaultyStorage,
@@ -22,6 +23,7 @@ from netcomm import (
     PeerRecord,
     StaticDirectory,
     StorageExchange,
+    read_header,
     seal_envelope,
     update_key,
 )
@@ -88,6 +90,18 @@ def test_publish_then_gather_ok_with_exact_payloads(storage, model, spec, kit):
     for p in ("p1", "p2"):
         assert kit.payload_bytes(result.updates[p]) == kit.payload_bytes(updates[p])
     assert storage.head(update_key("", 3, "p1")).size == sent["p1"]
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_gather_reads_each_body_encoding(storage, model, spec, kit, compression):
+    _, _, ex = make_net(storage, spec, ["p0", "p1"], compression=compression)
+    update = kit.sparse_update(model, seed=5)
+    ex["p1"].publish(0, update)
+    blob = storage.get(update_key("", 0, "p1"))
+    assert read_header(blob, EnvelopeLimits())[0]["compression"] == compression
+    result = ex["p0"].gather(0)
+    assert result.statuses["p1"].status == "ok"
+    assert kit.payload_bytes(result.updates["p1"]) == kit.payload_bytes(update)
 
 
 def test_missing_peer_returns_at_deadline(tmp_path, model, spec, kit):
@@ -260,6 +274,8 @@ def test_min_peers(tmp_path, model, spec, kit):
         ("max_concurrency", 0),
         ("min_peers", -1),
         ("compression_level", 30),
+        ("compression", "lz4"),
+        ("min_compression_saving", 1.0),
         ("poll_interval_s", float("nan")),
     ],
 )

@@ -119,6 +119,7 @@ def _entry(dtype="U8", shape=(8,), offsets=(0, 8)) -> dict:
         (_raw({"a": _entry(shape=(-8,))}), "bad shape [-8]", "a"),
         (_raw({"a": _entry(shape=(1,) * 9)}), "bad shape", "a"),
         (_raw({"a": _entry(shape=(True,) * 8)}), "bad shape", "a"),
+        (_raw({"a": _entry(shape=(0, 2**62, 2**62), offsets=(0, 0))}, b""), "bad shape", "a"),
         (_raw({"a": _entry(shape=(16,), offsets=(0, 16))}), "bad data offsets [0, 16]", "a"),
         (_raw({"a": _entry(offsets=(4, 2))}), "bad data offsets", "a"),
         (_raw({"a": _entry(shape=(4,))}), "data size disagrees with shape and dtype", "a"),
