@@ -60,7 +60,7 @@ from sparseloco.errors import (
     SparseLoCoError,
 )
 from sparseloco.payload import Payload, payload_from_tensors, validate_payload
-from sparseloco.serialization import SafetensorsFormatError, dump_safetensors, load_safetensors
+from sparseloco.serialization import dump_safetensors, load_safetensors
 
 MAGIC = b"NCEN"
 FORMAT_VERSION = 2  # the newest version this module reads and writes
@@ -162,16 +162,18 @@ def seal_envelope(
         compression: ``"zstd"``, ``"none"``, or ``"auto"``: zstd only if it makes the body at
             least ``min_saving`` (a fraction) smaller, since every receiver pays for
             decompressing it.
+
+    Raises :class:`~sparseloco.serialization.SafetensorsFormatError` for a tensor dtype that
+    is not a payload dtype.
     """
     if compression not in ("auto", *_WRITE_VERSION):
         raise NetcommConfigError(
             f"compression must be 'auto', 'zstd' or 'none', got {compression!r}"
         )
+    if not 0.0 <= min_saving < 1.0:
+        raise NetcommConfigError(f"min_saving must lie in [0, 1), got {min_saving!r}")
     tensors, meta = payload.to_tensors()
-    try:
-        raw = dump_safetensors(tensors, meta)
-    except SafetensorsFormatError as exc:
-        raise NetcommConfigError(f"payload cannot be serialized: {exc}") from None
+    raw = dump_safetensors(tensors, meta)
     body, used = raw, "none"
     if compression != "none":
         packed = zstandard.ZstdCompressor(
@@ -179,11 +181,12 @@ def seal_envelope(
         ).compress(raw)
         if compression == "zstd" or len(packed) <= (1 - min_saving) * len(raw):
             body, used = packed, "zstd"
+    version = _WRITE_VERSION[used]
     codec = payload.codec.wire_fields() if isinstance(payload, CompressedUpdate) else None
     header = _canonical(
         {
             "format": FORMAT_NAME,
-            "version": _WRITE_VERSION[used],
+            "version": version,
             "scheme": signer.scheme,
             "publisher": publisher,
             "window": int(window),
@@ -197,7 +200,6 @@ def seal_envelope(
             "tensors": len(tensors),
         }
     )
-    version = _WRITE_VERSION[used]
     unsigned = _PREFIX.pack(MAGIC, version, 0, len(header), len(body))
     signature = signer.sign(_signed_message(unsigned, header))
     prefix = _PREFIX.pack(MAGIC, version, len(signature), len(header), len(body))

@@ -164,6 +164,8 @@ def test_auto_compression_keeps_zstd_only_when_it_pays(model, spec, signer, kit)
     assert used(zeros, compression="none") == "none"
     with pytest.raises(NetcommConfigError, match="compression must be"):
         used(noise, compression="lz4")
+    with pytest.raises(NetcommConfigError, match="min_saving must lie in"):
+        used(noise, min_saving=1.0)
 
 
 @pytest.mark.parametrize(
