@@ -61,11 +61,14 @@ def test_stdlib_corpus_is_deterministic_and_bounded():
     ],
 )
 def test_gpt_shapes_and_loss_at_init(cfg):
+    torch.manual_seed(0)
     model = GPT(cfg)
-    idx = torch.randint(0, 256, (3, 16))
-    logits, loss = model(idx, idx)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 256, (3, 16), generator=g)
+    targets = torch.randint(0, 256, (3, 16), generator=g)  # independent of the inputs
+    logits, loss = model(idx, targets)
     assert logits.shape == (3, 16, 256)
-    assert abs(float(loss.detach()) - np.log(256)) < 0.3  # near-uniform predictions at init
+    assert abs(float(loss.detach()) - np.log(256)) < 0.1  # near-uniform predictions at init
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
 
