@@ -163,7 +163,7 @@ def seal_envelope(
             least ``min_saving`` (a fraction) smaller, since every receiver pays for
             decompressing it.
 
-    Raises :class:`~sparseloco.serialization.SafetensorsFormatError` for a tensor dtype that
+    Raises :class:`~sparseloco.errors.SafetensorsFormatError` for a tensor dtype that
     is not a payload dtype.
     """
     if compression not in ("auto", *_WRITE_VERSION):

@@ -291,6 +291,17 @@ def encode(
     )
 
 
+def check_table(table: torch.Tensor, codec: CodecConfig) -> None:
+    """Raise :class:`CorruptUpdateError` unless ``table`` is a finite float32 decode table."""
+    if table.dtype != torch.float32 or tuple(table.shape) != (codec.levels,):
+        raise CorruptUpdateError(
+            f"table must be float32 of shape ({codec.levels},), got {table.dtype} "
+            f"{tuple(table.shape)}"
+        )
+    if not bool(torch.isfinite(table).all()):
+        raise CorruptUpdateError("table contains NaN or Inf")
+
+
 def decode_sparse(
     name: str, ct: CompressedTensor, codec: CodecConfig
 ) -> tuple[ChunkLayout, torch.Tensor | None, torch.Tensor]:
@@ -303,16 +314,9 @@ def decode_sparse(
     k, n_chunks = layout.k(codec.topk), layout.num_chunks
     count = n_chunks * k
     try:
-        table = ct.table
-        if table.dtype != torch.float32 or tuple(table.shape) != (codec.levels,):
-            raise CorruptUpdateError(
-                f"table must be float32 of shape ({codec.levels},), got {table.dtype} "
-                f"{tuple(table.shape)}"
-            )
-        if not bool(torch.isfinite(table).all()):
-            raise CorruptUpdateError("table contains NaN or Inf")
+        check_table(ct.table, codec)
         codes = unpack_codes(ct.codes, codec.value_bits, count)
-        values = table[codes].view(n_chunks, k)
+        values = ct.table[codes].view(n_chunks, k)
         if layout.is_dense(codec.topk):
             if ct.indices.numel() or ct.gaps.numel():
                 raise CorruptUpdateError("dense tensor must not carry indices")

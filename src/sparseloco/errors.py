@@ -46,6 +46,10 @@ class CorruptUpdateError(UpdateError):
     """A compressed tensor is internally inconsistent (lengths, index ranges, order, table)."""
 
 
+class SafetensorsFormatError(CorruptUpdateError):
+    """Bytes that are not a well-formed safetensors encoding of payload tensors."""
+
+
 class CodecMismatchError(UpdateError):
     """Encoder and decoder disagree on the codec configuration."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sparseloco.errors import CorruptUpdateError
+from sparseloco.errors import SafetensorsFormatError
 
 # Payload tensors are uint8 buffers and float tables/values; nothing else is legitimate.
 DTYPES: dict[str, torch.dtype] = {
@@ -38,10 +38,6 @@ _MAX_DIMS = 8
 # Shapes whose element count (zero dimensions aside) torch cannot index: an empty tensor of
 # shape (0, 2**62, 2**62) still overflows its stride calculation.
 _MAX_ELEMENTS = 1 << 48
-
-
-class SafetensorsFormatError(CorruptUpdateError):
-    """Bytes that are not a well-formed safetensors encoding of payload tensors."""
 
 
 def dump_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sparseloco.chunking import ChunkLayout
-from sparseloco.codec import CompressedTensor, CompressedUpdate, decode_sparse
+from sparseloco.codec import CompressedTensor, CompressedUpdate, check_table, decode_sparse
 from sparseloco.config import CodecConfig
 from sparseloco.errors import CorruptUpdateError
 from sparseloco.packing import packed_code_nbytes, packed_index_nbytes
@@ -43,14 +43,7 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
     layout = ChunkLayout.for_shape(ct.shape, codec.chunk_size)
     k, n_chunks = layout.k(codec.topk), layout.num_chunks
     count = n_chunks * k
-    table = ct.table
-    if table.dtype != torch.float32 or tuple(table.shape) != (codec.levels,):
-        raise CorruptUpdateError(
-            f"table must be float32 of shape ({codec.levels},), got {table.dtype} "
-            f"{tuple(table.shape)}"
-        )
-    if not bool(torch.isfinite(table).all()):
-        raise CorruptUpdateError("table contains NaN or Inf")
+    check_table(ct.table, codec)
     _check_bytes(
         ct.codes, packed_code_nbytes(count, codec.value_bits), "code", count, codec.value_bits
     )

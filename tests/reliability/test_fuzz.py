@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from netcomm import CheckpointError, CheckpointStore, EnvelopeError, LocalStorage
 from sparseloco.codec import CompressedUpdate
-from sparseloco.errors import CorruptUpdateError
-from sparseloco.serialization import SafetensorsFormatError, dump_safetensors, load_safetensors
+from sparseloco.errors import CorruptUpdateError, SafetensorsFormatError
+from sparseloco.serialization import dump_safetensors, load_safetensors
 
 
 @settings(
