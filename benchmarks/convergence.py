@@ -251,9 +251,9 @@ def main() -> None:
             f"  {n}: beats best DiLoCo in every seed: {v['beats_best_diloco_every_seed']}, "
             f"{v['fewer_bytes_than_diloco']:.0f}x fewer bytes than DiLoCo"
         )
-    png = plot(best, size)
+    png = plot(best, size, args.name)
     path = write_json(
-        "convergence",
+        args.name,
         {
             "preset": args.preset,
             "size": {k: str(v) for k, v in size.items()},

@@ -37,9 +37,7 @@ class PeerRecord:
     prefix: str = ""
 
     def __post_init__(self) -> None:
-        if "/" in self.peer_id:
-            raise NetcommConfigError(f"peer id {self.peer_id!r} must not contain '/'")
-        validate_key(self.peer_id)
+        check_peer_id(self.peer_id)
         if self.prefix:
             validate_key(self.prefix)
 
@@ -77,6 +75,13 @@ class StaticDirectory:
 
     def lookup(self, peer_id: str) -> PeerRecord | None:
         return self._records.get(peer_id)
+
+
+def check_peer_id(peer_id: str) -> None:
+    """A peer id is one key segment; raise :class:`NetcommConfigError` or the key error if not."""
+    if "/" in peer_id:
+        raise NetcommConfigError(f"peer id {peer_id!r} must not contain '/'")
+    validate_key(peer_id)
 
 
 def update_key(prefix: str, window: int, peer_id: str) -> str:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import zstandard
 
 from netcomm.errors import EnvelopeError, NetcommConfigError
 from netcomm.signing import Signer, Verifier
+from netcomm.spec import ModelSpec
 from sparseloco.codec import CompressedUpdate
 from sparseloco.config import CodecConfig
 from sparseloco.errors import (
@@ -120,6 +122,32 @@ class EnvelopeLimits:
                 )
         if self.max_signature_bytes > 0xFFFF:
             raise NetcommConfigError("EnvelopeLimits.max_signature_bytes must be at most 65535")
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec) -> EnvelopeLimits:
+        """Caps no honest update of ``spec``'s model can exceed.
+
+        The largest payload any method sends is a dense float32 copy of every parameter (a
+        DiLoCo pseudo-gradient); a sparse update is far smaller. Allowing that plus 4 KiB of
+        headers per tensor keeps a hostile length field from making a reader allocate more
+        than one dense copy of the model.
+        """
+        n_params = sum(math.prod(shape) for _, shape, _ in spec.entries)
+        body = 4 * n_params + 4096 * (len(spec.entries) + 1)
+        return cls(
+            max_object_bytes=body + (1 << 16),
+            max_decompressed_bytes=body,
+            max_tensors=4 * len(spec.entries) + 8,
+        )
+
+    def tighten(self, other: EnvelopeLimits) -> EnvelopeLimits:
+        """The smaller of each cap of ``self`` and ``other``."""
+        return EnvelopeLimits(
+            **{
+                name: min(getattr(self, name), getattr(other, name))
+                for name in self.__dataclass_fields__
+            }
+        )
 
 
 @dataclass(frozen=True)

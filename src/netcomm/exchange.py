@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal
 
-from netcomm.directory import PeerDirectory, PeerRecord, update_key
+from netcomm.directory import PeerDirectory, PeerRecord, check_peer_id, update_key
 from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
 from netcomm.errors import (
     EnvelopeError,
@@ -155,7 +155,8 @@ class StorageExchange:
         prefix: str = "",
         verifiers: Mapping[str, Verifier] | None = None,
     ) -> None:
-        update_key(prefix, 0, peer_id)  # validates the id and prefix up front
+        check_peer_id(peer_id)
+        update_key(prefix, 0, peer_id)  # validates the prefix up front
         self._peer_id = peer_id
         self.storage = storage
         self.directory = directory
@@ -164,6 +165,8 @@ class StorageExchange:
         self.config = config or ExchangeConfig()
         self.prefix = prefix
         self.verifiers = dict(verifiers) if verifiers is not None else default_verifiers()
+        # a configured cap can only tighten what this model's largest honest update needs
+        self.limits = self.config.limits.tighten(EnvelopeLimits.for_model(spec))
         self._shapes = spec.shapes
         self._fingerprint = spec.fingerprint
         self._cache: dict[int, dict[str, tuple[str, PeerStatus, Payload | None]]] = {}
@@ -321,12 +324,11 @@ class StorageExchange:
                 st.peer, "late", f"stored at {info.mtime:.3f}, cutoff {cutoff:.3f}"
             )
             return
-        if info.size > self.config.limits.max_object_bytes:
+        if info.size > self.limits.max_object_bytes:
             st.status = PeerStatus(
                 st.peer,
                 "invalid",
-                f"too_large: object is {info.size} bytes, cap "
-                f"{self.config.limits.max_object_bytes}",
+                f"too_large: object is {info.size} bytes, cap {self.limits.max_object_bytes}",
             )
             return
         st.info = info
@@ -387,7 +389,7 @@ class StorageExchange:
                 fingerprint=self._fingerprint,
                 shapes=self._shapes,
                 codec=self.config.codec,
-                limits=self.config.limits,
+                limits=self.limits,
             )
         except EnvelopeError as exc:
             return len(blob), exc

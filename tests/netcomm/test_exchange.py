@@ -329,3 +329,32 @@ def test_sparseloco_over_storage_matches_in_process_hub(storage, kit):
             assert torch.equal(a, b)
     for a, b in zip(net_models["p0"].parameters(), net_models["p2"].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_receive_caps_follow_the_model():
+    from netcomm import EnvelopeLimits, ModelSpec
+
+    spec = ModelSpec.from_named_tensors({"w": torch.zeros(100, 10), "b": torch.zeros(10)})
+    limits = EnvelopeLimits.for_model(spec)
+    assert limits.max_decompressed_bytes == 4 * 1010 + 4096 * 3
+    assert limits.max_tensors == 16
+    tight = EnvelopeLimits(max_object_bytes=1000).tighten(limits)
+    assert tight.max_object_bytes == 1000
+    assert tight.max_decompressed_bytes == limits.max_decompressed_bytes
+
+
+def test_exchange_rejects_a_peer_id_with_a_slash(tmp_path):
+    from netcomm import (
+        Ed25519Signer,
+        LocalStorage,
+        ModelSpec,
+        NetcommConfigError,
+        StaticDirectory,
+        StorageExchange,
+    )
+
+    spec = ModelSpec.from_named_tensors({"w": torch.zeros(2)})
+    with pytest.raises(NetcommConfigError, match="must not contain '/'"):
+        StorageExchange(
+            "/etc", LocalStorage(tmp_path), StaticDirectory(), Ed25519Signer.generate(), spec
+        )
