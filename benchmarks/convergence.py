@@ -283,11 +283,11 @@ def plot(best: dict, size: dict, name: str) -> Path:
 
     per_round = size["inner_steps"] * size["batch"] * size["model"].block_size
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (lr, by_seed) in best.items():
+    for method, (lr, by_seed) in best.items():
         curves = [r["curve"] for r in by_seed.values()]
         mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
         x = [(i + 1) * per_round for i in range(len(mean))]
-        ax.plot(x, mean, marker="o", ms=3, label=f"{name} (inner lr {lr})")
+        ax.plot(x, mean, marker="o", ms=3, label=f"{method} (inner lr {lr})")
     ax.set_xlabel("tokens per peer")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title(f"{size['peers']} peers, mean over seeds")

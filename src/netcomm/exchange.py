@@ -48,8 +48,12 @@ from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult, PeerStatus
 from sparseloco.payload import Payload
 
-# Byte-level failures that a re-download can cure when they happened in transit.
-_RETRYABLE_REASONS = frozenset({"format", "signature", "checksum", "decompress"})
+# Failures a re-download can cure when they happened in transit: everything found before
+# the signature and the body checksum have vouched for the bytes (a flipped bit can land in
+# the version or a length field too). A genuinely bad object costs at most `attempts` reads.
+_RETRYABLE_REASONS = frozenset(
+    {"format", "version", "too_large", "signature", "checksum", "decompress"}
+)
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,38 @@ def test_transient_errors_are_retried(tmp_path, model, spec, kit):
         assert kit.payload_bytes(result.updates[n]) == kit.payload_bytes(updates[n])
 
 
+class _DamageFirstRead:
+    """Storage whose first ranged read of each object flips a byte of the given offset."""
+
+    def __init__(self, inner, offset: int) -> None:
+        self.inner, self.offset, self.damaged = inner, offset, set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get_range(self, key, start, end):
+        data = self.inner.get_range(key, start, end)
+        if key in self.damaged:
+            return data
+        self.damaged.add(key)
+        damaged = bytearray(data)
+        damaged[self.offset] ^= 0xFF
+        return bytes(damaged)
+
+
+@pytest.mark.parametrize("offset", [4, 8, 12], ids=["version", "signature-len", "header-len"])
+def test_damage_in_transit_before_the_signature_is_retried(tmp_path, model, spec, kit, offset):
+    inner = LocalStorage(tmp_path)
+    damaging = _DamageFirstRead(inner, offset)
+    _, _, ex = make_net(inner, spec, ["a", "b"], wrap={"b": damaging})
+    update = kit.sparse_update(model)
+    ex["b"].publish(0, update)
+    result = ex["a"].gather(0)
+    assert result.statuses["b"].status == "ok", result.statuses["b"].reason
+    assert damaging.damaged == {update_key("", 0, "b")}
+    assert kit.payload_bytes(result.updates["b"]) == kit.payload_bytes(update)
+
+
 def test_slow_peer_times_out_and_others_arrive(tmp_path, model, spec, kit):
     inner = LocalStorage(tmp_path)
     slow = FaultyStorage(inner, FaultPlan(slow=1.0, delay_s=3.0, only="/slow.nce"))
