@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
@@ -21,19 +20,6 @@ from sparseloco import CodecConfig, ErrorFeedback, encode
 from sparseloco.payload import DenseUpdate
 
 _bucket_ids = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server._server.server_port}"
-    finally:
-        server.stop()
 
 
 def s3_config(endpoint: str, bucket: str, **overrides) -> S3Config:

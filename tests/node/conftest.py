@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -49,19 +48,6 @@ def node_config(role: str, hotkey: str, state_dir, storage: StorageConfig) -> No
         exchange=EXCHANGE,
         validator=ValidatorSettings(weights_every=2, eval_assigned=8, eval_random=8),
     )
-
-
-@pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server._server.server_port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -207,19 +207,6 @@ def test_secrets_do_not_appear_in_logs_of_real_s3_traffic(moto_url, caplog):
     assert SECRET not in caplog.text
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server._server.server_port}"
-    finally:
-        server.stop()
-
-
 def test_local_root_symlink_to_outside_is_refused(tmp_path):
     """A planted symlink inside the root does not let a key reach outside it."""
     outside = tmp_path / "outside"

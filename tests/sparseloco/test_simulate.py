@@ -63,32 +63,26 @@ def test_bad_config_is_rejected(tmp_path):
         SimConfig(preset="nope", out=tmp_path)
 
 
-def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
+def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
     from netcomm import S3Config, S3Storage
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        url = f"http://127.0.0.1:{server._server.server_port}"
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        S3Storage(S3Config(bucket="swarm", endpoint_url=url)).create_bucket()
-        cfg = SimConfig(
-            peers=2,
-            windows=2,
-            inner_steps=3,
-            model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
-            corpus_bytes=200_000,
-            storage="s3://swarm/run-1",
-            s3_endpoint=url,
-            out=tmp_path,
-        )
-        s = run(cfg, progress=False, echo=False).summary
-        keys = [o.key for o in S3Storage(S3Config(bucket="swarm", endpoint_url=url)).list("run-1/")]
-    finally:
-        server.stop()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    S3Storage(S3Config(bucket="swarm", endpoint_url=moto_url)).create_bucket()
+    cfg = SimConfig(
+        peers=2,
+        windows=2,
+        inner_steps=3,
+        model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
+        corpus_bytes=200_000,
+        storage="s3://swarm/run-1",
+        s3_endpoint=moto_url,
+        out=tmp_path,
+    )
+    s = run(cfg, progress=False, echo=False).summary
+    keys = [
+        o.key for o in S3Storage(S3Config(bucket="swarm", endpoint_url=moto_url)).list("run-1/")
+    ]
     assert s["honest_gathered_every_window"]
     assert s["heldout_loss_final"] < s["heldout_loss_initial"]
     assert any("/updates/000000000001/peer-1.nce" in k for k in keys)
