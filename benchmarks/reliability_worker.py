@@ -183,7 +183,6 @@ def role_main(config_path: Path, role: str) -> None:
         StorageExchange,
     )
     from sparseloco import SparseLoCo, preset
-    from sparseloco.aggregate import iter_aggregate
     from sparseloco.data import TokenDataset, stdlib_corpus
     from sparseloco.models.gpt import GPT, GPTConfig
 
@@ -255,6 +254,13 @@ def role_main(config_path: Path, role: str) -> None:
 
     start = _retry(resume, "resume", log)
     log("resumed", window=start)
+    # a kill between saving a checkpoint and logging it leaves that window done but unlogged
+    events = _read(Path(cfg["out"]) / f"{role}.jsonl")
+    logged = {e["window"] for e in events if e.get("event") == "window_done"}
+    for w in sorted(set(range(start)) - logged):
+        log("window_done", window=w, recovered=True)
+    # the validator follows the peers' outer step; built after resume so θ₀ is the loaded model
+    follower = SparseLoCo(model.named_parameters(), exchange, outer_cfg) if outer is None else None
     for w in range(start, sc.windows):
         if outer is not None:
             log("phase", window=w, phase="train")
@@ -275,18 +281,8 @@ def role_main(config_path: Path, role: str) -> None:
             result = exchange.gather(w, peers)
             _log_gather(log, w, result)
             log("phase", window=w, phase="aggregate")
-            # the peers' outer step, θ ← θ₀ − α·aggregate, so the validator follows the model
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                if result.updates:
-                    for name, agg in iter_aggregate(
-                        result.updates,
-                        reducer=outer_cfg.reducer,
-                        clip_to_median=outer_cfg.clip_to_median,
-                        backend=outer_cfg.codec.backend,
-                    ):
-                        p = params[name]
-                        p.copy_(p.to(torch.float32).sub_(agg, alpha=outer_cfg.lr))
+            if result.updates:
+                follower.apply(result.updates)  # type: ignore[union-attr]
             state = None
         log("phase", window=w, phase="checkpoint")
         _retry(lambda w=w, state=state: store.save(w + 1, model.state_dict(), state), "save", log)
