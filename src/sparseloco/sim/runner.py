@@ -87,6 +87,7 @@ def run(cfg: SimConfig, *, progress: bool = True, echo: bool = True) -> RunResul
                 metrics.flush()
                 bar.set_postfix(heldout=f"{heldout:.3f}")
                 if echo:
+                    _wait_for_rows(participants, w, swarm)
                     tqdm.write(window_table(record, participants, w))
     finally:
         for w in range(cfg.windows):
@@ -106,6 +107,17 @@ def run(cfg: SimConfig, *, progress: bool = True, echo: bool = True) -> RunResul
     summary["plots"] = plot_run(cfg.out, records, participants, initial)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return RunResult(cfg.out, summary)
+
+
+def _wait_for_rows(participants: list, window: int, swarm: Swarm, timeout: float = 30.0) -> None:
+    """Let the honest peers finish logging ``window`` (their outer step ends after the
+    validator's) so the printed table shows their rows."""
+    end = time.monotonic() + timeout
+    honest = [p for p in participants if p.kind == "honest"]
+    while time.monotonic() < end and not swarm.stop.is_set():
+        if all(any(r["window"] == window for r in p.log.windows) for p in honest):
+            return
+        time.sleep(0.01)
 
 
 def _summary(
