@@ -27,7 +27,8 @@ def by(epoch):
 
 
 def test_sandbox_limits_end_bad_generators(by):
-    assert (by["grace"].status, by["grace"].score) == ("timeout", 0.0)
+    # an endless loop hits the CPU-time or the wall-clock limit first, depending on the load
+    assert by["grace"].status in ("timeout", "cpu") and by["grace"].score == 0.0
     assert (by["heidi"].status, by["heidi"].score) == ("memory", 0.0)
     assert all(by[h].status == "ok" for h in ("alice", "bob", "carol", "dave", "erin", "ivan"))
 
@@ -63,7 +64,8 @@ def test_weights_follow_scores_and_reach_the_chain(epoch, by):
     assert s.weights["alice"] == s.weights["bob"] == max(s.weights.values())
     assert all(s.weights[h] == 0 for h in ("carol", "dave", "grace", "heidi"))
     assert [r.hotkey for r in epoch.results][:2] == ["alice", "bob"]
-    assert "copy" in results_table(epoch) and "timeout" in results_table(epoch)
+    table = results_table(epoch)
+    assert "copy" in table and ("timeout" in table or "cpu" in table)
 
 
 def test_generators_are_deterministic_from_their_seed():
