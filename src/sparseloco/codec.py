@@ -165,18 +165,22 @@ class CompressedUpdate:
                 f"update was encoded with {self.codec.wire_fields()}, receiver expects "
                 f"{codec.wire_fields()}"
             )
-        missing, extra = (
-            sorted(set(shapes) - set(self.tensors)),
-            sorted(set(self.tensors) - set(shapes)),
-        )
-        if missing or extra:
-            raise ShapeMismatchError(f"tensor names differ: missing {missing}, extra {extra}")
-        for name, shape in shapes.items():
-            if tuple(self.tensors[name].shape) != tuple(shape):
-                raise ShapeMismatchError(
-                    f"shape {tuple(self.tensors[name].shape)} != expected {tuple(shape)}",
-                    tensor=name,
-                )
+        check_shapes({n: t.shape for n, t in self.tensors.items()}, shapes)
+
+
+def check_shapes(
+    got: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Raise :class:`ShapeMismatchError` unless ``got`` has exactly ``expected``'s names and
+    shapes."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ShapeMismatchError(f"tensor names differ: missing {missing}, extra {extra}")
+    for name, shape in expected.items():
+        if tuple(got[name]) != tuple(shape):
+            raise ShapeMismatchError(
+                f"shape {tuple(got[name])} != expected {tuple(shape)}", tensor=name
+            )
 
 
 class ErrorFeedback:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparseloco.codec import CompressedUpdate, check_finite
-from sparseloco.errors import CorruptUpdateError, ShapeMismatchError
+from sparseloco.codec import CompressedUpdate, check_finite, check_shapes
+from sparseloco.errors import CorruptUpdateError
 from sparseloco.validation import validate_update
 
 DENSE_FORMAT = "sparseloco.dense/1"
@@ -49,16 +49,8 @@ class DenseUpdate:
         return cls(tensors=dict(tensors))
 
     def check_matches(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        missing = sorted(set(shapes) - set(self.tensors))
-        extra = sorted(set(self.tensors) - set(shapes))
-        if missing or extra:
-            raise ShapeMismatchError(f"tensor names differ: missing {missing}, extra {extra}")
-        for name, shape in shapes.items():
-            if tuple(self.tensors[name].shape) != tuple(shape):
-                raise ShapeMismatchError(
-                    f"shape {tuple(self.tensors[name].shape)} != expected {tuple(shape)}",
-                    tensor=name,
-                )
+        """Raise unless this update has exactly these tensor names and shapes."""
+        check_shapes({n: t.shape for n, t in self.tensors.items()}, shapes)
 
 
 Payload = CompressedUpdate | DenseUpdate
