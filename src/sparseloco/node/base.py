@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any
 
 from gauntlet import Chain
-from netcomm import Storage
+from netcomm import ModelSpec, Storage, StorageExchange
 from sparseloco.node.clock import Stopped, WindowClock
 from sparseloco.node.commitments import (
     IDENTITY_KEY,
@@ -17,6 +17,7 @@ from sparseloco.node.commitments import (
 )
 from sparseloco.node.config import NodeConfig
 from sparseloco.node.directory import ChainDirectory
+from sparseloco.node.protocol import PROOFS
 from sparseloco.node.state import load_or_create_signer
 from sparseloco.node.storage import open_own_storage, open_peer_storage, own_prefix
 from sparseloco.node.task import Task
@@ -69,6 +70,19 @@ class Node:
         if self.chain.get_commitment(self.hotkey) != text:
             self.chain.commit(text)
         return text
+
+    def _channel(self, prefix: str, spec: ModelSpec) -> StorageExchange:
+        """This node's exchange on one channel (``UPDATES`` or ``PROOFS``) of the run's layout;
+        subclasses set ``self.protocol`` first."""
+        return StorageExchange(
+            self.hotkey,
+            self.storage,
+            self.directory.channel(prefix),
+            self.signer,
+            spec,
+            self.protocol.exchange_config(self.cfg.exchange, proofs=prefix == PROOFS),  # type: ignore[attr-defined]
+            prefix=prefix,
+        )
 
     def _wait(self, seconds: float) -> None:
         if self.stop.wait(seconds):

@@ -101,24 +101,8 @@ class Miner(Node):
         self.checkpoints = CheckpointStore(LocalStorage(Path(cfg.state_dir)), "checkpoints")
         self.model = task.make_model()
         spec = ModelSpec.from_named_tensors(dict(self.model.named_parameters()))
-        self.exchange = StorageExchange(
-            self.hotkey,
-            self.storage,
-            self.directory.channel(UPDATES),
-            self.signer,
-            spec,
-            self.protocol.exchange_config(cfg.exchange, proofs=False),
-            prefix=UPDATES,
-        )
-        self.proofs = StorageExchange(
-            self.hotkey,
-            self.storage,
-            self.directory.channel(PROOFS),
-            self.signer,
-            self.protocol.proof_spec,
-            self.protocol.exchange_config(cfg.exchange, proofs=True),
-            prefix=PROOFS,
-        )
+        self.exchange = self._channel(UPDATES, spec)
+        self.proofs = self._channel(PROOFS, self.protocol.proof_spec)
         self.next_window = self._load_weights()
         self.inner = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.run.inner_lr, weight_decay=0.1

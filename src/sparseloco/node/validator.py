@@ -34,7 +34,7 @@ from gauntlet import (
     WindowReport,
     derive_seed,
 )
-from netcomm import CheckpointStore, ModelSpec, NetcommError, StorageExchange, update_key
+from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
 from sparseloco.node.base import Node
 from sparseloco.node.clock import Stopped
 from sparseloco.node.config import NodeConfig
@@ -89,26 +89,10 @@ class Validator(Node):
             contents_for=task.contents,
         )
         spec = ModelSpec.from_named_tensors(dict(self.model.named_parameters()))
-        self.updates = StorageExchange(
-            self.hotkey,
-            self.storage,
-            self.directory.channel(UPDATES),
-            self.signer,
-            spec,
-            self.protocol.exchange_config(cfg.exchange, proofs=False),
-            prefix=UPDATES,
-        )
+        self.updates = self._channel(UPDATES, spec)
         # follows the miners: applies each window's accepted updates, never publishes
         self.follower = SparseLoCo(self.model.named_parameters(), self.updates, self.protocol.outer)
-        self.proofs = StorageExchange(
-            self.hotkey,
-            self.storage,
-            self.directory.channel(PROOFS),
-            self.signer,
-            self.protocol.proof_spec,
-            self.protocol.exchange_config(cfg.exchange, proofs=True),
-            prefix=PROOFS,
-        )
+        self.proofs = self._channel(PROOFS, self.protocol.proof_spec)
         n = cfg.validator.heldout_batches
         self.heldout = task.heldout(n) if task.heldout is not None and n else []
 
