@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import traceback
@@ -96,7 +97,8 @@ def run(cfg: SimConfig, *, progress: bool = True, echo: bool = True) -> RunResul
             t.join(timeout=cfg.deadline_s)
     if errors:
         raise RuntimeError("a participant failed:\n" + "\n".join(errors))
-    summary = _summary(cfg, records, participants, initial, time.time() - started)
+    n_params = sum(math.prod(shape) for shape in swarm.spec.shapes.values())
+    summary = _summary(cfg, records, participants, initial, time.time() - started, n_params)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (cfg.out / "peers.jsonl").write_text(
         "".join(
@@ -126,11 +128,11 @@ def _summary(
     participants: list[HonestPeer | Adversary],
     initial: float,
     seconds: float,
+    n_params: int,
 ) -> dict[str, Any]:
     last = records[-1] if records else {"validator": {}, "heldout_loss": initial}
     honest = [p for p in participants if p.kind == "honest"]
     sent = [w["bytes_sent"] for p in honest for w in p.log.windows]
-    n_params = sum(t.numel() for t in cfg_model_tensors(cfg))
     weights = {p: v["weight"] for p, v in last["validator"].items()}
     adv = [p for p in weights if p.startswith("adv-")]
     return {
@@ -157,9 +159,3 @@ def _summary(
             else 0.0
         ),
     }
-
-
-def cfg_model_tensors(cfg: SimConfig) -> list[torch.Tensor]:
-    from sparseloco.models.gpt import GPT
-
-    return list(GPT(cfg.model).parameters())
