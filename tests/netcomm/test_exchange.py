@@ -110,7 +110,7 @@ def test_missing_peer_returns_at_deadline(tmp_path, model, spec, kit):
     start = time.monotonic()
     result = ex["a"].gather(0, deadline=0.5)
     elapsed = time.monotonic() - start
-    assert 0.45 <= elapsed < 1.5
+    assert 0.45 <= elapsed < 2.5
     assert result.statuses["b"].status == "ok"
     assert result.statuses["ghost"].status == "missing"
     assert "no object by the deadline" in result.statuses["ghost"].reason
@@ -293,7 +293,7 @@ def test_slow_peer_times_out_and_others_arrive(tmp_path, model, spec, kit):
     ex["slow"].publish(0, kit.sparse_update(model))
     start = time.monotonic()
     result = ex["a"].gather(0, deadline=0.6)
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 2.5  # the slow peer would take 3 s
     assert result.statuses["b"].status == "ok"
     assert result.statuses["slow"].status in ("timeout", "missing")
     # The head of a slow peer also stalls; whichever phase it is in, nothing is accepted.

@@ -104,7 +104,7 @@ def test_server_errors_exhaust_storage_retries(s3_factory):
 
 def test_slow_responses_hit_the_deadline(s3_factory, model, spec, kit):
     names = ["a", "b", "slow"]
-    plan = FaultPlan(slow=1.0, delay_s=1.5, only="/slow.nce", methods=frozenset({"GET"}))
+    plan = FaultPlan(slow=1.0, delay_s=4.0, only="/slow.nce", methods=frozenset({"GET"}))
     proxy, ex = build(s3_factory, spec, names, {"slow"}, plan)
     ex["b"].publish(0, kit.sparse_update(model))
     ex["slow"].publish(0, kit.sparse_update(model))
@@ -112,7 +112,7 @@ def test_slow_responses_hit_the_deadline(s3_factory, model, spec, kit):
     result = ex["a"].gather(0, deadline=1.0)
     elapsed = time.monotonic() - start
     proxy.stop()
-    assert elapsed < 1.6
+    assert elapsed < 2.5  # the deadline, not the slow peer's 4 s, ends the gather
     assert result.statuses["b"].status == "ok"
     assert result.statuses["slow"].status == "timeout"
     assert "slow" not in result.updates
