@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError, SparseLoCoError
 from sparseloco.models.gpt import GPTConfig
 
@@ -86,17 +87,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run N peers and a validator on this machine")
-    sim.add_argument("--peers", type=int, default=4, help="honest peers (default 4)")
-    sim.add_argument("--windows", type=int, default=12)
-    sim.add_argument("--inner-steps", type=int, default=10, help="H, inner steps per window")
-    sim.add_argument("--batch-size", type=int, default=8)
-    sim.add_argument("--inner-lr", type=float, default=2e-3)
+    sim.add_argument("--peers", type=int, default=4, help="honest peers (default %(default)s)")
+    sim.add_argument("--windows", type=int, default=12, help="outer rounds (default %(default)s)")
+    sim.add_argument(
+        "--inner-steps", type=int, default=10, help="H, inner steps a window (default %(default)s)"
+    )
+    sim.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per inner step (default %(default)s)"
+    )
+    sim.add_argument(
+        "--inner-lr", type=float, default=2e-3, help="AdamW learning rate (default %(default)s)"
+    )
     sim.add_argument("--outer-lr", type=float, default=None, help="override the preset's α")
-    sim.add_argument("--preset", default="covenant-72b")
-    sim.add_argument("--layers", type=int, default=2)
-    sim.add_argument("--heads", type=int, default=4)
-    sim.add_argument("--width", type=int, default=64)
-    sim.add_argument("--block-size", type=int, default=64)
+    sim.add_argument(
+        "--preset",
+        default="covenant-72b",
+        choices=sorted(PRESETS),
+        help="codec and outer-step settings (default %(default)s)",
+    )
+    sim.add_argument("--layers", type=int, default=2, help="GPT blocks (default %(default)s)")
+    sim.add_argument("--heads", type=int, default=4, help="attention heads (default %(default)s)")
+    sim.add_argument("--width", type=int, default=64, help="embedding width (default %(default)s)")
+    sim.add_argument(
+        "--block-size", type=int, default=64, help="context length (default %(default)s)"
+    )
     sim.add_argument(
         "--model-config",
         help="a GPTConfig JSON (e.g. PRISM's winner_gpt.json); replaces the four flags above",
@@ -106,11 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated kinds (free-rider,noise,copier,stale,wrong-data,poisoner) or 'all'",
     )
-    sim.add_argument("--aggregate", choices=["top", "all"], default="top")
+    sim.add_argument(
+        "--aggregate",
+        choices=["top", "all"],
+        default="top",
+        help="aggregate the updates the validator accepted, or every valid one "
+        "(default %(default)s)",
+    )
     sim.add_argument("--storage", help="folder or s3://bucket/prefix (default <out>/storage)")
     sim.add_argument("--s3-endpoint", help="endpoint URL for s3:// storage (R2, MinIO, ...)")
     sim.add_argument("--data", help="text files or token shards (default: Python's stdlib)")
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--seed", type=int, default=0, help="public seed of data and init (default %(default)s)"
+    )
     sim.add_argument("--out", help="run folder (default runs/sim-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     args = parser.parse_args(argv)

@@ -34,9 +34,8 @@ class SimConfig:
         model: the GPT's shape (byte-level; vocab 256).
         preset: SparseLoCo preset (``covenant-72b`` …); ``outer_lr`` overrides its α.
         adversaries: adversary kinds to add, one peer each (see :data:`ADVERSARY_KINDS`).
-        aggregate: ``"top"``: peers aggregate the updates of peers the validator weighted
-            above zero in the previous window (everyone in window 0); ``"all"``: every valid
-            update.
+        aggregate: ``"top"``: peers aggregate only the updates the validator accepted after
+            scoring the window (evaluated, positive gain); ``"all"``: every valid update.
         storage: a folder, or ``s3://bucket/prefix`` (with ``s3_endpoint`` and credentials
             from the environment); empty = ``<out>/storage``.
         data: text files or token shards; ``None`` = the Python standard library's sources.

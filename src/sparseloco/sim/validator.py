@@ -7,7 +7,7 @@ import time
 import torch
 
 from gauntlet import Scorer, WeightsError, WindowInputs, WindowReport, derive_seed
-from netcomm import update_key
+from netcomm import StorageError, update_key
 from sparseloco.optim import SparseLoCo
 from sparseloco.payload import DenseUpdate
 from sparseloco.sim.swarm import PROOF_DIGEST, PROOF_SYNC, Swarm, loss_fn
@@ -56,8 +56,8 @@ class Validator:
             record = self.swarm.updates.lookup(p)
             try:
                 times[p] = self.swarm.storage.head(update_key(record.prefix, window, p)).mtime
-            except Exception:
-                continue
+            except StorageError:
+                continue  # not published (or unreadable): the scorer treats it as missing
         return times
 
     def run_window(self, w: int) -> tuple[WindowReport, list[str], float]:
