@@ -20,15 +20,33 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from functools import partial
+from pathlib import Path
 
-import torch
-from safetensors.torch import save
+# Run as a file, this folder would come first on sys.path (and its gauntlet.py would shadow the
+# gauntlet package); the repository root goes there instead, for ``benchmarks.*`` imports.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.common import environment, llama_shapes, print_table, timed, write_json
-from sparseloco import CodecConfig, CompressedUpdate, InProcessHub, SparseLoCo, decode_tensor
-from sparseloco.chunking import ChunkLayout
-from sparseloco.kernels.reference import compress
+import torch  # noqa: E402
+from safetensors.torch import save  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    environment,
+    llama_shapes,
+    print_table,
+    timed,
+    write_json,
+)
+from sparseloco import (  # noqa: E402
+    CodecConfig,
+    CompressedUpdate,
+    InProcessHub,
+    SparseLoCo,
+    decode_tensor,
+)
+from sparseloco.chunking import ChunkLayout  # noqa: E402
+from sparseloco.kernels.reference import compress  # noqa: E402
 
 
 def torch_op_encode(

@@ -18,10 +18,10 @@ over the seeds; every tried value is reported. Prints tables, writes
 Two stages on CPU (the numbers in the README):
 
 1. tuning, 12 rounds, every inner lr of the grid:
-   ``python -m benchmarks.convergence --name convergence-tuning`` (~20 min on 2 cores);
+   ``python benchmarks/convergence.py --name convergence-tuning`` (~25 min on 2 cores);
 2. the comparison, 36 rounds, each method at its tuned inner lr:
-   ``python -m benchmarks.convergence --rounds 36 --inner-lr-from
-   benchmarks/results/convergence-tuning.json`` (~20 min).
+   ``python benchmarks/convergence.py --rounds 36 --inner-lr-from
+   benchmarks/results/convergence-tuning.json`` (~14 min).
 
 ``--preset gpu`` sizes the model and run for a CUDA device.
 """
@@ -31,18 +31,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+# Run as a file, this folder would come first on sys.path (and its gauntlet.py would shadow the
+# gauntlet package); the repository root goes there instead, for ``benchmarks.*`` imports.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.common import environment, print_table, write_json
-from sparseloco import DataParallel, DiLoCo, InProcessHub, OuterLoop, SparseLoCo
-from sparseloco.data import TokenDataset, stdlib_corpus
-from sparseloco.models import GPT, GPTConfig
+import torch  # noqa: E402
+
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from sparseloco import DataParallel, DiLoCo, InProcessHub, OuterLoop, SparseLoCo  # noqa: E402
+from sparseloco.data import TokenDataset, stdlib_corpus  # noqa: E402
+from sparseloco.models import GPT, GPTConfig  # noqa: E402
 
 SIZES = {
     "cpu": dict(
@@ -267,7 +272,7 @@ def main() -> None:
             },
             "environment": environment(),
             "seconds": time.time() - start,
-            "plot": str(png),
+            "plot": png.name,
         },
     )
     print(f"\nwrote {path} and {png}")

@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-# this script shares its name with the package it measures; run as a file, its own folder
-# would come first on sys.path and shadow the package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a file, this folder would come first on sys.path (and its gauntlet.py would shadow the
+# gauntlet package); the repository root goes there instead, for ``benchmarks.*`` imports.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -15,7 +15,7 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
   are SIGKILLed at random points and restarted from their checkpoints, and a run with 20 % of
   storage requests failing, slow or corrupted plus the kills.
 
-    python benchmarks/reliability.py                      # everything (~25 min on 2 cores)
+    python benchmarks/reliability.py                      # everything (~11 min on 2 cores)
     python benchmarks/reliability.py --quick              # small sizes, a few minutes
     python benchmarks/reliability.py --only fuzz faults   # some sections
 """
@@ -32,8 +32,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-# Run as a file, this folder would come first on sys.path and its gauntlet.py would shadow the
-# gauntlet package; the repository root goes there instead, for ``benchmarks.*`` imports.
+# Run as a file, this folder would come first on sys.path (and its gauntlet.py would shadow the
+# gauntlet package); the repository root goes there instead, for ``benchmarks.*`` imports.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import RESULTS, environment  # noqa: E402
@@ -234,7 +234,8 @@ def table(results: dict[str, Any]) -> list[tuple[str, str]]:
                 (
                     r["scenario"]["name"],
                     f"{r['windows_completed']}/{r['windows_expected']} windows, "
-                    f"{r['kills']} SIGKILLs, {r['faults_injected']} faults injected, "
+                    f"{r['kills']} of {r['kills_planned']} planned SIGKILLs landed, "
+                    f"{r['faults_injected']} faults injected, "
                     f"{r['updates_lost']} updates lost, {r['corrupt_accepted']} corrupt "
                     f"accepted, resumed state identical to uninterrupted: "
                     f"{'yes' if same else 'no'}",
