@@ -2,14 +2,15 @@
 
 ``python -m examples.prism [--out DIR] [--seed S] [--simulate WINDOWS]`` from the repository
 root. The winner's full :class:`~sparseloco.models.GPTConfig` is written to
-``DIR/winner_gpt.json``; the ``sparseloco simulate`` command printed beside it carries the
-fields its flags take, and ``--simulate`` runs the local swarm on the complete config.
+``DIR/winner_gpt.json``; the printed ``sparseloco simulate --model-config DIR/winner_gpt.json``
+trains it in the local swarm, and ``--simulate`` runs that swarm right away.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,8 @@ from examples.prism.config import PrismConfig
 from examples.prism.funnel import CandidateResult, run_funnel
 from gauntlet import InMemorySubnet
 from netcomm import LocalStorage
-from sparseloco.models import GPTConfig
 
 VALIDATOR = "validator"
-#: GPTConfig fields ``sparseloco simulate`` takes as flags, and the flag names
-SIMULATE_FLAGS = {
-    "n_layer": "--layers",
-    "n_head": "--heads",
-    "n_embd": "--width",
-    "block_size": "--block-size",
-}
 
 
 @dataclass(frozen=True)
@@ -44,16 +37,11 @@ class RoundResult:
     winner_path: Path | None
 
 
-def simulate_command(gpt: GPTConfig, out: Path) -> tuple[str, list[str]]:
-    """The ``sparseloco simulate`` command for ``gpt``, and the fields its flags cannot carry."""
-    flags = " ".join(f"{flag} {getattr(gpt, name)}" for name, flag in SIMULATE_FLAGS.items())
-    default = GPTConfig()
-    lost = [
-        f"{name}={getattr(gpt, name)!r}"
-        for name in ("n_kv_head", "mlp_ratio", "norm", "pos", "tie_weights")
-        if getattr(gpt, name) != getattr(default, name)
-    ]
-    return f"sparseloco simulate {flags} --out {out}", lost
+def simulate_command(winner_path: Path, out: Path) -> str:
+    """The ``sparseloco simulate`` command that trains the config saved at ``winner_path``."""
+    return shlex.join(
+        ["sparseloco", "simulate", "--model-config", str(winner_path), "--out", str(out)]
+    )
 
 
 def ranked_table(ranked: list[CandidateResult]) -> str:
@@ -135,13 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.winner is None or result.winner_path is None or result.winner.config is None:
         print("no candidate reached the benchmark")
         return 1
-    command, lost = simulate_command(result.winner.config, out / "sim")
     print(f"winner {result.winner.hotkey}: config written to {result.winner_path}")
-    print(f"train it locally:  {command}")
-    if lost:
-        print(
-            f"  (the CLI's flags cannot carry {', '.join(lost)}; --simulate runs the full config)"
-        )
+    print(f"train it locally:  {simulate_command(result.winner_path, out / 'sim')}")
     if args.simulate:
         from sparseloco.sim import SimConfig, run
 

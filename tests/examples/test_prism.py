@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from examples.prism.training import LN2, PrequentialRun, build_model, locked_dat
 
 from gauntlet import InMemorySubnet
 from netcomm import LocalStorage
+from sparseloco.cli import main as cli_main
 from sparseloco.models import GPTConfig
 
 SMALL = PrismConfig(
@@ -74,17 +76,23 @@ def test_weights_go_to_benchmarked_miners_and_the_chain_accepts_them(round_resul
     assert math.isclose(sum(s.weights.values()), 1.0)
 
 
-def test_winner_config_round_trips_and_the_command_names_its_shape(round_result, tmp_path):
+def test_winner_config_round_trips_and_the_printed_command_trains_it(
+    round_result, tmp_path, capsys
+):
     saved = json.loads(round_result.winner_path.read_text())
     assert GPTConfig(**saved) == round_result.winner.config
-    command, _ = simulate_command(GPTConfig(**saved), tmp_path)
-    c = round_result.winner.config
-    assert command.startswith("sparseloco simulate ")
-    assert f"--layers {c.n_layer} --heads {c.n_head} --width {c.n_embd} --block-size 64" in command
-    assert simulate_command(GPTConfig(n_kv_head=2, norm="rmsnorm"), tmp_path)[1] == [
-        "n_kv_head=2",
-        "norm='rmsnorm'",
-    ]
+    command = simulate_command(round_result.winner_path, tmp_path / "sim")
+    assert command == (
+        f"sparseloco simulate --model-config {round_result.winner_path} --out {tmp_path / 'sim'}"
+    )
+    # the printed command, shortened to one small window, trains exactly the winner
+    short = ["--windows", "1", "--peers", "2", "--inner-steps", "2", "--quiet"]
+    assert cli_main(shlex.split(command)[1:] + short) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["config"]["model"] == saved
+    assert summary["params"] == round_result.winner.params == count_params(GPTConfig(**saved))
+    assert summary["windows"] == 1 and math.isfinite(summary["heldout_loss_final"])
 
 
 def test_static_validation_rules():
@@ -92,6 +100,17 @@ def test_static_validation_rules():
         parse_config({"n_layer": True, "n_embd": 64, "n_head": 4}, SMALL)
     with pytest.raises(StaticRejection, match="forbidden"):
         parse_config({"block_size": 4096}, SMALL)
+    # values GPTConfig itself lets through must be rejected, not crash the round
+    base = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+    for bad, reason in (
+        ({"n_kv_head": 0}, "n_kv_head must be a positive integer, got 0"),
+        ({"n_kv_head": -1}, "n_kv_head must be a positive integer, got -1"),
+        ({"mlp_ratio": math.inf}, "mlp_ratio must be finite, got inf"),
+        ({"mlp_ratio": math.nan}, "mlp_ratio must be finite, got nan"),
+    ):
+        with pytest.raises(StaticRejection) as caught:
+            check_static({**base, **bad}, SMALL)
+        assert str(caught.value) == reason
     report = check_static({"n_layer": 1, "n_embd": 32, "n_head": 2}, SMALL)
     assert report.params == count_params(report.config)
     same = check_static({"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 2}, SMALL)
