@@ -10,12 +10,15 @@ Pass 1 compares MinHash signatures (estimated Jaccard) of three shingle sets per
 * template: word shingles of the prompts with numbers and quoted text masked, the shape of
   the data whatever the seed.
 
-Code or data similarity ≥ 0.97 to an earlier submission is a copy. Any of the three in the
-suspicious band (≥ 0.30) sends the pair to pass 2; a shared template alone never convicts,
-since two honest miners can well ask ``Compute: a * b + c``. Pass 2 looks closer: the exact
-Jaccard of the code shingles (no estimation error), and behaviour: both generators run with
-the same probe seed and their outputs are compared. Code restructured enough to slip past pass
-1 still prints the same pairs as the code it came from.
+Earlier epochs' accepted data joins the comparison (:meth:`PlagiarismChecker.add_accepted`),
+on data and template only since it comes without code, so data republished from an earlier
+epoch is caught too. Code or data similarity ≥ 0.97 to an earlier entry is a copy. Any of the
+three in the suspicious band (≥ 0.30) sends the pair to pass 2; a shared template alone never
+convicts, since two honest miners can well ask ``Compute: a * b + c``. Pass 2 looks closer:
+the exact Jaccard of the code shingles (no estimation error), and behaviour: both generators
+run with the same probe seed and their outputs are compared. Code restructured enough to slip
+past pass 1 still prints the same pairs as the code it came from. Against earlier accepted
+data, pass 2 is the exact Jaccard of the data shingles.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class PlagiarismVerdict:
         pass1: the pass-1 similarity that decided, and ``pass1_kind`` which set it came from
             (``code``, ``data`` or ``template``).
         closest: the earlier submission it was closest to (None for the first).
-        pass2: the highest pass-2 similarity, None when pass 2 did not run.
+        pass2: the highest pass-2 similarity, None when pass 2 did not run, and
+            ``pass2_closest`` the entry it was measured against.
     """
 
     verdict: Verdict
@@ -109,6 +113,7 @@ class PlagiarismVerdict:
     pass1_kind: str
     closest: str | None
     pass2: float | None = None
+    pass2_closest: str | None = None
 
     def describe(self) -> str:
         if self.closest is None:
@@ -116,14 +121,17 @@ class PlagiarismVerdict:
         text = f"pass 1 {self.pass1_kind} {self.pass1:.2f} vs {self.closest}"
         if self.pass2 is not None:
             text += f"; pass 2 {self.pass2:.2f}"
+            if self.pass2_closest != self.closest:
+                text += f" vs {self.pass2_closest}"
         return text
 
 
 @dataclass(frozen=True)
 class _Entry:
     hotkey: str
-    source: str
+    source: str | None  # None: earlier accepted data, which has no code
     code: set[str]
+    data: set[str]
     signatures: dict[str, np.ndarray]
 
 
@@ -143,13 +151,29 @@ class PlagiarismChecker:
         self.earlier: list[_Entry] = []
         self._probed: dict[str, set[str] | None] = {}
 
+    def add_accepted(self, label: str, pairs: Sequence[Pair]) -> None:
+        """Add an earlier epoch's accepted data (``label``: whose and when) to compare against.
+
+        Call before :meth:`check`; it is compared on data and template, not code.
+        """
+        data = data_shingles(pairs, self.cfg.data_shingle)
+        template = template_shingles(pairs, self.cfg.data_shingle)
+        signatures = {
+            "data": self.hasher.signature(data),
+            "template": self.hasher.signature(template),
+        }
+        self.earlier.append(_Entry(label, None, set(), data, signatures))
+
     def _behaviour(self, entry: _Entry) -> set[str] | None:
+        assert entry.source is not None
         if entry.hotkey not in self._probed:
             lines = self.probe(entry.source)
             self._probed[entry.hotkey] = None if lines is None else set(lines)
         return self._probed[entry.hotkey]
 
     def _pass2(self, entry: _Entry, other: _Entry) -> float:
+        if other.source is None:
+            return jaccard(entry.data, other.data)
         similarity = jaccard(entry.code, other.code)
         mine, theirs = self._behaviour(entry), self._behaviour(other)
         if mine is not None and theirs is not None:
@@ -164,7 +188,8 @@ class PlagiarismChecker:
             "data": data_shingles(pairs, self.cfg.data_shingle),
             "template": template_shingles(pairs, self.cfg.data_shingle),
         }
-        entry = _Entry(hotkey, source, code, {k: self.hasher.signature(v) for k, v in sets.items()})
+        signatures = {k: self.hasher.signature(v) for k, v in sets.items()}
+        entry = _Entry(hotkey, source, code, sets["data"], signatures)
         earlier, self.earlier = self.earlier, [*self.earlier, entry]
         if not earlier:
             return PlagiarismVerdict("original", 0.0, "code", None)
@@ -175,8 +200,9 @@ class PlagiarismChecker:
             sims = {
                 kind: MinHasher.estimate(sig, other.signatures[kind])
                 for kind, sig in entry.signatures.items()
+                if kind in other.signatures  # earlier accepted data has no code
             }
-            kind = max(("code", "data"), key=sims.__getitem__)
+            kind = max((k for k in ("code", "data") if k in sims), key=sims.__getitem__)
             convict.append((sims[kind], kind, other))
             kind = max(sims, key=sims.__getitem__)
             escalate.append((sims[kind], kind, other))
@@ -188,6 +214,7 @@ class PlagiarismChecker:
         suspects = [o for s, _, o in escalate if verdict(s, self.cfg.thresholds) != "original"]
         if not suspects:
             return PlagiarismVerdict("original", best, kind, closest.hotkey)
-        pass2 = max(self._pass2(entry, other) for other in suspects)
+        # ties go to the earliest suspect, as in pass 1
+        pass2, other = max(((self._pass2(entry, o), o) for o in suspects), key=lambda t: t[0])
         final: Verdict = "copy" if verdict(pass2, self.cfg.thresholds) == "copy" else "original"
-        return PlagiarismVerdict(final, best, kind, closest.hotkey, pass2)
+        return PlagiarismVerdict(final, best, kind, closest.hotkey, pass2, other.hotkey)

@@ -2,13 +2,16 @@
 
 ``python -m examples.data_fabrication [--out DIR] [--seed S] [--count N]`` from the
 repository root. Accepted pairs (valid, correct, original) are written to the bucket as
-``DIR/bucket/data-fabrication-accepted/<hotkey>.jsonl``.
+``DIR/bucket/data-fabrication-accepted/<epoch>/<hotkey>.jsonl``; a later epoch (another seed)
+in the same bucket checks its submissions against them too.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +21,37 @@ from examples.common.submissions import SubmissionBox
 from examples.common.table import format_table
 from examples.data_fabrication.config import FabricationConfig
 from examples.data_fabrication.miners import submit_demo
-from examples.data_fabrication.tasks import is_correct
+from examples.data_fabrication.tasks import Pair, is_correct, parse_line
 from examples.data_fabrication.validator import MinerResult, evaluate_epoch
 from gauntlet import InMemorySubnet
-from netcomm import LocalStorage
+from netcomm import LocalStorage, Storage
 
 VALIDATOR = "validator"
 CHALLENGE = "data-fabrication"
+ACCEPTED = f"{CHALLENGE}-accepted"
+
+
+def epoch_segment(seed: str) -> str:
+    """The epoch's storage key segment: the seed itself if it is a valid one, else its hash."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}", seed):
+        return seed
+    return "seed-" + hashlib.blake2b(seed.encode(), digest_size=8).hexdigest()
+
+
+def load_accepted(storage: Storage, seed: str) -> dict[str, list[Pair]]:
+    """Accepted data of every other epoch in the bucket, as ``hotkey@epoch`` → pairs.
+
+    The epoch of ``seed`` itself is left out, so running an epoch again gives the same result.
+    """
+    out: dict[str, list[Pair]] = {}
+    for info in storage.list(ACCEPTED + "/"):
+        parts = info.key.split("/")
+        if len(parts) != 3 or parts[1] == epoch_segment(seed) or not parts[2].endswith(".jsonl"):
+            continue
+        lines = storage.get(info.key).decode("utf-8", "replace").splitlines()
+        pairs = [p for p in map(parse_line, lines) if p is not None]
+        out[f"{parts[2].removesuffix('.jsonl')}@{parts[1]}"] = pairs
+    return out
 
 
 @dataclass(frozen=True)
@@ -47,12 +74,15 @@ def run_epoch(
     submissions, rejected = box.collect(subnet.connect(VALIDATOR))
     for r in rejected:
         log(f"rejected {r.key}: {r.reason}")
-    results = evaluate_epoch(submissions, cfg, log)
+    earlier = load_accepted(storage, cfg.seed)
+    if earlier:
+        log(f"pass 1 also compares against {len(earlier)} accepted data sets of earlier epochs")
+    results = evaluate_epoch(submissions, cfg, log, earlier)
     for res in results:
         if res.score > 0:
             accepted = [p for p in res.pairs if is_correct(p)]
             storage.put(
-                f"{CHALLENGE}-accepted/{res.hotkey}.jsonl",
+                f"{ACCEPTED}/{epoch_segment(cfg.seed)}/{res.hotkey}.jsonl",
                 "".join(json.dumps(p.__dict__) + "\n" for p in accepted).encode(),
             )
     settlement = settle(subnet, VALIDATOR, {r.hotkey: r.score for r in results})

@@ -1,9 +1,12 @@
 """Run a submitted generator in a subprocess with time, CPU, memory and output limits.
 
-The generator is a Python file run as ``python -I -S gen.py --seed S --count N`` in an empty
-temporary folder: ``-I`` ignores the environment and the user's site folder, ``-S`` skips
-site-packages, so only the standard library is importable, and the environment passed in is
-empty. Limits (POSIX ``resource``, so Linux and macOS):
+The generator is a Python file run as ``python -s -S -P gen.py --seed S --count N`` in an
+empty temporary folder: ``-s`` skips the user's site folder, ``-S`` site-packages, ``-P`` the
+script's folder on ``sys.path``, so only the standard library is importable. The environment is
+replaced by ``PYTHONHASHSEED=0`` alone: hash randomization would make a generator that iterates
+over a set of strings print a different order on every run, and validators must reproduce the
+same data. (``-I`` would also ignore the environment, and with it the hash seed.) Limits (POSIX
+``resource``, so Linux and macOS):
 
 * RLIMIT_AS (memory) and RLIMIT_CPU (CPU seconds) are set in the child before ``exec``;
 * stdout goes to a file capped by RLIMIT_FSIZE, so a flood ends the run (writes past the
@@ -69,8 +72,9 @@ def run_generator(source: str, seed: int, count: int, limits: SandboxLimits) -> 
             proc = subprocess.Popen(
                 [
                     sys.executable,
-                    "-I",
+                    "-s",
                     "-S",
+                    "-P",
                     "generator.py",
                     "--seed",
                     str(seed),
@@ -78,7 +82,7 @@ def run_generator(source: str, seed: int, count: int, limits: SandboxLimits) -> 
                     str(count),
                 ],
                 cwd=folder,
-                env={},
+                env={"PYTHONHASHSEED": "0"},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,

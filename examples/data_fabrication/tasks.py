@@ -96,7 +96,7 @@ def parse_line(line: str) -> Pair | None:
     """The pair in one JSONL line, or None if the line breaks the format."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # a line of 100,000 "[" must not end the epoch
         return None
     if not isinstance(record, dict) or set(record) != {"task", "prompt", "response"}:
         return None

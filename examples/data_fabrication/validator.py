@@ -14,7 +14,7 @@ the same data, and pass 2 uses ``derive_seed(epoch seed, "probe")`` for every su
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from examples.common.submissions import Submission
@@ -72,8 +72,13 @@ def evaluate_epoch(
     submissions: list[Submission],
     cfg: FabricationConfig,
     log: Callable[[str], None] = lambda _: None,
+    accepted: Mapping[str, Sequence[Pair]] | None = None,
 ) -> list[MinerResult]:
-    """Every submission's result, in arrival order (plagiarism needs that order)."""
+    """Every submission's result, in arrival order (plagiarism needs that order).
+
+    ``accepted`` is earlier epochs' accepted data (label → pairs); pass 1 compares every
+    submission's data against it as well as against the epoch's earlier submissions.
+    """
     probe_seed = derive_seed(cfg.seed, "probe") % (1 << 31)
 
     def probe(source: str) -> list[str] | None:
@@ -81,6 +86,8 @@ def evaluate_epoch(
         return outcome.lines[: cfg.count] if outcome.status == "ok" else None
 
     checker = PlagiarismChecker(cfg, probe)
+    for label, pairs in (accepted or {}).items():
+        checker.add_accepted(label, pairs)
     results = []
     for sub in submissions:
         source = sub.body.get("source")

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from examples.common.similarity import MinHasher, Thresholds, jaccard, shingles, verdict
+from examples.common.submissions import Submission
 from examples.data_fabrication.config import FabricationConfig, SandboxLimits
 from examples.data_fabrication.miners import GENERATORS
 from examples.data_fabrication.plagiarism import code_tokens
-from examples.data_fabrication.run import results_table, run_epoch
+from examples.data_fabrication.run import epoch_segment, load_accepted, results_table, run_epoch
 from examples.data_fabrication.sandbox import run_generator
 from examples.data_fabrication.tasks import Pair, is_correct, parse_line
+from examples.data_fabrication.validator import evaluate_epoch
+
+from netcomm import LocalStorage
 
 CFG = FabricationConfig(seed="test-epoch", count=60, limits=SandboxLimits(timeout_s=2.0, cpu_s=2))
 
 
 @pytest.fixture(scope="module")
-def epoch(tmp_path_factory):
-    return run_epoch(CFG, tmp_path_factory.mktemp("fabrication"))
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fabrication")
+
+
+@pytest.fixture(scope="module")
+def epoch(workdir):
+    return run_epoch(CFG, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,12 @@ def test_plagiarism_verdicts_of_both_passes(by):
     )
     assert carol.pass1 >= 0.97
     dave = by["dave"].plagiarism  # restructured copy: only the template is close; pass 2 runs it
-    assert (dave.verdict, dave.closest, dave.pass2) == ("copy", "alice", 1.0)
+    assert (dave.verdict, dave.closest, dave.pass2, dave.pass2_closest) == (
+        "copy",
+        "alice",
+        1.0,
+        "alice",
+    )
     assert by["dave"].plagiarism.pass1 >= 0.30 and dave.pass1_kind == "template"
     erin = by["erin"].plagiarism  # same templates, independent code: suspicious, then cleared
     assert erin.verdict == "original" and erin.pass2 is not None and erin.pass2 < 0.30
@@ -68,12 +83,63 @@ def test_weights_follow_scores_and_reach_the_chain(epoch, by):
     assert "copy" in table and ("timeout" in table or "cpu" in table)
 
 
+def test_a_later_epoch_checks_against_earlier_accepted_data(epoch, workdir):
+    storage = LocalStorage(workdir / "bucket", fsync=False)
+    assert load_accepted(storage, CFG.seed) == {}  # an epoch never compares with itself
+    earlier = load_accepted(storage, "test-epoch-2")
+    assert sorted(earlier) == ["alice@test-epoch", "bob@test-epoch", "erin@test-epoch",
+                               "frank@test-epoch", "ivan@test-epoch"]  # fmt: skip
+    alice = earlier["alice@test-epoch"]
+    assert len(alice) == 60 and all(is_correct(p) for p in alice)
+    assert len(earlier["ivan@test-epoch"]) == 15  # only the valid, correct pairs are kept
+    # mallory republishes alice's accepted pairs from the earlier epoch; alice runs again
+    lines = [json.dumps(p.__dict__) for p in alice]
+    republish = f"for line in {lines!r}:\n    print(line)\n"
+    honest = (GENERATORS / "alice.py").read_text()
+    later = FabricationConfig(seed="test-epoch-2", count=60, limits=CFG.limits)
+    subs = [
+        Submission("data-fabrication", "mallory", 1, {"source": republish}, "k1"),
+        Submission("data-fabrication", "alice", 2, {"source": honest}, "k2"),
+    ]
+    mallory, again = evaluate_epoch(subs, later, accepted=earlier)
+    assert (mallory.valid, mallory.correct) == (60, 60)
+    plag = mallory.plagiarism
+    assert (plag.verdict, plag.pass1_kind, plag.closest) == ("copy", "data", "alice@test-epoch")
+    assert plag.pass1 >= 0.97 and mallory.score == 0.0
+    # alice's own generator with the new seed prints new data: same template, original
+    assert (again.plagiarism.verdict, again.plagiarism.pass1_kind) == ("original", "template")
+    assert again.plagiarism.pass2 is not None and again.plagiarism.pass2 < 0.30
+    assert again.score == 1.0
+
+
+def test_epoch_key_segment():
+    assert epoch_segment("fabrication-epoch-1") == "fabrication-epoch-1"
+    odd = epoch_segment("my epoch/1")
+    assert odd.startswith("seed-") and len(odd) == 21 and odd == epoch_segment("my epoch/1")
+
+
 def test_generators_are_deterministic_from_their_seed():
     source = (GENERATORS / "alice.py").read_text()
     first = run_generator(source, 7, 5, CFG.limits)
     assert first.status == "ok" and len(first.lines) == 5
     assert run_generator(source, 7, 5, CFG.limits).lines == first.lines
     assert run_generator(source, 8, 5, CFG.limits).lines != first.lines
+
+
+def test_set_order_is_the_same_on_every_run():
+    """Validators must reproduce a generator's data, so hash randomization is off."""
+    source = "print(' '.join({'pear', 'apple', 'fig', 'kiwi', 'plum', 'lime'}))"
+    runs = [run_generator(source, 0, 1, CFG.limits) for _ in range(4)]
+    assert all(r.status == "ok" for r in runs)
+    assert len({tuple(r.lines) for r in runs}) == 1
+
+
+def test_sandbox_imports_only_the_standard_library():
+    outcome = run_generator("import numpy", 0, 1, CFG.limits)
+    assert (outcome.status, outcome.detail) == (
+        "crashed",
+        "ModuleNotFoundError: No module named 'numpy'",
+    )
 
 
 def test_sandbox_reports_crashes_and_output_floods():
@@ -105,6 +171,7 @@ def test_record_format_and_unsafe_arithmetic():
         '{"task": "poetry", "prompt": "p", "response": "r"}',
         '{"task": "reverse", "prompt": "p", "response": 5}',
         "Compute: 1 + 1\t2",
+        "[" * 100_000,  # json.loads raises RecursionError here, not ValueError
     ):
         assert parse_line(bad) is None
     assert not is_correct(Pair("arithmetic", "Compute: 9 ** 99999", "0"))
