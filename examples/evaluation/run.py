@@ -3,7 +3,9 @@
 ``python -m examples.evaluation [--repo PATH] [--epochs N] [--agent pkg.module:Class ...]``
 from the repository root. Without ``--repo`` it builds the demo repository under ``--out``
 and adds two new fix commits before each later epoch, so the renewal is visible. The null
-and reference agents always run: their scores (0 and 1) check the harness itself.
+and reference agents always run: their scores (0 and 1) check the harness itself. They are
+the validator's own instruments, not miners: weights go to the submitted agents only, and a
+harness that fails its check sets no weights (the command then exits with status 1).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from examples.evaluation.config import BenchmarkConfig
 from examples.evaluation.demo_repo import add_new_commits, build_demo_repo
 from examples.evaluation.harness import TaskResult, evaluate
 from examples.evaluation.mining import Task
-from gauntlet import InMemorySubnet
+from gauntlet import InMemorySubnet, SetWeightsResult
 
 VALIDATOR = "validator"
+#: what the harness agents must score; anything else means the harness is broken
+HARNESS_EXPECTED = {NullAgent.name: 0.0, ReferenceAgent.name: 1.0}
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,29 @@ class EpochReport:
     @property
     def scores(self) -> dict[str, float]:
         """Fraction of the epoch's tasks each agent resolved."""
-        return {a: sum(r.resolved for r in rs) / len(rs) for a, rs in self.results.items()}
+        return _scores(self.results)
+
+    @property
+    def harness_failures(self) -> list[str]:
+        """Each harness agent that did not score what it must (empty: the harness is sound)."""
+        return _harness_failures(self.scores)
+
+
+def _scores(results: Mapping[str, list[TaskResult]]) -> dict[str, float]:
+    return {a: sum(r.resolved for r in rs) / len(rs) for a, rs in results.items()}
+
+
+def _harness_failures(scores: Mapping[str, float]) -> list[str]:
+    return [
+        f"{name} scored {scores[name]:g}, must score {want:g}"
+        for name, want in HARNESS_EXPECTED.items()
+        if name in scores and scores[name] != want
+    ]
+
+
+def is_harness_agent(agent: Agent) -> bool:
+    """The null and reference agents: they check the harness and never receive weight."""
+    return isinstance(agent, NullAgent | ReferenceAgent)
 
 
 def run_epoch(
@@ -49,22 +75,41 @@ def run_epoch(
     subnet: InMemorySubnet,
     prior_ratings: Mapping[str, tuple[float, float]] | None = None,
 ) -> EpochReport:
-    """Draw the epoch's tasks, run each agent on each, and set weights by resolved fraction."""
+    """Draw the epoch's tasks, run each agent on each, and set weights by resolved fraction.
+
+    Weights go to the submitted agents only, and only if the harness agents scored 0 and 1.
+    """
     tasks = pool.select(epoch)
     results = {a.name: [evaluate(a, t, pool.repo, pool.cfg) for t in tasks] for a in agents}
-    scores = {a: sum(r.resolved for r in rs) / len(rs) for a, rs in results.items()}
-    return EpochReport(epoch, tasks, results, settle(subnet, VALIDATOR, scores, prior_ratings))
+    scores = _scores(results)
+    failures = _harness_failures(scores)
+    if failures:
+        ratings = dict(prior_ratings or {})
+        refused = SetWeightsResult(False, "harness check failed: " + "; ".join(failures))
+        return EpochReport(epoch, tasks, results, Settlement(ratings, {}, {}, None, refused))
+    paid = {a.name: scores[a.name] for a in agents if not is_harness_agent(a)}
+    return EpochReport(epoch, tasks, results, settle(subnet, VALIDATOR, paid, prior_ratings))
 
 
 def harness_agents(pool: TaskPool, extra: list[Agent]) -> list[Agent]:
-    """The null and reference agents (harness checks) followed by the submitted ones."""
-    return [NullAgent(), ReferenceAgent(pool.reference_patch), *extra]
+    """The null and reference agents (harness checks) followed by the submitted ones.
+
+    Results and weights are keyed by agent name, so names must be unique.
+    """
+    agents = [NullAgent(), ReferenceAgent(pool.reference_patch), *extra]
+    names = [a.name for a in agents]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"agent names must be unique; taken more than once: {clashes}")
+    return agents
 
 
 def register_agents(subnet: InMemorySubnet, agents: list[Agent]) -> None:
+    """Register the validator and every submitted agent (the harness agents are no miners)."""
     subnet.register(VALIDATOR, stake=1000.0)
     for agent in agents:
-        subnet.register(agent.name)
+        if not is_harness_agent(agent):
+            subnet.register(agent.name)
 
 
 def epoch_table(report: EpochReport) -> str:
@@ -112,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     subnet = InMemorySubnet(netuid=100)
     register_agents(subnet, agents)
     ratings: dict[str, tuple[float, float]] = {}
+    harness_sound = True
     for epoch in range(args.epochs):
         if epoch and demo:
             add_new_commits(repo)
@@ -123,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nepoch {epoch}: active tasks [{active}], drawn {len(report.tasks)}")
         print(epoch_table(report))
         scores = {a: round(s, 3) for a, s in report.scores.items()}
+        print(f"scores {scores}")
+        if report.harness_failures:
+            harness_sound = False
+            print(f"harness check FAILED: {'; '.join(report.harness_failures)}; no weights set")
+            continue
+        print(f"harness check: ok ({NullAgent.name} 0, {ReferenceAgent.name} 1)")
+        if all(is_harness_agent(a) for a in agents):
+            print("weights: none set, no submitted agents (add one with --agent pkg.module:Class)")
+            continue
         weights = {a: round(w, 3) for a, w in report.settlement.weights.items()}
-        print(f"scores {scores}; weights {weights}; chain: {report.settlement.result.message}")
-    return 0
+        print(f"weights {weights}; chain: {report.settlement.result.message}")
+    return 0 if harness_sound else 1

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from examples.evaluation.agents import ReferenceAgent, TaskView, load_agent
+from examples.evaluation.agents import NullAgent, ReferenceAgent, TaskView, load_agent
 from examples.evaluation.benchmark import TaskPool
 from examples.evaluation.config import BenchmarkConfig
 from examples.evaluation.demo_repo import add_new_commits, build_demo_repo
@@ -55,18 +55,60 @@ def test_mining_keeps_fixes_with_tests_and_says_why_it_skips_the_rest(pool):
     assert mul.test_files == ("tests/test_calc.py",)
 
 
-def test_null_agent_scores_zero_and_reference_agent_scores_one(pool):
+class SlugifyAgent:
+    """A submitted agent that knows one fix: it resolves the slugify task and nothing else."""
+
+    name = "slugify-fixer"
+
+    def solve(self, workdir: Path, task: TaskView) -> None:
+        text = workdir / "text.py"
+        buggy = 'return "-".join(title.lower().split())'
+        fixed = 'return "-".join("".join(c if c.isalnum() else " " for c in title).lower().split())'
+        text.write_text(text.read_text().replace(buggy, fixed))
+
+
+def test_null_agent_scores_zero_reference_one_and_only_submitted_agents_get_weight(pool):
     subnet = InMemorySubnet()
-    agents = harness_agents(pool, [])
+    agents = harness_agents(pool, [SlugifyAgent()])
     register_agents(subnet, agents)
     report = run_epoch(pool, agents, 0, subnet)
-    assert report.scores == {"null-agent": 0.0, "reference-agent": 1.0}
+    assert [t.statement.splitlines()[0] for t in report.tasks] == [
+        "Fix mul for negative factors",
+        "Fix slugify: drop punctuation",
+    ]
+    assert report.scores == {"null-agent": 0.0, "reference-agent": 1.0, "slugify-fixer": 0.5}
+    assert report.harness_failures == []
     null = report.results["null-agent"]
     assert [r.fail_to_pass for r in null] == [0, 0] and all(
         r.pass_to_pass == r.p2p_total > 0 for r in null
     )
+    assert [r.resolved for r in report.results["slugify-fixer"]] == [False, True]
+    # the harness agents are the validator's instruments: not registered, never weighted
     assert report.settlement.result.success
-    assert report.settlement.weights == {"null-agent": 0.0, "reference-agent": 1.0}
+    assert report.settlement.weights == {"slugify-fixer": 1.0}
+    assert set(subnet.metagraph().hotkey_to_uid()) == {"validator", "slugify-fixer"}
+
+
+def test_a_broken_harness_sets_no_weights(pool):
+    subnet = InMemorySubnet()
+    agents = [NullAgent(), ReferenceAgent(lambda task_id: ""), SlugifyAgent()]
+    register_agents(subnet, agents)
+    report = run_epoch(pool, agents, 0, subnet)
+    assert report.harness_failures == ["reference-agent scored 0, must score 1"]
+    assert report.scores["slugify-fixer"] == 0.5
+    assert (report.settlement.weights, report.settlement.chain_weights) == ({}, None)
+    assert not report.settlement.result.success
+    assert report.settlement.result.message == (
+        "harness check failed: reference-agent scored 0, must score 1"
+    )
+
+
+def test_agent_names_must_be_unique(pool):
+    class Impostor(SlugifyAgent):
+        name = "reference-agent"
+
+    with pytest.raises(ValueError, match=r"taken more than once: \['reference-agent'\]"):
+        harness_agents(pool, [Impostor()])
 
 
 def test_task_choice_is_deterministic_from_the_seed(pool):
