@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,23 @@ def test_example_configs_load_and_share_one_run():
     assert miner.run == validator.run
     assert miner.run.model.n_embd == 32 and miner.window.blocks_per_window == 4
     assert validator.chain.stake == 1000.0 and validator.validator.weights_every == 2
+
+
+def test_example_miner_s3_alternative_loads_when_uncommented():
+    """The commented-out S3 lines of miner.toml are a working config, not a sketch."""
+    text = (EXAMPLES / "miner.toml").read_text()
+    section = text[text.index("\n[storage]") : text.index("\n[chain]")]
+    s3 = "\n[storage]\n" + "\n".join(
+        line.removeprefix("# ")
+        for line in section.splitlines()
+        if line.startswith("# ") and "=" in line
+    )
+    data = tomllib.loads(text.replace(section, s3 + "\n\n"))
+    env = {"R2_WRITE_SECRET_ACCESS_KEY": "w-secret", "R2_READ_SECRET_ACCESS_KEY": "r-secret"}
+    cfg = config_from_dict(data, environ=env)
+    assert cfg.storage.kind == "s3" and cfg.storage.region == "auto"
+    assert cfg.storage.secret_access_key.reveal() == "w-secret"
+    assert cfg.storage.read_secret_access_key.reveal() == "r-secret"
 
 
 def _minimal(**sections):
