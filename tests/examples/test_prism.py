@@ -100,17 +100,17 @@ def test_static_validation_rules():
         parse_config({"n_layer": True, "n_embd": 64, "n_head": 4}, SMALL)
     with pytest.raises(StaticRejection, match="forbidden"):
         parse_config({"block_size": 4096}, SMALL)
-    # values GPTConfig itself lets through must be rejected, not crash the round
+    # values that would crash the round if they reached the model are rejected up front
     base = {"n_layer": 2, "n_embd": 64, "n_head": 4}
     for bad, reason in (
-        ({"n_kv_head": 0}, "n_kv_head must be a positive integer, got 0"),
-        ({"n_kv_head": -1}, "n_kv_head must be a positive integer, got -1"),
-        ({"mlp_ratio": math.inf}, "mlp_ratio must be finite, got inf"),
-        ({"mlp_ratio": math.nan}, "mlp_ratio must be finite, got nan"),
+        ({"n_kv_head": 0}, "n_kv_head must be a positive integer or None, got 0"),
+        ({"n_kv_head": -1}, "n_kv_head must be a positive integer or None, got -1"),
+        ({"mlp_ratio": math.inf}, "mlp_ratio must be finite and > 0, got inf"),
+        ({"mlp_ratio": math.nan}, "mlp_ratio must be finite and > 0, got nan"),
     ):
         with pytest.raises(StaticRejection) as caught:
             check_static({**base, **bad}, SMALL)
-        assert str(caught.value) == reason
+        assert str(caught.value) == f"does not build: {reason}"
     report = check_static({"n_layer": 1, "n_embd": 32, "n_head": 2}, SMALL)
     assert report.params == count_params(report.config)
     same = check_static({"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 2}, SMALL)

@@ -78,3 +78,22 @@ def test_gpt_config_validation():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ConfigError, match="n_kv_head"):
         GPTConfig(n_head=4, n_kv_head=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"n_kv_head": 0}, "n_kv_head must be a positive integer or None"),
+        ({"n_kv_head": -2}, "n_kv_head must be a positive integer or None"),
+        ({"n_layer": True}, "n_layer must be a positive integer"),
+        ({"mlp_ratio": float("inf")}, "mlp_ratio must be finite"),
+        ({"mlp_ratio": float("nan")}, "mlp_ratio must be finite"),
+        ({"mlp_ratio": "4"}, "mlp_ratio must be a number"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"tie_weights": "yes"}, "tie_weights must be true or false"),
+    ],
+)
+def test_gpt_config_rejects_hostile_json_values(fields, message):
+    """A --model-config file is user input: every bad value is a ConfigError, not a crash."""
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig.from_dict({"n_embd": 64, "n_head": 4, **fields})

@@ -48,8 +48,22 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _positive_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_kv_head is not None and not _positive_int(self.n_kv_head):
+            raise ConfigError(
+                f"n_kv_head must be a positive integer or None, got {self.n_kv_head!r}"
+            )
+        for name in ("mlp_ratio", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ConfigError(f"mlp_ratio must be finite and > 0, got {self.mlp_ratio!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.tie_weights, bool):
+            raise ConfigError(f"tie_weights must be true or false, got {self.tie_weights!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_head % self.kv_heads:
@@ -62,8 +76,6 @@ class GPTConfig:
             raise ConfigError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if self.pos not in ("learned", "rope"):
             raise ConfigError(f"pos must be 'learned' or 'rope', got {self.pos!r}")
-        if not self.mlp_ratio > 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("mlp_ratio must be > 0 and dropout in [0, 1)")
 
     @property
     def kv_heads(self) -> int:
@@ -79,6 +91,10 @@ class GPTConfig:
         if unknown:
             raise ConfigError(f"unknown GPTConfig fields: {unknown}")
         return cls(**data)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
