@@ -398,13 +398,15 @@ def run_scenario(sc: FaultScenario, out: Path) -> dict[str, Any]:
             [sys.executable, __file__, str(config), role], env=env, stdout=err, stderr=err
         )
 
-    plan = kill_plan(sc, roles)
+    # each role works through its own kills in order, independently of the others: a slow
+    # role's pending kill must not hold back the kills aimed at roles that run ahead
+    pending = {role: [k for k in kill_plan(sc, roles) if k["role"] == role] for role in roles}
+    fire_at: dict[str, float | None] = dict.fromkeys(roles)
     started = time.monotonic()
     procs = {role: launch(role) for role in roles}
     kills: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     crashes = 0
-    fire_at: float | None = None
     try:
         while True:
             for role, p in procs.items():
@@ -415,16 +417,17 @@ def run_scenario(sc: FaultScenario, out: Path) -> dict[str, Any]:
                 break
             if time.monotonic() - started > ROLE_TIMEOUT_S:
                 raise TimeoutError(f"{sc.name}: roles did not finish in {ROLE_TIMEOUT_S} s")
-            if plan:
-                target = plan[0]
-                proc = procs[target["role"]]
-                if proc.poll() is not None:
-                    skipped.append({**plan.pop(0), "reason": "the role finished first"})
-                    fire_at = None
+            for role in roles:
+                if not pending[role]:
                     continue
-                path = out / f"{target['role']}.jsonl"
+                target, proc = pending[role][0], procs[role]
+                if proc.poll() is not None:
+                    skipped.append({**pending[role].pop(0), "reason": "the role finished first"})
+                    fire_at[role] = None
+                    continue
+                path = out / f"{role}.jsonl"
                 window, phase = _position(path, proc.pid)
-                order = PHASES[target["role"] == VALIDATOR]
+                order = PHASES[role == VALIDATOR]
                 reached = phase != "startup" and (
                     window > target["window"]
                     or (
@@ -433,23 +436,24 @@ def run_scenario(sc: FaultScenario, out: Path) -> dict[str, Any]:
                         and order.index(phase) >= order.index(target["phase"])
                     )
                 )
-                if reached and fire_at is None:
-                    fire_at = time.monotonic() + target["delay_s"]
-                if fire_at is not None and time.monotonic() >= fire_at:
+                if reached and fire_at[role] is None:
+                    fire_at[role] = time.monotonic() + target["delay_s"]
+                deadline = fire_at[role]
+                if deadline is not None and time.monotonic() >= deadline:
                     window, phase = _position(path, proc.pid)
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     kills.append(
                         {
-                            "role": target["role"],
+                            "role": role,
                             "window": window,
                             "phase": phase,
                             "at_s": round(time.monotonic() - started, 2),
                         }
                     )
-                    procs[target["role"]] = launch(target["role"])
-                    plan.pop(0)
-                    fire_at = None
+                    procs[role] = launch(role)
+                    pending[role].pop(0)
+                    fire_at[role] = None
             time.sleep(0.02)
     finally:
         for p in procs.values():
