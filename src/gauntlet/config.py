@@ -166,6 +166,12 @@ class RatingConfig:
         transform: how the ordinal becomes a non-negative factor: ``"clamp"`` =
             max(0, ordinal) (default), ``"shift"`` = max(0, ordinal + shift).
         shift: offset for ``"shift"`` (default 0.0).
+        null_anchor: a fresh player scoring 0, the gain of sending nothing, joins every
+            match (default True). Without it, ratings only compare peers with each other: in
+            a swarm of equally good honest peers the ranking is noise, half of them lose rating
+            each window and the clamp leaves them at weight 0. With it, a peer also gains by
+            beating doing-nothing, so steady helpers all rise while free-riders (ties with
+            the anchor) and harmful peers (below it) do not.
         penalty_missing: for ``missing`` and ``timeout`` statuses (default 1.0).
         penalty_late: for ``late`` (default 0.5).
         penalty_invalid: for ``invalid`` updates, non-finite or undecodable (default 2.0).
@@ -180,6 +186,7 @@ class RatingConfig:
     z: float = 3.0
     transform: RatingTransform = "clamp"
     shift: float = 0.0
+    null_anchor: bool = True
     penalty_missing: float = 1.0
     penalty_late: float = 0.5
     penalty_invalid: float = 2.0
@@ -197,6 +204,10 @@ class RatingConfig:
             f"transform must be 'clamp' or 'shift', got {self.transform!r}",
         )
         _finite("shift", self.shift, -1e6, 1e6)
+        _require(
+            isinstance(self.null_anchor, bool),
+            f"null_anchor must be true or false, got {self.null_anchor!r}",
+        )
         for name in ("missing", "late", "invalid", "copy", "data"):
             _finite(f"penalty_{name}", getattr(self, f"penalty_{name}"), 0.0, 1e6, open_lo=True)
 

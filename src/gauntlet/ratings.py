@@ -30,17 +30,25 @@ def rate_match(
 ) -> dict[str, tuple[float, float]]:
     """New (μ, σ) of every peer in ``scores`` after one match; others are not returned.
 
-    Peers missing from ``ratings`` start fresh. With fewer than two players nothing changes.
+    Peers missing from ``ratings`` start fresh. With ``config.null_anchor`` a fresh player
+    scoring 0 (the gain of sending nothing) joins the match last in the player order and is
+    dropped from the result; otherwise a match needs two peers, and with fewer nothing changes.
     """
     peers = sorted(scores)
     current = {p: ratings.get(p, (config.mu, config.sigma)) for p in peers}
-    if len(peers) < 2:
+    players = [current[p] for p in peers]
+    values = [float(scores[p]) for p in peers]
+    if config.null_anchor:
+        players.append((config.mu, config.sigma))
+        values.append(0.0)
+    if len(players) < 2:
         return dict(current)
     model = _model(config)
-    teams = [[model.rating(mu=current[p][0], sigma=current[p][1])] for p in peers]
-    result = model.rate(teams, scores=[float(scores[p]) for p in peers])
+    teams = [[model.rating(mu=mu, sigma=sigma)] for mu, sigma in players]
+    result = model.rate(teams, scores=values)
+    rated = result[: len(peers)]  # the anchor, if any, is last
     return {
-        p: (float(team[0].mu), float(team[0].sigma)) for p, team in zip(peers, result, strict=True)
+        p: (float(team[0].mu), float(team[0].sigma)) for p, team in zip(peers, rated, strict=True)
     }
 
 

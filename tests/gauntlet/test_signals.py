@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,11 @@ def test_copy_detection_blames_later_publisher():
     _, a = compressed(0)
     _, b = compressed(1)
     # a copier re-encodes the victim's decoded update with a little noise
-    near = {n: d + 0.01 * d.abs().max() * torch.randn(d.shape) for n, d in b.dense.items()}
+    noise = torch.Generator().manual_seed(2)  # not the global RNG: the same noise in any test order
+    near = {
+        n: d + 0.01 * d.abs().max() * torch.randn(d.shape, generator=noise)
+        for n, d in b.dense.items()
+    }
     c = decode_update(encode(near, ErrorFeedback(CODEC)), SHAPES, CODEC)
     updates = {"a": a, "b": b, "b-copy": b, "c": c}
     pairs = {(p.a, p.b): p for p in pair_similarities(updates)}
@@ -121,5 +126,29 @@ def test_ratings_match_and_fresh_pitfall():
     assert rating_factor(*new["c"], cfg) == 0.0  # clamped, not negative
     shifted = RatingConfig(transform="shift", shift=10.0)
     assert rating_factor(*new["c"], shifted) == pytest.approx(ordinal(*new["c"], cfg) + 10.0)
-    assert rate_match(new, {"a": 1.0}, cfg) == {"a": new["a"]}  # one player: no match
+    lone = RatingConfig(null_anchor=False)
+    assert rate_match(new, {"a": 1.0}, lone) == {"a": new["a"]}  # one player: no match
     assert rate_match({}, {"b": 0.1, "a": 0.3, "c": -1.0}, cfg) == new  # order-free
+
+
+def test_null_anchor_lets_equally_good_peers_all_rise():
+    """Without the anchor, equal helpers split a zero-sum ranking; with it, all of them rise."""
+    peers = [f"p{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    results = {}
+    for anchor in (False, True):
+        cfg = RatingConfig(null_anchor=anchor)
+        ratings: dict[str, tuple[float, float]] = {}
+        for _ in range(8):  # equally good: positive gains, ranked by noise
+            scores = {p: float(0.01 + 0.005 * rng.standard_normal()) for p in peers}
+            scores = {p: max(v, 1e-4) for p, v in scores.items()}
+            ratings.update(rate_match(ratings, scores, cfg))
+        results[anchor] = [rating_factor(*ratings[p], cfg) for p in peers]
+    assert sum(f == 0.0 for f in results[False]) >= 2  # the pitfall the anchor removes
+    assert all(f > 0.0 for f in results[True])
+    # doing nothing ties the anchor and gains nothing; harm falls below it
+    cfg = RatingConfig()
+    after = rate_match({}, {"helper": 0.01, "freerider": 0.0, "harm": -0.01}, cfg)
+    assert after["helper"][0] > cfg.mu > after["harm"][0]
+    assert rating_factor(*after["freerider"], cfg) < rating_factor(*after["helper"], cfg)
+    assert rating_factor(*after["harm"], cfg) == 0.0
