@@ -18,7 +18,9 @@ from examples.data_fabrication.validator import evaluate_epoch
 
 from netcomm import LocalStorage
 
-CFG = FabricationConfig(seed="test-epoch", count=60, limits=SandboxLimits(timeout_s=2.0, cpu_s=2))
+# Honest generators use ~0.05 CPU s. The wall-clock limit is far off so a loaded machine never
+# ends one; the CPU-time limit (independent of load) ends the endless loop after 1 CPU s.
+CFG = FabricationConfig(seed="test-epoch", count=60, limits=SandboxLimits(timeout_s=30.0, cpu_s=1))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def by(epoch):
 
 
 def test_sandbox_limits_end_bad_generators(by):
-    # an endless loop hits the CPU-time or the wall-clock limit first, depending on the load
+    # an endless loop hits the CPU-time limit (the wall clock is tested on a sleeper below)
     assert by["grace"].status in ("timeout", "cpu") and by["grace"].score == 0.0
     assert (by["heidi"].status, by["heidi"].score) == ("memory", 0.0)
     assert all(by[h].status == "ok" for h in ("alice", "bob", "carol", "dave", "erin", "ivan"))
@@ -140,6 +142,13 @@ def test_sandbox_imports_only_the_standard_library():
         "crashed",
         "ModuleNotFoundError: No module named 'numpy'",
     )
+
+
+def test_wall_clock_limit_ends_a_generator_that_waits():
+    """Sleeping costs no CPU time: only the wall-clock limit (a killed process group) ends it."""
+    outcome = run_generator("import time\ntime.sleep(60)", 0, 1, SandboxLimits(timeout_s=0.5))
+    assert (outcome.status, outcome.detail) == ("timeout", "> 0.5 s")
+    assert outcome.seconds < 30  # killed, not waited for
 
 
 def test_sandbox_reports_crashes_and_output_floods():

@@ -21,11 +21,15 @@ from netcomm import (
 FAST = dict(poll_interval_s=0.05, backoff_s=0.01, backoff_max_s=0.05, attempts=6)
 
 
-def build(s3_factory, spec, names, proxied, plan, **config):
-    """Peers publish straight to the server; the gatherer reads ``proxied`` peers via the proxy."""
+def build(s3_factory, spec, names, proxied, plan, *, read_timeout_s=10.0, **config):
+    """Peers publish straight to the server; the gatherer reads ``proxied`` peers via the proxy.
+
+    The proxy rolls its dice once per request, so a client timeout (a retry) on a loaded
+    machine would add a roll: the read timeout stays far above a loopback round trip.
+    """
     direct = s3_factory()
     proxy = FaultProxy(direct.config.endpoint_url, plan).start()
-    through = s3_factory(endpoint=proxy.url, read_timeout_s=1.0, max_attempts=2)
+    through = s3_factory(endpoint=proxy.url, read_timeout_s=read_timeout_s, max_attempts=2)
     signers = {n: Ed25519Signer.from_seed(bytes([i + 7]) * 32) for i, n in enumerate(names)}
     directory = StaticDirectory(
         PeerRecord(n, through if n in proxied else direct, signers[n].public_key) for n in names
@@ -105,7 +109,8 @@ def test_server_errors_exhaust_storage_retries(s3_factory):
 def test_slow_responses_hit_the_deadline(s3_factory, model, spec, kit):
     names = ["a", "b", "slow"]
     plan = FaultPlan(slow=1.0, delay_s=4.0, only="/slow.nce", methods=frozenset({"GET"}))
-    proxy, ex = build(s3_factory, spec, names, {"slow"}, plan)
+    # a short read timeout ends the abandoned download soon after the test
+    proxy, ex = build(s3_factory, spec, names, {"slow"}, plan, read_timeout_s=1.0)
     ex["b"].publish(0, kit.sparse_update(model))
     ex["slow"].publish(0, kit.sparse_update(model))
     start = time.monotonic()

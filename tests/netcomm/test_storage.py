@@ -140,20 +140,36 @@ def test_local_write_is_atomic_for_concurrent_readers(tmp_path):
     versions = [bytes([i]) * (1 << 20) for i in range(1, 5)]
     storage.put("obj", versions[0])
     stop = threading.Event()
+    reading = threading.Event()
     seen: list[bytes] = []
+    errors: list[BaseException] = []
 
     def reader() -> None:
-        while not stop.is_set():
-            seen.append(storage.get("obj"))
+        try:
+            while not stop.is_set():
+                seen.append(storage.get("obj"))
+                reading.set()
+        except BaseException as exc:  # a read that fails mid-replace is what this test catches
+            errors.append(exc)
+            reading.set()
 
     thread = threading.Thread(target=reader)
     thread.start()
-    for _ in range(10):
-        for v in versions:
-            storage.put("obj", v)
-    stop.set()
-    thread.join()
-    assert seen
+    try:
+        # the reader runs before the writes start, however late its thread is scheduled
+        assert reading.wait(30)
+        before = len(seen)
+        rounds = 0
+        # at least 10 rounds of writes, and more until the reader has read while they ran
+        while rounds < 10 or (len(seen) < before + 5 and not errors and rounds < 200):
+            for v in versions:
+                storage.put("obj", v)
+            rounds += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert len(seen) >= before + 5
     assert all(s in versions for s in seen)
     assert [p.name for p in tmp_path.iterdir()] == ["obj"]  # no temporary files left
 

@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import pytest
 
+# Kill points that land on any machine, fast or loaded. With the seeded plan's random delays
+# (up to 0.5 s) a fast role can finish this 2-window run before its kill comes due, and the
+# kill is skipped. With no delay a kill fires as soon as its role logs the phase, long before
+# it could finish. Both peers die as they start saving window 0's checkpoint: a crash mid-save,
+# after both published window 0, so they restart side by side and must republish it unchanged.
+KILLS = (
+    {"role": "peer-0", "window": 0, "phase": "checkpoint", "delay_s": 0.0},
+    {"role": "peer-1", "window": 0, "phase": "checkpoint", "delay_s": 0.0},
+)
+
 
 @pytest.mark.slow
-def test_killed_roles_resume_identically_under_storage_faults(tmp_path, workerlib):
+def test_killed_roles_resume_identically_under_storage_faults(tmp_path, workerlib, monkeypatch):
     small = dict(peers=2, windows=2, inner_steps=2, deadline_s=90.0)
     ref = workerlib.run_scenario(workerlib.FaultScenario("ref", **small), tmp_path / "ref")
     assert ref["windows_completed"] == ref["windows_expected"] == 6
@@ -20,7 +30,8 @@ def test_killed_roles_resume_identically_under_storage_faults(tmp_path, workerli
     # 2 peers + validator, 2 windows: each role gathers the other peers' update per window
     assert ref["ok_payloads_checked"] == 2 * (1 + 1 + 2)
 
-    sc = workerlib.FaultScenario("kill", kills=2, fault_rate=0.1, **small)
+    sc = workerlib.FaultScenario("kill", kills=len(KILLS), fault_rate=0.1, **small)
+    monkeypatch.setattr(workerlib, "kill_plan", lambda sc, roles: [dict(k) for k in KILLS])
     run = workerlib.run_scenario(sc, tmp_path / "kill")
     assert run["kills"] == 2 and not run["kills_skipped"] and run["faults_injected"] > 0
     assert run["windows_completed"] == 6
