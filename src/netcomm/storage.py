@@ -181,4 +181,7 @@ class LocalStorage:
 
     @staticmethod
     def _info(key: str, st: os.stat_result) -> ObjectInfo:
-        return ObjectInfo(key, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+        # put() renames a new file over the old one while both exist, so every replacement has
+        # a new inode: the etag changes even when size and a coarse-grained mtime do not
+        etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+        return ObjectInfo(key, st.st_size, st.st_mtime, etag)

@@ -135,6 +135,21 @@ def test_s3_prefix_isolates_keys(s3_factory):
     assert [i.key for i in b.list()] == ["k"]
 
 
+def test_local_same_size_replacement_in_one_clock_tick_changes_etag(tmp_path):
+    """Coarse mtime clocks (older kernels, some filesystems) must not hide a replacement:
+    the exchange's verified-payload cache is keyed on the etag."""
+    storage = LocalStorage(tmp_path)
+    storage.put("k", b"A" * 64)
+    path = tmp_path / "k"
+    before = storage.head("k")
+    mtime_ns = path.stat().st_mtime_ns
+    storage.put("k", b"B" * 64)
+    os.utime(path, ns=(mtime_ns, mtime_ns))  # as if both writes fell in one tick
+    after = storage.head("k")
+    assert (after.size, after.mtime) == (before.size, before.mtime)
+    assert after.etag != before.etag
+
+
 def test_local_write_is_atomic_for_concurrent_readers(tmp_path):
     storage = LocalStorage(tmp_path, fsync=False)
     versions = [bytes([i]) * (1 << 20) for i in range(1, 5)]
