@@ -99,12 +99,8 @@ class Swarm:
             assignment=AssignmentConfig(
                 num_samples=data.num_train,
                 samples_per_peer=samples,
-                # Templar evaluated on 8 sequences; at 16 an honest peer's assigned-vs-random
-                # indicator was close to a coin flip here and could zero its weight
-                # Templar evaluated on 8 sequences; at 16 an honest peer's assigned-vs-random
-                # indicator was close to a coin flip here and could zero its weight
-                eval_assigned=min(samples, 48),
-                eval_random=48,
+                eval_assigned=min(samples, 16),
+                eval_random=16,
             )
         )
         storage = open_storage(cfg)
