@@ -88,3 +88,18 @@ def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
     assert any("/updates/000000000001/peer-1.nce" in k for k in keys)
     assert any(k.endswith("checkpoints/latest.json") for k in keys)
     assert not (tmp_path / "storage").exists()
+
+
+def test_thread_settings_apply_during_a_run_and_are_restored():
+    import sys
+
+    import torch
+
+    from sparseloco.sim.runner import SWITCH_INTERVAL_S, _thread_settings
+
+    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), _thread_settings(1):
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert sys.getswitchinterval() == interval and torch.get_num_threads() == threads
