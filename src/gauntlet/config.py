@@ -166,12 +166,12 @@ class RatingConfig:
         transform: how the ordinal becomes a non-negative factor: ``"clamp"`` =
             max(0, ordinal) (default), ``"shift"`` = max(0, ordinal + shift).
         shift: offset for ``"shift"`` (default 0.0).
-        null_anchor: a fresh player scoring 0, the gain of sending nothing, joins every
-            match (default True). Without it, ratings only compare peers with each other: in
-            a swarm of equally good honest peers the ranking is noise, half of them lose rating
+        null_anchor: a fresh player ranked just above sending nothing joins every match
+            (default True). Without it, ratings only compare peers with each other: in a
+            swarm of equally good honest peers the ranking is noise, half of them lose rating
             each window and the clamp leaves them at weight 0. With it, a peer also gains by
-            beating doing-nothing, so steady helpers all rise while free-riders (ties with
-            the anchor) and harmful peers (below it) do not.
+            beating doing-nothing, so steady helpers all rise, while free-riders (a zero
+            update) and harmful peers lose to the anchor and fall.
         penalty_missing: for ``missing`` and ``timeout`` statuses (default 1.0).
         penalty_late: for ``late`` (default 0.5).
         penalty_invalid: for ``invalid`` updates, non-finite or undecodable (default 2.0).

@@ -8,15 +8,25 @@ losers with two negatives, so :func:`rating_factor` maps it to a non-negative fa
 
 * ``"clamp"``: max(0, μ − z·σ)  (fresh peers and losers get 0 until they win);
 * ``"shift"``: max(0, μ − z·σ + shift).
+
+With ``null_anchor`` (default) a fresh player that ranks just above sending nothing joins
+every match, so peers gain rating by helping, not only by beating each other: equally good
+honest peers all rise; a free-rider (score exactly 0) and a harmful peer lose to it. The
+anchor's score is the smallest positive float, not 0: a draw would shrink the free-rider's
+σ and so raise its ordinal μ − z·σ.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from openskill.models import PlackettLuce
 
 from gauntlet.config import RatingConfig
+
+# ranks are all that count (margin 0): any real improvement beats it, a zero update does not
+ANCHOR_SCORE = math.ulp(0.0)
 
 
 def _model(config: RatingConfig) -> PlackettLuce:
@@ -31,8 +41,9 @@ def rate_match(
     """New (μ, σ) of every peer in ``scores`` after one match; others are not returned.
 
     Peers missing from ``ratings`` start fresh. With ``config.null_anchor`` a fresh player
-    scoring 0 (the gain of sending nothing) joins the match last in the player order and is
-    dropped from the result; otherwise a match needs two peers, and with fewer nothing changes.
+    scoring :data:`ANCHOR_SCORE` (just above sending nothing) joins the match last in the
+    player order and is dropped from the result; otherwise a match needs two peers, and with
+    fewer nothing changes.
     """
     peers = sorted(scores)
     current = {p: ratings.get(p, (config.mu, config.sigma)) for p in peers}
@@ -40,7 +51,7 @@ def rate_match(
     values = [float(scores[p]) for p in peers]
     if config.null_anchor:
         players.append((config.mu, config.sigma))
-        values.append(0.0)
+        values.append(ANCHOR_SCORE)
     if len(players) < 2:
         return dict(current)
     model = _model(config)

@@ -146,9 +146,16 @@ def test_null_anchor_lets_equally_good_peers_all_rise():
         results[anchor] = [rating_factor(*ratings[p], cfg) for p in peers]
     assert sum(f == 0.0 for f in results[False]) >= 2  # the pitfall the anchor removes
     assert all(f > 0.0 for f in results[True])
-    # doing nothing ties the anchor and gains nothing; harm falls below it
+    # doing nothing or harm loses to the anchor, alone or among helpers, for as long as it lasts
     cfg = RatingConfig()
-    after = rate_match({}, {"helper": 0.01, "freerider": 0.0, "harm": -0.01}, cfg)
-    assert after["helper"][0] > cfg.mu > after["harm"][0]
-    assert rating_factor(*after["freerider"], cfg) < rating_factor(*after["helper"], cfg)
-    assert rating_factor(*after["harm"], cfg) == 0.0
+    window = {"helper": 0.01, "helper2": 0.012, "freerider": 0.0, "harm": -0.01}
+    mixed: dict[str, tuple[float, float]] = {}
+    for _ in range(10):
+        mixed.update(rate_match(mixed, window, cfg))
+        assert rating_factor(*mixed["freerider"], cfg) == rating_factor(*mixed["harm"], cfg) == 0
+        assert min(rating_factor(*mixed[p], cfg) for p in ("helper", "helper2")) > 0
+    assert mixed["freerider"][0] < cfg.mu
+    alone: dict[str, tuple[float, float]] = {}
+    for _ in range(30):
+        alone.update(rate_match(alone, {"freerider": 0.0}, cfg))
+        assert rating_factor(*alone["freerider"], cfg) == 0.0
