@@ -105,8 +105,9 @@ def test_static_validation_rules():
     for bad, reason in (
         ({"n_kv_head": 0}, "n_kv_head must be a positive integer or None, got 0"),
         ({"n_kv_head": -1}, "n_kv_head must be a positive integer or None, got -1"),
-        ({"mlp_ratio": math.inf}, "mlp_ratio must be finite and > 0, got inf"),
-        ({"mlp_ratio": math.nan}, "mlp_ratio must be finite and > 0, got nan"),
+        ({"mlp_ratio": math.inf}, "mlp_ratio must be finite, > 0 and <= 64.0, got inf"),
+        ({"mlp_ratio": math.nan}, "mlp_ratio must be finite, > 0 and <= 64.0, got nan"),
+        ({"mlp_ratio": 1e308}, "mlp_ratio must be finite, > 0 and <= 64.0, got 1e+308"),
     ):
         with pytest.raises(StaticRejection) as caught:
             check_static({**base, **bad}, SMALL)

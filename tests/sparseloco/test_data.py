@@ -87,8 +87,10 @@ def test_gpt_config_validation():
         ({"n_kv_head": -2}, "n_kv_head must be a positive integer or None"),
         ({"n_layer": True}, "n_layer must be a positive integer"),
         ({"mlp_ratio": float("inf")}, "mlp_ratio must be finite"),
+        ({"mlp_ratio": -1.0}, "mlp_ratio must be finite"),
         ({"mlp_ratio": float("nan")}, "mlp_ratio must be finite"),
         ({"mlp_ratio": "4"}, "mlp_ratio must be a number"),
+        ({"mlp_ratio": 1e308}, "mlp_ratio must be finite, > 0 and <= 64"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"tie_weights": "yes"}, "tie_weights must be true or false"),
     ],
@@ -97,3 +99,8 @@ def test_gpt_config_rejects_hostile_json_values(fields, message):
     """A --model-config file is user input: every bad value is a ConfigError, not a crash."""
     with pytest.raises(ConfigError, match=message):
         GPTConfig.from_dict({"n_embd": 64, "n_head": 4, **fields})
+
+
+def test_gpt_config_from_a_json_that_is_not_an_object():
+    with pytest.raises(ConfigError, match="mapping of fields, got list"):
+        GPTConfig.from_dict(["n_layer"])  # type: ignore[arg-type]

@@ -17,6 +17,9 @@ from torch import nn
 
 from sparseloco.errors import ConfigError
 
+# wider than any published MLP (Llama: 2.7-3.5, GPT: 4); also keeps n_embd * mlp_ratio finite
+MAX_MLP_RATIO = 64.0
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -27,7 +30,7 @@ class GPTConfig:
         block_size: longest sequence.
         n_layer, n_head, n_embd: depth, attention heads, width (n_embd % n_head == 0).
         n_kv_head: key/value heads (n_head % n_kv_head == 0); fewer than n_head is GQA.
-        mlp_ratio: hidden width of the MLP over n_embd.
+        mlp_ratio: hidden width of the MLP over n_embd, in (0, 64].
         norm: ``"layernorm"`` or ``"rmsnorm"``.
         pos: ``"learned"`` absolute embeddings or ``"rope"`` rotary embeddings.
         dropout: dropout probability (0 for the deterministic runs this library does).
@@ -58,8 +61,10 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not (math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
-            raise ConfigError(f"mlp_ratio must be finite and > 0, got {self.mlp_ratio!r}")
+        if not (math.isfinite(self.mlp_ratio) and 0 < self.mlp_ratio <= MAX_MLP_RATIO):
+            raise ConfigError(
+                f"mlp_ratio must be finite, > 0 and <= {MAX_MLP_RATIO}, got {self.mlp_ratio!r}"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_weights, bool):
@@ -87,6 +92,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
         """A config from :meth:`to_dict` output (e.g. a JSON file); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a GPTConfig must be a mapping of fields, got {type(data).__name__}")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown GPTConfig fields: {unknown}")
