@@ -91,13 +91,30 @@ def _check_range(start: int, end: int) -> None:
         raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
 
 
+def _after_previous_version(tmp: str, path: Path) -> None:
+    """Give ``tmp`` an mtime after that of the object it is about to replace.
+
+    On a coarse clock (older kernels, some filesystems) two same-size writes within one tick
+    would share (size, mtime) and so an etag, and a reader caching by etag would keep the old
+    object; an inode number does not help, since a freed one is reused at once.
+    """
+    try:
+        previous = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    st = os.stat(tmp)
+    if st.st_mtime_ns <= previous:
+        os.utime(tmp, ns=(st.st_atime_ns, previous + 1))
+
+
 class LocalStorage:
     """Objects as files under a root folder (the embedded default backend).
 
     Writes go to a temporary file in the destination folder, are flushed to disk and then
     renamed over the key, so a concurrent reader sees either the old or the new object and a
     crash leaves at most a hidden temporary file. ``mtime`` is the file's modification time and
-    ``etag`` combines size and nanosecond mtime.
+    ``etag`` combines size and nanosecond mtime; each write gets an mtime later than the version
+    it replaces (even where the clock ticks coarsely), so a key's etags never repeat.
 
     Args:
         root: the folder; created if missing.
@@ -129,6 +146,7 @@ class LocalStorage:
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
+            _after_previous_version(tmp, path)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -181,7 +199,4 @@ class LocalStorage:
 
     @staticmethod
     def _info(key: str, st: os.stat_result) -> ObjectInfo:
-        # put() renames a new file over the old one while both exist, so every replacement has
-        # a new inode: the etag changes even when size and a coarse-grained mtime do not
-        etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
-        return ObjectInfo(key, st.st_size, st.st_mtime, etag)
+        return ObjectInfo(key, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")

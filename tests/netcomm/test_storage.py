@@ -135,19 +135,30 @@ def test_s3_prefix_isolates_keys(s3_factory):
     assert [i.key for i in b.list()] == ["k"]
 
 
-def test_local_same_size_replacement_in_one_clock_tick_changes_etag(tmp_path):
-    """Coarse mtime clocks (older kernels, some filesystems) must not hide a replacement:
-    the exchange's verified-payload cache is keyed on the etag."""
-    storage = LocalStorage(tmp_path)
-    storage.put("k", b"A" * 64)
-    path = tmp_path / "k"
-    before = storage.head("k")
-    mtime_ns = path.stat().st_mtime_ns
-    storage.put("k", b"B" * 64)
-    os.utime(path, ns=(mtime_ns, mtime_ns))  # as if both writes fell in one tick
-    after = storage.head("k")
-    assert (after.size, after.mtime) == (before.size, before.mtime)
-    assert after.etag != before.etag
+def test_local_replacement_gets_a_later_mtime_than_the_version_it_replaces(tmp_path):
+    """On a coarse clock two same-size writes in one tick would share an etag, and the
+    exchange's verified-payload cache (keyed on the etag) would keep the old payload."""
+    from netcomm.storage import _after_previous_version
+
+    old, new = tmp_path / "k", tmp_path / ".tmp-k"
+    for lag_ns in (0, 5_000_000):  # the same tick; a clock behind the old version's
+        old.write_bytes(b"A" * 64)
+        new.write_bytes(b"B" * 64)
+        tick = old.stat().st_mtime_ns
+        os.utime(new, ns=(tick - lag_ns, tick - lag_ns))
+        _after_previous_version(str(new), old)
+        assert new.stat().st_mtime_ns == tick + 1
+    os.utime(new, ns=(tick + 7, tick + 7))  # already later: left alone
+    _after_previous_version(str(new), old)
+    assert new.stat().st_mtime_ns == tick + 7
+    old.unlink()
+    _after_previous_version(str(new), old)  # nothing to replace: nothing to do
+    storage = LocalStorage(tmp_path / "store")
+    etags = set()
+    for content in (b"A" * 64, b"B" * 64, b"C" * 64, b"A" * 64):
+        storage.put("k", content)
+        etags.add(storage.head("k").etag)
+    assert len(etags) == 4
 
 
 def test_local_write_is_atomic_for_concurrent_readers(tmp_path):
