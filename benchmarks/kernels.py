@@ -22,7 +22,8 @@ fraction of the tensor's bytes (bf16 Δ for compress, the fp32 result for aggreg
 model is checked bit for bit against the reference on the GPU.
 
 Usage: ``python benchmarks/kernels.py [--params 1e8 1e9] [--reps 5]``. Prints a table and
-writes ``benchmarks/results/kernels.json``. Exits with code 2 when no CUDA device is present.
+writes ``benchmarks/results/kernels.json``. Exits with code 2 when no CUDA device is present
+and with code 1 when a tensor's parity check fails.
 
 ``--dry-run`` runs every step of the script on the CPU under Triton's interpreter, on a few
 small tensors (wall-clock timings, no memory figures, targets not judged), so the script is
@@ -77,12 +78,12 @@ def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def device_time(fn: Callable[[], object], reps: int) -> float:
+def device_time(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     """Median seconds of ``fn`` over ``reps`` runs after one warm-up (CUDA events on a GPU)."""
     fn()
     times = []
     for _ in range(reps):
-        if not torch.cuda.is_available():
+        if device.type != "cuda":
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -100,7 +101,7 @@ def copy_bandwidth(device: torch.device, reps: int, numel: int = 1 << 29) -> flo
     """Bytes per second of a device-to-device copy, read + write counted."""
     src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = device_time(lambda: dst.copy_(src), reps)
+    seconds = device_time(lambda: dst.copy_(src), reps, device)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -138,7 +139,7 @@ def run_compress(shapes, device, reps, delta_dtype=torch.bfloat16) -> dict:
         return lambda: [fn(deltas[n], errors[n], layouts[n], config) for n in shapes]
 
     out = {
-        name: {"seconds": device_time(each(fn), reps)}
+        name: {"seconds": device_time(each(fn), reps, device)}
         for name, fn in (
             ("triton", triton_codec.compress),
             ("torch_reference", reference.compress),
@@ -154,6 +155,7 @@ def run_compress(shapes, device, reps, delta_dtype=torch.bfloat16) -> dict:
         shapes,
         lambda n, ct: ct.nbytes,
         lambda n: deltas[n].numel() * deltas[n].element_size(),
+        device,
     )
     return {"numel": numel, "minimal_bytes": minimal, "paths": out, "triton_peak_extra": extra}
 
@@ -194,7 +196,7 @@ def run_aggregate(shapes, device, reps) -> dict:
         ]
 
     out = {
-        name: {"seconds": device_time(each(fn), reps)}
+        name: {"seconds": device_time(each(fn), reps, device)}
         for name, fn in (
             ("triton", triton_codec.aggregate_sparse),
             ("torch_reference", reference.aggregate_sparse),
@@ -207,6 +209,7 @@ def run_aggregate(shapes, device, reps) -> dict:
         shapes,
         lambda n, t: t.numel() * 4,
         lambda n: layouts[n].numel * 4,
+        device,
     )
     return {
         "numel": numel,
@@ -217,9 +220,9 @@ def run_aggregate(shapes, device, reps) -> dict:
     }
 
 
-def peak_extra(call, shapes, output_bytes, tensor_bytes) -> dict:
+def peak_extra(call, shapes, output_bytes, tensor_bytes, device: torch.device) -> dict:
     """Largest (peak − before − outputs) / tensor bytes over the tensors, with its name."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return {"fraction": None, "bytes": None, "tensor": None}  # no allocator stats on CPU
     worst = {"fraction": 0.0, "bytes": 0, "tensor": None}
     for n in shapes:
@@ -266,7 +269,8 @@ def verify_exact(shapes, device) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: "--dry-run" is looked for in sys.argv before argparse runs
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--params", type=float, nargs="+", default=[1e8, 1e9])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(

@@ -400,7 +400,8 @@ def run_scenario(sc: FaultScenario, out: Path) -> dict[str, Any]:
 
     # each role works through its own kills in order, independently of the others: a slow
     # role's pending kill must not hold back the kills aimed at roles that run ahead
-    pending = {role: [k for k in kill_plan(sc, roles) if k["role"] == role] for role in roles}
+    plan = kill_plan(sc, roles)
+    pending = {role: [k for k in plan if k["role"] == role] for role in roles}
     fire_at: dict[str, float | None] = dict.fromkeys(roles)
     started = time.monotonic()
     procs = {role: launch(role) for role in roles}
@@ -413,6 +414,7 @@ def run_scenario(sc: FaultScenario, out: Path) -> dict[str, Any]:
                 if p.poll() not in (None, 0):
                     crashes += 1  # died on its own: restart it, as a process manager would
                     procs[role] = launch(role)
+                    fire_at[role] = None  # a kill timed for the dead process is re-aimed
             if all(p.poll() == 0 for p in procs.values()):
                 break
             if time.monotonic() - started > ROLE_TIMEOUT_S:
