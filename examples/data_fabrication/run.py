@@ -2,8 +2,9 @@
 
 ``python -m examples.data_fabrication [--out DIR] [--seed S] [--count N]`` from the
 repository root. Accepted pairs (valid, correct, original) are written to the bucket as
-``DIR/bucket/data-fabrication-accepted/<epoch>/<hotkey>.jsonl``; a later epoch (another seed)
-in the same bucket checks its submissions against them too.
+``DIR/bucket/data-fabrication-accepted/<epoch>/<hotkey>.jsonl``, and ``epochs.json`` there
+records the order in which epochs first ran; a later epoch (another seed) in the same bucket
+checks its submissions against the accepted data of the epochs before it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from examples.data_fabrication.miners import submit_demo
 from examples.data_fabrication.tasks import Pair, is_correct, parse_line
 from examples.data_fabrication.validator import MinerResult, evaluate_epoch
 from gauntlet import InMemorySubnet
-from netcomm import LocalStorage, Storage
+from netcomm import LocalStorage, ObjectNotFoundError, Storage
 
 VALIDATOR = "validator"
 CHALLENGE = "data-fabrication"
 ACCEPTED = f"{CHALLENGE}-accepted"
+EPOCHS = f"{ACCEPTED}/epochs.json"
 
 
 def epoch_segment(seed: str) -> str:
@@ -38,15 +40,30 @@ def epoch_segment(seed: str) -> str:
     return "seed-" + hashlib.blake2b(seed.encode(), digest_size=8).hexdigest()
 
 
-def load_accepted(storage: Storage, seed: str) -> dict[str, list[Pair]]:
-    """Accepted data of every other epoch in the bucket, as ``hotkey@epoch`` → pairs.
+def epoch_order(storage: Storage) -> list[str]:
+    """Epoch key segments in the order the epochs first ran in this bucket."""
+    try:
+        order = json.loads(storage.get(EPOCHS))
+    except ObjectNotFoundError:
+        return []
+    if not isinstance(order, list) or not all(isinstance(e, str) for e in order):
+        raise ValueError(f"{EPOCHS} must be a JSON list of epoch names")
+    return order
 
-    The epoch of ``seed`` itself is left out, so running an epoch again gives the same result.
+
+def load_accepted(storage: Storage, seed: str) -> dict[str, list[Pair]]:
+    """Accepted data of the epochs that ran before ``seed``'s, as ``hotkey@epoch`` → pairs.
+
+    Seeds have no order of their own, so :func:`epoch_order` gives it. An epoch never sees its
+    own or a later epoch's data: running it again gives the same result.
     """
+    order = epoch_order(storage)
+    me = epoch_segment(seed)
+    before = set(order[: order.index(me)] if me in order else order)
     out: dict[str, list[Pair]] = {}
-    for info in storage.list(ACCEPTED + "/"):
+    for info in sorted(storage.list(ACCEPTED + "/"), key=lambda i: i.key):
         parts = info.key.split("/")
-        if len(parts) != 3 or parts[1] == epoch_segment(seed) or not parts[2].endswith(".jsonl"):
+        if len(parts) != 3 or parts[1] not in before or not parts[2].endswith(".jsonl"):
             continue
         lines = storage.get(info.key).decode("utf-8", "replace").splitlines()
         pairs = [p for p in map(parse_line, lines) if p is not None]
@@ -85,6 +102,9 @@ def run_epoch(
                 f"{ACCEPTED}/{epoch_segment(cfg.seed)}/{res.hotkey}.jsonl",
                 "".join(json.dumps(p.__dict__) + "\n" for p in accepted).encode(),
             )
+    order = epoch_order(storage)
+    if epoch_segment(cfg.seed) not in order:
+        storage.put(EPOCHS, json.dumps([*order, epoch_segment(cfg.seed)]).encode())
     settlement = settle(subnet, VALIDATOR, {r.hotkey: r.score for r in results})
     ranked = sorted(results, key=lambda r: (-r.score, r.block, r.hotkey))
     return EpochResult(ranked, settlement)

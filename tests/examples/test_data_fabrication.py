@@ -11,7 +11,14 @@ from examples.common.submissions import Submission
 from examples.data_fabrication.config import FabricationConfig, SandboxLimits
 from examples.data_fabrication.miners import GENERATORS
 from examples.data_fabrication.plagiarism import code_tokens
-from examples.data_fabrication.run import epoch_segment, load_accepted, results_table, run_epoch
+from examples.data_fabrication.run import (
+    ACCEPTED,
+    EPOCHS,
+    epoch_segment,
+    load_accepted,
+    results_table,
+    run_epoch,
+)
 from examples.data_fabrication.sandbox import run_generator
 from examples.data_fabrication.tasks import Pair, is_correct, parse_line
 from examples.data_fabrication.validator import evaluate_epoch
@@ -112,6 +119,21 @@ def test_a_later_epoch_checks_against_earlier_accepted_data(epoch, workdir):
     assert (again.plagiarism.verdict, again.plagiarism.pass1_kind) == ("original", "template")
     assert again.plagiarism.pass2 is not None and again.plagiarism.pass2 < 0.30
     assert again.score == 1.0
+
+
+def test_accepted_data_comes_only_from_epochs_that_ran_before(tmp_path):
+    storage = LocalStorage(tmp_path, fsync=False)
+    line = json.dumps({"task": "t", "prompt": "p", "response": "r"}) + "\n"
+    for epoch in ("first", "second", "third"):
+        storage.put(f"{ACCEPTED}/{epoch}/alice.jsonl", line.encode())
+    storage.put(EPOCHS, json.dumps(["first", "second", "third"]).encode())
+    assert load_accepted(storage, "first") == {}
+    assert sorted(load_accepted(storage, "second")) == ["alice@first"]
+    assert sorted(load_accepted(storage, "third")) == ["alice@first", "alice@second"]
+    assert sorted(load_accepted(storage, "new")) == ["alice@first", "alice@second", "alice@third"]
+    storage.put(EPOCHS, b'{"not": "a list"}')
+    with pytest.raises(ValueError, match="JSON list of epoch names"):
+        load_accepted(storage, "new")
 
 
 def test_epoch_key_segment():
