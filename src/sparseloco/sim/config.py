@@ -35,7 +35,8 @@ class SimConfig:
         preset: SparseLoCo preset (``covenant-72b`` …); ``outer_lr`` overrides its α.
         adversaries: adversary kinds to add, one peer each (see :data:`ADVERSARY_KINDS`).
         aggregate: ``"top"``: peers aggregate only the updates the validator accepted after
-            scoring the window (evaluated, positive gain); ``"all"``: every valid update.
+            scoring the window (evaluated, and a positive gain or a positive standing score);
+            ``"all"``: every valid update.
         storage: a folder, or ``s3://bucket/prefix`` (with ``s3_endpoint`` and credentials
             from the environment); empty = ``<out>/storage``.
         data: text files or token shards; ``None`` = the Python standard library's sources.

@@ -200,7 +200,8 @@ class Swarm:
         """Peers whose updates are aggregated in ``window``: the same answer for everyone.
 
         ``aggregate="all"``: every peer (invalid updates drop out in gather). ``"top"``: the
-        set the validator accepted after scoring this window (evaluated, positive gain).
+        set the validator accepted after scoring this window (evaluated, and a positive gain or
+        a positive standing score).
         """
         if self.cfg.aggregate == "all":
             return self.cfg.peer_ids
