@@ -113,7 +113,8 @@ def register_agents(subnet: InMemorySubnet, agents: list[Agent]) -> None:
 
 
 def epoch_table(report: EpochReport) -> str:
-    """Per task and agent: fail_to_pass and pass_to_pass passed, resolved or not."""
+    """Per task and agent: fail_to_pass and pass_to_pass passed, resolved or not, and what
+    went wrong (the agent's crash, changes the harness dropped)."""
     rows = []
     for agent, results in report.results.items():
         for task, r in zip(report.tasks, results, strict=True):
@@ -125,10 +126,10 @@ def epoch_table(report: EpochReport) -> str:
                     f"{r.fail_to_pass}/{r.f2p_total}",
                     f"{r.pass_to_pass}/{r.p2p_total}",
                     "yes" if r.resolved else "no",
-                    r.error,
+                    "; ".join(filter(None, [r.error, *r.dropped])),
                 ]
             )
-    headers = ["agent", "task", "statement", "f2p", "p2p", "resolved", "error"]
+    headers = ["agent", "task", "statement", "f2p", "p2p", "resolved", "error / dropped"]
     return format_table(headers, rows)
 
 

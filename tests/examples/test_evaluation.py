@@ -138,6 +138,52 @@ def test_agents_cannot_pass_by_rewriting_tests_and_crashes_are_failures(pool):
     assert result.error == "RuntimeError: gave up"
 
 
+FORCE_PASS = """import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    outcome.get_result().outcome = "passed"
+"""
+
+
+class GamingAgent:
+    """Fakes a pass through test infrastructure; optionally also ships the real fix."""
+
+    name = "gamer"
+
+    def __init__(self, fix=None):
+        self.fix = fix
+
+    def solve(self, workdir: Path, task: TaskView) -> None:
+        if self.fix is not None:
+            self.fix.solve(workdir, task)
+        (workdir / "conftest.py").write_text(FORCE_PASS)
+        (workdir / "tests" / "conftest.py").write_text(FORCE_PASS)
+        (workdir / "pytest.ini").write_text("[pytest]\naddopts = -p no:junitxml\n")
+        (workdir / "hook.pth").write_text("import os\n")
+        (workdir / "helper.py").write_text("import importlib\nimportlib.import_module('_pytest')\n")
+        (workdir / "link.py").symlink_to("/etc/hostname")
+
+
+def test_faked_passes_are_dropped_and_a_real_fix_still_counts(pool):
+    task = pool.tasks[0]
+    faked = evaluate(GamingAgent(), task, pool.repo, CFG)
+    assert (faked.fail_to_pass, faked.resolved) == (0, False)
+    assert faked.pass_to_pass == faked.p2p_total > 0  # the base code still passes its own tests
+    assert list(faked.dropped) == [
+        "conftest.py (test infrastructure)",
+        "helper.py (reaches into the test machinery)",
+        "hook.pth (test infrastructure)",
+        "link.py (link)",
+        "pytest.ini (test infrastructure)",
+        "tests/conftest.py (test file)",
+    ]
+    honest = evaluate(GamingAgent(ReferenceAgent(pool.reference_patch)), task, pool.repo, CFG)
+    assert honest.resolved and len(honest.dropped) == 6
+
+
 def test_new_commits_renew_the_pool(pool, tmp_path):
     repo = tmp_path / "clone"  # a clone has the same commit ids; the shared fixture stays as is
     subprocess.run(["git", "clone", "-q", str(pool.repo), str(repo)], check=True)
