@@ -34,8 +34,9 @@ class RunResult:
 
 # Every peer and the validator are threads of one process. At Python's default 5 ms switch
 # interval a thread running many small torch ops waits up to 5 ms for the GIL after each one
-# while the others train (convoying): in a 6-peer run the validator's decode of a window took
-# 25 s instead of 0.5 s, and the run 46 s instead of 25 s. 0.5 ms keeps hand-offs short.
+# while the others train (convoying): a 6-peer run took 46 s instead of 25 s with the same
+# results, and with a larger evaluation set the validator's decode of a window took 25 s
+# instead of 0.5 s. 0.5 ms keeps the hand-offs short.
 SWITCH_INTERVAL_S = 0.0005
 
 
