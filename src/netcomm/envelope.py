@@ -57,12 +57,13 @@ from sparseloco.codec import CompressedUpdate
 from sparseloco.config import CodecConfig
 from sparseloco.errors import (
     CodecMismatchError,
+    ConfigError,
     NonFiniteError,
     ShapeMismatchError,
     SparseLoCoError,
 )
 from sparseloco.payload import Payload, payload_from_tensors, validate_payload
-from sparseloco.serialization import dump_safetensors, load_safetensors
+from sparseloco.serialization import dump_safetensors, load_safetensors, strict_json_loads
 
 MAGIC = b"NCEN"
 FORMAT_VERSION = 2  # the newest version this module reads and writes
@@ -88,6 +89,20 @@ _HEADER_FIELDS = {
     "body_sha256": str,
     "tensors": int,
 }
+# Exact JSON types of the codec's wire fields (``CodecConfig.wire_fields``).
+_CODEC_FIELDS = {
+    "chunk_size": int,
+    "topk": int,
+    "value_bits": int,
+    "index_coding": str,
+    "error_decay": (int, float),
+}
+_KINDS = ("sparse", "dense")
+_MAX_INT = (1 << 63) - 1  # every integer field is a u64/i64 elsewhere; larger is hostile
+_HEX_DIGITS = frozenset("0123456789abcdef")
+# Output is grown in steps of this size, so memory follows the bytes a frame really yields
+# rather than the length its (signed, but untrusted) header claims.
+_DECOMPRESS_STEP = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,9 @@ class Envelope:
 
     header: dict[str, Any]
     payload: Payload
+    #: SHA-256 of the canonical safetensors bytes: equal payloads, equal digests, whatever
+    #: the compression (what replay detection compares)
+    payload_sha256: str = ""
 
     @property
     def publisher(self) -> str:
@@ -268,16 +286,8 @@ def read_header(blob: bytes | memoryview, limits: EnvelopeLimits) -> tuple[dict[
             f"lengths (header {header_len}, body {body_len}, signature {sig_len}) do not add up "
             f"to the object's {len(view)} bytes (truncated or padded)",
         )
-    try:
-        header = json.loads(bytes(view[PREFIX_SIZE : PREFIX_SIZE + header_len]))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
-        raise EnvelopeError("format", f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
-        raise EnvelopeError("format", "header fields are missing or unexpected")
-    for name, kind in _HEADER_FIELDS.items():
-        value = header[name]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise EnvelopeError("format", f"header field {name!r} has type {type(value).__name__}")
+    header_bytes = bytes(view[PREFIX_SIZE : PREFIX_SIZE + header_len])
+    header = _parse_header(header_bytes)
     if header["format"] != FORMAT_NAME or header["version"] != version:
         raise EnvelopeError(
             "version", f"header names format {header['format']!r} {header['version']}"
@@ -293,6 +303,54 @@ def read_header(blob: bytes | memoryview, limits: EnvelopeLimits) -> tuple[dict[
     return header, header_len
 
 
+def _parse_header(header_bytes: bytes) -> dict[str, Any]:
+    """The header, checked for exact types, ranges and byte-for-byte canonical form.
+
+    One update has exactly one valid header encoding: duplicate keys, a BOM, escapes,
+    spacing, ``2.0`` or ``true`` for an integer or ``"0.95"`` for a number are all rejected
+    here rather than resolved one way by this reader and another way by the next.
+    """
+    try:
+        header = strict_json_loads(header_bytes)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
+        raise EnvelopeError("format", f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != set(_HEADER_FIELDS):
+        raise EnvelopeError("format", "header fields are missing or unexpected")
+    _check_types(header, _HEADER_FIELDS, "header field")
+    if _canonical(header) != header_bytes:
+        raise EnvelopeError("format", "header is not in canonical form")
+    for name in ("window", "raw_len", "body_len", "tensors"):
+        if not 0 <= header[name] <= _MAX_INT:
+            raise EnvelopeError("format", f"header field {name!r} is out of range")
+    for name in ("fingerprint", "body_sha256"):
+        if len(header[name]) != 64 or not set(header[name]) <= _HEX_DIGITS:
+            raise EnvelopeError("format", f"header field {name!r} is not a lowercase SHA-256")
+    if header["kind"] not in _KINDS:
+        raise EnvelopeError("format", f"unknown update kind {header['kind']!r}")
+    if (header["kind"] == "dense") != (header["codec"] is None):
+        raise EnvelopeError("format", "a sparse update needs a codec and a dense one none")
+    if header["codec"] is not None:
+        _check_codec_fields(header["codec"])
+    return header
+
+
+def _check_types(fields: dict[str, Any], schema: Mapping[str, Any], what: str) -> None:
+    for name, kind in schema.items():
+        value = fields[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise EnvelopeError("format", f"{what} {name!r} has type {type(value).__name__}")
+
+
+def _check_codec_fields(fields: dict[str, Any]) -> None:
+    if set(fields) != set(_CODEC_FIELDS):
+        raise EnvelopeError("format", "codec fields are missing or unexpected")
+    _check_types(fields, _CODEC_FIELDS, "codec field")
+    try:
+        CodecConfig(**fields)
+    except ConfigError as exc:
+        raise EnvelopeError("format", f"invalid codec: {exc}") from None
+
+
 def open_envelope(
     blob: bytes | memoryview,
     *,
@@ -303,6 +361,7 @@ def open_envelope(
     fingerprint: str | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     codec: CodecConfig | None = None,
+    kind: Literal["sparse", "dense"] | None = None,
     limits: EnvelopeLimits | None = None,
 ) -> Envelope:
     """Verify ``blob`` completely and return the payload; raise :class:`EnvelopeError` if not.
@@ -312,9 +371,18 @@ def open_envelope(
         public_key: that peer's key from the directory.
         verifiers: signature verifiers by scheme name.
         window / fingerprint / shapes / codec: what the receiver expects; ``None`` skips the
-            corresponding check.
-        limits: size caps (defaults of :class:`EnvelopeLimits`).
+            corresponding check. A window other than ``window`` is rejected as ``replay``.
+        kind: the update kind the channel carries; a ``codec`` implies ``"sparse"``, so a
+            dense update cannot bypass the codec check on a sparse channel.
+        limits: size caps (defaults of :class:`EnvelopeLimits`; a gatherer passes
+            :meth:`EnvelopeLimits.for_model`, as :class:`~netcomm.exchange.StorageExchange` does).
+
+    Memory: besides ``blob``, the reader holds at most the decompressed body, which is
+    never more than the bytes the frame really yields, capped at ``max_decompressed_bytes``
+    (the declared ``raw_len`` only bounds it, it sizes no allocation), plus the tensors made
+    from it (views, or one copy of an uncompressed body).
     """
+    kind = _channel_kind(kind, codec)
     limits = limits or EnvelopeLimits()
     view = memoryview(blob)
     header, header_len = read_header(view, limits)
@@ -331,14 +399,12 @@ def open_envelope(
     if not verifier.verify(public_key, signed, bytes(view[body_end:])):
         raise EnvelopeError("signature", f"signature does not verify for peer {expected_peer!r}")
     if window is not None and header["window"] != window:
-        raise EnvelopeError("window", f"envelope is for window {header['window']}, not {window}")
+        raise EnvelopeError("replay", f"envelope is for window {header['window']}, not {window}")
     if fingerprint is not None and header["fingerprint"] != fingerprint:
         raise EnvelopeError("fingerprint", "envelope was made for a different model")
-    if (
-        codec is not None
-        and header["kind"] == CompressedUpdate.kind
-        and header["codec"] != codec.wire_fields()
-    ):
+    if kind is not None and header["kind"] != kind:
+        raise EnvelopeError("kind", f"a {header['kind']} update on a {kind} channel")
+    if codec is not None and header["codec"] != codec.wire_fields():
         raise EnvelopeError(
             "codec", f"envelope codec {header['codec']} != expected {codec.wire_fields()}"
         )
@@ -358,6 +424,7 @@ def open_envelope(
             max_header_bytes=limits.max_safetensors_header_bytes,
             max_tensors=limits.max_tensors,
             expected_tensors=header["tensors"],
+            canonical=True,
         )
         payload = payload_from_tensors(tensors, meta)
     except SparseLoCoError as exc:
@@ -369,7 +436,16 @@ def open_envelope(
     if isinstance(payload, CompressedUpdate) and payload.codec.wire_fields() != header["codec"]:
         raise EnvelopeError("codec", "body codec differs from the header's")
     _check_contents(payload, shapes, codec)
-    return Envelope(header=header, payload=payload)
+    digest = header["body_sha256"] if raw is body else hashlib.sha256(raw).hexdigest()
+    return Envelope(header=header, payload=payload, payload_sha256=digest)
+
+
+def _channel_kind(kind: str | None, codec: CodecConfig | None) -> str | None:
+    if kind is not None and kind not in _KINDS:
+        raise NetcommConfigError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if codec is not None and kind == "dense":
+        raise NetcommConfigError("a codec is for a sparse channel, not a dense one")
+    return "sparse" if codec is not None else kind
 
 
 def _decompress(body: memoryview, raw_len: int, limits: EnvelopeLimits) -> bytearray:
@@ -384,19 +460,18 @@ def _decompress(body: memoryview, raw_len: int, limits: EnvelopeLimits) -> bytea
         )
     if params.window_size > limits.max_window_bytes:
         raise EnvelopeError("too_large", f"zstd window of {params.window_size} bytes")
-    out = bytearray(raw_len)
-    dest = memoryview(out)
-    pos = 0
+    out = bytearray()
     dctx = zstandard.ZstdDecompressor(max_window_size=limits.max_window_bytes)
     try:
-        # A hard output cap: the reader never writes past raw_len, whatever the frames claim.
+        # A hard output cap: the reader never reads past raw_len, whatever the frames claim,
+        # and grows the output only as bytes arrive (a tiny frame claiming 1 GiB costs little).
         with dctx.stream_reader(body, read_across_frames=True) as reader:
-            while pos < raw_len:
-                n = reader.readinto(dest[pos:])
-                if n == 0:
+            while len(out) < raw_len:
+                chunk = reader.read(min(_DECOMPRESS_STEP, raw_len - len(out)))
+                if not chunk:
                     break
-                pos += n
-            if pos != raw_len or reader.read(1):
+                out += chunk
+            if len(out) != raw_len or reader.read(1):
                 raise EnvelopeError(
                     "decompress", f"body does not decompress to exactly {raw_len} bytes"
                 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ from sparseloco.errors import (
     UpdateError,
 )
 from sparseloco.packing import rice_decode, unpack_codes, unpack_indices
+from sparseloco.serialization import strict_json_loads
 
 FORMAT = "sparseloco.compressed/1"
 
@@ -124,13 +126,16 @@ class CompressedUpdate:
         if meta.get("format") != FORMAT:
             raise CorruptUpdateError(f"unknown payload format {meta.get('format')!r}")
         try:
-            codec = CodecConfig.from_dict(json.loads(meta["codec"]))
-            shapes = json.loads(meta["shapes"])
-            rice = json.loads(meta.get("rice", "{}"))
+            fields = {k: _canonical_meta(meta, k) for k in ("codec", "shapes", "rice")}
+            codec = CodecConfig.from_dict(fields["codec"])
         except (KeyError, TypeError, ValueError, RecursionError) as exc:  # deep nesting too
             raise CorruptUpdateError(f"bad payload metadata: {exc}") from None
+        shapes, rice = fields["shapes"], fields["rice"]
         if not isinstance(shapes, dict) or not isinstance(rice, dict):
             raise CorruptUpdateError("bad payload metadata: shapes/rice must be objects")
+        if set(rice) - set(shapes) or any(p == 0 for p in rice.values()):
+            # the writer lists only the nonzero parameters of its own tensors
+            raise CorruptUpdateError("bad payload metadata: rice parameters are not canonical")
         expected = {f"{n}::{p}" for n in shapes for p in ("idx", "gap", "code", "table")}
         if set(tensors) != expected:
             extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
@@ -141,12 +146,12 @@ class CompressedUpdate:
         for name, shape in shapes.items():
             if not (
                 isinstance(shape, list)
-                and all(isinstance(s, int) and 0 <= s < 2**40 for s in shape)
+                and all(type(s) is int and 0 <= s < 2**40 for s in shape)
                 and len(shape) <= 8
             ):
                 raise CorruptUpdateError("bad shape in payload metadata", tensor=name)
             p = rice.get(name, 0)
-            if not isinstance(p, int) or not 0 <= p <= 16:
+            if type(p) is not int or not 0 <= p <= 16:
                 raise CorruptUpdateError(f"bad rice parameter {p!r}", tensor=name)
             out[name] = CompressedTensor(
                 shape=tuple(shape),
@@ -378,3 +383,12 @@ def iter_sparse(
     """(name, layout, indices, values) for each tensor, in sorted name order."""
     for name in sorted(update.tensors if names is None else names):
         yield (name, *decode_sparse(name, update.tensors[name], update.codec))
+
+
+def _canonical_meta(meta: Mapping[str, str], key: str) -> Any:
+    """Parse one JSON metadata field, which must be exactly as :meth:`to_tensors` writes it
+    (so one payload has one encoding and no lax-parsing ambiguity reaches the decoder)."""
+    value = strict_json_loads(meta[key])
+    if json.dumps(value, sort_keys=True) != meta[key]:
+        raise ValueError(f"{key} metadata is not in canonical form")
+    return value

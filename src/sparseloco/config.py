@@ -29,6 +29,10 @@ _REDUCERS = ("mean_selected", "mean")
 _BACKENDS = ("auto", "torch", "triton")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """How a pseudo-gradient is compressed.
@@ -56,9 +60,19 @@ class CodecConfig:
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chunk_size, int) or not 1 <= self.chunk_size <= 256:
+        # Exact types, since a codec also arrives from other peers' bytes: 2.0 == 2 and
+        # True == 1 would pass the range checks below and fail later as a TypeError.
+        for name in ("chunk_size", "topk", "value_bits"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not isinstance(self.error_decay, int | float) or isinstance(self.error_decay, bool):
+            raise ConfigError(f"error_decay must be a number, got {self.error_decay!r}")
+        for name in ("index_coding", "backend"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not 1 <= self.chunk_size <= 256:
             raise ConfigError(f"chunk_size must be an integer in [1, 256], got {self.chunk_size!r}")
-        if not isinstance(self.topk, int) or self.topk < 1:
+        if self.topk < 1:
             raise ConfigError(f"topk must be a positive integer, got {self.topk!r}")
         if self.topk > self.chunk_size**2:
             raise ConfigError(
@@ -71,7 +85,7 @@ class CodecConfig:
             raise ConfigError(
                 f"index_coding must be one of {_INDEX_CODINGS}, got {self.index_coding!r}"
             )
-        if not 0.0 <= float(self.error_decay) <= 1.0:
+        if not 0.0 <= self.error_decay <= 1.0:
             raise ConfigError(f"error_decay must lie in [0, 1], got {self.error_decay!r}")
         if self.backend not in _BACKENDS:
             raise ConfigError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")

@@ -64,7 +64,11 @@ def unpack_indices(buf: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     out = torch.empty(t.shape[0], 2, dtype=torch.int64, device=buf.device)
     out[:, 0] = t[:, 0] | ((t[:, 1] & 0xF) << 8)
     out[:, 1] = (t[:, 1] >> 4) | (t[:, 2] << 4)
-    return out.reshape(-1)[:count]
+    flat = out.reshape(-1)
+    if count % 2 and int(flat[count]):
+        # one encoding per update: the pad index the writer adds is zero
+        raise CorruptUpdateError("index buffer has a nonzero pad index")
+    return flat[:count]
 
 
 def packed_code_nbytes(count: int, bits: int) -> int:
@@ -99,9 +103,17 @@ def unpack_codes(buf: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         )
     if bits == 8:
         return buf.to(torch.int64)
+    check_code_padding(buf, bits, count)
     shifts = torch.arange(0, 8, bits, device=buf.device, dtype=torch.int64)
     out = (buf.to(torch.int64).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return out.reshape(-1)[:count]
+
+
+def check_code_padding(buf: torch.Tensor, bits: int, count: int) -> None:
+    """The unused high bits of the last code byte must be zero, as the writer leaves them."""
+    used = (count * bits) % 8
+    if used and int(buf[-1]) >> used:
+        raise CorruptUpdateError("code buffer has nonzero pad bits")
 
 
 def _pack_bits(bits: np.ndarray) -> torch.Tensor:
@@ -153,10 +165,15 @@ def rice_decode(unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int
     zeros = zeros[:count]
     if unary.numel() != (int(zeros[-1]) + 8) // 8:
         raise CorruptUpdateError("rice unary stream has trailing bytes")
+    if ubits[int(zeros[-1]) + 1 :].any():
+        raise CorruptUpdateError("rice unary stream has nonzero pad bits")
     q = np.diff(zeros, prepend=-1) - 1
     g = q.astype(np.int64) << p
     if p:
-        rbits = np.unpackbits(remainder.cpu().numpy(), bitorder="little")[: count * p]
+        rbits = np.unpackbits(remainder.cpu().numpy(), bitorder="little")
+        if rbits[count * p :].any():
+            raise CorruptUpdateError("rice remainder stream has nonzero pad bits")
+        rbits = rbits[: count * p]
         weights = 1 << np.arange(p, dtype=np.int64)
         g |= (rbits.reshape(count, p).astype(np.int64) * weights).sum(axis=1)
     return torch.from_numpy(g)

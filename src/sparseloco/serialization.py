@@ -40,6 +40,31 @@ _MAX_DIMS = 8
 _MAX_ELEMENTS = 1 << 48
 
 
+def strict_json_loads(data: bytes | str) -> Any:
+    """Parse JSON from another peer, rejecting what lax parsing would silently resolve.
+
+    Duplicate keys (Python keeps the last, another reader may keep the first) and the
+    non-standard NaN/Infinity constants raise :class:`ValueError`.
+    """
+    return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _header_bytes(entries: Mapping[str, Any]) -> bytes:
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8)  # the format aligns the data section to 8 bytes
+
+
 def dump_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The safetensors bytes of ``tensors`` with a canonical header (equal inputs, equal bytes).
 
@@ -60,8 +85,7 @@ def dump_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
         }
         flat.append(data)
         offset += data.numel()
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format aligns the data section to 8 bytes
+    header = _header_bytes(entries)
     start = _LENGTH.size + len(header)
     out = bytearray(start + offset)
     _LENGTH.pack_into(out, 0, len(header))
@@ -79,6 +103,7 @@ def load_safetensors(
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_tensors: int = MAX_TENSORS,
     expected_tensors: int | None = None,
+    canonical: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Check and read safetensors bytes into (tensors, metadata).
 
@@ -88,6 +113,8 @@ def load_safetensors(
         max_header_bytes: largest JSON header accepted.
         max_tensors: most tensors accepted.
         expected_tensors: the exact tensor count required, when the caller knows it.
+        canonical: require the header to be byte for byte what :func:`dump_safetensors`
+            writes (one encoding per payload, so equal payloads hash equal).
 
     Raises :class:`SafetensorsFormatError` naming the problem (and the tensor, if one).
     """
@@ -97,12 +124,15 @@ def load_safetensors(
     (n,) = _LENGTH.unpack_from(view, 0)
     if n > max_header_bytes or n > len(view) - _LENGTH.size:
         raise SafetensorsFormatError(f"header length {n} is out of bounds")
+    header_bytes = bytes(view[_LENGTH.size : _LENGTH.size + n])
     try:
-        header = json.loads(bytes(view[_LENGTH.size : _LENGTH.size + n]))
+        header = strict_json_loads(header_bytes)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting too
         raise SafetensorsFormatError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError("header is not a JSON object")
+    if canonical:
+        _check_canonical(header, header_bytes)
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
@@ -124,12 +154,34 @@ def load_safetensors(
     return tensors, meta
 
 
+def _check_canonical(header: dict[str, Any], header_bytes: bytes) -> None:
+    """The header must be :func:`dump_safetensors`'s: its key order, spacing, escapes, padding
+    and offsets assigned in name order."""
+    names = [k for k in header if k != "__metadata__"]
+    if list(header) != ["__metadata__", *sorted(names)]:
+        raise SafetensorsFormatError("header keys are not in canonical order")
+    meta = header["__metadata__"]
+    if isinstance(meta, dict) and list(meta) != sorted(meta):
+        raise SafetensorsFormatError("metadata keys are not in canonical order")
+    if _header_bytes(header) != header_bytes:
+        raise SafetensorsFormatError("header is not in canonical form")
+    end = 0
+    for name in names:
+        info = header[name]
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or list(info) != ["dtype", "shape", "data_offsets"]:
+            raise SafetensorsFormatError("header entry is not in canonical form", tensor=name)
+        if not isinstance(offsets, list) or not offsets or offsets[0] != end:
+            raise SafetensorsFormatError("data is not laid out in name order", tensor=name)
+        end = offsets[-1]
+
+
 def _entry(name: str, info: object, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
     """(dtype, shape, start, end) of one header entry, checked against the data length."""
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise SafetensorsFormatError("malformed header entry", tensor=name)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SafetensorsFormatError(f"disallowed dtype {dtype!r}", tensor=name)
     if not (
         isinstance(shape, list)

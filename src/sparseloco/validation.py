@@ -19,7 +19,7 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor, CompressedUpdate, check_table, decode_sparse
 from sparseloco.config import CodecConfig
 from sparseloco.errors import CorruptUpdateError
-from sparseloco.packing import packed_code_nbytes, packed_index_nbytes
+from sparseloco.packing import check_code_padding, packed_code_nbytes, packed_index_nbytes
 
 
 def validate_update(update: CompressedUpdate) -> None:
@@ -47,6 +47,7 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
     _check_bytes(
         ct.codes, packed_code_nbytes(count, codec.value_bits), "code", count, codec.value_bits
     )
+    check_code_padding(ct.codes, codec.value_bits, count)
     if layout.is_dense(codec.topk):
         if ct.indices.numel() or ct.gaps.numel():
             raise CorruptUpdateError("dense tensor must not carry indices")
@@ -66,7 +67,10 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
         if not (np.greater(second, first).all() and np.greater(first[:, 1:], second[:, :-1]).all()):
             raise CorruptUpdateError("indices are not strictly ascending within a chunk")
         return
-    idx = _unpack(raw, codec.index_bits)[:count].reshape(n_chunks, k)
+    unpacked = _unpack(raw, codec.index_bits)
+    if count % 2 and codec.index_bits == 12 and unpacked[count]:
+        raise CorruptUpdateError("index buffer has a nonzero pad index")
+    idx = unpacked[:count].reshape(n_chunks, k)
     _check_range((idx,), layout.chunk_numel, codec.index_bits)
     if k > 1 and not np.greater(idx[:, 1:], idx[:, :-1]).all():
         raise CorruptUpdateError("indices are not strictly ascending within a chunk")
