@@ -9,7 +9,11 @@ Gather semantics (every requested peer gets exactly one status):
 * ``missing``: not in the directory, or no object appeared before the deadline.
 * ``late``: the object's storage timestamp is after the ``cutoff``; it is not downloaded.
 * ``invalid``: the object was rejected (``reason`` starts with the
-  :class:`~netcomm.errors.EnvelopeError` reason code), or it is larger than the cap.
+  :class:`~netcomm.errors.EnvelopeError` reason code), or it is larger than the cap. A
+  ``replay`` is an envelope signed for another window, or one whose payload (SHA-256 of its
+  canonical safetensors bytes) was already accepted in an earlier window from any peer. Any
+  other exception while reading one peer's bytes is a reader bug; it is logged and that peer
+  is ``invalid`` with reason ``internal``, so no object can make ``gather`` raise.
 * ``timeout``: the object exists but its download did not finish (or kept failing with
   transient errors) before the deadline.
 
@@ -18,10 +22,18 @@ Missing objects are polled every ``poll_interval_s``. A transfer that fails tran
 corruption looks the same as a bad publisher) is retried with backoff up to ``attempts`` times.
 An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat gather of the
 same window reuses the result as long as the object's etag is unchanged.
+
+Memory: at most ``max_concurrency`` objects are read at once, each of at most
+``limits.max_object_bytes`` (checked against the storage's size before downloading) and
+decompressed to at most ``limits.max_decompressed_bytes`` (grown as bytes arrive, never sized
+by a declared length), so the transient peak of one gather is about ``max_concurrency ×
+(max_object_bytes + max_decompressed_bytes)`` on top of the accepted payloads it returns.
+The caps are the configured ones tightened to :meth:`EnvelopeLimits.for_model`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -47,6 +59,8 @@ from netcomm.storage import ObjectInfo, Storage
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult, PeerStatus
 from sparseloco.payload import Payload
+
+log = logging.getLogger(__name__)
 
 # Failures a re-download can cure when they happened in transit: everything found before
 # the signature and the body checksum have vouched for the bytes (a flipped bit can land in
@@ -76,8 +90,12 @@ class ExchangeConfig:
         compression_threads: zstd worker threads when publishing (0 = calling thread).
         limits: size caps for received envelopes.
         codec: the codec received sparse updates must use (``None``: any, checked later by
-            the optimizer).
+            the optimizer); setting it makes the channel sparse.
+        kind: the one update kind the channel carries (``"sparse"``, ``"dense"``, or
+            ``None``: either, unless ``codec`` is set); the other kind is ``invalid``.
         keep_windows: windows whose verified results are kept for repeat gathers.
+        replay_memory: payload digests remembered for replay detection (oldest dropped
+            first); a few windows' worth of peers is enough.
     """
 
     deadline_s: float = 60.0
@@ -94,6 +112,8 @@ class ExchangeConfig:
     limits: EnvelopeLimits = field(default_factory=EnvelopeLimits)
     codec: CodecConfig | None = None
     keep_windows: int = 2
+    kind: Literal["sparse", "dense"] | None = None
+    replay_memory: int = 4096
 
     def __post_init__(self) -> None:
         positive = ("deadline_s", "poll_interval_s", "backoff_s", "backoff_max_s")
@@ -101,7 +121,7 @@ class ExchangeConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise NetcommConfigError(f"ExchangeConfig.{name} must be a finite number > 0")
-        for name in ("max_concurrency", "attempts", "keep_windows"):
+        for name in ("max_concurrency", "attempts", "keep_windows", "replay_memory"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NetcommConfigError(f"ExchangeConfig.{name} must be an integer >= 1")
         if not isinstance(self.min_peers, int) or self.min_peers < 0:
@@ -114,6 +134,10 @@ class ExchangeConfig:
             raise NetcommConfigError("ExchangeConfig.compression_level must lie in [1, 22]")
         if not isinstance(self.limits, EnvelopeLimits):
             raise NetcommConfigError("ExchangeConfig.limits must be an EnvelopeLimits")
+        if self.kind not in (None, "sparse", "dense"):
+            raise NetcommConfigError("ExchangeConfig.kind must be 'sparse', 'dense' or None")
+        if self.kind == "dense" and self.codec is not None:
+            raise NetcommConfigError("ExchangeConfig.codec makes a sparse channel, not dense")
 
 
 @dataclass
@@ -174,6 +198,8 @@ class StorageExchange:
         self._shapes = spec.shapes
         self._fingerprint = spec.fingerprint
         self._cache: dict[int, dict[str, tuple[str, PeerStatus, Payload | None]]] = {}
+        # payload digest -> the window it was first accepted in (insertion-ordered, bounded)
+        self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._rng = random.Random()
 
@@ -296,7 +322,7 @@ class StorageExchange:
                     if st.info is None:
                         self._on_probe(st, future, cutoff, cached.get(st.peer))
                     else:
-                        self._on_fetch(st, future, end)
+                        self._on_fetch(st, future, window, end)
 
     def _on_probe(
         self,
@@ -337,7 +363,16 @@ class StorageExchange:
             return
         st.info = info
 
-    def _on_fetch(self, st: _PeerState, future: Future, end: float) -> None:
+    def _first_window(self, envelope: Envelope, window: int) -> int | None:
+        """The earlier window this payload was accepted in, else None (and remember it)."""
+        digest = envelope.payload_sha256
+        with self._lock:
+            first = self._seen.setdefault(digest, window)
+            while len(self._seen) > self.config.replay_memory:
+                del self._seen[next(iter(self._seen))]
+        return first if first < window else None
+
+    def _on_fetch(self, st: _PeerState, future: Future, window: int, end: float) -> None:
         now = time.monotonic()
         latency = now - (st.started or now)
         st.tries += 1
@@ -353,10 +388,22 @@ class StorageExchange:
         except StorageError as exc:
             st.status = PeerStatus(st.peer, "invalid", f"storage: {exc}", st.nbytes, latency)
             return
+        except Exception as exc:  # a bug reached by one peer's object must not end the gather
+            log.exception("reading %s's object failed unexpectedly", st.peer)
+            st.status = PeerStatus(st.peer, "invalid", _internal(exc), st.nbytes, latency)
+            return
         st.nbytes += nbytes
         if isinstance(outcome, Envelope):
+            replayed = self._first_window(outcome, window)
+            if replayed is not None:
+                reason = f"replay: payload already accepted in window {replayed}"
+                st.status = PeerStatus(st.peer, "invalid", reason, st.nbytes, latency)
+                return
             st.payload = outcome.payload
             st.status = PeerStatus(st.peer, "ok", "", st.nbytes, latency)
+            return
+        if not isinstance(outcome, EnvelopeError | TransientStorageError):
+            st.status = PeerStatus(st.peer, "invalid", _internal(outcome), st.nbytes, latency)
             return
         is_envelope = isinstance(outcome, EnvelopeError)
         if is_envelope and outcome.reason not in _RETRYABLE_REASONS:
@@ -376,8 +423,12 @@ class StorageExchange:
 
     def _fetch(
         self, window: int, record: PeerRecord, info: ObjectInfo
-    ) -> tuple[int, Envelope | TransientStorageError | EnvelopeError]:
-        """(bytes received, the verified envelope or why the bytes were rejected)."""
+    ) -> tuple[int, Envelope | Exception]:
+        """(bytes received, the verified envelope or why the bytes were rejected).
+
+        Any exception but the typed ones is a reader bug; it is logged here, with its
+        traceback, and returned so that only this peer is marked ``invalid``.
+        """
         blob = record.storage.get_range(info.key, 0, info.size)
         if len(blob) != info.size:
             return len(blob), TransientStorageError(
@@ -393,9 +444,13 @@ class StorageExchange:
                 fingerprint=self._fingerprint,
                 shapes=self._shapes,
                 codec=self.config.codec,
+                kind=self.config.kind,
                 limits=self.limits,
             )
         except EnvelopeError as exc:
+            return len(blob), exc
+        except Exception as exc:
+            log.exception("opening %s's envelope raised an untyped error", record.peer_id)
             return len(blob), exc
 
     @staticmethod
@@ -427,3 +482,7 @@ class StorageExchange:
     def _backoff(self, attempt: int) -> float:
         cfg = self.config
         return min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal: {type(exc).__name__}: {exc}"

@@ -189,7 +189,7 @@ def test_invalid_statuses_name_the_reason(tmp_path, model, spec, kit):
     reasons = {p: (s.status, s.reason.split(":")[0]) for p, s in result.statuses.items()}
     assert reasons == {
         "forger": ("invalid", "signature"),
-        "wrongwin": ("invalid", "window"),
+        "wrongwin": ("invalid", "replay"),
         "badmodel": ("invalid", "fingerprint"),
         "badshape": ("invalid", "shape"),
         "garbage": ("invalid", "format"),

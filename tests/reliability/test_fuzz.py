@@ -68,7 +68,7 @@ def test_seeded_run_covers_every_mutator_within_bounds(fuzzlib, fuzz_target, mon
     assert set(stats.by_mutator) == set(fuzzlib.MUTATORS)
     assert min(stats.by_mutator.values()) == 60
     # the mix reaches deep checks, not just the signature
-    for reason in ("signature", "window", "fingerprint", "decompress", "tensors", "corrupt"):
+    for reason in ("signature", "replay", "fingerprint", "decompress", "tensors", "corrupt"):
         assert stats.rejected[reason] > 0, reason
     assert 0 < stats.accepted < stats.cases
     assert len(cpu_per_case) == stats.cases and max(cpu_per_case) < 2.0

@@ -104,7 +104,7 @@ def test_forged_copied_and_replayed_updates_are_rejected(tmp_path):
     result = ex["bob"].gather(4)
     reasons = {p: (s.status, s.reason.split(":")[0]) for p, s in result.statuses.items()}
     assert reasons == {
-        "alice": ("invalid", "window"),
+        "alice": ("invalid", "replay"),
         "mallory": ("invalid", "peer"),
         "carol": ("invalid", "signature"),
     }
