@@ -66,6 +66,7 @@ from gauntlet.signals import (
     sync_score,
     update_bma,
 )
+from gauntlet.sqlite_chain import SqliteChain, SqliteSubnet
 from gauntlet.weights import (
     U16_MAX,
     ChainWeights,
@@ -106,6 +107,8 @@ __all__ = [
     "Scorer",
     "SetWeightsResult",
     "SignalConfig",
+    "SqliteChain",
+    "SqliteSubnet",
     "SyncResult",
     "WeightLimits",
     "WeightsConfig",

@@ -147,47 +147,107 @@ class InMemorySubnet:
 
     def weight_matrix(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(validator hotkeys, stakes, row-normalized weights validators × uids)."""
-        validators = [h for h in self.hotkeys if h in self.weights]
-        mat = np.zeros((len(validators), len(self.hotkeys)), dtype=np.float64)
-        for row, hk in enumerate(validators):
-            for uid, value in self.weights[hk][1].items():
-                mat[row, uid] = value
-            total = mat[row].sum()
-            if total > 0:
-                mat[row] /= total
-        return validators, np.array([self.stakes[h] for h in validators]), mat
+        rows = {hk: self.weights[hk][1] for hk in self.hotkeys if hk in self.weights}
+        return weight_matrix_of(rows, self.stakes, len(self.hotkeys))
 
     def _set_weights(
         self, hotkey: str, uids: Sequence[int], values: Sequence[int], version_key: int
     ) -> SetWeightsResult:
-        lim = self.limits
-        if hotkey not in self.hotkeys:
-            return SetWeightsResult(False, f"hotkey {hotkey} is not registered")
-        if self.stakes[hotkey] <= 0:
-            return SetWeightsResult(False, "no validator permit (zero stake)")
-        if version_key < lim.version_key:
-            return SetWeightsResult(False, f"version_key {version_key} < {lim.version_key}")
         last = self.weights.get(hotkey)
-        if last is not None and self.block - last[0] < lim.rate_limit:
-            return SetWeightsResult(False, f"rate limit: {lim.rate_limit} blocks between sets")
-        if len(uids) != len(values):
-            return SetWeightsResult(False, "uids and values differ in length")
-        if len(set(uids)) != len(uids) or any(not 0 <= u < len(self.hotkeys) for u in uids):
-            return SetWeightsResult(False, "uids must be unique registered uids")
-        if any(not 0 <= int(v) <= U16_MAX for v in values):
-            return SetWeightsResult(False, "values must be u16")
-        nonzero = {int(u): int(v) for u, v in zip(uids, values, strict=True) if v}
-        if len(nonzero) < min(lim.min_allowed_weights, len(self.hotkeys)):
-            return SetWeightsResult(
-                False, f"{len(nonzero)} weights < min_allowed_weights {lim.min_allowed_weights}"
-            )
-        total = sum(nonzero.values())
-        if len(nonzero) > 1 and total:
-            top = max(v * U16_MAX // total for v in nonzero.values())
-            if top > int(lim.max_weight_limit * U16_MAX):
-                return SetWeightsResult(False, "max_weight_limit exceeded")
-        self.weights[hotkey] = (self.block, nonzero)
-        return SetWeightsResult(True, "ok")
+        result, nonzero = check_set_weights(
+            self.limits,
+            stake=self.stakes.get(hotkey) if hotkey in self.hotkeys else None,
+            hotkey=hotkey,
+            n_uids=len(self.hotkeys),
+            block=self.block,
+            last_set=None if last is None else last[0],
+            uids=uids,
+            values=values,
+            version_key=version_key,
+        )
+        if result.success:
+            self.weights[hotkey] = (self.block, nonzero)
+        return result
+
+
+def check_set_weights(
+    limits: WeightLimits,
+    *,
+    hotkey: str,
+    stake: float | None,
+    n_uids: int,
+    block: int,
+    last_set: int | None,
+    uids: Sequence[int],
+    values: Sequence[int],
+    version_key: int,
+) -> tuple[SetWeightsResult, dict[int, int]]:
+    """Apply the chain's ``set_weights`` rules; every chain backend shares them.
+
+    Args:
+        stake: the hotkey's stake, or ``None`` when it is not registered.
+        n_uids: registered uids (they are ``0 .. n_uids - 1``).
+        last_set: the block of the hotkey's previous accepted ``set_weights``, if any.
+
+    Returns:
+        The verdict and, when accepted, the non-zero ``{uid: value}`` to store.
+    """
+
+    def reject(message: str) -> tuple[SetWeightsResult, dict[int, int]]:
+        return SetWeightsResult(False, message), {}
+
+    if stake is None:
+        return reject(f"hotkey {hotkey} is not registered")
+    if stake <= 0:
+        return reject("no validator permit (zero stake)")
+    if version_key < limits.version_key:
+        return reject(f"version_key {version_key} < {limits.version_key}")
+    if last_set is not None and block - last_set < limits.rate_limit:
+        return reject(f"rate limit: {limits.rate_limit} blocks between sets")
+    if len(uids) != len(values):
+        return reject("uids and values differ in length")
+    if len(set(uids)) != len(uids) or any(not 0 <= u < n_uids for u in uids):
+        return reject("uids must be unique registered uids")
+    if any(not 0 <= int(v) <= U16_MAX for v in values):
+        return reject("values must be u16")
+    nonzero = {int(u): int(v) for u, v in zip(uids, values, strict=True) if v}
+    if len(nonzero) < min(limits.min_allowed_weights, n_uids):
+        return reject(f"{len(nonzero)} weights < min_allowed_weights {limits.min_allowed_weights}")
+    total = sum(nonzero.values())
+    if len(nonzero) > 1 and total:
+        top = max(v * U16_MAX // total for v in nonzero.values())
+        if top > int(limits.max_weight_limit * U16_MAX):
+            return reject("max_weight_limit exceeded")
+    return SetWeightsResult(True, "ok"), nonzero
+
+
+def check_commitment(hotkey: str, registered: bool, netuid: int, data: str) -> None:
+    """Raise :class:`ChainError` unless ``hotkey`` may commit ``data`` (every backend)."""
+    if not registered:
+        raise ChainError(f"hotkey {hotkey} is not registered on netuid {netuid}")
+    size = len(data.encode("utf-8"))
+    if size > MAX_COMMITMENT_BYTES:
+        raise ChainError(
+            f"commitment is {size} bytes; the chain takes at most {MAX_COMMITMENT_BYTES}"
+        )
+
+
+def weight_matrix_of(
+    rows: dict[str, dict[int, int]], stakes: dict[str, float], n_uids: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(validator hotkeys, stakes, row-normalized weights) from each validator's ``{uid: u16}``.
+
+    ``rows`` is in uid order of the validators, which is the row order of the matrix.
+    """
+    validators = list(rows)
+    mat = np.zeros((len(validators), n_uids), dtype=np.float64)
+    for row, hk in enumerate(validators):
+        for uid, value in rows[hk].items():
+            mat[row, uid] = value
+        total = mat[row].sum()
+        if total > 0:
+            mat[row] /= total
+    return validators, np.array([stakes[h] for h in validators]), mat
 
 
 class InMemoryChain:
@@ -222,13 +282,7 @@ class InMemoryChain:
         return {hk: data for hk, (_, data) in sorted(self._subnet.commitments.items())}
 
     def commit(self, data: str) -> None:
-        if self._hotkey not in self._subnet.hotkeys:
-            raise ChainError(f"hotkey {self._hotkey} is not registered on netuid {self.netuid}")
-        size = len(data.encode("utf-8"))
-        if size > MAX_COMMITMENT_BYTES:
-            raise ChainError(
-                f"commitment is {size} bytes; the chain takes at most {MAX_COMMITMENT_BYTES}"
-            )
+        check_commitment(self._hotkey, self._hotkey in self._subnet.hotkeys, self.netuid, data)
         self._subnet.commitments[self._hotkey] = (self._subnet.block, data)
 
     def set_weights(

@@ -2,16 +2,20 @@
 
 ``sparseloco simulate`` runs a local multi-peer swarm; ``sparseloco miner`` /
 ``sparseloco validator`` / ``sparseloco demo`` run the deployment roles (:mod:`sparseloco.node`).
+A user's mistake (bad flag value, unreadable file, unwritable ``--out``, missing S3
+credentials) is one ``error: ...`` line on stderr and exit code 2, and leaves no run folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from sparseloco import __version__
 from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError, SparseLoCoError
 from sparseloco.models.gpt import GPTConfig
@@ -54,7 +58,15 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=out,
     )
-    result = run(cfg, progress=not args.quiet, echo=not args.quiet)
+    _check_s3_credentials(cfg.storage)
+    created = _make_run_folder(out)
+    try:
+        result = run(cfg, progress=not args.quiet, echo=not args.quiet)
+    except (SparseLoCoError, OSError):
+        # A run that fails on the user's input leaves nothing half-written behind.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     s = result.summary
     print(
         f"\nheld-out loss {s['heldout_loss_initial']:.3f} -> {s['heldout_loss_final']:.3f} "
@@ -70,7 +82,40 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-NODE_COMMANDS = ("miner", "validator", "demo")
+def _make_run_folder(out: Path) -> bool:
+    """Create ``out`` (or check it is a writable folder); True when this call created it."""
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out} is not a writable folder ({exc.strerror or exc}); "
+            "pick another path or fix its permissions"
+        ) from None
+    return not existed
+
+
+def _check_s3_credentials(storage: str) -> None:
+    """Fail before the run starts when s3:// storage has no credentials to use."""
+    if not storage.startswith("s3://"):
+        return
+    import boto3
+
+    if boto3.Session().get_credentials() is None:
+        raise ConfigError(
+            f"--storage {storage} needs S3 credentials: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment"
+        )
+
+
+NODE_COMMANDS = {
+    "miner": "run a miner from a TOML config (see docs/miner.md)",
+    "validator": "run a validator from a TOML config",
+    "demo": "N miners and a validator as threads on one in-memory chain",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in NODE_COMMANDS:
         from sparseloco.node.cli import main as node_main
 
-        return node_main(argv)
+        return node_main(argv, prog="sparseloco")
     parser = argparse.ArgumentParser(
         prog="sparseloco",
-        description=__doc__,
-        epilog="Deployment roles: sparseloco {miner,validator} --config FILE.toml, "
-        "sparseloco demo (see docs/miner.md).",
+        description="SparseLoCo training: a local swarm simulation and the deployment roles.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run N peers and a validator on this machine")
+    parser.add_argument("--version", action="version", version=f"sparseloco {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    sim_help = "run N peers and a validator on this machine"
+    sim = sub.add_parser("simulate", help=sim_help, description=sim_help.capitalize() + ".")
+    # Listed for --help only: main() hands these to sparseloco.node.cli before parsing.
+    for name, line in NODE_COMMANDS.items():
+        sub.add_parser(name, help=line)
     sim.add_argument("--peers", type=int, default=4, help="honest peers (default %(default)s)")
     sim.add_argument("--windows", type=int, default=12, help="outer rounds (default %(default)s)")
     sim.add_argument(
@@ -140,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         return _simulate(args)
     except SparseLoCoError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"error: cannot use{where}: {exc.strerror or exc}; check --out, --storage and "
+            "--data paths and their permissions",
+            file=sys.stderr,
+        )
         return 2
 
 

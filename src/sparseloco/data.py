@@ -49,6 +49,8 @@ def stdlib_corpus(max_bytes: int = 8_000_000) -> np.ndarray:
 def load_tokens(path: str | Path, max_tokens: int | None = None) -> np.ndarray:
     """Tokens from a text file, a token shard, or a folder of either (sorted order)."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"data path {path} does not exist; pass a text file, shard or folder")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"no files under {path}")
@@ -62,7 +64,9 @@ def load_tokens(path: str | Path, max_tokens: int | None = None) -> np.ndarray:
             if arr.ndim != 1 or arr.dtype.kind not in "ui":
                 raise ConfigError(f"{f}: token shards must be 1-D integer arrays")
         elif f.suffix in TEXT_SUFFIXES or path.is_file():
-            arr = np.frombuffer(f.read_bytes(), dtype=np.uint8)
+            data = f.read_bytes()
+            _check_text(f, data)
+            arr = np.frombuffer(data, dtype=np.uint8)
         else:
             continue
         parts.append(arr.astype(np.int64, copy=False))
@@ -73,6 +77,28 @@ def load_tokens(path: str | Path, max_tokens: int | None = None) -> np.ndarray:
         raise ConfigError(f"no text files or token shards under {path}")
     tokens = np.concatenate(parts)
     return tokens[:max_tokens] if max_tokens is not None else tokens
+
+
+def _check_text(path: Path, data: bytes, sample: int = 65536) -> None:
+    """Refuse a file that is not text: training on a binary's bytes would run but mean nothing.
+
+    Only a sample is checked (the head), so a large corpus costs nothing extra; a UTF-8
+    character cut at the sample's end is not an error.
+    """
+    head = data[:sample]
+    if b"\0" in head:
+        raise ConfigError(
+            f"{path} is neither text nor a token shard (it holds NUL bytes); pass UTF-8 text, "
+            "a .bin shard of uint16 tokens or a .npy array"
+        )
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3 or len(head) == len(data):
+            raise ConfigError(
+                f"{path} is neither text nor a token shard (invalid UTF-8 at byte "
+                f"{exc.start}); pass UTF-8 text, a .bin shard of uint16 tokens or a .npy array"
+            ) from None
 
 
 class TokenDataset:

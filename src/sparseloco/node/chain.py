@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gauntlet import BittensorChain, Chain, InMemorySubnet
+from gauntlet import BittensorChain, Chain, InMemorySubnet, SqliteSubnet
 from sparseloco.node.config import NodeConfig
 
 
@@ -11,7 +11,9 @@ def open_chain(cfg: NodeConfig, subnet: InMemorySubnet | None = None) -> Chain:
 
     ``memory``: a handle on ``subnet`` (a fresh one when ``None``; nodes share an in-memory
     chain only inside one process), with the node's hotkey registered at ``chain.stake``,
-    which stands in for ``btcli subnet register`` and staking. ``bittensor``: the network and
+    which stands in for ``btcli subnet register`` and staking. ``local``: the same on the
+    SQLite chain at ``chain.path``, which every process of the run opens, with one block every
+    ``window.block_time_s`` seconds since the file was created. ``bittensor``: the network and
     wallet of the config (the ``bittensor`` package is imported here, and the hotkey must
     already be registered on the subnet).
     """
@@ -22,6 +24,12 @@ def open_chain(cfg: NodeConfig, subnet: InMemorySubnet | None = None) -> Chain:
             wallet_name=cfg.chain.wallet_name,
             wallet_hotkey=cfg.chain.wallet_hotkey,
         )
+    if cfg.chain.kind == "local":
+        local = SqliteSubnet(
+            cfg.chain.path, netuid=cfg.chain.netuid, block_time_s=cfg.window.block_time_s
+        )
+        local.register(cfg.hotkey, stake=cfg.chain.stake)
+        return local.connect(cfg.hotkey)
     if subnet is None:
         subnet = InMemorySubnet(netuid=cfg.chain.netuid)
     subnet.register(cfg.hotkey, stake=cfg.chain.stake)

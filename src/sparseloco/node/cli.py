@@ -1,20 +1,26 @@
-"""Command line of the node roles: ``python -m sparseloco.node {miner,validator,demo}``.
+"""Command line of the node roles: ``sparseloco {miner,validator,demo}``.
 
 ``miner`` / ``validator`` run one role from a TOML config until interrupted (or for
 ``--windows`` windows). The in-memory chain exists only inside one process, so with
 ``chain.kind = "memory"`` they run the local demo instead (``--local-demo N`` miners, 2 by
-default, and the validator), using the other role's config from ``--peer-config``.
+default, and the validator), using the other role's config from ``--peer-config``. With
+``chain.kind = "local"`` (or ``--chain FILE``) each role runs in its own process on a
+SQLite chain file that all of them open. A user's mistake (bad config, unreadable file,
+chain file of another subnet) is one ``error: ...`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gauntlet import GauntletError
+from sparseloco.errors import SparseLoCoError
 from sparseloco.node.chain import open_chain
 from sparseloco.node.config import NodeConfig, load_config
 from sparseloco.node.demo import run_local_demo
@@ -25,12 +31,24 @@ from sparseloco.node.validator import Validator
 log = logging.getLogger("sparseloco.node")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparseloco.node", description=__doc__)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run a miner, a validator or the local demo."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for role in ("miner", "validator"):
-        p = sub.add_parser(role, help=f"run a {role} from a TOML config")
+        p = sub.add_parser(
+            role, help=f"run a {role} from a TOML config", description=f"Run a {role}."
+        )
         p.add_argument("--config", type=Path, required=True, help=f"the {role}'s TOML file")
+        p.add_argument(
+            "--chain",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="use the local SQLite chain FILE shared by every process of the run "
+            "(sets chain.kind = 'local' and chain.path)",
+        )
         p.add_argument("--windows", type=int, default=None, help="stop after this many windows")
         p.add_argument(
             "--local-demo",
@@ -46,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"the {other}'s config for the local demo (default: {other}.toml beside --config)",
         )
-    p = sub.add_parser("demo", help="N miners and a validator as threads on one in-memory chain")
-    p.add_argument("--miner-config", type=Path, required=True)
-    p.add_argument("--validator-config", type=Path, required=True)
-    p.add_argument("--miners", type=int, default=2)
-    p.add_argument("--windows", type=int, default=6)
+    demo_help = "N miners and a validator as threads on one in-memory chain"
+    p = sub.add_parser("demo", help=demo_help, description=demo_help + ".")
+    p.add_argument("--miner-config", type=Path, required=True, help="the miners' TOML file")
+    p.add_argument("--validator-config", type=Path, required=True, help="the validator's TOML file")
+    p.add_argument("--miners", type=int, default=2, help="miners to run (default %(default)s)")
+    p.add_argument("--windows", type=int, default=6, help="windows to run (default %(default)s)")
     return parser
 
 
@@ -80,9 +99,14 @@ def _run_role(cfg: NodeConfig, windows: int | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+def _with_chain_file(cfg: NodeConfig, path: Path | None) -> NodeConfig:
+    """``cfg`` on the local chain ``path`` when ``--chain`` was given."""
+    if path is None:
+        return cfg
+    return cfg.replace(chain=dataclasses.replace(cfg.chain, kind="local", path=str(path)))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _demo(
             load_config(args.miner_config),
@@ -90,9 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.miners,
             args.windows,
         )
-    cfg = load_config(args.config)
+    cfg = _with_chain_file(load_config(args.config), args.chain)
     if cfg.role != args.command:
-        print(f"{args.config} is a {cfg.role} config, not a {args.command} one", file=sys.stderr)
+        print(
+            f"error: {args.config} is a {cfg.role} config, not a {args.command} one",
+            file=sys.stderr,
+        )
         return 2
     if cfg.chain.kind == "memory" or args.local_demo is not None:
         other = "validator" if cfg.role == "miner" else "miner"
@@ -106,3 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         miner_cfg, validator_cfg = (cfg, peer) if cfg.role == "miner" else (peer, cfg)
         return _demo(miner_cfg, validator_cfg, miners, args.windows or 6)
     return _run_role(cfg, args.windows)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sparseloco.node") -> int:
+    """Run the node command line; returns the exit code (2 for a user's mistake)."""
+    args = _parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return _dispatch(args)
+    except (SparseLoCoError, GauntletError) as exc:
+        # Config, storage and chain errors carry a sentence saying what to fix: one line,
+        # no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for a file the node could not create or read (state_dir, storage root)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"

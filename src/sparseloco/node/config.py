@@ -15,7 +15,7 @@ Sections (see ``docs/miner.md`` and ``examples/configs/``):
 * ``[window]``: how blocks map to windows;
 * ``[storage]``: this node's own bucket (local folder or S3) and the read-only keys it
   publishes;
-* ``[chain]``: in-memory or a Bittensor network;
+* ``[chain]``: in-memory, a local SQLite file shared by processes, or a Bittensor network;
 * ``[exchange]``: deadlines and polling;
 * ``[miner]`` / ``[validator]``: role-specific settings.
 """
@@ -142,7 +142,7 @@ class WindowConfig:
     Args:
         blocks_per_window: blocks in one window (Bittensor makes a block every 12 s).
         start_block: the block where window 0 starts.
-        block_time_s: seconds per block of the in-memory chain's wall clock (ignored on a
+        block_time_s: seconds per block of the in-memory and local chains (ignored on a
             real chain, which makes its own blocks).
         poll_s: how often a waiting node reads the block number.
     """
@@ -207,26 +207,33 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """Which chain: an in-memory one (single process) or a Bittensor network.
+    """Which chain: in-memory (one process), local (one SQLite file) or a Bittensor network.
 
     Args:
-        kind: ``"memory"`` or ``"bittensor"``.
+        kind: ``"memory"``, ``"local"`` or ``"bittensor"``.
         netuid: the subnet.
+        path: local only: the SQLite file every node of the run opens (created when
+            missing); its blocks follow ``window.block_time_s``.
         network: bittensor only: ``finney``, ``test``, ``local`` or a websocket URL.
         wallet_name / wallet_hotkey: bittensor only: the wallet whose hotkey commits and
             sets weights (its ss58 address is this node's id).
-        stake: memory only: the stake this hotkey registers with (validators need > 0).
+        stake: memory and local: the stake this hotkey registers with (validators need > 0).
     """
 
-    kind: Literal["memory", "bittensor"] = "memory"
+    kind: Literal["memory", "local", "bittensor"] = "memory"
     netuid: int = 1
+    path: str = "runs/node/chain.sqlite"
     network: str = "finney"
     wallet_name: str = "default"
     wallet_hotkey: str = "default"
     stake: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("memory", "bittensor"), "chain.kind must be 'memory' or 'bittensor'")
+        _check(
+            self.kind in ("memory", "local", "bittensor"),
+            "chain.kind must be 'memory', 'local' or 'bittensor'",
+        )
+        _check(self.kind != "local" or bool(self.path), "chain.path must name a file")
         _check(self.netuid >= 0, "chain.netuid must be >= 0")
         _check(self.stake >= 0, "chain.stake must be >= 0")
 
@@ -326,11 +333,11 @@ class NodeConfig:
     def __post_init__(self) -> None:
         _check(self.role in ("miner", "validator"), "role must be 'miner' or 'validator'")
         _check(bool(self.state_dir), "state_dir must name a folder")
-        if self.chain.kind == "memory":
+        if self.chain.kind != "bittensor":
             _check(
                 bool(_HOTKEY.match(self.hotkey)),
                 f"hotkey {self.hotkey!r} must be 1-64 letters, digits, '.', '_' or '-' "
-                "(it names this node on the in-memory chain)",
+                "(it names this node on the in-memory or local chain)",
             )
 
     def replace(self, **changes: Any) -> NodeConfig:
@@ -363,6 +370,8 @@ def load_config(path: str | Path) -> NodeConfig:
         raise NodeConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise NodeConfigError(f"{path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NodeConfigError(f"cannot read config file {path}: {exc}") from None
     return config_from_dict(data)
 
 
