@@ -304,7 +304,7 @@ def test_no_object_makes_gather_raise(tmp_path_factory, model, spec, kit, rng):
     if rng.random() < 0.5:
         hostile = _mutate(honest, rng)  # in transit: the signature no longer matches
     else:  # a malicious peer: damaged header and body, signed with its own key
-        _, _, sig_len, header_len, body_len = struct.unpack_from("<4sHHIQ", honest)
+        _, _, _, header_len, body_len = struct.unpack_from("<4sHHIQ", honest)
         signed = _mutate(honest[20 : 20 + header_len + body_len], rng)
         header, body = signed[:header_len], signed[header_len:]
         hostile = sign(signers["b"], header, body, version=struct.unpack_from("<H", honest, 4)[0])
