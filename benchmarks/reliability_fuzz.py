@@ -28,6 +28,7 @@ import random
 import resource
 import signal
 import struct
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,13 +42,21 @@ from netcomm import (
     Ed25519Signer,
     EnvelopeError,
     EnvelopeLimits,
+    ExchangeConfig,
+    LocalStorage,
     ModelSpec,
+    PeerRecord,
+    StaticDirectory,
+    StorageExchange,
     default_verifiers,
     open_envelope,
+    read_header,
     seal_envelope,
+    update_key,
 )
 from netcomm.envelope import PREFIX_SIZE, _canonical, _signed_message
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
+from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.payload import DenseUpdate, Payload, validate_payload
 from sparseloco.serialization import dump_safetensors
@@ -111,6 +120,8 @@ class Target:
     bases: list[tuple[Payload, CodecConfig | None]]
     foreign_spec: ModelSpec
     bombs: list[bytes] = field(default_factory=list)
+    #: the registered peers by id (``PEER`` is ``signer``), for replays through an exchange
+    peers: dict[str, Ed25519Signer] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seed: int = 0) -> Target:
@@ -137,13 +148,15 @@ class Target:
             big.compress(b"\0" * (LIMITS.max_decompressed_bytes + 1)),
             zstandard.ZstdCompressor(level=1, write_content_size=False).compress(b"\0" * (8 << 20)),
         ]
+        signer = Ed25519Signer.from_seed(b"\x11" * 32)
         return cls(
             spec=spec,
-            signer=Ed25519Signer.from_seed(b"\x11" * 32),
+            signer=signer,
             attacker=Ed25519Signer.from_seed(b"\x22" * 32),
             bases=bases,
             foreign_spec=foreign,
             bombs=bombs,
+            peers={PEER: signer, "bob": Ed25519Signer.from_seed(b"\x33" * 32)},
         )
 
     def seal(
@@ -174,6 +187,11 @@ class Case:
     original: bytes | None = None
     #: the defect is caught by the receiver's expectations (window, model), so open strictly
     strict: bool = False
+    #: structured mutations: the class of a defect every reader must reject (see STRUCTURED)
+    must_reject: str | None = None
+    #: the payload a StorageExchange accepted in an earlier window; the case is gathered
+    #: through that exchange (:func:`open_replay`)
+    replay_of: Payload | None = None
 
 
 # -- helpers building signed hostile objects ----------------------------------------------
@@ -480,14 +498,14 @@ def m_safetensors_header(t: Target, rng: random.Random) -> Case:
                     "x",
                 ]
             )
-            md["shapes"] = json.dumps(shapes)
+            md["shapes"] = json.dumps(shapes, sort_keys=True)
         elif key == "rice":
             name = rng.choice(names).split("::")[0]
-            md["rice"] = json.dumps({name: _hostile_value(rng)})
+            md["rice"] = json.dumps({name: _hostile_value(rng)}, sort_keys=True)
         elif key == "codec" and key in md:
             wire = json.loads(md["codec"])
             wire[rng.choice([*wire, "extra"])] = _hostile_value(rng)
-            md["codec"] = json.dumps(wire)
+            md["codec"] = json.dumps(wire, sort_keys=True)
         else:
             md[key] = rng.choice(["", "{", "sparse", "dense", "x" * 1000, "[" * 100_000])
     elif choice == 8:
@@ -497,7 +515,7 @@ def m_safetensors_header(t: Target, rng: random.Random) -> Case:
         hdr = b'{"a":' + b"[" * 100_000 + b"}"
         raw = struct.pack("<Q", len(hdr)) + hdr + data
         return Case(_resign_raw(t, payload, raw, rng), True, codec)
-    hdr = json.dumps(header).encode()
+    hdr = json.dumps(header, separators=(",", ":")).encode()
     hdr += b" " * (-len(hdr) % 8)
     new_raw = struct.pack("<Q", len(hdr)) + hdr + data
     count = sum(1 for k in header if k != "__metadata__")
@@ -584,6 +602,214 @@ def m_payload_fields(t: Target, rng: random.Random) -> Case:
     return Case(_resign_raw(t, bad, raw, rng), True, codec)
 
 
+# -- structured mutators: one defect each, which every reader must reject --------------------
+
+
+def _canonical_parts(t: Target, rng: random.Random) -> tuple[Payload, CodecConfig | None, bytes]:
+    payload, codec = rng.choice(t.bases)
+    return payload, codec, dump_safetensors(*payload.to_tensors())
+
+
+def _split_raw(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = struct.unpack_from("<Q", raw)
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _join_raw(header: dict[str, Any] | bytes, data: bytes) -> bytes:
+    hdr = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":"))
+    hdr = hdr.encode() if isinstance(hdr, str) else hdr
+    hdr += b" " * (-len(hdr) % 8)
+    return struct.pack("<Q", len(hdr)) + hdr + data
+
+
+def _confuse(value: Any, rng: random.Random) -> Any:
+    """A value of another JSON type that lax code would treat as equal or usable."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return rng.choice([float(value), str(value), value == 1 or rng.random() < 0.5, [value]])
+    if isinstance(value, float):
+        return rng.choice([str(value), [value], None])
+    if isinstance(value, str):
+        return rng.choice([[value], {value: value}, None, 0])
+    if isinstance(value, list):
+        return rng.choice([{"0": value}, json.dumps(value), None])
+    return rng.choice([[value], json.dumps(value), 1])
+
+
+def ms_type_confusion(t: Target, rng: random.Random) -> Case:
+    """One field of the envelope header, codec, safetensors entry or body metadata retyped."""
+    payload, codec, raw = _canonical_parts(t, rng)
+    place = rng.randrange(4)
+    header = None
+    if place == 0 or (place == 1 and not isinstance(payload, CompressedUpdate)):
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+        name = rng.choice(sorted(header))
+        header[name] = _confuse(header[name], rng)
+    elif place == 1:
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+        name = rng.choice(sorted(header["codec"]))
+        header["codec"][name] = _confuse(header["codec"][name], rng)
+    elif place == 2:
+        st_header, data = _split_raw(raw)
+        entry = st_header[rng.choice([k for k in st_header if k != "__metadata__"])]
+        name = rng.choice(["dtype", "shape", "data_offsets"])
+        if name != "dtype" and entry[name] and rng.random() < 0.5:
+            entry[name][rng.randrange(len(entry[name]))] = _confuse(entry[name][0], rng)
+        else:
+            entry[name] = _confuse(entry[name], rng)
+        raw = _join_raw(st_header, data)
+    elif isinstance(payload, CompressedUpdate):
+        st_header, data = _split_raw(raw)
+        wire = json.loads(st_header["__metadata__"]["codec"])
+        name = rng.choice(sorted(wire))
+        wire[name] = _confuse(wire[name], rng)
+        st_header["__metadata__"]["codec"] = json.dumps(wire, sort_keys=True)
+        raw = _join_raw(st_header, data)
+    else:
+        st_header, data = _split_raw(raw)
+        st_header["__metadata__"]["kind"] = _confuse("dense", rng)
+        raw = _join_raw(st_header, data)
+    if header is None:
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+    return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="type_confusion")
+
+
+def ms_canonical_break(t: Target, rng: random.Random) -> Case:
+    """The same contents in another encoding: one update, one encoding, or it is rejected."""
+    payload, codec, raw = _canonical_parts(t, rng)
+    choice = rng.randrange(9)
+    if choice >= 5:
+        st_header, data = _split_raw(raw)
+        names = [k for k in st_header if k != "__metadata__"]
+        if choice == 5:  # a duplicate tensor entry (the parser keeps the last)
+            name = rng.choice(names)
+            text = json.dumps(st_header, separators=(",", ":"))
+            dup = json.dumps(st_header[name], separators=(",", ":"))
+            raw = _join_raw(f'{text[:-1]},"{name}":{dup}}}', data)
+        elif choice == 6:  # keys out of order
+            raw = _join_raw(dict(reversed(list(st_header.items()))), data)
+        elif choice == 7:  # spacing
+            raw = _join_raw(json.dumps(st_header), data)
+        else:  # nonzero pad bits, or a non-canonical metadata string
+            raw = _pad_bits_or_meta(payload, st_header, data, rng)
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+        return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="canonical")
+    header = _header_for(payload, raw, raw, t)
+    header.update(version=2, compression="none")
+    hdr = _canonical(header)
+    if choice == 0:
+        hdr = b"\xef\xbb\xbf" + hdr
+    elif choice == 1:
+        hdr = hdr.replace(b'"alice"', b'"\\u0061lice"', 1)
+    elif choice == 2:
+        hdr = hdr.replace(b'"window":7', b'"window":7,"window":7', 1)
+    elif choice == 3:
+        hdr = json.dumps(header, sort_keys=True).encode()  # spaces
+    else:
+        hdr = json.dumps(header, separators=(",", ":")).encode()  # key order
+    return Case(sign_raw(t, hdr, raw, 2), True, codec, must_reject="canonical")
+
+
+def _pad_bits_or_meta(
+    payload: Payload, st_header: dict[str, Any], data: bytes, rng: random.Random
+) -> bytes:
+    meta = st_header["__metadata__"]
+    if isinstance(payload, CompressedUpdate):
+        code_names = [n for n, ct in payload.tensors.items() if _has_pad_bits(ct, payload.codec)]
+        if code_names and rng.random() < 0.7:
+            entry = st_header[f"{rng.choice(code_names)}::code"]
+            out = bytearray(data)
+            out[entry["data_offsets"][1] - 1] |= 0x80  # the highest pad bit
+            return _join_raw(st_header, bytes(out))
+        key = rng.choice(["codec", "shapes", "rice"])
+        meta[key] = json.dumps(json.loads(meta[key]), separators=(",", ":"), sort_keys=False)
+        if meta[key] == json.dumps(json.loads(meta[key]), sort_keys=True):
+            meta[key] = " " + meta[key]
+    else:
+        meta["format"] = " " + meta["format"]
+    return _join_raw(st_header, data)
+
+
+def ms_length_offset(t: Target, rng: random.Random) -> Case:
+    """Lengths, counts and offsets that disagree with each other or with the bytes."""
+    payload, codec, raw = _canonical_parts(t, rng)
+    body = zstandard.ZstdCompressor(level=1).compress(raw)
+    header = _header_for(payload, raw, body, t)
+    choice = rng.randrange(6)
+    if choice == 0:
+        header["raw_len"] += rng.choice([-8, -1, 1, 8, 1 << 20])
+    elif choice == 1:
+        header["tensors"] += rng.choice([-1, 1])
+    elif choice == 2:  # the zstd frame declares another size than the header
+        body = zstandard.ZstdCompressor(level=1).compress(raw + b"\0" * 8)
+        header.update(body_len=len(body), body_sha256=hashlib.sha256(body).hexdigest())
+    else:
+        st_header, data = _split_raw(raw)
+        names = [k for k in st_header if k != "__metadata__"]
+        entry = st_header[rng.choice(names)]
+        lo, hi = entry["data_offsets"]
+        if choice == 3:  # overlap / gap, sizes unchanged
+            shift = rng.choice([-4, -1, 1, 4])
+            entry["data_offsets"] = [lo + shift, hi + shift]
+        elif choice == 4:  # the range disagrees with shape and dtype
+            entry["data_offsets"] = [lo, hi + rng.choice([-1, 1])]
+        else:  # the data section is longer or shorter than the tensors tile
+            data = data + b"\0" * 8 if rng.random() < 0.5 else data[:-1]
+        raw = _join_raw(st_header, data)
+        body = raw
+        header = _header_for(payload, raw, body, t)
+        header.update(version=2, compression="none")
+        return Case(sign_raw(t, header, body, 2), True, codec, must_reject="length_offset")
+    return Case(sign_raw(t, header, body), True, codec, must_reject="length_offset")
+
+
+def ms_overflow_shape(t: Target, rng: random.Random) -> Case:
+    """Shapes and integers whose products or values overflow 64 bits or any real model."""
+    payload, codec, raw = _canonical_parts(t, rng)
+    huge = rng.choice([2**32, 2**40 - 1, 2**62, 2**63, 2**64 + 1])
+    choice = rng.randrange(4)
+    header = None
+    if choice == 0:
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+        header[rng.choice(["window", "tensors", "raw_len"])] = huge
+    else:
+        st_header, data = _split_raw(raw)
+        names = [k for k in st_header if k != "__metadata__"]
+        name = rng.choice(names)
+        if choice == 1 or not isinstance(payload, CompressedUpdate):
+            # a zero dimension keeps the byte count 0 while the product overflows
+            st_header[name]["shape"] = [0, huge, huge]
+        else:
+            shapes = json.loads(st_header["__metadata__"]["shapes"])
+            shapes[rng.choice(sorted(shapes))] = [huge, huge] if choice == 2 else [2**39, 2**39]
+            st_header["__metadata__"]["shapes"] = json.dumps(shapes, sort_keys=True)
+        raw = _join_raw(st_header, data)
+    if header is None:
+        header = _header_for(payload, raw, raw, t)
+        header.update(version=2, compression="none")
+    return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="overflow_shape")
+
+
+def ms_cross_window_replay(t: Target, rng: random.Random) -> Case:
+    """An update accepted in an earlier window, re-signed for this one by its author or by
+    another peer (opened through a gathering exchange, :func:`open_replay`)."""
+    payload, codec = rng.choice(t.bases)
+    publisher = rng.choice([PEER, "bob"])
+    blob = t.seal(payload, publisher=publisher, signer=t.peers[publisher])
+    return Case(blob, True, codec, must_reject="cross_window_replay", replay_of=payload)
+
+
+def _has_pad_bits(ct: CompressedTensor, codec: CodecConfig) -> bool:
+    layout = ChunkLayout.for_shape(ct.shape, codec.chunk_size)
+    return (layout.num_chunks * layout.k(codec.topk) * codec.value_bits) % 8 != 0
+
+
 MUTATORS: dict[str, Callable[[Target, random.Random], Case]] = {
     "bitflip": m_bitflip,
     "truncate": m_truncate,
@@ -602,7 +828,20 @@ MUTATORS: dict[str, Callable[[Target, random.Random], Case]] = {
     "safetensors_header": m_safetensors_header,
     "tensor_bytes": m_tensor_bytes,
     "payload_fields": m_payload_fields,
+    "type_confusion": ms_type_confusion,
+    "canonical_break": ms_canonical_break,
+    "length_offset": ms_length_offset,
+    "overflow_shape": ms_overflow_shape,
+    "cross_window_replay": ms_cross_window_replay,
 }
+#: the classes of structured defects, each counted on its own in :class:`FuzzStats`
+STRUCTURED = (
+    "type_confusion",
+    "canonical",
+    "length_offset",
+    "overflow_shape",
+    "cross_window_replay",
+)
 
 
 # -- running cases -------------------------------------------------------------------------
@@ -629,6 +868,36 @@ def open_case(t: Target, case: Case, strict: bool) -> Payload:
             window=WINDOW, fingerprint=t.spec.fingerprint, shapes=t.spec.shapes, codec=case.codec
         )
     return open_envelope(case.blob, **kwargs).payload
+
+
+def open_replay(t: Target, case: Case, strict: bool) -> Payload:
+    """Gather ``case`` through an exchange that accepted the same payload a window earlier.
+
+    The earlier copy is honest (``PEER``'s, for ``WINDOW - 1``); the case is the same payload
+    signed for ``WINDOW`` by its author or another peer. A rejection is raised as the
+    :class:`EnvelopeError` its status names, an acceptance returns the payload.
+    """
+    with tempfile.TemporaryDirectory() as root:
+        storage = LocalStorage(root)
+        directory = StaticDirectory(
+            PeerRecord(name, storage, signer.public_key) for name, signer in t.peers.items()
+        )
+        config = ExchangeConfig(
+            deadline_s=10.0, poll_interval_s=0.01, attempts=1, limits=LIMITS, codec=case.codec
+        )
+        receiver = StorageExchange("carol", storage, directory, t.attacker, t.spec, config)
+        assert case.replay_of is not None
+        storage.put(update_key("", WINDOW - 1, PEER), t.seal(case.replay_of, window=WINDOW - 1))
+        earlier = receiver.gather(WINDOW - 1, [PEER]).statuses[PEER]
+        if earlier.status != "ok":
+            raise RuntimeError(f"the honest earlier copy was not accepted: {earlier.reason}")
+        publisher = read_header(case.blob, LIMITS)[0]["publisher"]
+        storage.put(update_key("", WINDOW, publisher), case.blob)
+        result = receiver.gather(WINDOW, [publisher])
+    status = result.statuses[publisher]
+    if status.status != "ok":
+        raise EnvelopeError(status.reason.split(":")[0], status.reason)
+    return result.updates[publisher]
 
 
 def check_accepted(t: Target, case: Case, payload: Payload, strict: bool) -> str | None:
@@ -660,6 +929,11 @@ class FuzzStats:
     hangs: int = 0
     forged: int = 0
     unusable: int = 0
+    #: per structured class (:data:`STRUCTURED`): cases, untyped_exceptions, accepted_wrong,
+    #: noncanonical_accepted (a canonical-form break that was accepted)
+    structured: dict[str, Counter[str]] = field(
+        default_factory=lambda: {name: Counter() for name in STRUCTURED}
+    )
     max_case_s: float = 0.0
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
@@ -675,6 +949,18 @@ class FuzzStats:
             "hangs": self.hangs,
             "forged_accepted": self.forged,
             "unusable_accepted": self.unusable,
+            "structured": {
+                name: {
+                    key: counts[key]
+                    for key in (
+                        "cases",
+                        "untyped_exceptions",
+                        "accepted_wrong",
+                        "noncanonical_accepted",
+                    )
+                }
+                for name, counts in self.structured.items()
+            },
             "defects": self.defects[:20],
             "max_case_s": self.max_case_s,
             "seconds": self.seconds,
@@ -696,9 +982,14 @@ def run_one(
 ) -> str:
     """Build and open one case; record and return its outcome."""
     case = MUTATORS[mutator](t, rng)
-    strict = case.strict or rng.random() < 0.75
+    # a structured defect is one a gathering peer, with all its expectations, must reject
+    strict = case.strict or case.must_reject is not None or rng.random() < 0.75
+    if case.replay_of is not None:
+        opener = open_replay
     stats.cases += 1
     stats.by_mutator[mutator] += 1
+    counts = stats.structured[case.must_reject] if case.must_reject else Counter()
+    counts["cases"] += 1
     start = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
@@ -713,9 +1004,14 @@ def run_one(
     except Exception as exc:
         outcome = f"crash:{type(exc).__name__}: {str(exc)[:200]}"
         stats.crashes += 1
+        counts["untyped_exceptions"] += 1
     else:
         problem = check_accepted(t, case, payload, strict)
-        if problem is None:
+        if case.must_reject is not None:
+            wrong = "noncanonical_accepted" if case.must_reject == "canonical" else "accepted_wrong"
+            outcome = f"must_reject:{wrong}:{case.must_reject}"
+            counts[wrong] += 1
+        elif problem is None:
             outcome = "accepted"
             stats.accepted += 1
         elif problem == "forged":

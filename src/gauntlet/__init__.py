@@ -21,7 +21,7 @@ from gauntlet.assignment import (
     eval_assigned_samples,
     random_samples,
 )
-from gauntlet.bittensor_chain import BittensorChain, interpret_response
+from gauntlet.bittensor_chain import BittensorChain
 from gauntlet.chain import (
     MAX_COMMITMENT_BYTES,
     Chain,
@@ -40,7 +40,13 @@ from gauntlet.config import (
     WeightsConfig,
 )
 from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
-from gauntlet.errors import ChainError, GauntletConfigError, GauntletError, WeightsError
+from gauntlet.errors import (
+    ChainError,
+    GauntletConfigError,
+    GauntletError,
+    UnsupportedSDKError,
+    WeightsError,
+)
 from gauntlet.evaluate import (
     Baseline,
     EvalResult,
@@ -110,6 +116,7 @@ __all__ = [
     "SqliteChain",
     "SqliteSubnet",
     "SyncResult",
+    "UnsupportedSDKError",
     "WeightLimits",
     "WeightsConfig",
     "WeightsError",
@@ -126,7 +133,6 @@ __all__ = [
     "effective_bma",
     "eval_assigned_samples",
     "index_overlap",
-    "interpret_response",
     "mean_loss",
     "median_clip_factors",
     "normalize_scores",

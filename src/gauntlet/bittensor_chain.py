@@ -1,74 +1,95 @@
-"""Adapter from the :class:`~gauntlet.chain.Chain` protocol to the ``bittensor`` SDK (v9/v10).
+"""Adapter from the :class:`~gauntlet.chain.Chain` protocol to the ``bittensor`` SDK, 11.x.
 
 ``bittensor`` is an optional extra (``pip install 'sparseloco[bittensor]'``) and is imported
-only by :meth:`BittensorChain.connect`; importing this module needs nothing. The adapter
-only calls SDK methods present in both v9 and v10:
+only when an adapter is built; importing this module needs nothing. SDK 11 is a rewrite
+(``SyncClient`` with typed read namespaces, write "intents"); the 9.x/10.x methods
+(``metagraph()``, ``set_weights()``, ``get_commitment()``, …) are gone from it, and an
+older SDK lacks the 11.x API, so :func:`load_sdk` checks for the names used here and raises
+:class:`~gauntlet.errors.UnsupportedSDKError` with the installed version otherwise.
 
-* ``subtensor.metagraph(netuid)`` → ``.uids``, ``.hotkeys``, ``.S`` (stake),
-  ``.validator_permit``, ``.block``;
-* ``subtensor.get_current_block()``, ``subtensor.get_subnet_hyperparameters(netuid)``;
-* ``subtensor.get_commitment(netuid, uid)``, ``subtensor.get_all_commitments(netuid)``;
-* ``subtensor.set_commitment(wallet, netuid, data)`` (v10; v9's ``commit`` otherwise);
-* ``subtensor.set_weights(wallet=, netuid=, uids=, weights=, version_key=, ...)``.
+What each :class:`Chain` method calls (all on a ``bittensor.SyncClient``/``Subtensor``):
 
-Write calls return ``(ok, message)`` in v9 and a response object with ``.success`` and
-``.message`` in v10; :func:`interpret_response` reads both, and a failure is never ignored.
+* ``metagraph`` → ``subnets.metagraph(netuid, commitments=False)`` (one runtime-API call);
+* ``block`` → ``client.block``;
+* ``weight_limits`` → ``hyperparameters.max_weight_limit / min_allowed_weights /
+  weights_rate_limit`` and the ``SubtensorModule.WeightsVersionKey`` storage item;
+* ``get_commitment`` → ``identity.commitment(netuid, hotkey)`` (one storage read);
+* ``get_all_commitments`` → ``subnets.commitments(netuid)``;
+* ``commit`` → raw call ``calls.Commitments.set_commitment`` signed by the hotkey (no
+  intent wraps it);
+* ``set_weights`` → ``execute(SetWeights(...), wallet)``, which picks plain or
+  timelocked commit-reveal submission from the subnet's settings.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from types import ModuleType
+from typing import Any, NamedTuple
 
 from gauntlet.chain import MAX_COMMITMENT_BYTES, Metagraph, SetWeightsResult, WeightLimits
-from gauntlet.errors import ChainError
+from gauntlet.errors import ChainError, UnsupportedSDKError
 from gauntlet.weights import U16_MAX
 
+SUPPORTED_SDK = "bittensor>=11,<12"
 
-def interpret_response(response: Any) -> SetWeightsResult:
-    """A v10 response (``.success``/``.message``), a v9 ``(ok, msg)`` tuple or a bool."""
-    if hasattr(response, "success"):
-        return SetWeightsResult(bool(response.success), str(getattr(response, "message", "")))
-    if isinstance(response, tuple) and response and isinstance(response[0], bool):
-        return SetWeightsResult(response[0], str(response[1]) if len(response) > 1 else "")
-    if isinstance(response, bool):
-        return SetWeightsResult(response, "")
-    if response is None:
-        # v9's commit returns None on success and raises on failure
-        return SetWeightsResult(True, "")
-    raise ChainError(f"unrecognised SDK response {response!r}")
+# The top-level names this adapter uses; their presence is what "11.x API" means here.
+_REQUIRED_NAMES = ("SyncClient", "Subtensor", "Wallet", "SetWeights", "BittensorError", "calls")
 
 
-def _as_list(values: Any) -> list[Any]:
-    return values.tolist() if hasattr(values, "tolist") else list(values)
+def load_sdk() -> ModuleType:
+    """Import ``bittensor`` and check it has the 11.x API this adapter calls."""
+    try:
+        bt = importlib.import_module("bittensor")
+    except ImportError as exc:
+        raise ChainError(
+            f"bittensor is not installed ({exc}); install it with "
+            "pip install 'sparseloco[bittensor]'"
+        ) from None
+    missing = [name for name in _REQUIRED_NAMES if not hasattr(bt, name)]
+    calls = getattr(bt, "calls", None)
+    if calls is not None and not hasattr(getattr(calls, "Commitments", None), "set_commitment"):
+        missing.append("calls.Commitments.set_commitment")
+    if missing:
+        version = getattr(bt, "__version__", "unknown")
+        raise UnsupportedSDKError(
+            f"bittensor {version} is not supported: it lacks {', '.join(missing)}; "
+            f"the adapter needs the 11.x API ({SUPPORTED_SDK})"
+        )
+    return bt
+
+
+def commitment_info(data: str) -> dict[str, Any]:
+    """The ``CommitmentInfo`` for plaintext ``data``: one ``Raw<n>`` field (n ≤ 128 bytes)."""
+    raw = data.encode("utf-8")
+    if len(raw) > MAX_COMMITMENT_BYTES:
+        raise ChainError(
+            f"commitment is {len(raw)} bytes; the chain takes at most {MAX_COMMITMENT_BYTES}"
+        )
+    # Same shape the SDK's readers decode: info.fields is a list of Data variants.
+    return {"fields": [{f"Raw{len(raw)}": raw}]}
 
 
 class BittensorChain:
-    """The :class:`~gauntlet.chain.Chain` protocol over a ``bittensor`` ``Subtensor``.
+    """The :class:`~gauntlet.chain.Chain` protocol over a ``bittensor`` 11.x client.
 
     Args:
-        subtensor: a ``bittensor.Subtensor`` (or any object with the same methods).
-        wallet: a ``bittensor.Wallet`` whose hotkey signs commitments and weights.
+        client: a ``bittensor.Subtensor`` or ``bittensor.SyncClient`` (blocking mode).
+        wallet: a ``bittensor.Wallet`` (or wallet-shaped object) whose hotkey signs
+            commitments and weights.
         netuid: the subnet.
-        wait_for_inclusion / wait_for_finalization: passed to ``set_weights``.
+        wait_for_finalization: wait for finality on writes (inclusion is always awaited,
+            so a result reports what the chain did).
     """
 
     def __init__(
-        self,
-        subtensor: Any,
-        wallet: Any,
-        netuid: int,
-        *,
-        wait_for_inclusion: bool = True,
-        wait_for_finalization: bool = False,
+        self, client: Any, wallet: Any, netuid: int, *, wait_for_finalization: bool = False
     ) -> None:
-        self._subtensor = subtensor
+        self._bt = load_sdk()
+        self._client = client
         self._wallet = wallet
         self._netuid = int(netuid)
-        self.wait_for_inclusion = wait_for_inclusion
         self.wait_for_finalization = wait_for_finalization
 
     @classmethod
@@ -81,17 +102,10 @@ class BittensorChain:
         wallet_hotkey: str = "default",
         **kwargs: Any,
     ) -> BittensorChain:
-        """Import ``bittensor`` and open a ``Subtensor`` and ``Wallet``."""
-        try:
-            bt = importlib.import_module("bittensor")
-        except ImportError as exc:
-            raise ChainError(
-                f"bittensor is not installed ({exc}); install it with "
-                "pip install 'sparseloco[bittensor]'"
-            ) from None
-        subtensor = bt.Subtensor(network=network)
+        """Build a ``Subtensor`` for ``network`` (it connects on first use) and a ``Wallet``."""
+        bt = load_sdk()
         wallet = bt.Wallet(name=wallet_name, hotkey=wallet_hotkey)
-        return cls(subtensor, wallet, netuid, **kwargs)
+        return cls(bt.Subtensor(network), wallet, netuid, **kwargs)
 
     @property
     def netuid(self) -> int:
@@ -99,80 +113,144 @@ class BittensorChain:
 
     @property
     def hotkey(self) -> str:
-        return str(self._wallet.hotkey.ss58_address)
+        # The public view reads the hotkey's public file and never unlocks a key.
+        return str(self._bt.public_view(self._wallet, "hotkey").ss58_address)
+
+    def _read(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one SDK read, turning its errors into :class:`ChainError` with the reason."""
+        try:
+            return fn(*args, **kwargs)
+        except self._bt.BittensorError as exc:
+            raise ChainError(f"{what} on netuid {self._netuid} failed: {exc}") from exc
 
     def metagraph(self) -> Metagraph:
-        mg = self._subtensor.metagraph(self._netuid)
-        stakes = getattr(mg, "S", None)
-        if stakes is None:
-            stakes = mg.stake
-        uids = [int(u) for u in _as_list(mg.uids)]
-        permit = getattr(mg, "validator_permit", None)
+        # commitments=False: the commitment maps are two more full-map reads we do not need.
+        mg = self._read(
+            "metagraph", self._client.subnets.metagraph, self._netuid, commitments=False
+        )
+        if mg is None:
+            raise ChainError(f"subnet {self._netuid} does not exist")
         return Metagraph(
             netuid=self._netuid,
-            block=int(np.asarray(mg.block).reshape(-1)[0]),
-            uids=uids,
-            hotkeys=[str(h) for h in mg.hotkeys],
-            stakes=[float(s) for s in _as_list(stakes)],
-            validator_permit=[bool(p) for p in _as_list(permit)] if permit is not None else [],
+            block=int(mg.block),
+            uids=[int(n.uid) for n in mg.neurons],
+            hotkeys=[str(n.hotkey) for n in mg.neurons],
+            # The subnet's own unit (alpha on netuid > 0), as the chain's consensus uses it.
+            stakes=[float(n.total_stake.amount) for n in mg.neurons],
+            validator_permit=[bool(n.validator_permit) for n in mg.neurons],
         )
 
     def block(self) -> int:
-        return int(self._subtensor.get_current_block())
+        return int(self._read("block", lambda: self._client.block))
 
     def weight_limits(self) -> WeightLimits:
-        hp = self._subtensor.get_subnet_hyperparameters(self._netuid)
-        if hp is None:
-            raise ChainError(f"subnet {self._netuid} has no hyperparameters (does it exist?)")
-        raw = getattr(hp, "max_weights_limit", None)
-        if raw is None:
-            raw = getattr(hp, "max_weight_limit", U16_MAX)
-        limit = float(raw) / U16_MAX if float(raw) > 1.0 else float(raw)
+        storage = self._bt.storage.SubtensorModule
+        # Hyperparameters of a missing subnet read as defaults (zeros), not as an error.
+        if not self._query("NetworksAdded", storage.NetworksAdded):
+            raise ChainError(f"subnet {self._netuid} does not exist")
+        hp = self._client.hyperparameters
+        max_limit = self._read("max_weight_limit", hp.max_weight_limit, self._netuid)
         return WeightLimits(
-            max_weight_limit=limit,
-            min_allowed_weights=int(getattr(hp, "min_allowed_weights", 0)),
-            rate_limit=int(getattr(hp, "weights_rate_limit", 0)),
-            version_key=int(getattr(hp, "weights_version", 0)),
+            # The chain stores the cap as a u16 fraction of the normalized total.
+            max_weight_limit=int(max_limit) / U16_MAX,
+            min_allowed_weights=int(
+                self._read("min_allowed_weights", hp.min_allowed_weights, self._netuid)
+            ),
+            rate_limit=int(self._read("weights_rate_limit", hp.weights_rate_limit, self._netuid)),
+            version_key=int(self._query("WeightsVersionKey", storage.WeightsVersionKey) or 0),
         )
 
+    def _query(self, what: str, item: Any) -> Any:
+        """One per-subnet storage item the typed namespaces do not cover."""
+        return self._read(what, self._client.query, item, [self._netuid])
+
     def get_commitment(self, hotkey: str) -> str | None:
-        uid = self.metagraph().uid_of(hotkey)
-        if uid is None:
-            return None
-        data = self._subtensor.get_commitment(self._netuid, uid)
-        return str(data) if data else None
+        found = self._read("commitment", self._client.identity.commitment, self._netuid, hotkey)
+        # A sealed (timelocked) commitment has no readable data yet.
+        return found.data if found is not None and found.data else None
 
     def get_all_commitments(self) -> dict[str, str]:
-        data = self._subtensor.get_all_commitments(self._netuid) or {}
-        return {str(k): str(v) for k, v in sorted(data.items())}
+        found = self._read("commitments", self._client.subnets.commitments, self._netuid)
+        visible = {str(hk): c.value for hk, c in found.items() if c.value}
+        return dict(sorted(visible.items()))
 
     def commit(self, data: str) -> None:
-        size = len(data.encode("utf-8"))
-        if size > MAX_COMMITMENT_BYTES:
-            raise ChainError(
-                f"commitment is {size} bytes; the chain takes at most {MAX_COMMITMENT_BYTES}"
-            )
-        if hasattr(self._subtensor, "set_commitment"):
-            response = self._subtensor.set_commitment(
-                wallet=self._wallet, netuid=self._netuid, data=data
-            )
-        else:
-            response = self._subtensor.commit(self._wallet, self._netuid, data)
-        result = interpret_response(response)
+        call = self._bt.calls.Commitments.set_commitment(
+            netuid=self._netuid, info=commitment_info(data)
+        )
+        result = self._write(
+            "set_commitment",
+            self._client.submit_call,
+            call,
+            self._wallet,
+            signer="hotkey",
+            wait_for_inclusion=True,
+            wait_for_finalization=self.wait_for_finalization,
+        )
         if not result.success:
             raise ChainError(f"commitment rejected: {result.message}")
 
     def set_weights(
         self, uids: Sequence[int], values: Sequence[int], version_key: int = 0
     ) -> SetWeightsResult:
-        """Submit u16 ``values``; the SDK rescales them to max 65535, which keeps ratios."""
-        response = self._subtensor.set_weights(
-            wallet=self._wallet,
+        """Submit u16 ``values``; the SDK rescales them so the largest is 65535.
+
+        Values within ``weight_limits()`` keep their ratios; the SDK clips a vector above
+        ``max_weight_limit`` (redistributing the excess) instead of refusing it.
+
+        The SDK refuses a rate-limited or unregistered hotkey before signing; that comes
+        back as a failed result with its message, as does a chain-side rejection.
+        """
+        intent = self._bt.SetWeights(
             netuid=self._netuid,
             uids=[int(u) for u in uids],
             weights=[float(v) for v in values],
             version_key=int(version_key),
-            wait_for_inclusion=self.wait_for_inclusion,
+        )
+        result = self._write(
+            "set_weights",
+            self._client.execute,
+            intent,
+            self._wallet,
+            wait_for_inclusion=True,
             wait_for_finalization=self.wait_for_finalization,
         )
-        return interpret_response(response)
+        if not result.success:
+            return SetWeightsResult(False, result.message)
+        reveal_round = result.data.get("reveal_round")
+        if reveal_round is None:
+            return SetWeightsResult(True, result.message)
+        return SetWeightsResult(
+            True,
+            f"committed (commit-reveal); the chain applies the weights at drand round "
+            f"{reveal_round}",
+            reveal_round=int(reveal_round),
+        )
+
+    def _write(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> _Outcome:
+        """Run one SDK write; a refusal before or after signing becomes a failed outcome."""
+        try:
+            result = fn(*args, **kwargs)
+        except self._bt.BittensorError as exc:
+            return _Outcome(False, _message(what, exc), {})
+        if result.success:
+            return _Outcome(True, str(result.message), dict(result.data))
+        return _Outcome(False, _message(what, result.error, result.message), {})
+
+
+class _Outcome(NamedTuple):
+    """A write's success, message and extras (the SDK result, minus what we do not use)."""
+
+    success: bool
+    message: str
+    data: dict[str, Any]
+
+
+def _message(what: str, error: Any, message: str = "") -> str:
+    """The chain's reason; pool rejections (e.g. a rate limit) can arrive with none."""
+    text = message or (str(error) if error is not None else "")
+    if text:
+        return text
+    code = getattr(error, "code", None)
+    label = getattr(code, "name", None) or "no reason given"
+    return f"{what} rejected by the chain without a message ({label})"

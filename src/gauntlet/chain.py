@@ -64,10 +64,15 @@ class WeightLimits:
 
 @dataclass(frozen=True)
 class SetWeightsResult:
-    """Whether the chain accepted the weights, and its message."""
+    """Whether the chain accepted the weights, and its message.
+
+    ``reveal_round`` is set on commit-reveal subnets: the weights were committed (encrypted)
+    and the chain applies them only at that drand round, so success is not yet "applied".
+    """
 
     success: bool
     message: str = ""
+    reveal_round: int | None = None
 
 
 @runtime_checkable

@@ -47,8 +47,15 @@ def decode_update(
 ) -> DecodedUpdate:
     """Decode ``payload`` for a model with parameter ``shapes``; raise :class:`InvalidUpdate`.
 
-    ``codec``: the codec every peer must use (None accepts the payload's own codec).
+    ``codec``: the codec every peer must use (None accepts the payload's own codec). A codec
+    makes the protocol sparse: a dense payload is then out of protocol and rejected, never
+    scored (it would bypass the codec's sparsity and value limits).
     """
+    if codec is not None and not isinstance(payload, CompressedUpdate):
+        raise InvalidUpdate(
+            f"a {type(payload).__name__} is out of protocol: every peer must send a sparse "
+            "update with the expected codec"
+        )
     try:
         if isinstance(payload, CompressedUpdate):
             payload.check_matches(shapes, codec or payload.codec)

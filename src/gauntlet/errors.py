@@ -21,3 +21,7 @@ class WeightsError(GauntletError, ValueError):
 
 class ChainError(GauntletError, RuntimeError):
     """A chain read or write failed or was rejected; the message carries the chain's reason."""
+
+
+class UnsupportedSDKError(ChainError):
+    """The installed ``bittensor`` SDK lacks the API the adapter needs; names its version."""

@@ -42,7 +42,8 @@ class EnvelopeError(NetcommError, ValueError):
 
     Attributes:
         reason: a short stable code for logs and statuses, one of ``"format"``, ``"version"``,
-            ``"too_large"``, ``"signature"``, ``"peer"``, ``"window"``, ``"fingerprint"``,
+            ``"too_large"``, ``"signature"``, ``"peer"``, ``"replay"`` (signed for another
+            window), ``"fingerprint"``, ``"kind"`` (dense on a sparse channel or vice versa),
             ``"codec"``, ``"checksum"``, ``"decompress"``, ``"tensors"`` (safetensors
             structure), ``"shape"``, ``"corrupt"`` (index ranges/order, buffer lengths, table),
             ``"nonfinite"``.

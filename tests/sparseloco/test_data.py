@@ -104,3 +104,20 @@ def test_gpt_config_rejects_hostile_json_values(fields, message):
 def test_gpt_config_from_a_json_that_is_not_an_object():
     with pytest.raises(ConfigError, match="mapping of fields, got list"):
         GPTConfig.from_dict(["n_layer"])  # type: ignore[arg-type]
+
+
+def test_binary_files_are_refused_but_text_is_read(tmp_path):
+    elf = tmp_path / "prog"
+    elf.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(64))
+    with pytest.raises(ConfigError, match="NUL bytes"):
+        load_tokens(elf)
+    latin1 = tmp_path / "old.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    with pytest.raises(ConfigError, match="invalid UTF-8"):
+        load_tokens(latin1)
+    # a multi-byte character cut by the 64 KiB sample's end is still text
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * 65535 + "é".encode() * 10)
+    assert load_tokens(big).size == 65535 + 20
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_tokens(tmp_path / "missing")
