@@ -10,6 +10,9 @@ pseudo-gradient is encoded with error feedback, then decoded. Reported:
   torch-op pipeline (EF update, chunk, torch.topk, gather, quantize, scatter back; no
   packing) measured in the same run on the same tensors, best of ``--repeats`` interleaved
   timings per tensor;
+* decode + aggregate of ``--agg-peers`` peers' updates of one 4096×4096 tensor on CPU, the
+  library's reference path against the previous per-peer ``index_add_`` version (kept here as
+  :func:`index_add_aggregate`), same run, best of ``--repeats``; results must be bit-equal;
 * optimizer state in bytes per parameter for the memory options.
 
 Run: ``python benchmarks/codec.py`` (full, ~1.24e9 parameters) or ``--layers 2`` (quick).
@@ -46,7 +49,8 @@ from sparseloco import (  # noqa: E402
     decode_tensor,
 )
 from sparseloco.chunking import ChunkLayout  # noqa: E402
-from sparseloco.kernels.reference import compress  # noqa: E402
+from sparseloco.codec import decode_sparse  # noqa: E402
+from sparseloco.kernels.reference import aggregate_sparse, clip_factors, compress  # noqa: E402
 
 
 def torch_op_encode(
@@ -72,6 +76,70 @@ def torch_op_decode(idx: torch.Tensor, q: torch.Tensor, table: torch.Tensor, lay
     x = torch.zeros(layout.buffer_shape)
     x.scatter_(1, idx.long(), table[q.long()])
     return layout.from_chunks(x)
+
+
+def index_add_aggregate(layout: ChunkLayout, peers, *, reducer: str, clip_to_median: bool):
+    """The reference aggregate before issue 15: two flat ``index_add_`` calls per peer."""
+    factors = [1.0] * len(peers)
+    if clip_to_median:
+        factors = clip_factors([float(torch.linalg.vector_norm(v.double())) for _, v in peers])
+    total = torch.zeros(layout.numel)
+    count = torch.zeros(layout.numel)
+    for (idx, values), f in zip(peers, factors, strict=True):
+        contrib = (values * f if f != 1.0 else values).reshape(-1)
+        if idx is None:
+            total.add_(layout.from_chunks(contrib.view(layout.buffer_shape)).reshape(-1))
+            count.add_(1.0)
+        else:
+            pos = layout.flat_positions(idx).reshape(-1)
+            total.index_add_(0, pos, contrib)
+            count.index_add_(0, pos, torch.ones_like(contrib))
+    if reducer == "mean":
+        total.div_(len(peers))
+    else:
+        total.div_(count.clamp_min_(1.0))
+    return total.view(layout.shape)
+
+
+def aggregate_throughput(peers: int, topk: int, repeats: int, seed: int) -> list[dict]:
+    """Decode + aggregate of ``peers`` encoded 4096×4096 updates: new reference vs index_add_."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (4096, 4096)
+    layout = ChunkLayout.for_shape(shape, 64)
+    cfg = CodecConfig(topk=topk, backend="torch")
+    messages = []
+    for _ in range(peers):
+        error = torch.zeros(layout.buffer_shape)
+        messages.append(compress(torch.randn(shape, generator=g), error, layout, cfg))
+
+    def run(agg):
+        records = [decode_sparse("w", m, cfg)[1:] for m in messages]
+        return agg(layout, records, reducer="mean_selected", clip_to_median=True)
+
+    best: dict[str, float] = {}
+    outs = {}
+    for _ in range(repeats):
+        for label, agg in (
+            ("index_add_ (before)", index_add_aggregate),
+            ("library", aggregate_sparse),
+        ):
+            t, outs[label] = timed(partial(run, agg))
+            best[label] = min(best.get(label, t), t)
+    equal = torch.equal(outs["index_add_ (before)"], outs["library"])
+    if not equal:
+        raise AssertionError("aggregate results differ from the index_add_ baseline")
+    base = best["index_add_ (before)"]
+    return [
+        {
+            "path": label,
+            "peers": peers,
+            "decode+aggregate s": t,
+            "Melem/s": peers * layout.numel / t / 1e6,
+            "speed vs index_add_": base / t,
+            "bit-equal": equal,
+        }
+        for label, t in best.items()
+    ]
 
 
 def state_bytes_per_param(layers: int) -> list[dict]:
@@ -116,6 +184,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="best of N interleaved timings")
+    ap.add_argument("--agg-peers", type=int, default=20, help="peers in the aggregate timing")
     args = ap.parse_args()
 
     shapes = llama_shapes(layers=args.layers)
@@ -191,14 +260,22 @@ def main() -> None:
                 "encode speed vs torch-op": times["torchop_encode"] / enc,
             }
         )
+    agg_rows = aggregate_throughput(args.agg_peers, args.topk, args.repeats, args.seed)
     mem_rows = state_bytes_per_param(layers=min(args.layers, 2))
     print(f"\nsizes: {n_params / 1e9:.3f}e9 parameters, k={args.topk} of 4096")
     print_table(size_rows, list(size_rows[0]))
     print("\nCPU throughput (elements of the pseudo-gradient per second)")
     print_table(speed_rows, list(speed_rows[0]))
+    print(f"\nCPU decode + aggregate, {args.agg_peers} peers x 4096x4096, mean_selected, clipped")
+    print_table(agg_rows, list(agg_rows[0]))
     print("\noptimizer state, bytes per parameter")
     print_table(mem_rows, list(mem_rows[0]))
-    results |= {"sizes": size_rows, "throughput": speed_rows, "state_memory": mem_rows}
+    results |= {
+        "sizes": size_rows,
+        "throughput": speed_rows,
+        "aggregate": agg_rows,
+        "state_memory": mem_rows,
+    }
     print(f"\nwrote {write_json('codec', results)}")
 
 

@@ -104,3 +104,48 @@ def test_dense_mean_in_fixed_order():
     ((_, mean),) = list(iter_aggregate_dense(ups))
     want = (ups["p0"].tensors["w"] + ups["p1"].tensors["w"] + ups["p2"].tensors["w"]) / 3
     torch.testing.assert_close(mean, want)
+
+
+def _index_add_aggregate(layout, peers, *, reducer, clip_to_median):
+    """The aggregate before issue 15 (per-peer flat index_add_), the bit-exact oracle."""
+    factors = [1.0] * len(peers)
+    if clip_to_median:
+        factors = clip_factors([float(torch.linalg.vector_norm(v.double())) for _, v in peers])
+    total = torch.zeros(layout.numel)
+    count = torch.zeros(layout.numel)
+    for (idx, values), f in zip(peers, factors, strict=True):
+        contrib = (values * f if f != 1.0 else values).reshape(-1)
+        if idx is None:
+            total.add_(layout.from_chunks(contrib.view(layout.buffer_shape)).reshape(-1))
+            count.add_(1.0)
+        else:
+            pos = layout.flat_positions(idx).reshape(-1)
+            total.index_add_(0, pos, contrib)
+            count.index_add_(0, pos, torch.ones_like(contrib))
+    total.div_(len(peers)) if reducer == "mean" else total.div_(count.clamp_min_(1.0))
+    return total.view(layout.shape)
+
+
+@pytest.mark.parametrize(
+    ("shape", "topk", "peers"),
+    [((96, 200), 17, 5), ((256, 192), 64, 9), ((130,), 64, 3), ((64, 64), 4096, 4)],
+)
+@pytest.mark.parametrize("reducer", ["mean_selected", "mean"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_scatter_aggregate_is_bit_equal_to_index_add(shape, topk, peers, reducer, clip):
+    from sparseloco.chunking import ChunkLayout
+    from sparseloco.kernels import reference
+
+    g = torch.Generator().manual_seed(7)
+    layout = ChunkLayout.for_shape(shape, 64)
+    k = layout.k(topk)
+    records = []
+    for _ in range(peers):
+        x = torch.randn(layout.buffer_shape, generator=g)
+        idx = None if layout.is_dense(topk) else reference.topk_exact(x, k)
+        scale = float(torch.rand(1, generator=g)) * 10
+        records.append((idx, torch.randn((layout.num_chunks, k), generator=g) * scale))
+    want = _index_add_aggregate(layout, records, reducer=reducer, clip_to_median=clip)
+    got = reference.aggregate_sparse(layout, records, reducer=reducer, clip_to_median=clip)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)

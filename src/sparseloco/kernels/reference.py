@@ -123,28 +123,66 @@ def aggregate_sparse(
 ) -> torch.Tensor:
     """Combine peers' decoded ``(indices, values)`` for one tensor into a dense float32 tensor.
 
-    Peers are summed in the given order (callers sort by peer id) after scaling each by its
-    median-norm clip factor. ``"mean_selected"`` divides each coordinate by the number of
-    peers that sent it, ``"mean"`` by the number of peers.
+    With peers p = 0..P−1 in the given order (callers sort by peer id), clip factors f_p and
+    records (I_p, v_p), per coordinate j:
+
+        S[j] = ((0 + f_0·v_0[j]) + f_1·v_1[j]) + …    (float32, only peers with j ∈ I_p)
+        C[j] = #{p : j ∈ I_p}
+        out[j] = S[j] / max(C[j], 1)   ("mean_selected")   or   S[j] / P   ("mean")
+
+    The sums are built in chunked layout with one ``scatter_add_`` per peer: a peer's indices
+    are distinct within each chunk, so every coordinate still receives its peers' terms one
+    at a time in peer order (the same roundings as a per-peer flat ``index_add_``, about 3×
+    faster on CPU, and no flat positions to compute). Counts are exact integers.
     """
     device = peers[0][1].device
     factors = [1.0] * len(peers)
     if clip_to_median:
         norms = [float(torch.linalg.vector_norm(v.to(torch.float64))) for _, v in peers]
         factors = clip_factors(norms)
-    total = torch.zeros(layout.numel, dtype=torch.float32, device=device)
-    count = torch.zeros(layout.numel, dtype=torch.float32, device=device)
+    total = torch.zeros(layout.buffer_shape, dtype=torch.float32, device=device)
+    count = _selection_counts(layout, [idx for idx, _ in peers]) if reducer != "mean" else None
     for (idx, values), f in zip(peers, factors, strict=True):
-        contrib = (values * f if f != 1.0 else values).reshape(-1)
+        contrib = values * f if f != 1.0 else values
         if idx is None:
-            total.add_(layout.from_chunks(contrib.view(layout.buffer_shape)).reshape(-1))
-            count.add_(1.0)
+            total.add_(contrib)
         else:
-            pos = layout.flat_positions(idx).reshape(-1)
-            total.index_add_(0, pos, contrib)
-            count.index_add_(0, pos, torch.ones_like(contrib))
-    if reducer == "mean":
+            total.scatter_add_(1, idx, contrib)
+    if count is None:
         total.div_(len(peers))
     else:
         total.div_(count.clamp_min_(1.0))
-    return total.view(layout.shape)
+    return _unchunk(layout, total)
+
+
+def _selection_counts(layout: ChunkLayout, indices: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """C[j] = number of peers whose record holds j, float32 in chunked layout.
+
+    Counted in uint8 while fewer than 256 peers can collide (a uint8 scatter is ~4× cheaper
+    than a float32 one on CPU); integer counts do not depend on the order of additions.
+    """
+    device = next((i.device for i in indices if i is not None), None)
+    dtype = torch.uint8 if len(indices) < 256 else torch.int32
+    count = torch.zeros(layout.buffer_shape, dtype=dtype, device=device)
+    ones = None
+    for idx in indices:
+        if idx is None:
+            count.add_(1)
+            continue
+        if ones is None or ones.shape != idx.shape:
+            ones = torch.ones(idx.shape, dtype=dtype, device=idx.device)
+        count.scatter_add_(1, idx, ones)
+    return count.to(torch.float32)
+
+
+def _unchunk(layout: ChunkLayout, chunks: torch.Tensor) -> torch.Tensor:
+    """``layout.from_chunks`` written as one strided copy into a new tensor of the shape.
+
+    Copying a permuted source into a contiguous destination is ~4× faster on CPU than the
+    permute-then-reshape of ``from_chunks`` for a 4096×4096 tensor; the values are the same.
+    """
+    out = torch.empty(layout.numel, dtype=chunks.dtype, device=chunks.device)
+    tiles = chunks.view(layout.tiles_down, layout.tiles_across, layout.tile_rows, layout.tile_cols)
+    dest = out.view(layout.tiles_down, layout.tile_rows, layout.tiles_across, layout.tile_cols)
+    dest.copy_(tiles.permute(0, 2, 1, 3))
+    return out.view(layout.shape)
