@@ -14,5 +14,8 @@ python3 -m venv "$venv"
 # triton 3.6 needs numpy < 2.4 there.
 "$venv/bin/pip" install -q "numpy<2.4" "triton==3.6.0"
 "$venv/bin/pip" install -q -e ".[dev]"
+# The Bittensor SDK, so the chain adapter's tests run against it: wheels only (about 15 s),
+# and it leaves the torch, numpy and triton pins above as they are.
+"$venv/bin/pip" install -q --only-binary=:all: -e ".[bittensor]"
 rm -f "$venv"/.installed-*
 touch "$stamp"

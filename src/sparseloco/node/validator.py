@@ -188,6 +188,8 @@ class Validator(Node):
         result = self.chain.set_weights(cw.uids, cw.values, limits.version_key)
         if not result.success:
             log.warning("%s: set_weights refused: %s", self.hotkey, result.message)
+        elif result.reveal_round is not None:
+            log.info("%s: weights committed, not yet applied: %s", self.hotkey, result.message)
         return result.success
 
     def run(self, until_window: int | None = None) -> None:
