@@ -28,13 +28,16 @@ Since the header carries the body's SHA-256 and the signature covers the header,
 covers every byte of the object.
 
 :func:`open_envelope` checks, in this order and before decompressing or allocating anything
-large: lengths and caps, header schema, publisher, signature, window, fingerprint, codec,
-body checksum, the zstd frame's declared size; then it decompresses with a hard output cap
-(or, uncompressed, uses the body in place), bounds and checks the safetensors header (count,
-dtypes, shapes, offsets tiling the data, :func:`sparseloco.serialization.load_safetensors`),
-and finally checks names/shapes against the model and every tensor's contents (index ranges
-and order, finite values: :func:`sparseloco.payload.validate_payload`). Any failure raises
-:class:`~netcomm.errors.EnvelopeError` with a ``reason``.
+large: lengths and caps, header schema (exact JSON types, ranges, and byte-for-byte canonical
+form: one update has one encoding), publisher, signature, window (``replay``), fingerprint,
+update kind (``kind``: a sparse channel takes no dense update and vice versa), codec, body
+checksum, the zstd frame's declared size; then it decompresses with a hard output cap, growing
+the output only as bytes arrive (or, uncompressed, uses the body in place), bounds and checks
+the canonical safetensors header (count, dtypes, shapes, offsets tiling the data in name order,
+:func:`sparseloco.serialization.load_safetensors`), and finally checks names/shapes against the
+model and every tensor's contents (index ranges and order, zero pad bits, finite values:
+:func:`sparseloco.payload.validate_payload`). Any failure raises
+:class:`~netcomm.errors.EnvelopeError` with a ``reason``; any other exception is a bug.
 Nothing is ever unpickled.
 """
 

@@ -66,7 +66,12 @@ def test_seeded_run_covers_every_mutator_within_bounds(fuzzlib, fuzz_target, mon
         stats.defects[:5]
     )
     assert set(stats.by_mutator) == set(fuzzlib.MUTATORS)
-    assert min(stats.by_mutator.values()) == 60
+    assert min(stats.by_mutator.values()) == 1020 // len(fuzzlib.MUTATORS)
+    # every structured defect was rejected with a typed error
+    for name, counts in stats.structured.items():
+        assert counts["cases"] > 0, name
+        wrong = ("untyped_exceptions", "accepted_wrong", "noncanonical_accepted")
+        assert [counts[k] for k in wrong] == [0, 0, 0], (name, stats.defects[:5])
     # the mix reaches deep checks, not just the signature
     for reason in ("signature", "replay", "fingerprint", "decompress", "tensors", "corrupt"):
         assert stats.rejected[reason] > 0, reason
