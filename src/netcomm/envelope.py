@@ -255,6 +255,20 @@ def seal_envelope(
     return b"".join((prefix, header, body, signature))
 
 
+def same_codec(got: Any, expected: Mapping[str, Any]) -> bool:
+    """Whether a header's codec fields equal ``expected`` value for value *and* type.
+
+    ``==`` alone would accept ``true`` for ``value_bits=1`` or ``2.0`` for ``2`` (Python
+    compares them equal); only a float field may arrive as an integer (JSON drops ``.0``).
+    """
+    if not isinstance(got, dict) or got != dict(expected):
+        return False
+    return all(
+        type(got[k]) is type(v) or (isinstance(v, float) and type(got[k]) is int)
+        for k, v in expected.items()
+    )
+
+
 def _signed_message(prefix: bytes, header: bytes) -> bytes:
     # The signature length cannot be known before signing, so it is zeroed in the signed bytes.
     return SIGNING_CONTEXT + prefix[:6] + b"\0\0" + prefix[8:] + header
@@ -345,9 +359,13 @@ def _check_types(fields: dict[str, Any], schema: Mapping[str, Any], what: str) -
 
 
 def _check_codec_fields(fields: dict[str, Any]) -> None:
-    if set(fields) != set(_CODEC_FIELDS):
+    # value_coding is present exactly when it is not the default (one encoding per codec).
+    schema = dict(_CODEC_FIELDS, value_coding=str) if "value_coding" in fields else _CODEC_FIELDS
+    if set(fields) != set(schema):
         raise EnvelopeError("format", "codec fields are missing or unexpected")
-    _check_types(fields, _CODEC_FIELDS, "codec field")
+    _check_types(fields, schema, "codec field")
+    if fields.get("value_coding") == "uniform":
+        raise EnvelopeError("format", "value_coding 'uniform' is the default and must be omitted")
     try:
         CodecConfig(**fields)
     except ConfigError as exc:
@@ -407,7 +425,11 @@ def open_envelope(
         raise EnvelopeError("fingerprint", "envelope was made for a different model")
     if kind is not None and header["kind"] != kind:
         raise EnvelopeError("kind", f"a {header['kind']} update on a {kind} channel")
-    if codec is not None and header["codec"] != codec.wire_fields():
+    if (
+        codec is not None
+        and header["kind"] == CompressedUpdate.kind
+        and not same_codec(header["codec"], codec.wire_fields())
+    ):
         raise EnvelopeError(
             "codec", f"envelope codec {header['codec']} != expected {codec.wire_fields()}"
         )
@@ -436,7 +458,9 @@ def open_envelope(
         raise EnvelopeError(
             "tensors", f"body holds a {payload.kind} payload, header says {header['kind']}"
         )
-    if isinstance(payload, CompressedUpdate) and payload.codec.wire_fields() != header["codec"]:
+    if isinstance(payload, CompressedUpdate) and not same_codec(
+        header["codec"], payload.codec.wire_fields()
+    ):
         raise EnvelopeError("codec", "body codec differs from the header's")
     _check_contents(payload, shapes, codec)
     digest = header["body_sha256"] if raw is body else hashlib.sha256(raw).hexdigest()

@@ -128,6 +128,8 @@ class CompressedUpdate:
         try:
             fields = {k: _canonical_meta(meta, k) for k in ("codec", "shapes", "rice")}
             codec = CodecConfig.from_dict(fields["codec"])
+            if set(fields["codec"]) != set(codec.wire_fields()):
+                raise ValueError("codec metadata holds fields other than the wire fields")
         except (KeyError, TypeError, ValueError, RecursionError) as exc:  # deep nesting too
             raise CorruptUpdateError(f"bad payload metadata: {exc}") from None
         shapes, rice = fields["shapes"], fields["rice"]

@@ -9,6 +9,8 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   paper's plain mean over R peers.
 * ``"covenant-72b-rice"``: Covenant's settings with sorted, Rice-coded index gaps instead of
   fixed 12-bit indices (same selection and values, fewer bits on the wire).
+* ``"covenant-72b-signmag"``: Covenant's settings with 2-bit sign + magnitude codes (sign,
+  and |v| above or below the tensor's median |kept value|; see :mod:`sparseloco.quantize`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from sparseloco.errors import ConfigError, UnknownPresetError
 IndexCoding = Literal["packed", "rice"]
 Reducer = Literal["mean_selected", "mean"]
 Backend = Literal["auto", "torch", "triton"]
+ValueCoding = Literal["uniform", "signmag"]
 
-_VALUE_BITS = (2, 4, 8)
+_VALUE_BITS = {"uniform": (2, 4, 8), "signmag": (1, 2, 4)}
 _INDEX_CODINGS = ("packed", "rice")
 _REDUCERS = ("mean_selected", "mean")
 _BACKENDS = ("auto", "torch", "triton")
@@ -43,7 +46,11 @@ class CodecConfig:
             into rows of S the same way. At most 256 so that an index fits in 16 bits.
         topk: entries kept per full chunk, by largest magnitude; a smaller chunk keeps
             ``min(topk, chunk entries)``. Must not exceed S².
-        value_bits: bits per kept value: 2, 4 or 8 (2^bits quantization bins).
+        value_bits: bits per kept value (2^bits quantization bins): 2, 4 or 8 for
+            ``"uniform"``, 1, 2 or 4 for ``"signmag"``.
+        value_coding: ``"uniform"`` (Templar's bins 6σ/2^bits wide around the mean) or
+            ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| quantile bins; runs on the
+            torch reference, the Triton kernels implement only ``"uniform"``).
         index_coding: ``"packed"`` stores each in-chunk index in a fixed ⌈log2 S²⌉-bit field
             (12 bits for S=64, two per three bytes); ``"rice"`` stores the gaps between sorted
             indices with a Rice code whose parameter is chosen per tensor.
@@ -58,6 +65,7 @@ class CodecConfig:
     index_coding: IndexCoding = "packed"
     error_decay: float = 0.95
     backend: Backend = "auto"
+    value_coding: ValueCoding = "uniform"
 
     def __post_init__(self) -> None:
         # Exact types, since a codec also arrives from other peers' bytes: 2.0 == 2 and
@@ -79,8 +87,17 @@ class CodecConfig:
                 f"topk={self.topk} is larger than a chunk of {self.chunk_size}x{self.chunk_size}"
                 f"={self.chunk_size**2} entries; lower topk or raise chunk_size"
             )
-        if self.value_bits not in _VALUE_BITS:
-            raise ConfigError(f"value_bits must be one of {_VALUE_BITS}, got {self.value_bits!r}")
+        if type(self.value_coding) is not str or self.value_coding not in _VALUE_BITS:
+            raise ConfigError(
+                f"value_coding must be one of {tuple(_VALUE_BITS)}, got {self.value_coding!r}"
+            )
+        allowed = _VALUE_BITS[self.value_coding]
+        # type() rather than isinstance: True and 2.0 compare equal to allowed widths.
+        if type(self.value_bits) is not int or self.value_bits not in allowed:
+            raise ConfigError(
+                f"value_bits must be one of {allowed} for value_coding={self.value_coding!r}, "
+                f"got {self.value_bits!r}"
+            )
         if self.index_coding not in _INDEX_CODINGS:
             raise ConfigError(
                 f"index_coding must be one of {_INDEX_CODINGS}, got {self.index_coding!r}"
@@ -116,8 +133,15 @@ class CodecConfig:
         return cls(**data)
 
     def wire_fields(self) -> dict[str, Any]:
-        """The fields a decoder must agree on (the backend is a local choice)."""
-        return {k: v for k, v in self.to_dict().items() if k != "backend"}
+        """The fields a decoder must agree on (the backend is a local choice).
+
+        ``value_coding`` is left out while it is ``"uniform"`` so that uniform payloads stay
+        byte-identical to those of earlier versions (which did not know the field).
+        """
+        fields = {k: v for k, v in self.to_dict().items() if k != "backend"}
+        if fields["value_coding"] == "uniform":
+            del fields["value_coding"]
+        return fields
 
     @classmethod
     def from_preset(cls, name: str) -> CodecConfig:
@@ -194,6 +218,15 @@ PRESETS: dict[str, OuterConfig] = {
     "covenant-72b-rice": OuterConfig(
         codec=CodecConfig(
             chunk_size=64, topk=64, value_bits=2, error_decay=0.95, index_coding="rice"
+        ),
+        lr=1.0,
+        inner_steps=30,
+        reducer="mean_selected",
+        clip_to_median=True,
+    ),
+    "covenant-72b-signmag": OuterConfig(
+        codec=CodecConfig(
+            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="signmag"
         ),
         lr=1.0,
         inner_steps=30,

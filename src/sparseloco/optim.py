@@ -395,7 +395,7 @@ class SparseLoCo(OuterOptimizer):
 
     def _backend(self, device: torch.device) -> BackendChoice:
         codec = self.config.codec
-        return resolve_backend(codec.backend, device, codec.chunk_size**2)
+        return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
     def _encode(
         self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]

@@ -77,7 +77,7 @@ def packed_code_nbytes(count: int, bits: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` (bits 2, 4 or 8) into bytes."""
+    """Pack integer codes in ``[0, 2**bits)`` (bits 1, 2, 4 or 8) into bytes."""
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()

@@ -103,6 +103,14 @@ def test_float_value_bits_in_body_metadata_is_an_envelope_error(model, spec, sig
     assert reason(lambda: open_(blob, signer, spec, codec=None)) == "tensors"
 
 
+@pytest.mark.parametrize("extra", [{"value_coding": "uniform"}, {"backend": "torch"}])
+def test_body_codec_metadata_holds_only_canonical_wire_fields(model, spec, signer, kit, extra):
+    tensors, meta = kit.sparse_update(model).to_tensors()
+    meta["codec"] = json.dumps({**json.loads(meta["codec"]), **extra}, sort_keys=True)
+    blob = signed_raw(signer, spec, tensors, meta)
+    assert reason(lambda: open_(blob, signer, spec, codec=None)) == "tensors"
+
+
 def test_list_dtype_in_safetensors_header_is_an_envelope_error(model, spec, signer, kit):
     tensors, meta = kit.sparse_update(model).to_tensors()
     raw = bytearray(dump_safetensors(tensors, meta))
@@ -129,6 +137,9 @@ def test_list_dtype_in_safetensors_header_is_an_envelope_error(model, spec, sign
         lambda h: h.replace(b",", b", "),  # spacing
         lambda h: h.replace(b'"window":7', b'"window":-1'),
         lambda h: h.replace(b'"kind":"sparse"', b'"kind":"dense"'),  # dense with a codec
+        # the default value coding is omitted, so spelling it out is a second encoding
+        lambda h: h.replace(b'"value_bits":2', b'"value_bits":2,"value_coding":"uniform"'),
+        lambda h: h.replace(b'"value_bits":2', b'"value_bits":2,"value_coding":1'),
     ],
 )
 def test_non_canonical_or_mistyped_headers_are_rejected(model, spec, signer, kit, mangle):

@@ -74,13 +74,19 @@ def triton_status(device: torch.device, chunk_numel: int | None = None) -> tuple
 
 
 def resolve_backend(
-    requested: str, device: torch.device, chunk_numel: int | None = None
+    requested: str,
+    device: torch.device,
+    chunk_numel: int | None = None,
+    value_coding: str = "uniform",
 ) -> BackendChoice:
     """The backend that runs for ``requested`` on ``device``, with the reason.
 
     Raises :class:`BackendUnavailableError` when ``"triton"`` is asked for and cannot run.
+    The Triton compress kernel implements only ``value_coding="uniform"``.
     """
     ok, why = triton_status(device, chunk_numel)
+    if value_coding != "uniform":
+        ok, why = False, f"value_coding={value_coding!r} has no Triton kernel (torch reference)"
     if requested == "torch":
         return BackendChoice("torch", "torch backend requested")
     if requested == "triton":
@@ -98,7 +104,7 @@ def compress(
     delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, config: CodecConfig
 ) -> CompressedTensor:
     """Fused error-feedback update, exact top-k, quantization and packing of one tensor."""
-    choice = resolve_backend(config.backend, error.device, layout.chunk_numel)
+    choice = resolve_backend(config.backend, error.device, layout.chunk_numel, config.value_coding)
     logger.debug("compress %s: %s backend (%s)", tuple(layout.shape), choice.name, choice.reason)
     if choice.name == "triton":
         from sparseloco.kernels import triton_codec

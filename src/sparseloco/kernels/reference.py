@@ -15,7 +15,7 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.config import CodecConfig
 from sparseloco.packing import best_rice_parameter, pack_codes, pack_indices, rice_encode
-from sparseloco.quantize import centroid_table, quant_scale, quantize_codes
+from sparseloco.quantize import encode_values
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -71,10 +71,7 @@ def compress(
     idx = torch.cat(idx_blocks) if idx_blocks else torch.empty(0, k, dtype=torch.int64)
     values = torch.cat(val_blocks) if val_blocks else torch.empty(0, k)
     flat = values.reshape(-1)
-    levels = config.levels
-    mu, scale = quant_scale(flat, levels)
-    codes = quantize_codes(flat, mu, scale, levels)
-    table = centroid_table(flat, codes, mu, scale, levels)
+    codes, table = encode_values(flat, config.value_bits, config.value_coding)
     residual = (flat - table[codes]).view_as(values)
     error.scatter_(1, idx.to(error.device), residual.to(error.dtype))
 
