@@ -6,7 +6,7 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
   ``benchmarks/reliability_fuzz.py``: crashes, hangs, forged or unusable payloads accepted,
   the slowest case and the peak RSS. Also how much a *default-limits* reader allocates for
   one small signed zstd bomb (``--bomb-mb``).
-* ``byzantine``: ``sparseloco.sim.run`` with 25 % adversaries (6 honest + 2 adversaries per
+* ``byzantine``: ``subnet.sim.run`` with 25 % adversaries (6 honest + 2 adversaries per
   run, kinds rotated over three runs so each of the six kinds appears once) against the same
   run honest-only, for ``aggregate="all"`` and ``"top"``: final held-out loss difference, the
   adversaries' total weight and the fraction of (honest, adversary) pairs ranked correctly.
@@ -113,7 +113,7 @@ def ranking_accuracy(weights: dict[str, float]) -> float | None:
 
 
 def run_byzantine(honest: int, windows: int, out_dir: Path, seed: int) -> dict[str, Any]:
-    from sparseloco.sim import SimConfig, run
+    from subnet.sim import SimConfig, run
 
     runs = []
     for aggregate in ("all", "top"):

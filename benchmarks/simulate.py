@@ -1,7 +1,7 @@
 """Wall time of the local multi-peer run: the GIL switch interval it sets vs Python's default.
 
 Peers and the validator of ``sparseloco simulate`` are threads of one process; the run sets a
-0.5 ms switch interval (:data:`sparseloco.sim.runner.SWITCH_INTERVAL_S`). The baseline is the
+0.5 ms switch interval (:data:`subnet.sim.runner.SWITCH_INTERVAL_S`). The baseline is the
 same run at Python's default 5 ms, in the same process, interleaved ``--repeats`` times; the
 final weights must be identical (the interval may change speed, never results).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from sparseloco.sim import SimConfig, run, runner  # noqa: E402
+from subnet.sim import SimConfig, run, runner  # noqa: E402
 
 INTERVALS = {"python default (5 ms)": 0.005, "simulate (0.5 ms)": runner.SWITCH_INTERVAL_S}
 

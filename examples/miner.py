@@ -8,7 +8,7 @@ validator of ``validator.toml`` as threads on one in-memory chain.
 
 import sys
 
-from sparseloco.node.cli import main
+from subnet.roles_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["miner", *sys.argv[1:]]))

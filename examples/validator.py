@@ -8,7 +8,7 @@ and N miners of ``miner.toml`` as threads on one in-memory chain.
 
 import sys
 
-from sparseloco.node.cli import main
+from subnet.roles_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["validator", *sys.argv[1:]]))

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="WINDOWS",
-        help="then run `sparseloco.sim` on the winner's full config for WINDOWS windows",
+        help="then run `subnet.sim` on the winner's full config for WINDOWS windows",
     )
     args = parser.parse_args(argv)
     cfg = PrismConfig(seed=args.seed)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"winner {result.winner.hotkey}: config written to {result.winner_path}")
     print(f"train it locally:  {simulate_command(result.winner_path, out / 'sim')}")
     if args.simulate:
-        from sparseloco.sim import SimConfig, run
+        from subnet.sim import SimConfig, run
 
         summary = run(
             SimConfig(model=result.winner.config, windows=args.simulate, out=out / "sim"),

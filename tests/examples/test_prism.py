@@ -16,8 +16,8 @@ from examples.prism.training import LN2, PrequentialRun, build_model, locked_dat
 
 from gauntlet import InMemorySubnet
 from netcomm import LocalStorage
-from sparseloco.cli import main as cli_main
 from sparseloco.models import GPTConfig
+from subnet.cli import main as cli_main
 
 SMALL = PrismConfig(
     seed="test-round",

@@ -1,0 +1,89 @@
+"""What miners and validators share: chain, clock, signing key, own storage, peer directory."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Any
+
+from gauntlet import Chain
+from netcomm import ModelSpec, Storage, StorageExchange
+from subnet.clock import Stopped, WindowClock
+from subnet.commitments import (
+    IDENTITY_KEY,
+    encode_commitment,
+    identity_document,
+    locator_for,
+)
+from subnet.config import NodeConfig
+from subnet.directory import ChainDirectory
+from subnet.protocol import PROOFS
+from subnet.state import load_or_create_signer
+from subnet.storage import open_own_storage, open_peer_storage, own_prefix
+from subnet.task import Task
+
+
+class Node:
+    """The base of :class:`~subnet.Miner` and :class:`~subnet.Validator`.
+
+    Args:
+        cfg: the node configuration.
+        task: the model and data of the run.
+        chain: this hotkey's chain handle (:func:`subnet.chain.open_chain`).
+        s3_options: extra :class:`netcomm.S3Config` fields for S3 clients (timeouts, retries).
+    """
+
+    role = "node"
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        task: Task,
+        chain: Chain,
+        *,
+        s3_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.chain = chain
+        self.hotkey = chain.hotkey
+        self.signer = load_or_create_signer(cfg.state_dir)
+        self.storage: Storage = open_own_storage(cfg.storage, self.hotkey, s3_options)
+        self.directory = ChainDirectory(
+            chain,
+            partial(open_peer_storage, local_root=cfg.storage.root, s3_options=s3_options),
+        )
+        self.clock = WindowClock(chain, cfg.window)
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def stop(self) -> threading.Event:
+        """Set this event to make :meth:`run` return at the next wait."""
+        return self.clock.stop
+
+    def announce(self) -> str:
+        """Write ``identity.json`` to the own storage and commit the locator (if it changed)."""
+        self.storage.put(IDENTITY_KEY, identity_document(self.hotkey, self.signer.public_key))
+        prefix = own_prefix(self.cfg.storage, self.hotkey)
+        loc = locator_for(self.cfg.storage, self.role, prefix, self.signer.public_key)
+        text = encode_commitment(loc)
+        if self.chain.get_commitment(self.hotkey) != text:
+            self.chain.commit(text)
+        return text
+
+    def _channel(self, prefix: str, spec: ModelSpec) -> StorageExchange:
+        """This node's exchange on one channel (``UPDATES`` or ``PROOFS``) of the run's layout;
+        subclasses set ``self.protocol`` first."""
+        return StorageExchange(
+            self.hotkey,
+            self.storage,
+            self.directory.channel(prefix),
+            self.signer,
+            spec,
+            self.protocol.exchange_config(self.cfg.exchange, proofs=prefix == PROOFS),  # type: ignore[attr-defined]
+            prefix=prefix,
+        )
+
+    def _wait(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Stopped

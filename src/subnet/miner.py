@@ -1,0 +1,290 @@
+"""A miner: trains on its assigned data each window and exchanges SparseLoCo updates.
+
+One window ``w`` (:meth:`Miner.run_window`):
+
+1. refresh the peer directory from chain commitments;
+2. publish the proof (proof-of-data digest of its assignment and the model's values at the
+   window's sync positions), then run H AdamW steps on the assignment;
+3. one SparseLoCo round: publish the compressed update, gather the aggregation set (the set
+   the followed validator accepted for ``w``, or every valid update with
+   ``aggregate = "all"``), aggregate and step;
+4. checkpoint model, AdamW and SparseLoCo state (step ``w + 1``) to ``state_dir``.
+
+:meth:`Miner.run` follows the chain's clock. A miner that falls behind, or restarts after
+missing windows, does not train the windows it missed: it *replays* them (applies the
+aggregate of each missed window's accepted updates, which are still in the peers' buckets),
+so its parameters stay equal to every other miner's, then trains the current window.
+A miner with no checkpoint of its own starts from the followed validator's latest model
+checkpoint when there is one, else from the run's initial weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gauntlet import Chain
+from netcomm import (
+    CheckpointStore,
+    LocalStorage,
+    ModelSpec,
+    NetcommError,
+    ObjectNotFoundError,
+    StorageExchange,
+    open_envelope,
+    update_key,
+)
+from netcomm.signing import default_verifiers
+from sparseloco.exchange import GatherResult
+from sparseloco.optim import RoundReport, SparseLoCo
+from sparseloco.payload import Payload
+from subnet.base import Node
+from subnet.clock import Stopped
+from subnet.config import NodeConfig
+from subnet.protocol import PROOFS, UPDATES, Protocol, read_selection
+from subnet.state import prune_checkpoints
+from subnet.task import Task
+
+log = logging.getLogger("subnet.miner")
+
+
+class SelectedExchange:
+    """The miner's update exchange: gathers only the window's aggregation set."""
+
+    def __init__(self, miner: Miner, inner: StorageExchange) -> None:
+        self.miner = miner
+        self.inner = inner
+
+    @property
+    def peer_id(self) -> str:
+        return self.inner.peer_id
+
+    def publish(self, window: int, payload: Payload) -> int:
+        return self.inner.publish(window, payload)
+
+    def gather(self, window: int) -> GatherResult:
+        chosen = self.miner.aggregation_set(window, wait=True)
+        if chosen is None:
+            return self.inner.gather(window)
+        others = [p for p in chosen if p != self.peer_id]
+        result = self.inner.gather(window, peers=others) if others else GatherResult(window)
+        result.self_selected = self.peer_id in chosen
+        return result
+
+
+class Miner(Node):
+    """A SparseLoCo miner on any :class:`~subnet.task.Task`.
+
+    Args:
+        cfg: the node configuration (``role = "miner"``).
+        task: the model and data of the run.
+        chain: this hotkey's chain handle (:func:`subnet.chain.open_chain`).
+        s3_options: extra :class:`netcomm.S3Config` fields for S3 clients (timeouts, retries).
+    """
+
+    role = "miner"
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        task: Task,
+        chain: Chain,
+        *,
+        s3_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(cfg, task, chain, s3_options=s3_options)
+        self.protocol = Protocol(cfg.run, task)
+        self.checkpoints = CheckpointStore(LocalStorage(Path(cfg.state_dir)), "checkpoints")
+        self.model = task.make_model()
+        spec = ModelSpec.from_named_tensors(dict(self.model.named_parameters()))
+        self.exchange = self._channel(UPDATES, spec)
+        self.proofs = self._channel(PROOFS, self.protocol.proof_spec)
+        self.next_window = self._load_weights()
+        self.inner = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.run.inner_lr, weight_decay=0.1
+        )
+        self.outer = SparseLoCo(
+            self.model.named_parameters(),
+            SelectedExchange(self, self.exchange),
+            self.protocol.outer,
+        )
+        self._load_optimizers()
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _load_weights(self) -> int | None:
+        """Model weights from the own checkpoint, else the validator's; the next window."""
+        if self.checkpoints.latest_step() is not None:
+            ck = self.checkpoints.load()
+            self.model.load_state_dict(ck.model)
+            self._resume = ck
+            return ck.step
+        self._resume = None
+        self.directory.refresh()
+        validator = self._validator()
+        if validator is None:
+            return None
+        store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
+        if store.latest_step() is None:
+            return None
+        ck = store.load()
+        self.model.load_state_dict(ck.model)
+        log.info("%s: joined from %s's checkpoint of window %d", self.hotkey, validator, ck.step)
+        return ck.step
+
+    def _load_optimizers(self) -> None:
+        ck = self._resume
+        if ck is None:
+            return
+        assert ck.optimizer is not None
+        self.inner.load_state_dict(ck.optimizer["inner"])
+        self.outer.load_state_dict(ck.optimizer["outer"])
+        self._resume = None
+        log.info("%s: resumed from its checkpoint at window %d", self.hotkey, ck.step)
+
+    def save(self, next_window: int) -> None:
+        """Checkpoint model, AdamW and SparseLoCo state as step ``next_window``."""
+        self.checkpoints.save(
+            next_window,
+            self.model.state_dict(),
+            optimizer={"inner": self.inner.state_dict(), "outer": self.outer.state_dict()},
+            meta={"hotkey": self.hotkey, "time": time.time()},
+        )
+        prune_checkpoints(self.checkpoints, self.cfg.miner.keep_checkpoints)
+        self.next_window = next_window
+
+    # --- aggregation set ---------------------------------------------------------------------
+
+    def _validator(self) -> str | None:
+        if self.cfg.miner.validator:
+            entry = self.directory.entry(self.cfg.miner.validator)
+            return self.cfg.miner.validator if entry is not None else None
+        return self.directory.top_validator()
+
+    def aggregation_set(self, window: int, *, wait: bool) -> list[str] | None:
+        """Hotkeys whose updates are aggregated in ``window``; ``None`` = every valid one.
+
+        With ``aggregate = "validator"`` this is the followed validator's published set,
+        waited for up to ``exchange.selection_timeout_s`` when ``wait``; an empty list when
+        it does not come (every miner then keeps its parameters for the window).
+        """
+        if self.cfg.miner.aggregate == "all":
+            return None
+        deadline = time.monotonic() + (self.cfg.exchange.selection_timeout_s if wait else 0)
+        while True:
+            validator = self._validator()
+            if validator is not None:
+                chosen = read_selection(self.directory.entry(validator).storage, window)
+                if chosen is not None:
+                    if any(self.directory.entry(p) is None for p in chosen):
+                        self.directory.refresh()  # a miner that committed after our refresh
+                    return chosen
+            if time.monotonic() >= deadline:
+                log.warning("%s: no aggregation set for window %d", self.hotkey, window)
+                return []
+            self._wait(self.cfg.exchange.poll_interval_s)
+            if validator is None:
+                self.directory.refresh()
+
+    # --- windows ------------------------------------------------------------------------------
+
+    def run_window(self, window: int) -> RoundReport:
+        """Train, publish and step for ``window`` (see the module docstring)."""
+        started = time.monotonic()
+        self.directory.refresh()
+        ids = self.protocol.assignment(self.hotkey, window)
+        digest = self.protocol.digest(self.hotkey, window, ids)
+        self.proofs.publish(window, self.protocol.proof(self.model, window, digest))
+        self.model.train()
+        losses = []
+        for batch in self.protocol.batches(ids):
+            loss = self.task.loss_fn(self.model, batch)
+            loss.backward()
+            self.inner.step()
+            self.inner.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        self.outer.window = window
+        report = self.outer.step()
+        self.save(window + 1)
+        record = {
+            "window": window,
+            "train_loss": sum(losses) / len(losses),
+            "bytes_sent": report.bytes_sent,
+            "bytes_received": report.bytes_received,
+            "aggregated": report.peers,
+            "seconds": time.monotonic() - started,
+        }
+        self.history.append(record)
+        log.info(
+            "%s window %d: loss %.4f, sent %d B, aggregated %s",
+            self.hotkey,
+            window,
+            record["train_loss"],
+            report.bytes_sent,
+            report.peers,
+        )
+        return report
+
+    def replay(self, window: int, *, wait: bool = False) -> list[str]:
+        """Apply ``window``'s aggregate without training (a window this miner missed).
+
+        Returns the hotkeys aggregated. θ ← θ − α·aggregate, the outer step every miner
+        took; θ₀ follows θ so the next round's pseudo-gradient starts from here.
+        """
+        chosen = self.aggregation_set(window, wait=wait)
+        others = None if chosen is None else [p for p in chosen if p != self.hotkey]
+        updates: dict[str, Payload] = {}
+        if others is None or others:
+            updates.update(self.exchange.gather(window, peers=others).updates)
+        if chosen is not None and self.hotkey in chosen:
+            own = self._own_update(window)
+            if own is not None:
+                updates[self.hotkey] = own
+        if updates:
+            self.outer.apply(updates)
+        self.save(window + 1)
+        self.history.append({"window": window, "replayed": True, "aggregated": sorted(updates)})
+        log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
+        return sorted(updates)
+
+    def _own_update(self, window: int) -> Payload | None:
+        """This miner's own published update (it crashed between publishing and stepping)."""
+        try:
+            blob = self.storage.get(update_key(UPDATES, window, self.hotkey))
+            return open_envelope(
+                blob,
+                expected_peer=self.hotkey,
+                public_key=self.signer.public_key,
+                verifiers=default_verifiers(),
+                window=window,
+                codec=self.protocol.codec,
+            ).payload
+        except (ObjectNotFoundError, NetcommError):
+            return None
+
+    def catch_up(self, current: int) -> None:
+        """Replay every window between the next one to run and ``current`` (exclusive)."""
+        start = current if self.next_window is None else self.next_window
+        for window in range(start, current):
+            # Only the window that just closed may still be waiting for its selection.
+            self.replay(window, wait=window == current - 1)
+        self.next_window = current
+
+    def run(self, until_window: int | None = None) -> None:
+        """Announce, then follow the clock until ``until_window`` is done or :attr:`stop` is set."""
+        self.announce()
+        try:
+            while True:
+                window = self.clock.wait_for(self.next_window or 0)
+                if until_window is not None and window > until_window:
+                    return
+                self.catch_up(window)
+                self.run_window(window)
+                if until_window is not None and window >= until_window:
+                    return
+        except Stopped:
+            log.info("%s: stopped", self.hotkey)

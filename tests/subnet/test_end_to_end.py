@@ -1,0 +1,244 @@
+"""Two miners and a validator over a loopback S3 server and the in-memory chain.
+
+Each node has its own bucket, announced through a chain commitment with read-only keys.
+The test advances the chain one window at a time once every live miner has published, so
+the run is deterministic. Mid-run:
+
+* miner A stops after window 1 and restarts at once from its checkpoint (no window missed);
+* the validator stops after window 2 and restarts from its bucket checkpoint;
+* miner B stops after window 3, misses window 4 and restarts in window 5, replaying 4;
+* at the end a new miner C starts from the validator's model checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from gauntlet import InMemorySubnet
+from netcomm import ObjectNotFoundError, S3Config, S3Storage, update_key
+from subnet import (
+    Miner,
+    Secret,
+    StorageConfig,
+    Validator,
+    decode_commitment,
+    gpt_task,
+    open_chain,
+)
+
+WINDOWS = 6
+TIMEOUT_S = 60
+
+
+def _state(miner: Miner) -> dict[str, object]:
+    return {
+        "model": {k: v.clone() for k, v in miner.model.state_dict().items()},
+        "inner": miner.inner.state_dict(),
+        "outer": miner.outer.state_dict(),
+    }
+
+
+def _assert_same(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class Driver:
+    """Runs nodes as threads and moves the chain window by window."""
+
+    def __init__(self, subnet: InMemorySubnet, blocks_per_window: int) -> None:
+        self.subnet = subnet
+        self.bpw = blocks_per_window
+        self.threads: dict[str, threading.Thread] = {}
+        self.errors: list[BaseException] = []
+        self.nodes: list[Miner | Validator] = []
+
+    def start(self, node: Miner | Validator, until: int) -> None:
+        def work() -> None:
+            try:
+                node.run(until_window=until)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+        self.nodes.append(node)
+        self.threads[node.hotkey] = threading.Thread(target=work, daemon=True)
+        self.threads[node.hotkey].start()
+
+    def join(self, hotkey: str) -> None:
+        self.threads[hotkey].join(TIMEOUT_S)
+        assert not self.threads[hotkey].is_alive(), f"{hotkey} did not finish"
+        self._check()
+
+    def wait(self, what: str, predicate) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not predicate():
+            self._check()
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.01)
+
+    def _check(self) -> None:
+        if self.errors:
+            self.stop()
+            raise self.errors[0]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop.set()
+
+    def set_window(self, window: int) -> None:
+        self.subnet.block = window * self.bpw
+
+
+def _published(miner: Miner, window: int) -> bool:
+    try:
+        miner.storage.head(update_key("", window, miner.hotkey))
+    except ObjectNotFoundError:
+        return False
+    return True
+
+
+@pytest.fixture
+def network(tmp_path, moto_url, kit, one_thread):
+    buckets = {
+        "miner-a": "bucket-a",
+        "miner-b": "bucket-b",
+        "miner-c": "bucket-c",
+        "val": "bucket-v",
+    }
+    configs = {}
+    for hotkey, bucket in buckets.items():
+        S3Storage(
+            S3Config(
+                bucket=bucket,
+                endpoint_url=moto_url,
+                access_key_id="testing",
+                secret_access_key="testing",
+            )
+        ).create_bucket()
+        storage = StorageConfig(
+            kind="s3",
+            bucket=bucket,
+            endpoint_url=moto_url,
+            access_key_id="writer",
+            secret_access_key=Secret("writer-secret"),
+            read_access_key_id="reader",
+            read_secret_access_key=Secret("reader-secret"),
+        )
+        role = "validator" if hotkey == "val" else "miner"
+        configs[hotkey] = kit.node_config(role, hotkey, tmp_path / hotkey, storage)
+    subnet = InMemorySubnet(netuid=1)
+    task = gpt_task(kit.run)
+
+    def make(hotkey: str):
+        cfg = configs[hotkey]
+        cls = Validator if cfg.role == "validator" else Miner
+        return cls(cfg, task, open_chain(cfg, subnet), s3_options=kit.s3_options)
+
+    return subnet, make
+
+
+def test_run_with_restarts_keeps_every_model_equal(network):
+    subnet, make = network
+    driver = Driver(subnet, 10)
+    driver.set_window(0)
+    val, a, b = make("val"), make("miner-a"), make("miner-b")
+    driver.start(val, until=2)
+    driver.start(a, until=1)
+    driver.start(b, until=3)
+    live = {"miner-a": a, "miner-b": b}
+    retired: list[Miner] = []
+    first_val_history: list[dict] = []
+
+    for w in range(WINDOWS):
+        driver.wait(
+            f"updates of window {w}", lambda w=w: all(_published(m, w) for m in live.values())
+        )
+        driver.set_window(w + 1)
+        driver.wait(f"validator on window {w}", lambda w=w, v=val: (v.next_window or 0) > w)
+        if w == 1:  # miner A restarts from its checkpoint before window 2 is trained
+            driver.join("miner-a")
+            retired.append(a)
+            before = _state(a)
+            a = live["miner-a"] = make("miner-a")
+            assert a.next_window == 2
+            _assert_same(before, _state(a), "miner-a")
+            driver.start(a, until=WINDOWS - 1)
+        if w == 2:  # the validator restarts from the checkpoint in its bucket
+            driver.join("val")
+            first_val_history = val.history
+            board, model = val.scoreboard.state_dict(), val.model.state_dict()
+            val = make("val")
+            assert val.next_window == 3
+            assert val.scoreboard.state_dict() == board
+            _assert_same(model, val.model.state_dict(), "validator model")
+            driver.start(val, until=WINDOWS - 1)
+        if w == 3:  # miner B goes down and misses window 4
+            driver.join("miner-b")
+            retired.append(live.pop("miner-b"))
+        if w == 4:  # ... and comes back in window 5
+            b = live["miner-b"] = make("miner-b")
+            assert b.next_window == 4
+            driver.start(b, until=WINDOWS - 1)
+    for hotkey in ("val", "miner-a", "miner-b"):
+        driver.join(hotkey)
+
+    # Every model took the same outer steps: the restarted miners equal the validator, bit
+    # for bit, and each other.
+    reference = dict(val.model.named_parameters())
+    for miner in (a, b):
+        for name, p in miner.model.named_parameters():
+            assert torch.equal(p, reference[name]), (miner.hotkey, name)
+
+    # A new miner without a checkpoint joins from the validator's latest model checkpoint.
+    c = make("miner-c")
+    assert c.next_window == WINDOWS
+    for name, p in c.model.named_parameters():
+        assert torch.equal(p, reference[name]), name
+
+    # Every miner aggregated exactly the set the validator accepted, in every window it trained.
+    accepted = {r["window"]: r["accepted"] for r in first_val_history + val.history}
+    assert sorted(accepted) == list(range(WINDOWS))
+    trained = [r for m in (*retired, a, b) for r in m.history if "train_loss" in r]
+    assert len(trained) == 2 * WINDOWS - 1  # B missed window 4
+    for record in trained:
+        assert record["aggregated"] == accepted[record["window"]], record
+
+    # B replayed window 4 from A's update (the validator's accepted set), then trained 5.
+    assert b.history[0] == {"window": 4, "replayed": True, "aggregated": ["miner-a"]}
+    assert b.history[1]["window"] == 5 and b.history[1]["aggregated"] == ["miner-a", "miner-b"]
+
+    # The validator scored every window; B was missing only in window 4.
+    statuses = {r["window"]: r["statuses"] for r in val.history}
+    assert sorted(statuses) == [3, 4, 5]  # the restarted validator's windows
+    assert statuses[4] == {"miner-a": "evaluated", "miner-b": "missing"}
+    assert statuses[3] == statuses[5] == {"miner-a": "evaluated", "miner-b": "evaluated"}
+    assert val.history[-1]["heldout_loss"] < val.history[0]["heldout_loss"]
+
+    # Weights went on chain every second window, for registered miner uids only.
+    block, weights = subnet.weights["val"]
+    assert block == 6 * 10
+    uids = subnet.metagraph().hotkey_to_uid()
+    assert set(weights) <= {uids["miner-a"], uids["miner-b"]} and weights
+
+    # Commitments point readers at each node's own bucket with its read-only keys.
+    for hotkey, bucket in (("miner-a", "bucket-a"), ("miner-b", "bucket-b"), ("val", "bucket-v")):
+        loc = decode_commitment(subnet.commitments[hotkey][1])
+        assert (loc.bucket, loc.read_access_key_id) == (bucket, "reader")
+        assert loc.read_secret_access_key == Secret("reader-secret")
+        assert loc.role == ("validator" if hotkey == "val" else "miner")

@@ -1,0 +1,105 @@
+"""A short version of the main job: real storage, signed envelopes, validator, adversaries."""
+
+import json
+
+import pytest
+
+from sparseloco.errors import ConfigError
+from sparseloco.models.gpt import GPTConfig
+from subnet.sim import SimConfig, run
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    cfg = SimConfig(
+        peers=3,
+        windows=4,
+        inner_steps=5,
+        batch_size=8,
+        model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
+        adversaries=("free-rider", "poisoner", "copier"),
+        corpus_bytes=300_000,
+        out=out,
+    )
+    return run(cfg, progress=False, echo=False)
+
+
+def test_loss_decreases_and_files_are_written(short_run):
+    s = short_run.summary
+    assert s["heldout_loss_final"] < s["heldout_loss_initial"] - 0.3
+    for name in ("metrics.jsonl", "summary.json", "peers.jsonl", "loss.png", "weights.png"):
+        assert (short_run.out / name).stat().st_size > 0
+    lines = (short_run.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["window"] for x in lines] == [0, 1, 2, 3]
+    assert json.loads((short_run.out / "summary.json").read_text())["windows"] == 4
+
+
+def test_every_honest_update_gathered_and_adversaries_unpaid(short_run):
+    s = short_run.summary
+    records = [json.loads(x) for x in (short_run.out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        for peer in ("peer-0", "peer-1", "peer-2"):
+            assert r["validator"][peer]["status"] == "evaluated"
+        assert r["validator"]["adv-copier"]["status"] == "copy"
+        assert not any(p.startswith("adv-poisoner") for p in r["aggregated"])
+    assert s["honest_gathered_every_window"]
+    assert s["adversary_weight_total"] == 0.0
+    assert sum(s["final_weights"][p] for p in ("peer-0", "peer-1", "peer-2")) == pytest.approx(1.0)
+    assert s["compression_vs_fp32"] > 20
+
+
+def test_peers_stay_in_sync_with_the_validator(short_run):
+    records = [json.loads(x) for x in (short_run.out / "metrics.jsonl").read_text().splitlines()]
+    for r in records[1:]:
+        for peer in ("peer-0", "peer-1", "peer-2"):
+            assert r["validator"][peer]["sync"] == pytest.approx(1.0)
+
+
+def test_bad_config_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown adversary"):
+        SimConfig(adversaries=("sybil",), out=tmp_path)
+    with pytest.raises(ConfigError, match="preset"):
+        SimConfig(preset="nope", out=tmp_path)
+
+
+def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
+    from netcomm import S3Config, S3Storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    S3Storage(S3Config(bucket="swarm", endpoint_url=moto_url)).create_bucket()
+    cfg = SimConfig(
+        peers=2,
+        windows=2,
+        inner_steps=3,
+        model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
+        corpus_bytes=200_000,
+        storage="s3://swarm/run-1",
+        s3_endpoint=moto_url,
+        out=tmp_path,
+    )
+    s = run(cfg, progress=False, echo=False).summary
+    keys = [
+        o.key for o in S3Storage(S3Config(bucket="swarm", endpoint_url=moto_url)).list("run-1/")
+    ]
+    assert s["honest_gathered_every_window"]
+    assert s["heldout_loss_final"] < s["heldout_loss_initial"]
+    assert any("/updates/000000000001/peer-1.nce" in k for k in keys)
+    assert any(k.endswith("checkpoints/latest.json") for k in keys)
+    assert not (tmp_path / "storage").exists()
+
+
+def test_thread_settings_apply_during_a_run_and_are_restored():
+    import sys
+
+    import torch
+
+    from subnet.sim.runner import SWITCH_INTERVAL_S, _thread_settings
+
+    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"), _thread_settings(1):
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert sys.getswitchinterval() == interval and torch.get_num_threads() == threads
