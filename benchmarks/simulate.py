@@ -1,18 +1,23 @@
-"""Wall time of the local multi-peer run: the GIL switch interval it sets vs Python's default.
+"""Wall time and memory of the main job: the nodes as processes vs the thread version it replaced.
 
-Peers and the validator of ``sparseloco simulate`` are threads of one process; the run sets a
-0.5 ms switch interval (:data:`subnet.sim.runner.SWITCH_INTERVAL_S`). The baseline is the
-same run at Python's default 5 ms, in the same process, interleaved ``--repeats`` times; the
-final weights must be identical (the interval may change speed, never results).
+``sparseloco simulate`` runs every miner and validator as its own OS process on a local
+chain. The baseline is the thread simulation it replaced (every peer a thread of one
+process, GIL switch interval 0.5 ms), checked out from git at ``--thread-rev`` into a
+temporary worktree and run on the same machine in the same session, interleaved
+``--repeats`` times. Both run as child processes of this script; memory is the thread
+version's peak RSS and the process version's peak summed PSS of its process tree.
 
-    python benchmarks/simulate.py                 # 6 peers, 8 windows, aggregate=all, 2 repeats
-    python benchmarks/simulate.py --peers 4 --windows 12 --aggregate top   # the default run
+    python benchmarks/simulate.py                  # default run (4 peers, 12 windows), 2 repeats
+    python benchmarks/simulate.py --thread-rev ''  # processes only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,54 +25,102 @@ from pathlib import Path
 
 # Run as a file, this folder would come first on sys.path (and its gauntlet.py would shadow the
 # gauntlet package); the repository root goes there instead, for ``benchmarks.*`` imports.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from subnet.sim import SimConfig, run, runner  # noqa: E402
 
-INTERVALS = {"python default (5 ms)": 0.005, "simulate (0.5 ms)": runner.SWITCH_INTERVAL_S}
+#: the last commit with the thread simulation (``subnet.sim`` before the process runner).
+THREAD_REV = "7a480cb"
+
+THREAD_RUN = """
+import json, sys
+from pathlib import Path
+from subnet.sim import SimConfig, run
+s = run(SimConfig(peers={peers}, windows={windows}, out=Path(sys.argv[1])),
+        progress=False, echo=False).summary
+json.dump(s, open(Path(sys.argv[1]) / "bench.json", "w"))
+"""
+
+
+def _thread_tree(rev: str, tmp: Path) -> Path:
+    tree = tmp / "thread-version"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+        check=True,
+        capture_output=True,
+    )
+    return tree
+
+
+def _run_threads(tree: Path, out: Path, args: argparse.Namespace) -> dict:
+    code = THREAD_RUN.format(peers=args.peers, windows=args.windows)
+    env = {"PYTHONPATH": str(tree / "src"), "PATH": "/usr/bin:/bin"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    s = json.loads((out / "bench.json").read_text())
+    # ru_maxrss of children is the largest child so far: exact when this child is the largest.
+    return {"wall": wall, "memory_mb": max(peak, before) / 1024, "summary": s}
+
+
+def _run_processes(out: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "subnet.cli", "simulate", "--quiet", "--out", str(out)]
+    cmd += ["--peers", str(args.peers), "--windows", str(args.windows)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    s = json.loads((out / "summary.json").read_text())
+    return {"wall": wall, "memory_mb": s["peak_pss_mb"], "summary": s}
+
+
+def _row(label: str, runs: list[dict], base: float | None) -> dict:
+    wall = statistics.median(r["wall"] for r in runs)
+    last = runs[-1]["summary"]
+    return {
+        "version": label,
+        "median wall s": wall,
+        "runs s": " ".join(f"{r['wall']:.1f}" for r in runs),
+        "vs threads": (base / wall) if base else 1.0,
+        "peak memory MB": statistics.median(r["memory_mb"] for r in runs),
+        "held-out final": last["heldout_loss_final"],
+        "honest aggregated": last["honest_aggregated_fraction"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--peers", type=int, default=6)
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--aggregate", choices=["top", "all"], default="all")
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--thread-rev", default=THREAD_REV, help="'' to skip the thread baseline")
     args = ap.parse_args()
-    seconds: dict[str, list[float]] = {k: [] for k in INTERVALS}
-    weights: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
-            for label, interval in INTERVALS.items():
-                runner.SWITCH_INTERVAL_S = interval
-                cfg = SimConfig(
-                    peers=args.peers,
-                    windows=args.windows,
-                    aggregate=args.aggregate,
-                    out=Path(tmp) / f"{rep}-{interval}",
+    runs: dict[str, list[dict]] = {"threads (old)": [], "processes": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        tree = _thread_tree(args.thread_rev, tmp) if args.thread_rev else None
+        try:
+            for rep in range(args.repeats):
+                if tree is not None:
+                    runs["threads (old)"].append(_run_threads(tree, tmp / f"t{rep}", args))
+                runs["processes"].append(_run_processes(tmp / f"p{rep}", args))
+                print(
+                    " | ".join(f"{k}: {v[-1]['wall']:.1f} s" for k, v in runs.items() if v),
+                    flush=True,
                 )
-                start = time.perf_counter()
-                summary = run(cfg, progress=False, echo=False).summary
-                seconds[label].append(time.perf_counter() - start)
-                weights[label] = summary["final_weights"]
-                print(f"{label}: {seconds[label][-1]:.1f} s", flush=True)
-    base = statistics.median(seconds["python default (5 ms)"])
-    rows = [
-        {
-            "switch interval": label,
-            "median s": statistics.median(s),
-            "runs s": " ".join(f"{x:.1f}" for x in s),
-            "speed-up": base / statistics.median(s),
-        }
-        for label, s in seconds.items()
-    ]
-    same = len({tuple(sorted(w.items())) for w in weights.values()}) == 1
+        finally:
+            if tree is not None:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                )
+    base = statistics.median(r["wall"] for r in runs["threads (old)"]) if tree else None
+    rows = [_row(label, r, base) for label, r in runs.items() if r]
     print_table(rows, list(rows[0]))
-    print(f"final weights identical: {same}")
     path = write_json(
-        "simulate",
-        {"args": vars(args), "rows": rows, "identical_results": same, "environment": environment()},
+        "simulate", {"args": vars(args), "rows": rows, "environment": environment()}
     )
     print(f"wrote {path}")
 

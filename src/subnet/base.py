@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from gauntlet import Chain
@@ -21,6 +23,9 @@ from subnet.protocol import PROOFS
 from subnet.state import load_or_create_signer
 from subnet.storage import open_own_storage, open_peer_storage, own_prefix
 from subnet.task import Task
+
+#: per-node event log in ``state_dir`` (see :meth:`Node.record`).
+HISTORY_FILE = "history.jsonl"
 
 
 class Node:
@@ -55,6 +60,7 @@ class Node:
         )
         self.clock = WindowClock(chain, cfg.window)
         self.history: list[dict[str, Any]] = []
+        self.history_path = Path(cfg.state_dir) / HISTORY_FILE
 
     @property
     def stop(self) -> threading.Event:
@@ -83,6 +89,15 @@ class Node:
             self.protocol.exchange_config(self.cfg.exchange, proofs=prefix == PROOFS),  # type: ignore[attr-defined]
             prefix=prefix,
         )
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Log one event: window records go to :attr:`history`, every event is appended to
+        ``state_dir/history.jsonl`` (one JSON object per line) for whoever watches the node."""
+        if "window" in entry:
+            self.history.append(entry)
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def _wait(self, seconds: float) -> None:
         if self.stop.wait(seconds):

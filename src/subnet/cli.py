@@ -57,6 +57,8 @@ def _simulate(args: argparse.Namespace) -> int:
         data=args.data,
         seed=args.seed,
         out=out,
+        validators=args.validators,
+        window_s=args.window_s,
     )
     _check_s3_credentials(cfg.storage)
     created = _make_run_folder(out)
@@ -114,7 +116,7 @@ def _check_s3_credentials(storage: str) -> None:
 NODE_COMMANDS = {
     "miner": "run a miner from a TOML config (see docs/miner.md)",
     "validator": "run a validator from a TOML config",
-    "demo": "N miners and a validator as threads on one in-memory chain",
+    "demo": "N miners and a validator, each its own process, on a fresh local chain",
 }
 
 
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"sparseloco {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    sim_help = "run N peers and a validator on this machine"
+    sim_help = "run N miners and a validator on this machine, each its own process"
     sim = sub.add_parser("simulate", help=sim_help, description=sim_help.capitalize() + ".")
     # Listed for --help only: main() hands these to subnet.roles_cli before parsing.
     for name, line in NODE_COMMANDS.items():
@@ -180,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--data", help="text files or token shards (default: Python's stdlib)")
     sim.add_argument(
         "--seed", type=int, default=0, help="public seed of data and init (default %(default)s)"
+    )
+    sim.add_argument(
+        "--validators",
+        type=int,
+        default=1,
+        help="validator processes; each scores every window and sets weights (default %(default)s)",
+    )
+    sim.add_argument(
+        "--window-s",
+        type=float,
+        default=None,
+        help="seconds per window on the local chain (default 0.5 per miner, at least 1)",
     )
     sim.add_argument("--out", help="run folder (default runs/sim-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or tables")

@@ -23,6 +23,7 @@ Sections (see ``docs/miner.md`` and ``examples/configs/``):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -38,6 +39,14 @@ from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
 
 _HOTKEY = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: miner behaviours. ``honest`` is the only one for real mining; the others are the
+#: adversaries a validator must pay nothing: free-rider (zero update), noise (random update
+#: with an honest norm), copier (republishes ``miner.victim``'s update, lightly perturbed),
+#: stale (trains from the global model three windows old), wrong-data (trains on data that
+#: is not its assignment), poisoner (sign-flipped, amplified update).
+BEHAVIOURS = ("honest", "free-rider", "noise", "copier", "stale", "wrong-data", "poisoner")
+ADVERSARY_KINDS = BEHAVIOURS[1:]
 
 
 class NodeConfigError(ConfigError):
@@ -270,11 +279,18 @@ class MinerSettings:
         validator: hotkey of the validator to follow; ``""`` = the validator with the most
             stake that has a commitment.
         keep_checkpoints: local checkpoints kept (older ones are deleted).
+        behaviour: ``"honest"``, or one of the adversaries of :data:`ADVERSARY_KINDS`, for
+            testing validators (``sparseloco simulate --adversaries``).
+        victim: the copier's victim (the hotkey whose update it republishes).
     """
 
     aggregate: Literal["validator", "all"] = "validator"
     validator: str = ""
     keep_checkpoints: int = 2
+    behaviour: Literal[
+        "honest", "free-rider", "noise", "copier", "stale", "wrong-data", "poisoner"
+    ] = "honest"
+    victim: str = ""
 
     def __post_init__(self) -> None:
         _check(
@@ -282,6 +298,14 @@ class MinerSettings:
             "miner.aggregate must be 'validator' or 'all'",
         )
         _check(self.keep_checkpoints >= 1, "miner.keep_checkpoints must be >= 1")
+        _check(
+            self.behaviour in BEHAVIOURS,
+            f"miner.behaviour must be one of {', '.join(BEHAVIOURS)}",
+        )
+        _check(
+            self.behaviour != "copier" or bool(self.victim),
+            "miner.victim must name the hotkey a copier copies",
+        )
 
 
 @dataclass(frozen=True)
@@ -294,6 +318,9 @@ class ValidatorSettings:
             shared random set.
         heldout_batches: held-out batches for the logged global loss (0 = none).
         keep_checkpoints: model checkpoints kept in the bucket.
+        aggregate: the aggregation set it publishes for the miners and steps on itself:
+            ``"accepted"`` (evaluated, and helpful or in good standing) or ``"valid"`` (every
+            update that passed verification).
     """
 
     weights_every: int = 5
@@ -301,8 +328,13 @@ class ValidatorSettings:
     eval_random: int = 16
     heldout_batches: int = 4
     keep_checkpoints: int = 2
+    aggregate: Literal["accepted", "valid"] = "accepted"
 
     def __post_init__(self) -> None:
+        _check(
+            self.aggregate in ("accepted", "valid"),
+            "validator.aggregate must be 'accepted' or 'valid'",
+        )
         for name in ("weights_every", "eval_assigned", "eval_random", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"validator.{name} must be >= 1")
         _check(self.heldout_batches >= 0, "validator.heldout_batches must be >= 0")
@@ -353,12 +385,51 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: Any, *, secrets: bool = True) -> Any:
+    """Nested dicts of ``obj``'s fields; secrets as ``"***"`` (kept as :class:`Secret` when
+    ``secrets`` is False)."""
     if isinstance(obj, Secret):
-        return "***"
+        return "***" if secrets else obj
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: _plain(getattr(obj, f.name), secrets=secrets) for f in dataclasses.fields(obj)
+        }
     return obj
+
+
+def dump_config(cfg: NodeConfig) -> str:
+    """``cfg`` as TOML that :func:`load_config` reads back to an equal config.
+
+    Unset optional fields are left out. Inline secrets are refused: a written file must not
+    hold them (name an environment variable with ``x_env`` instead).
+    """
+    lines: list[str] = []
+    _dump_table(_plain(cfg, secrets=False), [], lines)
+    return "\n".join(lines) + "\n"
+
+
+def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
+    if path:
+        lines.append(f"\n[{'.'.join(path)}]")
+    lines.extend(f"{key} = {_toml_value(value, [*path, key])}" for key, value in scalars.items())
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _dump_table(value, [*path, key], lines)
+
+
+def _toml_value(value: Any, path: list[str]) -> str:
+    if isinstance(value, Secret):
+        raise NodeConfigError(
+            f'{".".join(path)} holds an inline secret; write {path[-1]}_env = "VAR" instead'
+        )
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    raise NodeConfigError(f"{'.'.join(path)}: cannot write {value!r} as TOML")
 
 
 def load_config(path: str | Path) -> NodeConfig:

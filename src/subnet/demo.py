@@ -1,32 +1,30 @@
-"""A local run: N miners and a validator as threads on one in-memory chain.
+"""A local run from the role configs: N miners and a validator, each its own process.
 
-The in-memory chain lives inside one process, so this is how miners and a validator meet on
-one machine without Bittensor. A :class:`~subnet.clock.BlockTicker` makes blocks
-every ``window.block_time_s`` seconds. Miner ``i`` is the miner config with hotkey
-``miner-{i}``, state in ``<state_dir>/../miner-{i}`` and storage prefix ``miner-{i}``.
-Nodes resume from their checkpoints: the chain starts at the first block of the window the
-saved state reached, so running the demo again continues the same model.
+Every node runs exactly as ``sparseloco miner`` / ``sparseloco validator`` would in its own
+terminal (:class:`~subnet.sim.launch.NodeProcesses`), on a fresh local SQLite chain
+``<root>/chain.sqlite`` beside the validator's state folder. Miner ``i`` is the miner config
+with hotkey ``miner-{i}``, state in ``<state_dir>/../miner-{i}`` and storage prefix
+``miner-{i}``. Nodes resume from their checkpoints: the chain opens at the window the saved
+state reached, so running the demo again continues the same model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gauntlet import InMemorySubnet
-from subnet.base import Node
-from subnet.chain import open_chain
-from subnet.clock import BlockTicker
-from subnet.config import NodeConfig, NodeConfigError
-from subnet.miner import Miner
-from subnet.task import gpt_task
-from subnet.validator import Validator
+from gauntlet import SqliteSubnet
+from netcomm import CheckpointStore, LocalStorage
+from subnet.base import HISTORY_FILE
+from subnet.config import ChainConfig, NodeConfig, NodeConfigError
+from subnet.sim.launch import START_BLOCK, NodeProcesses, NodeSpec
+from subnet.sim.runner import read_events
+from subnet.storage import open_own_storage
 
-log = logging.getLogger("subnet.demo")
+#: how long the nodes may take to start (imports, data).
+STARTUP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -51,47 +49,68 @@ def miner_configs(template: NodeConfig, count: int) -> list[NodeConfig]:
     return out
 
 
+def _on_local_chain(cfg: NodeConfig, path: Path) -> NodeConfig:
+    chain = ChainConfig(
+        kind="local", netuid=cfg.chain.netuid, path=str(path), stake=cfg.chain.stake
+    )
+    window = dataclasses.replace(cfg.window, start_block=START_BLOCK)
+    return cfg.replace(chain=chain, window=window)
+
+
+def _resume_window(validator: NodeConfig, miners: list[NodeConfig]) -> int:
+    """The window the saved states reached (0 without any)."""
+    steps = [CheckpointStore(open_own_storage(validator.storage, validator.hotkey), "checkpoints")]
+    steps += [CheckpointStore(LocalStorage(Path(m.state_dir)), "checkpoints") for m in miners]
+    return max((s.latest_step() or 0 for s in steps), default=0)
+
+
+def _check(
+    miner_template: NodeConfig, validator_cfg: NodeConfig, miners: int, windows: int
+) -> None:
+    if miner_template.chain.kind == "bittensor" or validator_cfg.chain.kind == "bittensor":
+        raise NodeConfigError("the local demo runs on a local chain, not chain.kind = 'bittensor'")
+    if miner_template.run != validator_cfg.run:
+        raise NodeConfigError("the miner and validator configs must have the same [run] section")
+    if miner_template.window != validator_cfg.window:
+        raise NodeConfigError("the miner and validator configs must have the same [window] section")
+    if miners < 1 or windows < 1:
+        raise NodeConfigError("the demo needs at least one miner and one window")
+
+
+def _window_history(state_dir: str, first: int) -> list[dict[str, Any]]:
+    events = read_events(Path(state_dir) / HISTORY_FILE)
+    return [e for e in events if e.get("window", -1) >= first]
+
+
 def run_local_demo(
     miner_template: NodeConfig, validator_cfg: NodeConfig, *, miners: int, windows: int
 ) -> DemoResult:
     """Run ``miners`` miners and the validator for ``windows`` windows; see the module doc."""
-    if miner_template.chain.kind != "memory" or validator_cfg.chain.kind != "memory":
-        raise NodeConfigError("the local demo runs on the in-memory chain (chain.kind = 'memory')")
-    if miner_template.run != validator_cfg.run:
-        raise NodeConfigError("the miner and validator configs must have the same [run] section")
-    if miners < 1 or windows < 1:
-        raise NodeConfigError("the demo needs at least one miner and one window")
-    subnet = InMemorySubnet(netuid=validator_cfg.chain.netuid)
-    task = gpt_task(validator_cfg.run)
-    validator = Validator(validator_cfg, task, open_chain(validator_cfg, subnet))
-    crew = [Miner(c, task, open_chain(c, subnet)) for c in miner_configs(miner_template, miners)]
-    nodes: list[Node] = [validator, *crew]
-    first = max([validator.next_window or 0, *(m.next_window or 0 for m in crew)])
-    last = first + windows - 1
-    subnet.block = validator.clock.first_block(first)
-    errors: list[str] = []
-
-    def work(node: Validator | Miner) -> None:
-        try:
-            node.run(until_window=last)
-        except Exception as exc:
-            log.exception("%s failed", node.hotkey)
-            errors.append(f"{node.hotkey}: {exc!r}")
-            for other in nodes:
-                other.stop.set()
-
-    threads = [threading.Thread(target=work, args=(n,), name=n.hotkey) for n in nodes]
-    with BlockTicker(subnet, validator_cfg.window.block_time_s):
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise RuntimeError("a node failed: " + "; ".join(errors))
+    _check(miner_template, validator_cfg, miners, windows)
+    root = Path(validator_cfg.state_dir).parent
+    chain_file = root / "chain.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{chain_file}{suffix}").unlink(missing_ok=True)
+    crew = [_on_local_chain(c, chain_file) for c in miner_configs(miner_template, miners)]
+    validator = _on_local_chain(validator_cfg, chain_file)
+    first = _resume_window(validator, crew)
+    specs = [NodeSpec(validator.hotkey, "validator", validator)]
+    specs += [NodeSpec(c.hotkey, "honest", c) for c in crew]
+    chain = SqliteSubnet(
+        chain_file, netuid=validator.chain.netuid, block_time_s=validator.window.block_time_s
+    )
+    try:
+        with NodeProcesses(specs, root / "demo", windows, threads=1) as nodes:
+            nodes.wait_ready(chain, STARTUP_TIMEOUT_S)
+            nodes.open_window(chain, first, validator.window.blocks_per_window)
+            nodes.wait_exit(timeout_s=STARTUP_TIMEOUT_S + windows * 60.0)
+    finally:
+        chain.close()
+    history = _window_history(validator.state_dir, first)
     return DemoResult(
         first_window=first,
-        last_window=last,
-        validator=validator.history,
-        miners={m.hotkey: m.history for m in crew},
-        weights=validator.scoreboard.weights(),
+        last_window=first + windows - 1,
+        validator=history,
+        miners={c.hotkey: _window_history(c.state_dir, first) for c in crew},
+        weights=history[-1]["weights"] if history else {},
     )

@@ -45,7 +45,14 @@ from sparseloco.payload import Payload
 from subnet.base import Node
 from subnet.clock import Stopped
 from subnet.config import NodeConfig
-from subnet.protocol import PROOFS, UPDATES, Protocol, read_selection
+from subnet.protocol import (
+    PROOFS,
+    UPDATES,
+    Protocol,
+    Selection,
+    read_selection,
+    state_digest,
+)
 from subnet.state import prune_checkpoints
 from subnet.task import Task
 
@@ -107,11 +114,8 @@ class Miner(Node):
         self.inner = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.run.inner_lr, weight_decay=0.1
         )
-        self.outer = SparseLoCo(
-            self.model.named_parameters(),
-            SelectedExchange(self, self.exchange),
-            self.protocol.outer,
-        )
+        self.selections: dict[int, Selection] = {}
+        self.outer = self._outer_optimizer()
         self._load_optimizers()
 
     # --- state -----------------------------------------------------------------------------
@@ -170,7 +174,8 @@ class Miner(Node):
 
         With ``aggregate = "validator"`` this is the followed validator's published set,
         waited for up to ``exchange.selection_timeout_s`` when ``wait``; an empty list when
-        it does not come (every miner then keeps its parameters for the window).
+        it does not come (the miner then keeps its parameters and re-syncs afterwards, see
+        :meth:`check_sync`).
         """
         if self.cfg.miner.aggregate == "all":
             return None
@@ -180,15 +185,75 @@ class Miner(Node):
             if validator is not None:
                 chosen = read_selection(self.directory.entry(validator).storage, window)
                 if chosen is not None:
-                    if any(self.directory.entry(p) is None for p in chosen):
+                    self.selections[window] = chosen
+                    if any(self.directory.entry(p) is None for p in chosen.peers):
                         self.directory.refresh()  # a miner that committed after our refresh
-                    return chosen
+                    return chosen.peers
             if time.monotonic() >= deadline:
                 log.warning("%s: no aggregation set for window %d", self.hotkey, window)
                 return []
             self._wait(self.cfg.exchange.poll_interval_s)
             if validator is None:
                 self.directory.refresh()
+
+    # --- staying in sync ---------------------------------------------------------------------
+
+    def check_sync(self, window: int, aggregated: list[str]) -> str | None:
+        """After ``window``'s outer step: ``None`` when this miner stepped on the validator's
+        set and holds the validator's model; otherwise why not, after re-syncing (logged).
+
+        Out of sync means: no aggregation set arrived, an update of the set could not be
+        used, or the model's :func:`~subnet.protocol.state_digest` differs from the one the
+        validator published with the set. The miner then loads the validator's checkpoint of
+        step ``window + 1`` instead of training on a different model.
+        """
+        if self.cfg.miner.aggregate == "all":
+            return None
+        chosen = self.selections.pop(window, None)
+        if chosen is None:
+            problem = "no aggregation set arrived"
+        elif missing := sorted(set(chosen.peers) - set(aggregated)):
+            problem = f"could not use the update(s) of {', '.join(missing)}"
+        elif state_digest(self.model) != chosen.state:
+            problem = "its model differs from the validator's"
+        else:
+            return None
+        synced = self._resync(window + 1)
+        log.warning(
+            "%s: out of sync after window %d (%s); %s",
+            self.hotkey,
+            window,
+            problem,
+            "re-synced from the validator's checkpoint" if synced else "re-sync FAILED",
+        )
+        return problem if synced else f"{problem}; re-sync failed"
+
+    def _resync(self, step: int) -> bool:
+        """Load the followed validator's model checkpoint ``step`` (waiting for it up to
+        ``exchange.selection_timeout_s``) and restart the outer optimizer from it."""
+        deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
+        while True:
+            validator = self._validator()
+            if validator is not None:
+                store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
+                latest = store.latest_step()
+                if latest is not None and latest >= step:
+                    self.model.load_state_dict(store.load(step).model)
+                    # θ₀ = the loaded θ; the error buffer starts over (the presets have no
+                    # outer momentum, so nothing else differs from the other miners).
+                    self.outer = self._outer_optimizer()
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            self._wait(self.cfg.exchange.poll_interval_s)
+            self.directory.refresh()
+
+    def _outer_optimizer(self) -> SparseLoCo:
+        return SparseLoCo(
+            self.model.named_parameters(),
+            SelectedExchange(self, self.exchange),
+            self.protocol.outer,
+        )
 
     # --- windows ------------------------------------------------------------------------------
 
@@ -209,6 +274,7 @@ class Miner(Node):
             losses.append(float(loss.detach()))
         self.outer.window = window
         report = self.outer.step()
+        out_of_sync = self.check_sync(window, report.peers)
         self.save(window + 1)
         record = {
             "window": window,
@@ -216,9 +282,10 @@ class Miner(Node):
             "bytes_sent": report.bytes_sent,
             "bytes_received": report.bytes_received,
             "aggregated": report.peers,
+            "out_of_sync": out_of_sync,
             "seconds": time.monotonic() - started,
         }
-        self.history.append(record)
+        self.record(record)
         log.info(
             "%s window %d: loss %.4f, sent %d B, aggregated %s",
             self.hotkey,
@@ -246,8 +313,15 @@ class Miner(Node):
                 updates[self.hotkey] = own
         if updates:
             self.outer.apply(updates)
+        # A window without a published set (the validator skipped it) moved nobody.
+        out_of_sync = (
+            self.check_sync(window, sorted(updates)) if window in self.selections else None
+        )
         self.save(window + 1)
-        self.history.append({"window": window, "replayed": True, "aggregated": sorted(updates)})
+        record = {"window": window, "replayed": True, "aggregated": sorted(updates)}
+        if out_of_sync is not None:
+            record["out_of_sync"] = out_of_sync
+        self.record(record)
         log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
         return sorted(updates)
 

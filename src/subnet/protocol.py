@@ -7,13 +7,16 @@
 * the proof payload: a proof-of-data digest and the sampled parameter values for the sync
   check, signed like an update;
 * the validator's aggregation set for a window: ``selection/{window:012d}.json`` in the
-  validator's storage.
+  validator's storage, with the digest of its model after stepping on that set (a miner
+  whose model differs after the same step is out of sync and re-syncs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -131,17 +134,43 @@ def selection_key(window: int) -> str:
     return f"selection/{window:012d}.json"
 
 
-def write_selection(storage: Storage, window: int, peers: Sequence[str]) -> None:
-    """Publish the validator's aggregation set for ``window``."""
-    storage.put(selection_key(window), json.dumps(sorted(peers)).encode())
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters (names, dtypes, shapes and bytes, names sorted):
+    equal on two nodes exactly when their parameters are bit-identical."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
-def read_selection(storage: Storage, window: int) -> list[str] | None:
+@dataclass(frozen=True)
+class Selection:
+    """A validator's aggregation set for a window and the digest of its model after the
+    window's outer step (what every miner that stepped on the same set must hold)."""
+
+    peers: list[str]
+    state: str
+
+
+def write_selection(storage: Storage, window: int, peers: Sequence[str], state: str) -> None:
+    """Publish the validator's aggregation set for ``window`` with its post-step digest."""
+    doc = {"peers": sorted(peers), "state": state}
+    storage.put(selection_key(window), json.dumps(doc, sort_keys=True).encode())
+
+
+def read_selection(storage: Storage, window: int) -> Selection | None:
     """The aggregation set of ``window``, or ``None`` when it is not published (or malformed)."""
     try:
-        peers = json.loads(storage.get(selection_key(window)))
+        doc = json.loads(storage.get(selection_key(window)))
     except (ObjectNotFoundError, ValueError):
         return None
+    if not isinstance(doc, dict) or set(doc) != {"peers", "state"}:
+        return None
+    peers, state = doc["peers"], doc["state"]
     if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
         return None
-    return sorted(peers)
+    if not isinstance(state, str) or len(state) != 64:
+        return None
+    return Selection(sorted(peers), state)

@@ -1,12 +1,13 @@
 """Command line of the node roles: ``sparseloco {miner,validator,demo}``.
 
 ``miner`` / ``validator`` run one role from a TOML config until interrupted (or for
-``--windows`` windows). The in-memory chain exists only inside one process, so with
-``chain.kind = "memory"`` they run the local demo instead (``--local-demo N`` miners, 2 by
-default, and the validator), using the other role's config from ``--peer-config``. With
-``chain.kind = "local"`` (or ``--chain FILE``) each role runs in its own process on a
-SQLite chain file that all of them open. A user's mistake (bad config, unreadable file,
-chain file of another subnet) is one ``error: ...`` line on stderr and exit code 2.
+``--windows`` windows). With ``chain.kind = "local"`` (or ``--chain FILE``) each role runs
+in its own process on a SQLite chain file that all of them open. The in-memory chain exists
+only inside one process, so with ``chain.kind = "memory"`` (or ``--local-demo N``) they run
+the local demo instead: N miners (2 by default) and the validator, each its own process on a
+fresh local chain, with the other role's config from ``--peer-config``. A user's mistake
+(bad config, unreadable file, chain file of another subnet) is one ``error: ...`` line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gauntlet import GauntletError
+from gauntlet import Chain, GauntletError
 from sparseloco.errors import SparseLoCoError
+from subnet.adversary import AdversaryMiner
+from subnet.base import Node
 from subnet.chain import open_chain
 from subnet.config import NodeConfig, load_config
 from subnet.demo import run_local_demo
 from subnet.miner import Miner
-from subnet.task import gpt_task
+from subnet.task import Task, gpt_task
 from subnet.validator import Validator
 
 log = logging.getLogger("subnet")
@@ -55,7 +58,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             type=int,
             default=None,
             metavar="N",
-            help="run N miners and a validator as threads on one in-memory chain",
+            help="run the local demo: N miners and the validator as processes",
         )
         other = "validator" if role == "miner" else "miner"
         p.add_argument(
@@ -64,7 +67,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             default=None,
             help=f"the {other}'s config for the local demo (default: {other}.toml beside --config)",
         )
-    demo_help = "N miners and a validator as threads on one in-memory chain"
+    demo_help = "N miners and a validator, each its own process, on a fresh local chain"
     p = sub.add_parser("demo", help=demo_help, description=demo_help + ".")
     p.add_argument("--miner-config", type=Path, required=True, help="the miners' TOML file")
     p.add_argument("--validator-config", type=Path, required=True, help="the validator's TOML file")
@@ -88,7 +91,7 @@ def _demo(miner_cfg: NodeConfig, validator_cfg: NodeConfig, miners: int, windows
 def _run_role(cfg: NodeConfig, windows: int | None) -> int:
     task = gpt_task(cfg.run)
     chain = open_chain(cfg)
-    node = (Miner if cfg.role == "miner" else Validator)(cfg, task, chain)
+    node = make_node(cfg, task, chain)
     until = None
     if windows is not None:
         until = max(node.clock.window(), node.next_window or 0, 0) + windows - 1
@@ -97,6 +100,15 @@ def _run_role(cfg: NodeConfig, windows: int | None) -> int:
     except KeyboardInterrupt:
         node.stop.set()
     return 0
+
+
+def make_node(cfg: NodeConfig, task: Task, chain: Chain) -> Node:
+    """The role of ``cfg``: a validator, an honest miner or an adversarial one."""
+    if cfg.role == "validator":
+        return Validator(cfg, task, chain)
+    if cfg.miner.behaviour != "honest":
+        return AdversaryMiner(cfg, task, chain)
+    return Miner(cfg, task, chain)
 
 
 def _with_chain_file(cfg: NodeConfig, path: Path | None) -> NodeConfig:
@@ -127,8 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         peer = load_config(peer_path)
         miners = args.local_demo if args.local_demo is not None else 2
         print(
-            f"chain.kind = 'memory' lives inside this process: running the local demo with "
-            f"{miners} miner(s) and the validator ({peer_path} for the {other})."
+            f"chain.kind = 'memory' lives inside one process: running the local demo with "
+            f"{miners} miner(s) and the validator as processes ({peer_path} for the {other})."
         )
         miner_cfg, validator_cfg = (cfg, peer) if cfg.role == "miner" else (peer, cfg)
         return _demo(miner_cfg, validator_cfg, miners, args.windows or 6)

@@ -6,9 +6,10 @@ One window ``w`` (:meth:`Validator.run_window`), run once ``w`` has closed on th
 1. refresh the directory; gather every committed miner's update and proof for ``w``;
 2. Gauntlet-score the window (:class:`gauntlet.Scorer`: proof of data, copies, evaluation
    on assigned and shared random data, sync, OpenSkill, BMA);
-3. publish the accepted set as ``selection/{w}.json`` in its own storage (miners aggregate
+3. publish the aggregation set as ``selection/{w}.json`` in its own storage: the accepted
+   updates, or every verified one with ``validator.aggregate = "valid"`` (miners aggregate
    exactly that set, so every miner and the validator take the same outer step);
-4. apply the same outer step to its model (θ ← θ − α·aggregate of the accepted updates);
+4. apply the same outer step to its model (θ ← θ − α·aggregate of that set);
 5. every ``weights_every`` windows, set the scoreboard's weights on chain;
 6. checkpoint the model to its storage as step ``w + 1``, with the scoreboard state in the
    checkpoint's metadata (one atomic ``latest`` pointer for both).
@@ -39,11 +40,39 @@ from sparseloco.optim import SparseLoCo
 from subnet.base import Node
 from subnet.clock import Stopped
 from subnet.config import NodeConfig
-from subnet.protocol import PROOFS, UPDATES, Protocol, read_proof, write_selection
+from subnet.protocol import (
+    PROOFS,
+    UPDATES,
+    Protocol,
+    read_proof,
+    state_digest,
+    write_selection,
+)
 from subnet.state import prune_checkpoints
 from subnet.task import Task
 
 log = logging.getLogger("subnet.validator")
+
+
+def _valid(report: WindowReport, peer: str) -> bool:
+    outcome = report.outcomes.get(peer)
+    return outcome is not None and outcome.status != "invalid"
+
+
+def peer_rows(report: WindowReport) -> dict[str, dict[str, Any]]:
+    """Per peer: status, reason, gains, sync score, score and weight (the window's log)."""
+    rows = {}
+    for peer, o in sorted(report.outcomes.items()):
+        rows[peer] = {
+            "status": o.status,
+            "reason": o.reason,
+            "gain_random": o.evaluation.gain_random if o.evaluation else None,
+            "gain_assigned": o.evaluation.gain_assigned if o.evaluation else None,
+            "sync": o.sync.score if o.sync else None,
+            "score": report.scores.get(peer, 0.0),
+            "weight": report.weights.get(peer, 0.0),
+        }
+    return rows
 
 
 class Validator(Node):
@@ -150,8 +179,11 @@ class Validator(Node):
             )
         )
         accepted = report.accepted
-        write_selection(self.storage, window, accepted)
-        self.follower.apply({p: gathered.updates[p] for p in accepted})
+        selected = accepted
+        if self.cfg.validator.aggregate == "valid":
+            selected = [p for p in sorted(gathered.updates) if _valid(report, p)]
+        self.follower.apply({p: gathered.updates[p] for p in selected})
+        write_selection(self.storage, window, selected, state_digest(self.model))
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()
@@ -165,14 +197,16 @@ class Validator(Node):
         record = {
             "window": window,
             "statuses": {p: o.status for p, o in sorted(report.outcomes.items())},
+            "peers": peer_rows(report),
             "accepted": accepted,
+            "aggregated": selected,
             "scores": report.scores,
             "weights": report.weights,
             "weights_set": weights_set,
             "heldout_loss": self.heldout_loss(),
             "seconds": time.monotonic() - started,
         }
-        self.history.append(record)
+        self.record(record)
         log.info("%s window %d: accepted %s\n%s", self.hotkey, window, accepted, report.table())
         return report
 
@@ -199,6 +233,9 @@ class Validator(Node):
         self.announce()
         if self.next_window is None:
             self.next_window = max(self.clock.window(), 0)
+        self.record(
+            {"event": "start", "next_window": self.next_window, "heldout_loss": self.heldout_loss()}
+        )
         try:
             while True:
                 window = self.clock.wait_for(self.next_window + 1) - 1

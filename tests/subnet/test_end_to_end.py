@@ -12,8 +12,10 @@ the run is deterministic. Mid-run:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import uuid
 
 import pytest
 import torch
@@ -115,11 +117,14 @@ def _published(miner: Miner, window: int) -> bool:
 
 @pytest.fixture
 def network(tmp_path, moto_url, kit, one_thread):
+    # The loopback S3 server outlives a test: fresh buckets keep tests from resuming each
+    # other's checkpoints.
+    run = uuid.uuid4().hex[:8]
     buckets = {
-        "miner-a": "bucket-a",
-        "miner-b": "bucket-b",
-        "miner-c": "bucket-c",
-        "val": "bucket-v",
+        "miner-a": f"bucket-a-{run}",
+        "miner-b": f"bucket-b-{run}",
+        "miner-c": f"bucket-c-{run}",
+        "val": f"bucket-v-{run}",
     }
     configs = {}
     for hotkey, bucket in buckets.items():
@@ -237,8 +242,59 @@ def test_run_with_restarts_keeps_every_model_equal(network):
     assert set(weights) <= {uids["miner-a"], uids["miner-b"]} and weights
 
     # Commitments point readers at each node's own bucket with its read-only keys.
-    for hotkey, bucket in (("miner-a", "bucket-a"), ("miner-b", "bucket-b"), ("val", "bucket-v")):
-        loc = decode_commitment(subnet.commitments[hotkey][1])
-        assert (loc.bucket, loc.read_access_key_id) == (bucket, "reader")
+    for node in (a, b, val):
+        loc = decode_commitment(subnet.commitments[node.hotkey][1])
+        assert (loc.bucket, loc.read_access_key_id) == (node.cfg.storage.bucket, "reader")
         assert loc.read_secret_access_key == Secret("reader-secret")
-        assert loc.role == ("validator" if hotkey == "val" else "miner")
+        assert loc.role == ("validator" if node is val else "miner")
+
+
+def test_a_miner_out_of_sync_knows_it_and_resyncs(network):
+    """B's model drifts after window 1 and B loses A's update in window 2: each time B says
+    so in its history and re-syncs from the validator's checkpoint; the validator publishes
+    every verified update (``aggregate = "valid"``) and every node steps on that set."""
+    subnet, make = network
+    driver = Driver(subnet, 10)
+    driver.set_window(0)
+    val, a, b = make("val"), make("miner-a"), make("miner-b")
+    val.cfg = val.cfg.replace(validator=dataclasses.replace(val.cfg.validator, aggregate="valid"))
+    step, gather = b.outer.step, b.exchange.gather
+
+    def drifting_step():
+        report = step()
+        if report.window == 1:
+            with torch.no_grad():
+                next(b.model.parameters()).add_(1e-3)
+        return report
+
+    def lossy_gather(window, peers=None, **kw):
+        if window == 2:
+            peers = [p for p in peers if p != "miner-a"]
+        return gather(window, peers=peers, **kw)
+
+    b.outer.step = drifting_step
+    b.exchange.gather = lossy_gather
+    for node in (val, a, b):
+        driver.start(node, until=3)
+    for w in range(4):
+        driver.wait(f"updates of {w}", lambda w=w: _published(a, w) and _published(b, w))
+        driver.set_window(w + 1)
+        driver.wait(f"validator on window {w}", lambda w=w: (val.next_window or 0) > w)
+    for hotkey in ("val", "miner-a", "miner-b"):
+        driver.join(hotkey)
+
+    problems = {r["window"]: r["out_of_sync"] for r in b.history}
+    assert problems == {
+        0: None,
+        1: "its model differs from the validator's",
+        2: "could not use the update(s) of miner-a",
+        3: None,
+    }
+    assert all(r["out_of_sync"] is None for r in a.history)
+    chosen = {r["window"]: r["aggregated"] for r in val.history}
+    assert all(chosen[w] == ["miner-a", "miner-b"] for w in range(4))
+    assert [r["aggregated"] for r in a.history] == [chosen[w] for w in range(4)]
+    reference = dict(val.model.named_parameters())
+    for miner in (a, b):
+        for name, p in miner.model.named_parameters():
+            assert torch.equal(p, reference[name]), (miner.hotkey, name)

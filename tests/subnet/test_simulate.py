@@ -20,6 +20,7 @@ def short_run(tmp_path_factory):
         model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
         adversaries=("free-rider", "poisoner", "copier"),
         corpus_bytes=300_000,
+        validators=2,
         out=out,
     )
     return run(cfg, progress=False, echo=False)
@@ -47,6 +48,19 @@ def test_every_honest_update_gathered_and_adversaries_unpaid(short_run):
     assert s["adversary_weight_total"] == 0.0
     assert sum(s["final_weights"][p] for p in ("peer-0", "peer-1", "peer-2")) == pytest.approx(1.0)
     assert s["compression_vs_fp32"] > 20
+
+
+def test_every_node_is_its_own_process_and_two_validators_agree(short_run):
+    s = short_run.summary
+    nodes = {"validator-0", "validator-1", "peer-0", "peer-1", "peer-2"}
+    nodes |= {"adv-free-rider", "adv-poisoner", "adv-copier"}
+    assert set(s["peak_rss_mb_per_node"]) == nodes
+    assert all(100 < mb < 2000 for mb in s["peak_rss_mb_per_node"].values())
+    assert 0 < s["peak_pss_mb"] < sum(s["peak_rss_mb_per_node"].values()) + 1000
+    for node in nodes:
+        assert (short_run.out / "nodes" / f"{node}.toml").exists()
+        assert (short_run.out / "logs" / f"{node}.log").exists()
+    assert s["validators_agree"] is True
 
 
 def test_peers_stay_in_sync_with_the_validator(short_run):
@@ -88,18 +102,3 @@ def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
     assert any("/updates/000000000001/peer-1.nce" in k for k in keys)
     assert any(k.endswith("checkpoints/latest.json") for k in keys)
     assert not (tmp_path / "storage").exists()
-
-
-def test_thread_settings_apply_during_a_run_and_are_restored():
-    import sys
-
-    import torch
-
-    from subnet.sim.runner import SWITCH_INTERVAL_S, _thread_settings
-
-    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
-    with pytest.raises(RuntimeError, match="boom"), _thread_settings(1):
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
-        assert torch.get_num_threads() == 1
-        raise RuntimeError("boom")
-    assert sys.getswitchinterval() == interval and torch.get_num_threads() == threads

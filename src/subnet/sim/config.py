@@ -9,12 +9,11 @@ from typing import Any, Literal
 from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
+from subnet.config import ADVERSARY_KINDS
 
-#: adversary behaviours: free-rider (zero update), noise (random update with an honest norm),
-#: copier (republishes another peer's update, lightly perturbed), stale (trains from a model
-#: three windows old), wrong-data (trains on data that is not its assignment), poisoner
-#: (sign-flipped, amplified update).
-ADVERSARY_KINDS = ("free-rider", "noise", "copier", "stale", "wrong-data", "poisoner")
+#: default window length per miner process: 4 miners on 2 cores train H = 10 steps, publish,
+#: and the validator scores the previous window in about 1.5 s (benchmarks/simulate.py).
+SECONDS_PER_MINER = 0.5
 
 
 def default_model() -> GPTConfig:
@@ -23,7 +22,7 @@ def default_model() -> GPTConfig:
 
 @dataclass(frozen=True)
 class SimConfig:
-    """A local multi-peer run.
+    """A local multi-peer run: every peer and validator is its own OS process.
 
     Args:
         peers: honest SparseLoCo peers.
@@ -43,9 +42,16 @@ class SimConfig:
         corpus_bytes: bytes of the standard library corpus to read.
         heldout_batches: held-out batches (of ``batch_size``) for the global loss curve.
         seed: the run's public seed (model init, data assignment, evaluation).
-        out: run folder for metrics, summary and plots.
-        deadline_s: gather deadline per window.
-        threads: torch intra-op threads (the peers already run in parallel threads).
+        out: run folder for metrics, summary, plots, node configs, logs, chain and storage.
+        validators: validator processes (each scores every window and sets weights; the
+            miners follow the one with the most stake, ``validator`` or ``validator-0``).
+        window_s: seconds per window on the local chain's clock: room for H inner steps,
+            the exchange and the validator's scoring of the previous window; ``None`` =
+            :data:`SECONDS_PER_MINER` per miner process (at least 1 s), since the processes
+            share the machine's cores.
+        blocks_per_window: blocks of ``window_s / blocks_per_window`` seconds per window.
+        deadline_s: how long a miner waits for a window's aggregation set.
+        threads: torch intra-op threads per process.
     """
 
     peers: int = 4
@@ -65,11 +71,23 @@ class SimConfig:
     heldout_batches: int = 8
     seed: int = 0
     out: Path = Path("runs/latest")
+    validators: int = 1
+    window_s: float | None = None
+    blocks_per_window: int = 4
     deadline_s: float = 120.0
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("peers", "windows", "inner_steps", "batch_size", "heldout_batches"):
+        for name in (
+            "peers",
+            "windows",
+            "inner_steps",
+            "batch_size",
+            "heldout_batches",
+            "validators",
+            "blocks_per_window",
+            "threads",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = [a for a in self.adversaries if a not in ADVERSARY_KINDS]
@@ -85,6 +103,8 @@ class SimConfig:
             raise ConfigError(f"aggregate must be 'top' or 'all', got {self.aggregate!r}")
         if self.inner_lr <= 0 or (self.outer_lr is not None and self.outer_lr <= 0):
             raise ConfigError("learning rates must be > 0")
+        if (self.window_s is not None and not self.window_s > 0) or not self.deadline_s > 0:
+            raise ConfigError("window_s and deadline_s must be > 0 seconds")
 
     @property
     def honest_ids(self) -> list[str]:
@@ -94,6 +114,19 @@ class SimConfig:
     def adversary_ids(self) -> dict[str, str]:
         """peer id → adversary kind."""
         return {f"adv-{kind}": kind for kind in self.adversaries}
+
+    @property
+    def window_seconds(self) -> float:
+        """``window_s``, or its default for this many miners."""
+        if self.window_s is not None:
+            return self.window_s
+        return max(1.0, SECONDS_PER_MINER * (self.peers + len(self.adversaries)))
+
+    @property
+    def validator_ids(self) -> list[str]:
+        if self.validators == 1:
+            return ["validator"]
+        return [f"validator-{i}" for i in range(self.validators)]
 
     @property
     def peer_ids(self) -> list[str]:

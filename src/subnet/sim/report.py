@@ -21,7 +21,7 @@ def window_table(record: dict[str, Any], participants: list, window: int) -> str
     ]
     for peer, v in record["validator"].items():
         part = logs.get(peer)
-        entry = next((w for w in part.log.windows if w["window"] == window), {}) if part else {}
+        entry = next((w for w in part.windows if w["window"] == window), {}) if part else {}
         lines.append(
             f"  {peer:<16}{(part.kind if part else '?'):<12}"
             f"{_num(entry.get('train_loss'), '.3f'):>8}"
@@ -46,9 +46,7 @@ def plot_run(
     tokens = [r["tokens_per_peer"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for part in participants:
-        pts = [
-            (tokens[w["window"]], w["train_loss"]) for w in part.log.windows if "train_loss" in w
-        ]
+        pts = [(tokens[w["window"]], w["train_loss"]) for w in part.windows if "train_loss" in w]
         pts = [(t, v) for t, v in pts if t is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), alpha=0.5, lw=1, label=f"{part.peer} (train)")
