@@ -4,7 +4,7 @@ Quick use::
 
     from sparseloco import SparseLoCo, OuterLoop, InProcessHub
 
-    exchange = InProcessHub().connect("peer-0")          # or netcomm's storage exchange
+X
     outer = SparseLoCo(model.named_parameters(), exchange, "covenant-72b")
     with OuterLoop(inner_optimizer, outer, on_round=print):
         ...  # the usual loop: loss.backward(); inner_optimizer.step()

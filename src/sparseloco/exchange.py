@@ -84,8 +84,9 @@ class InProcessHub:
     """A mailbox shared by peers running as threads of one process.
 
     Args:
-        peers: the ids ``gather`` waits for. Without it, gather waits for the peers connected
-            at that moment, so connect every peer before any of them gathers.
+        peers: the ids ``gather`` waits for. Without it, the hub serves the peers connected
+            before the first ``gather``, and connecting another one later raises
+            :class:`ExchangeError` (it would silently miss the windows already gathered).
         timeout: seconds ``gather`` waits for every expected peer before marking the rest
             ``"missing"``.
         keep_windows: windows kept in memory; older ones are dropped.
@@ -106,6 +107,7 @@ class InProcessHub:
         self.validate = validate
         self._fixed = None if peers is None else sorted(peers)
         self._peers: list[str] = []
+        self._gathered = False
         self._mail: dict[int, dict[str, tuple[Payload | None, str]]] = {}
         self._cond = threading.Condition()
 
@@ -120,6 +122,11 @@ class InProcessHub:
                 raise ExchangeError(f"peer id {peer_id!r} is already connected")
             if self._fixed is not None and peer_id not in self._fixed:
                 raise ExchangeError(f"peer id {peer_id!r} is not one of the hub's peers")
+            if self._fixed is None and self._gathered:
+                raise ExchangeError(
+                    f"peer {peer_id!r} connects after the first gather; connect every peer "
+                    "first, or pass InProcessHub(peers=[...]) so gather waits for them"
+                )
             self._peers.append(peer_id)
         return InProcessExchange(self, peer_id)
 
@@ -145,6 +152,7 @@ class InProcessHub:
         start = time.monotonic()
         deadline = start + self.timeout
         with self._cond:
+            self._gathered = True
             expected = [p for p in (self._fixed or self._peers) if p != me]
             while True:
                 box = self._mail.get(window, {})
