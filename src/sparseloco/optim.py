@@ -20,6 +20,11 @@ State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` by
   and the accelerator holds none of them between rounds.
 * DiLoCo: θ₀ (``dtype_bytes``) + Nesterov momentum (4).
 * DataParallel: nothing.
+
+During a round (released when it ends): every tensor's float32 aggregate (4 bytes per
+parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's scratch copy
+of its error buffer. Rounds are atomic: everything that can fail runs before the commit
+(error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from sparseloco.config import OuterConfig, preset
 from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
-from sparseloco.payload import DenseUpdate, Payload, wire_dtype
+from sparseloco.payload import DenseUpdate, Payload, validate_payload, wire_dtype
 
 
 @dataclass
@@ -69,6 +74,14 @@ class RoundReport:
         out = asdict(self)
         out["statuses"] = {p: s.status for p, s in self.statuses.items()}
         return out
+
+
+NamedParam = tuple[str, torch.Tensor, dict[str, Any]]
+
+
+def _norm(tensors: Iterable[torch.Tensor]) -> float:
+    """‖(t₁, t₂, …)‖₂ over all entries, accumulated in float64."""
+    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors) ** 0.5
 
 
 class _Timer:
@@ -129,7 +142,7 @@ class OuterOptimizer(Optimizer):
             for name, p, _ in self.named_params():
                 self._init_state(name, p)
 
-    def named_params(self) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def named_params(self) -> Iterator[NamedParam]:
         """(name, parameter, group) in a fixed order."""
         for group in self.param_groups:
             for p in group["params"]:
@@ -145,7 +158,7 @@ class OuterOptimizer(Optimizer):
         t = t.to("cpu")
         return t.pin_memory() if torch.cuda.is_available() else t
 
-    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def _round_params(self) -> list[NamedParam]:
         """The parameters a round works on (all of them; gradient averaging skips no-grads)."""
         return list(self.named_params())
 
@@ -156,31 +169,39 @@ class OuterOptimizer(Optimizer):
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
-        """This round's payload and the norm of what it was made from."""
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+        """This round's payload and the norm of what it was made from; changes no state."""
         raise NotImplementedError
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, aggregate) per tensor from the selected payloads (own included)."""
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        """The float32 aggregate of tensor ``name`` over the selected payloads, on ``device``."""
         raise NotImplementedError
+
+    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+        """Update the state that depends on what this peer sent (SparseLoCo's error buffers)."""
+        del params, own
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         self._outer_update(p, group, agg)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
-        """One round: check, encode, publish, gather, aggregate, apply; returns the report."""
+        """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
+
+        Atomic: every step that can fail (the finite check, encoding, the exchange, the
+        payloads' contents, the aggregate of every tensor and its memory) runs before any
+        parameter, θ₀, error buffer, momentum buffer or :attr:`window` changes. A ``step()``
+        that raises leaves all of them bit-identical, and calling it again republishes the
+        same bytes for the same window.
+        """
         if closure is not None:
             raise ConfigError("outer optimizers take no closure")
         timer = _Timer()
         window = self.window
         params = self._round_params()
-        device = params[0][1].device
-        choice = self._backend(device)
+        choice = self._backend(params[0][1].device)
         with timer("check"):
             for name, p, _ in params:
                 check_finite(name, self._round_input(p))
@@ -190,16 +211,11 @@ class OuterOptimizer(Optimizer):
             sent = self.exchange.publish(window, own)
         with timer("gather"):
             gathered = self.exchange.gather(window)
-        shapes = {name: tuple(p.shape) for name, p, _ in params}
-        updates, statuses = self._usable(gathered, own, shapes)
-        lookup = {name: (p, group) for name, p, group in params}
-        upd_sq = 0.0
+        updates, statuses = self._usable(gathered, own, self._shapes(params))
         with timer("aggregate_step"):
-            stream = self._aggregate(updates, device) if updates else self._zeros(params)
-            for name, agg in stream:
-                p, group = lookup[name]
-                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-                self._apply(p, group, agg)
+            aggregates = self._aggregate_all(updates, params)
+            self._commit_own(params, own)
+            self._take_step(params, aggregates)
         report = RoundReport(
             window=window,
             peer_id=self.exchange.peer_id,
@@ -211,11 +227,10 @@ class OuterOptimizer(Optimizer):
             peers=sorted(updates),
             statuses=statuses,
             pseudo_grad_norm=source_norm,
-            update_norm=upd_sq**0.5,
+            update_norm=_norm(aggregates.values()),
             timings=timer.times,
         )
         self.last_report = report
-        self.window += 1
         return report
 
     @torch.no_grad()
@@ -225,34 +240,35 @@ class OuterOptimizer(Optimizer):
         For a window this peer missed (catching up), and for followers that never train
         (a validator's copy of the model): θ ← θ₀ − α·aggregate(updates), θ₀ ← θ, exactly the
         step the peers took. Raises a typed error, before changing anything, if a payload
-        does not fit this model. Returns the norm of the aggregate.
+        does not fit this model or is not decodable. Returns the norm of the aggregate.
         """
         params = self._round_params()
-        shapes = {name: tuple(p.shape) for name, p, _ in params}
+        shapes = self._shapes(params)
         for payload in updates.values():
             self._check(payload, shapes)
-        lookup = {name: (p, group) for name, p, group in params}
-        norm_sq = 0.0
-        device = params[0][1].device
-        stream = self._aggregate(dict(updates), device) if updates else self._zeros(params)
-        for name, agg in stream:
-            p, group = lookup[name]
-            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-            self._apply(p, group, agg)
-        return norm_sq**0.5
+            validate_payload(payload)
+        aggregates = self._aggregate_all(dict(updates), params)
+        self._take_step(params, aggregates)
+        return _norm(aggregates.values())
+
+    @staticmethod
+    def _shapes(params: list[NamedParam]) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p, _ in params}
 
     def _usable(
         self, gathered: GatherResult, own: Payload, shapes: dict[str, tuple[int, ...]]
     ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
         """Own payload (if selected) plus gathered ones that match this model.
 
-        Gathered payloads of the wrong kind, codec, names or shapes become ``invalid``.
+        Gathered payloads of the wrong kind, codec, names or shapes, or whose contents are
+        not decodable (:func:`validate_payload`), become ``invalid``.
         """
         statuses = dict(gathered.statuses)
         updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
             try:
                 self._check(payload, shapes)
+                validate_payload(payload)
             except SparseLoCoError as exc:
                 old = statuses.get(peer, PeerStatus(peer, "ok"))
                 statuses[peer] = PeerStatus(peer, "invalid", str(exc), old.nbytes, old.latency_s)
@@ -266,13 +282,29 @@ class OuterOptimizer(Optimizer):
             raise UpdateError(f"expected a dense payload, got {payload.kind}")
         payload.check_matches(shapes)
 
-    @staticmethod
-    def _zeros(
-        params: list[tuple[str, torch.Tensor, dict[str, Any]]],
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The aggregate of a round with no selected update: zero for every tensor."""
+    def _aggregate_all(
+        self, updates: dict[str, Payload], params: list[NamedParam]
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor's aggregate, each on its own parameter's device (CPU when offloading).
+
+        All of them exist before the step changes anything, so a failure here (a bad
+        payload, out of memory) leaves the state as it was. With no selected update the
+        aggregate is zero for every tensor (θ returns to θ₀).
+        """
+        out = {}
         for name, p, _ in params:
-            yield name, torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if updates:
+                agg = self._aggregate_tensor(name, updates, p.device)
+            else:
+                agg = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            out[name] = self._store(agg)
+        return out
+
+    def _take_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
+        """The commit: apply every aggregate, then advance :attr:`window`."""
+        for name, p, group in params:
+            self._apply(p, group, aggregates[name].to(p.device, non_blocking=True))
+        self.window += 1
 
     def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         """θ ← θ₀ − α·g (g through momentum/Nesterov when enabled); θ₀ ← θ."""
@@ -351,8 +383,9 @@ class SparseLoCo(OuterOptimizer):
             ``codec={"topk": 128}``.
 
     ``step()`` runs one round (see the module docstring) and returns a :class:`RoundReport`.
-    θ and the error buffers are untouched when a parameter holds NaN/Inf; a failure after
-    publishing leaves the error buffers as published (the message is out) and θ unchanged.
+    It is atomic: a round that raises (NaN/Inf in θ, the exchange, out of memory while
+    aggregating) leaves θ, θ₀, the error and momentum buffers and the window bit-identical,
+    and a retry publishes the same bytes again.
     """
 
     method = "sparseloco"
@@ -378,15 +411,16 @@ class SparseLoCo(OuterOptimizer):
         )
 
     def _error_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        """The error-feedback buffer of ``p``, created on first use so that followers that only
-        :meth:`apply` aggregates never hold one."""
+        """The error-feedback buffer of ``p``, created by the first committed round so that
+        followers that only :meth:`apply` aggregates never hold one."""
         state = self.state[p]
         if "error" not in state:
-            layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
-            state["error"] = self._store(
-                torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
-            )
+            state["error"] = self._store(self._zero_error(p))
         return state["error"]
+
+    def _zero_error(self, p: torch.Tensor) -> torch.Tensor:
+        layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
+        return torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
 
     def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
         if not isinstance(payload, CompressedUpdate):
@@ -397,35 +431,65 @@ class SparseLoCo(OuterOptimizer):
         codec = self.config.codec
         return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
-        """Δ = θ₀ − θ per tensor, through error feedback and the codec (one tensor at a time)."""
+    def _delta(self, p: torch.Tensor) -> torch.Tensor:
+        """Δ = θ₀ − θ in float32 on ``p``'s device."""
+        return self.state[p]["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+        """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
+        each error buffer: the buffers themselves change only in :meth:`_commit_own`."""
         codec = self.config.codec
         tensors = {}
         pg_sq = 0.0
         for name, p, _ in params:
-            state = self.state[p]
-            delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+            delta = self._delta(p)
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-            error = self._error_buffer(p)
-            work = error.to(p.device, non_blocking=True) if self.offload else error
-            tensors[name] = encode_tensor(name, delta, work, codec)
-            if work is not error:
-                error.copy_(work)
-            del delta
+            error = self.state[p].get("error")
+            scratch = self._zero_error(p) if error is None else error.to(p.device, copy=True)
+            tensors[name] = encode_tensor(name, delta, scratch, codec)
+            del delta, scratch
         return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate(
-            updates,  # type: ignore[arg-type]
+    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+        """e ← β·e + Δ − D(sent), by running the (deterministic) codec again on the buffers.
+
+        Re-encoding costs a second compress per round but no memory beyond one tensor's
+        scratch; holding every new buffer until the commit would cost a whole second set.
+        The result is compared with what was published, so a nondeterministic backend raises
+        instead of leaving residuals that do not match the message.
+        """
+        codec = self.config.codec
+        assert isinstance(own, CompressedUpdate)
+        for name, p, _ in params:
+            error = self._error_buffer(p)
+            work = error.to(p.device, non_blocking=True) if self.offload else error
+            again = encode_tensor(name, self._delta(p), work, codec)
+            if work is not error:
+                error.copy_(work)
+            sent = own.tensors[name]
+            if not all(
+                torch.equal(a, b)
+                for a, b in zip(again.buffers().values(), sent.buffers().values(), strict=True)
+            ):
+                raise UpdateError(
+                    "re-encoding did not reproduce the published message", tensor=name
+                )
+
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        single = {
+            peer: CompressedUpdate(codec=u.codec, tensors={name: u.tensors[name]})  # type: ignore[union-attr]
+            for peer, u in updates.items()
+        }
+        ((_, agg),) = iter_aggregate(
+            single,
             reducer=self.config.reducer,
             clip_to_median=self.config.clip_to_median,
             device=device,
             backend=self.config.codec.backend,
         )
+        return agg
 
 
 class DiLoCo(OuterOptimizer):
@@ -472,9 +536,7 @@ class DiLoCo(OuterOptimizer):
             offload=offload,
         )
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         deltas = {
             name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire) for name, p, _ in params
         }
@@ -483,10 +545,10 @@ class DiLoCo(OuterOptimizer):
         )
         return DenseUpdate(tensors=deltas), norm_sq**0.5
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        return _dense_mean(name, updates, device)
 
 
 class DataParallel(OuterOptimizer):
@@ -507,15 +569,13 @@ class DataParallel(OuterOptimizer):
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         del name, p
 
-    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def _round_params(self) -> list[NamedParam]:
         return [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
 
     def _round_input(self, p: torch.Tensor) -> torch.Tensor:
         return p.grad  # type: ignore[return-value]
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         # a copy: the payload must stay unchanged after publishing while .grad is overwritten
         grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
         norm_sq = sum(
@@ -523,13 +583,20 @@ class DataParallel(OuterOptimizer):
         )
         return DenseUpdate(tensors=grads), norm_sq**0.5
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        return _dense_mean(name, updates, device)
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         p.grad.copy_(agg)  # type: ignore[union-attr]
+
+
+def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) -> torch.Tensor:
+    """Mean over peers (sorted by id) of one dense tensor, in float32 on ``device``."""
+    single = {peer: DenseUpdate(tensors={name: u.tensors[name]}) for peer, u in updates.items()}
+    ((_, agg),) = iter_aggregate_dense(single, device=device)  # type: ignore[arg-type]
+    return agg
 
 
 def wire_dtype_or_raise(name: str) -> torch.dtype:

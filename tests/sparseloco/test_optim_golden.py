@@ -130,6 +130,5 @@ def test_outer_optimizers_match_golden_digests(scenario):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     FIXTURE.write_text(
-        json.dumps({s: run_scenario(s) for s in sorted(SCENARIOS)}, indent=1, sort_keys=True)
-        + "\n"
+        json.dumps({s: run_scenario(s) for s in sorted(SCENARIOS)}, indent=1, sort_keys=True) + "\n"
     )
