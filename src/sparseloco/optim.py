@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -103,6 +103,13 @@ class OuterOptimizer(Optimizer):
     ``params`` may be ``model.named_parameters()`` (names are then used on the wire and in
     errors) or plain tensors / param groups (named ``"{group}.{index}"``). Every peer must
     build its optimizer from the same model definition so names and shapes agree.
+
+    ``outer_optimizer`` replaces the built-in outer step (SGD with the groups' ``lr``,
+    ``momentum`` and ``nesterov``) by any ``torch.optim`` optimizer over the same parameters,
+    given as an instance or as a callable that builds one from the list of parameters. Each
+    round it sees θ = θ₀ and ``.grad`` = the aggregate g (cast to the parameter's dtype; the
+    users' ``.grad`` are put back after), takes its step, and θ₀ ← θ. The groups' ``lr``,
+    ``momentum`` and ``nesterov`` are then unused.
     """
 
     method = "outer"
@@ -118,29 +125,82 @@ class OuterOptimizer(Optimizer):
         *,
         inner_steps: int,
         offload: bool = False,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
     ) -> None:
         if not isinstance(exchange, Exchange):
             raise ConfigError(
                 f"exchange must provide peer_id, publish and gather; got {type(exchange).__name__}"
             )
-        super().__init__(params, defaults)
         self.exchange = exchange
         self.inner_steps = inner_steps
         self.offload = offload
         self.window = 0
         self.last_report: RoundReport | None = None
-        seen: set[str] = set()
         self._names: dict[torch.Tensor, str] = {}
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"{gi}.{pi}" for pi in range(len(group["params"]))]
-            for name, p in zip(names, group["params"], strict=True):
-                if name in seen:
-                    raise ConfigError(f"parameter name {name!r} appears twice")
-                seen.add(name)
-                self._names[p] = name
-        with torch.no_grad():
-            for name, p, _ in self.named_params():
+        self.outer_optimizer: Optimizer | None = None
+        super().__init__(params, defaults)  # names and initial state: add_param_group
+        self.outer_optimizer = self._build_outer(outer_optimizer)
+
+    def _build_outer(
+        self, spec: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None
+    ) -> Optimizer | None:
+        """The torch.optim optimizer of the outer step (None: the built-in SGD)."""
+        if spec is None:
+            return None
+        mine = [p for _, p, _ in self.named_params()]
+        outer = spec if isinstance(spec, Optimizer) else spec(mine)
+        if not isinstance(outer, Optimizer):
+            raise ConfigError(
+                f"outer_optimizer must be a torch.optim.Optimizer or build one, got "
+                f"{type(outer).__name__}"
+            )
+        theirs = [p for g in outer.param_groups for p in g["params"]]
+        if {id(p) for p in theirs} != {id(p) for p in mine} or len(theirs) != len(mine):
+            raise ConfigError(
+                "outer_optimizer must hold exactly the parameters of this outer optimizer"
+            )
+        return outer
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, plus names and initial state (θ₀).
+
+        A parameter is named by its ``(name, tensor)`` pair, the group's ``"param_names"``,
+        or else ``"{group index}.{position}"``. The names are kept in the group's
+        ``"param_names"`` (so ``state_dict()`` records them). With an ``outer_optimizer`` the
+        new parameters are added to it too, with the group's options it knows.
+        """
+        group = dict(param_group)
+        items = group["params"]
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        tensors = [it[1] if isinstance(it, tuple) else it for it in items]
+        names = self._group_names(group.pop("param_names", None), items)
+        taken = set(self._names.values())
+        for name in names:
+            if name in taken:
+                raise ConfigError(f"parameter name {name!r} appears twice")
+            taken.add(name)
+        group["params"], group["param_names"] = tensors, names
+        super().add_param_group(group)
+        for name, p in zip(names, tensors, strict=True):
+            self._names[p] = name
+            with torch.no_grad():
                 self._init_state(name, p)
+        if self.outer_optimizer is not None:
+            known = {k: v for k, v in group.items() if k in self.outer_optimizer.defaults}
+            self.outer_optimizer.add_param_group({**known, "params": tensors})
+
+    def _group_names(self, given: list[str] | None, items: list[Any]) -> list[str]:
+        pairs = [it[0] for it in items if isinstance(it, tuple)]
+        if pairs and (given is not None or len(pairs) != len(items)):
+            raise ConfigError(
+                "name either every parameter of a group, by (name, tensor) pairs or by "
+                "'param_names', or none of them"
+            )
+        gi = len(self.param_groups)
+        names = pairs or given or [f"{gi}.{pi}" for pi in range(len(items))]
+        if len(names) != len(items):
+            raise ConfigError(f"{len(names)} param_names for {len(items)} parameters")
+        return [str(n) for n in names]
 
     def named_params(self) -> Iterator[NamedParam]:
         """(name, parameter, group) in a fixed order."""
@@ -162,9 +222,10 @@ class OuterOptimizer(Optimizer):
         """The parameters a round works on (all of them; gradient averaging skips no-grads)."""
         return list(self.named_params())
 
-    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor a round reads from ``p`` and checks for NaN/Inf before changing anything."""
-        return p
+    def _check_inputs(self, params: list[NamedParam]) -> None:
+        """Raise :class:`NonFiniteError` naming the first parameter holding NaN/Inf."""
+        for name, p, _ in params:
+            check_finite(name, p)
 
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
@@ -203,8 +264,7 @@ class OuterOptimizer(Optimizer):
         params = self._round_params()
         choice = self._backend(params[0][1].device)
         with timer("check"):
-            for name, p, _ in params:
-                check_finite(name, self._round_input(p))
+            self._check_inputs(params)
         with timer("encode"):
             own, source_norm = self._encode(params)
         with timer("publish"):
@@ -302,9 +362,29 @@ class OuterOptimizer(Optimizer):
 
     def _take_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
         """The commit: apply every aggregate, then advance :attr:`window`."""
-        for name, p, group in params:
-            self._apply(p, group, aggregates[name].to(p.device, non_blocking=True))
+        if self.outer_optimizer is None:
+            for name, p, group in params:
+                self._apply(p, group, aggregates[name].to(p.device, non_blocking=True))
+        else:
+            self._torch_outer_step(params, aggregates)
         self.window += 1
+
+    def _torch_outer_step(
+        self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
+    ) -> None:
+        """θ ← θ₀, ``.grad`` ← g, ``outer_optimizer.step()``, θ₀ ← θ; ``.grad`` restored."""
+        assert self.outer_optimizer is not None
+        saved = [p.grad for _, p, _ in params]
+        for name, p, _ in params:
+            p.copy_(self.state[p]["theta0"])
+            p.grad = aggregates[name].to(p.device, p.dtype)
+        try:
+            self.outer_optimizer.step()
+        finally:
+            for (_, p, _), grad in zip(params, saved, strict=True):
+                p.grad = grad
+        for _, p, _ in params:
+            self.state[p]["theta0"].copy_(p)
 
     def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         """θ ← θ₀ − α·g (g through momentum/Nesterov when enabled); θ₀ ← θ."""
@@ -326,6 +406,8 @@ class OuterOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
+        if self.outer_optimizer is not None:
+            sd["outer"]["outer_optimizer"] = self.outer_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,6 +428,14 @@ class OuterOptimizer(Optimizer):
             for g, h in zip(groups, self.param_groups, strict=True)
         ):
             raise ConfigError("state_dict's parameter groups do not match this optimizer's")
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            if saved.get("param_names", group["param_names"]) != group["param_names"]:
+                raise ConfigError(
+                    f"state_dict's parameter names {saved['param_names']} differ from this "
+                    f"optimizer's {group['param_names']}"
+                )
+        if (self.outer_optimizer is None) != ("outer_optimizer" not in outer):
+            raise ConfigError("state_dict and this optimizer disagree on having an outer_optimizer")
         saved_state = state_dict["state"]
         plan: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         for saved, group in zip(groups, self.param_groups, strict=True):
@@ -368,6 +458,8 @@ class OuterOptimizer(Optimizer):
                 self.state[p][key] = self._store(value.to(p.device).clone())
             else:
                 current.copy_(value)
+        if self.outer_optimizer is not None:
+            self.outer_optimizer.load_state_dict(outer["outer_optimizer"])
         self.window = int(outer["window"])
 
 
@@ -379,6 +471,9 @@ class SparseLoCo(OuterOptimizer):
         exchange: where updates are published and gathered (:class:`InProcessExchange`,
             :class:`DistributedExchange`, or netcomm's object-storage exchange).
         config: an :class:`OuterConfig` or a preset name (``"covenant-72b"`` by default).
+        outer_optimizer: a ``torch.optim`` optimizer (or a callable building one from the
+            parameters) for the outer step instead of the built-in SGD (see
+            :class:`OuterOptimizer`); the config's ``lr``/``momentum``/``nesterov`` are then unused.
         **overrides: fields of the config to change, e.g. ``lr=0.4`` or
             ``codec={"topk": 128}``.
 
@@ -395,6 +490,8 @@ class SparseLoCo(OuterOptimizer):
         params: Iterable[Any],
         exchange: Exchange,
         config: OuterConfig | str = "covenant-72b",
+        *,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
         **overrides: Any,
     ) -> None:
         cfg = preset(config) if isinstance(config, str) else config
@@ -408,6 +505,7 @@ class SparseLoCo(OuterOptimizer):
             {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
             inner_steps=cfg.inner_steps,
             offload=cfg.offload,
+            outer_optimizer=outer_optimizer,
         )
 
     def _error_buffer(self, p: torch.Tensor) -> torch.Tensor:
@@ -503,6 +601,8 @@ class DiLoCo(OuterOptimizer):
         inner_steps: H (paper: 500).
         wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` pseudo-gradients on the wire.
         offload: keep θ₀ and the momentum buffer in CPU memory.
+        outer_optimizer: a ``torch.optim`` optimizer (or a callable building one) instead of
+            the built-in Nesterov SGD; ``lr``, ``momentum`` and ``nesterov`` are then unused.
     """
 
     method = "diloco"
@@ -518,6 +618,7 @@ class DiLoCo(OuterOptimizer):
         inner_steps: int = 500,
         wire_dtype: str = "float32",
         offload: bool = False,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
     ) -> None:
         if lr < 0 or not 0.0 <= momentum < 1.0 or (nesterov and momentum == 0.0):
             raise ConfigError(
@@ -534,6 +635,7 @@ class DiLoCo(OuterOptimizer):
             {"lr": lr, "momentum": momentum, "nesterov": nesterov},
             inner_steps=inner_steps,
             offload=offload,
+            outer_optimizer=outer_optimizer,
         )
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
@@ -556,13 +658,36 @@ class DataParallel(OuterOptimizer):
 
     Used through :class:`OuterLoop`, ``step()`` runs *before* each inner step and replaces
     every ``.grad`` with the mean over peers (sorted peer order). ``wire_dtype`` as for DiLoCo.
+
+    ``nonfinite`` says what a NaN/Inf in this peer's gradient does: ``"raise"`` (default)
+    raises :class:`NonFiniteError` before publishing; ``"propagate"`` publishes an overflow
+    marker (a dense payload with no tensors) instead, and when any aggregated peer sent one,
+    every peer's gradients become +Inf — so that, like DDP under mixed precision, every peer
+    skips the same steps. With ``torch.amp.GradScaler`` use ``"propagate"`` and average the
+    *scaled* gradients before the scaler looks at them (not through :class:`OuterLoop`,
+    whose hook runs after the scaler's check)::
+
+        scaler.scale(loss).backward()
+        outer.step()                  # every peer: the same gradients, finite or all Inf
+        scaler.step(inner)            # so every peer skips alike and keeps the same scale
+        scaler.update()
     """
 
     method = "data_parallel"
     hook = "pre"
 
-    def __init__(self, params: Iterable[Any], exchange: Exchange, *, wire_dtype: str = "float32"):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        exchange: Exchange,
+        *,
+        wire_dtype: str = "float32",
+        nonfinite: Literal["raise", "propagate"] = "raise",
+    ):
+        if nonfinite not in ("raise", "propagate"):
+            raise ConfigError(f"nonfinite must be 'raise' or 'propagate', got {nonfinite!r}")
         self.wire_dtype = wire_dtype
+        self.nonfinite = nonfinite
         self._wire = wire_dtype_or_raise(wire_dtype)
         super().__init__(params, exchange, {"lr": 1.0}, inner_steps=1)
 
@@ -572,16 +697,34 @@ class DataParallel(OuterOptimizer):
     def _round_params(self) -> list[NamedParam]:
         return [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
 
-    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
-        return p.grad  # type: ignore[return-value]
+    def _check_inputs(self, params: list[NamedParam]) -> None:
+        if self.nonfinite == "raise":
+            for name, p, _ in params:
+                check_finite(name, p.grad)  # type: ignore[arg-type]
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+        finite = (bool(torch.isfinite(p.grad).all()) for _, p, _ in params)  # type: ignore[arg-type]
+        if self.nonfinite == "propagate" and not all(finite):
+            return DenseUpdate(tensors={}), float("inf")  # the overflow marker
         # a copy: the payload must stay unchanged after publishing while .grad is overwritten
         grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
-        norm_sq = sum(
-            float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values()
-        )
-        return DenseUpdate(tensors=grads), norm_sq**0.5
+        return DenseUpdate(tensors=grads), _norm(grads.values())
+
+    def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
+        if (
+            self.nonfinite == "propagate"
+            and isinstance(payload, DenseUpdate)
+            and not payload.tensors
+        ):
+            return  # an overflow marker
+        super()._check(payload, shapes)
+
+    def _aggregate_all(
+        self, updates: dict[str, Payload], params: list[NamedParam]
+    ) -> dict[str, torch.Tensor]:
+        if any(isinstance(u, DenseUpdate) and not u.tensors for u in updates.values()):
+            return {n: torch.full(p.shape, float("inf"), device=p.device) for n, p, _ in params}
+        return super()._aggregate_all(updates, params)
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device
@@ -608,6 +751,14 @@ def wire_dtype_or_raise(name: str) -> torch.dtype:
         ) from None
 
 
+def skipped_by_grad_scaler(optimizer: Optimizer) -> bool:
+    """Whether the ``optimizer.step()`` call running now was told by ``torch.amp.GradScaler``
+    to skip (``optimizer.found_inf`` nonzero: set only while the scaler steps a fused or
+    capturable optimizer, which then skips its update inside ``step()``)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf is not None and bool(found_inf)
+
+
 class OuterLoop:
     """Run an outer optimizer from the inner optimizer's hooks; the training loop is unchanged.
 
@@ -626,6 +777,12 @@ class OuterLoop:
         outer: a :class:`SparseLoCo`, :class:`DiLoCo` or :class:`DataParallel`.
         sync_every: inner steps per outer round; defaults to ``outer.inner_steps``.
         on_round: called with each :class:`RoundReport`.
+
+    Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
+    ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a
+    fused or capturable optimizer is called with ``optimizer.found_inf`` set and skips inside,
+    which the post-step hook reads. :class:`DataParallel` under a GradScaler cannot run from
+    these hooks (see its docstring); its hook raises if it sees ``found_inf``.
     """
 
     def __init__(
@@ -654,10 +811,18 @@ class OuterLoop:
         if self.on_round is not None:
             self.on_round(report)
 
-    def _pre(self, *_: Any) -> None:
+    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
+        if hasattr(optimizer, "found_inf"):
+            raise ConfigError(
+                "DataParallel under torch.amp.GradScaler: the scaler has already checked the "
+                "local gradients; call outer.step() between backward and scaler.step(inner) "
+                "with DataParallel(nonfinite='propagate') instead of using OuterLoop"
+            )
         self._run_outer()
 
-    def _post(self, *_: Any) -> None:
+    def _post(self, optimizer: Optimizer, *_: Any) -> None:
+        if skipped_by_grad_scaler(optimizer):
+            return
         self.inner_step_count += 1
         if self.inner_step_count % self.sync_every == 0:
             self._run_outer()
