@@ -43,6 +43,7 @@ from sparseloco.exchange import (
     InProcessHub,
     PeerStatus,
 )
+from sparseloco.names import canonical_name
 from sparseloco.optim import (
     DataParallel,
     DiLoCo,
@@ -50,6 +51,7 @@ from sparseloco.optim import (
     OuterOptimizer,
     RoundReport,
     SparseLoCo,
+    skipped_by_grad_scaler,
 )
 from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
 
@@ -88,6 +90,7 @@ __all__ = [
     "UnknownPresetError",
     "UpdateError",
     "aggregate",
+    "canonical_name",
     "decode",
     "decode_sparse",
     "decode_tensor",
@@ -97,5 +100,6 @@ __all__ = [
     "iter_aggregate_dense",
     "payload_from_tensors",
     "preset",
+    "skipped_by_grad_scaler",
     "validate_payload",
 ]

@@ -45,6 +45,7 @@ from sparseloco.config import OuterConfig, preset
 from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
+from sparseloco.names import canonical_name
 from sparseloco.payload import DenseUpdate, Payload, validate_payload, wire_dtype
 
 
@@ -100,9 +101,11 @@ class _Timer:
 class OuterOptimizer(Optimizer):
     """Common machinery of the outer optimizers (names, θ₀ snapshots, reports, state).
 
-    ``params`` may be ``model.named_parameters()`` (names are then used on the wire and in
-    errors) or plain tensors / param groups (named ``"{group}.{index}"``). Every peer must
-    build its optimizer from the same model definition so names and shapes agree.
+    ``params`` may be ``model.named_parameters()`` (names, without wrapper prefixes, are then
+    used on the wire and in errors; see :mod:`sparseloco.names`) or plain tensors / param
+    groups (named ``"{group}.{index}"``). Every peer must build its optimizer from the same
+    model definition so names and shapes agree; compiled, DDP- or FSDP-wrapped and plain
+    peers of one model agree.
 
     ``outer_optimizer`` replaces the built-in outer step (SGD with the groups' ``lr``,
     ``momentum`` and ``nesterov``) by any ``torch.optim`` optimizer over the same parameters,
@@ -165,9 +168,12 @@ class OuterOptimizer(Optimizer):
         """``torch.optim.Optimizer.add_param_group``, plus names and initial state (θ₀).
 
         A parameter is named by its ``(name, tensor)`` pair, the group's ``"param_names"``,
-        or else ``"{group index}.{position}"``. The names are kept in the group's
-        ``"param_names"`` (so ``state_dict()`` records them). With an ``outer_optimizer`` the
-        new parameters are added to it too, with the group's options it knows.
+        or else ``"{group index}.{position}"``, always through
+        :func:`~sparseloco.names.canonical_name` (wrapper prefixes such as ``_orig_mod.`` or
+        DDP's ``module.`` do not change a parameter's wire identity). The names are kept in
+        the group's ``"param_names"`` (so ``state_dict()`` records them). With an
+        ``outer_optimizer`` the new parameters are added to it too, with the group's options
+        it knows.
         """
         group = dict(param_group)
         items = group["params"]
@@ -200,7 +206,7 @@ class OuterOptimizer(Optimizer):
         names = pairs or given or [f"{gi}.{pi}" for pi in range(len(items))]
         if len(names) != len(items):
             raise ConfigError(f"{len(names)} param_names for {len(items)} parameters")
-        return [str(n) for n in names]
+        return [canonical_name(str(n)) for n in names]
 
     def named_params(self) -> Iterator[NamedParam]:
         """(name, parameter, group) in a fixed order."""
