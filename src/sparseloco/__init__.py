@@ -54,6 +54,7 @@ from sparseloco.optim import (
     skipped_by_grad_scaler,
 )
 from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
+from sparseloco.ranks import RankZeroExchange
 
 __version__ = "0.1.0"
 
@@ -83,6 +84,7 @@ __all__ = [
     "OuterOptimizer",
     "Payload",
     "PeerStatus",
+    "RankZeroExchange",
     "RoundReport",
     "ShapeMismatchError",
     "SparseLoCo",
