@@ -36,13 +36,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
+from sparseloco import sharded
 from sparseloco.aggregate import iter_aggregate, iter_aggregate_dense
 from sparseloco.chunking import ChunkLayout
-from sparseloco.codec import CompressedUpdate, check_finite, encode_tensor
+from sparseloco.codec import CompressedTensor, CompressedUpdate, check_finite, encode_tensor
 from sparseloco.config import OuterConfig, preset
-from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
+from sparseloco.errors import ConfigError, NonFiniteError, SparseLoCoError, UpdateError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
 from sparseloco.names import canonical_name
@@ -215,6 +217,8 @@ class OuterOptimizer(Optimizer):
                 yield self._names[p], p, group
 
     def _init_state(self, name: str, p: torch.Tensor) -> None:
+        if self.offload and sharded.is_sharded(p):
+            raise ConfigError(f"{name}: offload=True is not supported for FSDP2 (DTensor) params")
         self.state[p]["theta0"] = self._store(p.detach().clone())
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -230,8 +234,7 @@ class OuterOptimizer(Optimizer):
 
     def _check_inputs(self, params: list[NamedParam]) -> None:
         """Raise :class:`NonFiniteError` naming the first parameter holding NaN/Inf."""
-        for name, p, _ in params:
-            check_finite(name, p)
+        _check_all_finite([(name, p) for name, p, _ in params], sharded.mesh_group(params))
 
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
@@ -279,7 +282,7 @@ class OuterOptimizer(Optimizer):
             gathered = self.exchange.gather(window)
         updates, statuses = self._usable(gathered, own, self._shapes(params))
         with timer("aggregate_step"):
-            aggregates = self._aggregate_all(updates, params)
+            aggregates, update_norm = self._aggregate_all(updates, params)
             self._commit_own(params, own)
             self._take_step(params, aggregates)
         report = RoundReport(
@@ -293,7 +296,7 @@ class OuterOptimizer(Optimizer):
             peers=sorted(updates),
             statuses=statuses,
             pseudo_grad_norm=source_norm,
-            update_norm=_norm(aggregates.values()),
+            update_norm=update_norm,
             timings=timer.times,
         )
         self.last_report = report
@@ -313,9 +316,9 @@ class OuterOptimizer(Optimizer):
         for payload in updates.values():
             self._check(payload, shapes)
             validate_payload(payload)
-        aggregates = self._aggregate_all(dict(updates), params)
+        aggregates, norm = self._aggregate_all(dict(updates), params)
         self._take_step(params, aggregates)
-        return _norm(aggregates.values())
+        return norm
 
     @staticmethod
     def _shapes(params: list[NamedParam]) -> dict[str, tuple[int, ...]]:
@@ -350,21 +353,23 @@ class OuterOptimizer(Optimizer):
 
     def _aggregate_all(
         self, updates: dict[str, Payload], params: list[NamedParam]
-    ) -> dict[str, torch.Tensor]:
-        """Every tensor's aggregate, each on its own parameter's device (CPU when offloading).
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Every tensor's aggregate g, each on its own parameter's device (CPU when
+        offloading; this rank's shard of it for a DTensor parameter), and ‖g‖.
 
         All of them exist before the step changes anything, so a failure here (a bad
         payload, out of memory) leaves the state as it was. With no selected update the
         aggregate is zero for every tensor (θ returns to θ₀).
         """
-        out = {}
+        out, norm_sq = {}, 0.0
         for name, p, _ in params:
             if updates:
                 agg = self._aggregate_tensor(name, updates, p.device)
             else:
                 agg = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            out[name] = self._store(agg)
-        return out
+            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+            out[name] = self._store(sharded.shard_like(agg, p))
+        return out, norm_sq**0.5
 
     def _take_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
         """The commit: apply every aggregate, then advance :attr:`window`."""
@@ -505,6 +510,7 @@ class SparseLoCo(OuterOptimizer):
             cfg = cfg.replace(**overrides)
         self.config = cfg
         self._error_dtype = getattr(torch, cfg.error_dtype)
+        self._pending: dict[str, torch.Tensor] = {}  # owned DTensor params' new error buffers
         super().__init__(
             params,
             exchange,
@@ -541,18 +547,43 @@ class SparseLoCo(OuterOptimizer):
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
-        each error buffer: the buffers themselves change only in :meth:`_commit_own`."""
+        each error buffer: the buffers themselves change only in :meth:`_commit_own`.
+
+        A DTensor parameter's Δ is all-gathered and encoded by its owner rank, which keeps
+        the new error buffer pending until the commit (see :mod:`sparseloco.sharded`).
+        """
         codec = self.config.codec
+        group = sharded.mesh_group(params)
+        owner = sharded.owners(params, dist.get_world_size(group)) if group else {}
+        self._pending = {}
         tensors = {}
         pg_sq = 0.0
         for name, p, _ in params:
-            delta = self._delta(p)
+            delta = sharded.full(self._delta(p))
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-            error = self.state[p].get("error")
-            scratch = self._zero_error(p) if error is None else error.to(p.device, copy=True)
-            tensors[name] = encode_tensor(name, delta, scratch, codec)
-            del delta, scratch
+            if name in owner:
+                check_finite(name, delta)  # on every rank: they all hold the same Δ
+                tensors[name] = self._encode_owned(name, p, delta, owner[name], group)
+            else:
+                tensors[name] = encode_tensor(name, delta, self._scratch(p), codec)
+            del delta
         return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        """A copy of ``p``'s error buffer (zeros before the first round) on ``p``'s device."""
+        error = self.state[p].get("error")
+        return self._zero_error(p) if error is None else error.to(p.device, copy=True)
+
+    def _encode_owned(
+        self, name: str, p: torch.Tensor, delta: torch.Tensor, owner: int, group: Any
+    ) -> CompressedTensor:
+        """The owner encodes the full Δ; every rank gets the result (one broadcast)."""
+        ct = None
+        if dist.get_rank(group) == owner:
+            scratch = self._scratch(p)
+            ct = encode_tensor(name, delta, scratch, self.config.codec)
+            self._pending[name] = scratch
+        return sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
 
     def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
         """e ← β·e + Δ − D(sent), by running the (deterministic) codec again on the buffers.
@@ -560,21 +591,22 @@ class SparseLoCo(OuterOptimizer):
         Re-encoding costs a second compress per round but no memory beyond one tensor's
         scratch; holding every new buffer until the commit would cost a whole second set.
         The result is compared with what was published, so a nondeterministic backend raises
-        instead of leaving residuals that do not match the message.
+        instead of leaving residuals that do not match the message. A DTensor parameter's
+        owner takes its pending buffer instead (re-encoding would all-gather Δ again).
         """
         codec = self.config.codec
         assert isinstance(own, CompressedUpdate)
         for name, p, _ in params:
+            if sharded.is_sharded(p):
+                if name in self._pending:
+                    self.state[p]["error"] = self._pending.pop(name)
+                continue
             error = self._error_buffer(p)
             work = error.to(p.device, non_blocking=True) if self.offload else error
             again = encode_tensor(name, self._delta(p), work, codec)
             if work is not error:
                 error.copy_(work)
-            sent = own.tensors[name]
-            if not all(
-                torch.equal(a, b)
-                for a, b in zip(again.buffers().values(), sent.buffers().values(), strict=True)
-            ):
+            if not _same_message(again, own.tensors[name]):
                 raise UpdateError(
                     "re-encoding did not reproduce the published message", tensor=name
                 )
@@ -646,7 +678,8 @@ class DiLoCo(OuterOptimizer):
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         deltas = {
-            name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire) for name, p, _ in params
+            name: sharded.full(self.state[p]["theta0"].to(p.device) - p).to(self._wire)
+            for name, p, _ in params
         }
         norm_sq = sum(
             float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
@@ -705,15 +738,14 @@ class DataParallel(OuterOptimizer):
 
     def _check_inputs(self, params: list[NamedParam]) -> None:
         if self.nonfinite == "raise":
-            for name, p, _ in params:
-                check_finite(name, p.grad)  # type: ignore[arg-type]
+            grads = [(name, p.grad) for name, p, _ in params]
+            _check_all_finite(grads, sharded.mesh_group(params))  # type: ignore[arg-type]
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
-        finite = (bool(torch.isfinite(p.grad).all()) for _, p, _ in params)  # type: ignore[arg-type]
-        if self.nonfinite == "propagate" and not all(finite):
-            return DenseUpdate(tensors={}), float("inf")  # the overflow marker
         # a copy: the payload must stay unchanged after publishing while .grad is overwritten
-        grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
+        grads = {name: sharded.full(p.grad).to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
+        if self.nonfinite == "propagate" and not all(_finite(g) for g in grads.values()):
+            return DenseUpdate(tensors={}), float("inf")  # the overflow marker
         return DenseUpdate(tensors=grads), _norm(grads.values())
 
     def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -727,9 +759,14 @@ class DataParallel(OuterOptimizer):
 
     def _aggregate_all(
         self, updates: dict[str, Payload], params: list[NamedParam]
-    ) -> dict[str, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], float]:
         if any(isinstance(u, DenseUpdate) and not u.tensors for u in updates.values()):
-            return {n: torch.full(p.shape, float("inf"), device=p.device) for n, p, _ in params}
+            inf = float("inf")
+            full = {
+                n: sharded.shard_like(torch.full(p.shape, inf, device=p.device), p)
+                for n, p, _ in params
+            }
+            return full, inf
         return super()._aggregate_all(updates, params)
 
     def _aggregate_tensor(
@@ -739,6 +776,29 @@ class DataParallel(OuterOptimizer):
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         p.grad.copy_(agg)  # type: ignore[union-attr]
+
+
+def _same_message(a: CompressedTensor, b: CompressedTensor) -> bool:
+    pairs = zip(a.buffers().values(), b.buffers().values(), strict=True)
+    return a.shape == b.shape and all(torch.equal(x, y) for x, y in pairs)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` (this rank's shard of it, for a DTensor) holds no NaN/Inf."""
+    local = t.to_local() if sharded.is_sharded(t) else t
+    return not local.is_floating_point() or bool(torch.isfinite(local).all())
+
+
+def _check_all_finite(
+    tensors: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None
+) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf; with sharded
+    parameters every rank of ``group`` raises the same one (one all-reduce of an index)."""
+    bad = next((i for i, (_, t) in enumerate(tensors) if not _finite(t)), len(tensors))
+    if group is not None:
+        bad = sharded.agree_first_bad(bad, group, tensors[0][1].device)
+    if bad < len(tensors):
+        raise NonFiniteError("contains NaN or Inf", tensor=tensors[bad][0])
 
 
 def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) -> torch.Tensor:

@@ -109,14 +109,24 @@ class RankZeroExchange:
         return header, [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
 
     def _broadcast(self, data: bytes | None) -> bytes:
-        """``data`` from rank 0 to every rank of the group (two broadcasts: length, bytes)."""
-        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-        n = n.to(self._device) if self._device is not None else n
-        dist.broadcast(n, src=self._src, group=self._group)
-        buf = torch.zeros(int(n.item()), dtype=torch.uint8)
-        if data is not None and len(data):
-            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        if self._device is not None:
-            buf = buf.to(self._device)
-        dist.broadcast(buf, src=self._src, group=self._group)
-        return buf.cpu().numpy().tobytes()
+        return broadcast_bytes(data, self._src, self._group, self._device)
+
+
+def broadcast_bytes(
+    data: bytes | None,
+    src: int,
+    group: dist.ProcessGroup | None,
+    device: torch.device | None,
+) -> bytes:
+    """``data`` from global rank ``src`` to every rank of ``group`` (broadcasts of the length,
+    then of the bytes; through ``device`` memory when given, as NCCL needs)."""
+    n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    n = n.to(device) if device is not None else n
+    dist.broadcast(n, src=src, group=group)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    if data is not None and len(data):
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    if device is not None:
+        buf = buf.to(device)
+    dist.broadcast(buf, src=src, group=group)
+    return buf.cpu().numpy().tobytes()
