@@ -577,13 +577,22 @@ class SparseLoCo(OuterOptimizer):
     def _encode_owned(
         self, name: str, p: torch.Tensor, delta: torch.Tensor, owner: int, group: Any
     ) -> CompressedTensor:
-        """The owner encodes the full Δ; every rank gets the result (one broadcast)."""
-        ct = None
+        """The owner encodes the full Δ; every rank gets the result (one broadcast), or every
+        rank raises when the owner failed (out of memory) instead of waiting for it."""
+        ct, failure = None, None
         if dist.get_rank(group) == owner:
-            scratch = self._scratch(p)
-            ct = encode_tensor(name, delta, scratch, self.config.codec)
-            self._pending[name] = scratch
-        return sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
+            try:
+                scratch = self._scratch(p)
+                ct = encode_tensor(name, delta, scratch, self.config.codec)
+                self._pending[name] = scratch
+            except Exception as exc:  # sent as "nothing", re-raised below
+                failure = exc
+        got = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
+        if failure is not None:
+            raise failure
+        if got is None:
+            raise UpdateError(f"encoding failed on its owner rank {owner}", tensor=name)
+        return got
 
     def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
         """e ← β·e + Δ − D(sent), by running the (deterministic) codec again on the buffers.

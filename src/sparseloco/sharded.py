@@ -97,12 +97,15 @@ def broadcast_compressed(
     owner: int,
     group: dist.ProcessGroup,
     device: torch.device,
-) -> CompressedTensor:
-    """The owner's compressed tensor on every rank (canonical safetensors bytes)."""
+) -> CompressedTensor | None:
+    """The owner's compressed tensor on every rank (canonical safetensors bytes); None on
+    every rank when the owner has none to send (its encoding failed)."""
     data = None
     if ct is not None:
         data = dump_safetensors(*CompressedUpdate(codec=codec, tensors={name: ct}).to_tensors())
     nccl = device if device.type == "cuda" else None
     blob = broadcast_bytes(data, dist.get_global_rank(group, owner), group, nccl)
+    if not blob:
+        return None
     got = CompressedUpdate.from_tensors(*load_safetensors(bytearray(blob)))
     return got.tensors[name].to(device)

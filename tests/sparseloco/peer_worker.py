@@ -3,9 +3,10 @@ plain single-process peer.
 
 Usage: ``peer_worker.py ROLE FOLDER OUT``. ROLE, under torchrun: ``ddp`` and ``fsdp`` (train
 beside a ``plain`` peer), ``ddp-fail`` (rank 0's gather raises in window 1), ``solo-fsdp``
-(three rounds of fixed perturbations, no training, alone); without torchrun: ``plain`` and
-``solo-plain``. Peers exchange through FOLDER; OUT (``RANK`` replaced by the rank) gets the
-full parameters and per-round bytes sent, or ``.err`` the error raised.
+(three rounds of fixed perturbations, no training, alone; round 1 first fails on rank 1);
+without torchrun: ``plain`` and ``solo-plain``. Peers exchange through FOLDER; OUT (``RANK``
+replaced by the rank) gets the full parameters and per-round bytes sent, or ``.err`` the
+error raised.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sparseloco import ExchangeError, GatherResult, OuterLoop, PeerStatus, SparseLoCo
+from sparseloco import (
+    ExchangeError,
+    GatherResult,
+    OuterLoop,
+    PeerStatus,
+    SparseLoCo,
+    UpdateError,
+    optim,
+)
 from sparseloco.payload import payload_from_tensors
 from sparseloco.ranks import RankZeroExchange
 from sparseloco.serialization import dump_safetensors, load_safetensors
@@ -104,16 +113,38 @@ def _train(trained, inner, outer, seed):
     return loop.reports
 
 
-def _perturbed_rounds(model, outer):
-    """Rounds without training: the same full-tensor perturbations whatever the sharding."""
+def _perturbed_rounds(model, outer, out):
+    """Rounds without training: the same full-tensor perturbations whatever the sharding.
+
+    Under torchrun, round 1 is tried first with rank 1's encoder failing (as if out of
+    memory); what each rank raised goes to ``out`` + ``.err``, then the round is retried.
+    """
     reports = []
     for rnd in range(3):
         g = torch.Generator().manual_seed(rnd)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(shard_like(0.05 * torch.randn(p.shape, generator=g), p))
+        if rnd == 1 and dist.is_initialized():
+            Path(out).with_suffix(".err").write_text(_failed_round(outer, dist.get_rank() == 1))
         reports.append(outer.step())
     return reports
+
+
+def _failed_round(outer, fail_here: bool) -> str:
+    real = optim.encode_tensor
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    optim.encode_tensor = failing if fail_here else real
+    try:
+        outer.step()
+    except (RuntimeError, UpdateError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        optim.encode_tensor = real
+    return "no error"
 
 
 def main(role: str, folder: str, out: str) -> None:
@@ -126,7 +157,9 @@ def main(role: str, folder: str, out: str) -> None:
     outer = SparseLoCo(trained.named_parameters(), exchange, codec={"topk": 8}, **options)
     seed = 100 + rank + (10 if "plain" in role else 0)
     try:
-        reports = _perturbed_rounds(model, outer) if solo else _train(trained, inner, outer, seed)
+        reports = (
+            _perturbed_rounds(model, outer, out) if solo else _train(trained, inner, outer, seed)
+        )
     except ExchangeError as exc:
         Path(out).with_suffix(".err").write_text(str(exc))
     else:
