@@ -43,15 +43,14 @@ from sparseloco.exchange import (
     InProcessHub,
     PeerStatus,
 )
+from sparseloco.loop import OuterLoop, skipped_by_grad_scaler
 from sparseloco.names import canonical_name
 from sparseloco.optim import (
     DataParallel,
     DiLoCo,
-    OuterLoop,
     OuterOptimizer,
     RoundReport,
     SparseLoCo,
-    skipped_by_grad_scaler,
 )
 from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
 from sparseloco.ranks import RankZeroExchange
