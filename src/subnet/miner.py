@@ -311,8 +311,7 @@ class Miner(Node):
             own = self._own_update(window)
             if own is not None:
                 updates[self.hotkey] = own
-        if updates:
-            self.outer.apply(updates)
+        self.outer.apply(updates)  # advances the window even when nothing is aggregated
         # A window without a published set (the validator skipped it) moved nobody.
         out_of_sync = (
             self.check_sync(window, sorted(updates)) if window in self.selections else None
