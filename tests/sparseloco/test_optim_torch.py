@@ -79,7 +79,9 @@ def test_add_param_group_without_names_and_with_a_taken_name():
 
 
 def test_apply_advances_the_window_so_a_catching_up_peer_publishes_the_next_one():
-    hub = InProcessHub(timeout=10)
+    # c is listed up front (a hub refuses a peer that connects after gathering began);
+    # a and b wait out the short timeout for it in the windows it misses.
+    hub = InProcessHub(["a", "b", "c"], timeout=1.5)
     models = {p: _model() for p in "abc"}
     outers = {
         p: SparseLoCo(models[p].named_parameters(), hub.connect(p), codec={"topk": 8}) for p in "ab"
