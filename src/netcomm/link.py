@@ -34,7 +34,7 @@ from netcomm.directory import PeerDirectory, PeerRecord
 from netcomm.errors import NetcommConfigError
 from netcomm.storage import ObjectInfo, Storage
 
-CHUNK = 64 * 1024  # bytes the proxy reads and paces at once; also the buckets' burst
+MIN_CHUNK, MAX_CHUNK = 16 * 1024, 256 * 1024  # bounds of what the proxy reads at once
 _RATE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(bit|kbit|mbit|gbit)(?:/s)?", re.IGNORECASE)
 _TIME = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(us|ms|s)", re.IGNORECASE)
 _RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -139,13 +139,13 @@ class TokenBucket:
 
     :meth:`take` reserves its bytes in call order (a reservation may run the bucket into
     debt) and sleeps until they are paid for, so any number of threads sharing one bucket
-    get ``rate`` together.
+    get ``rate`` together. The default burst is 2 ms of traffic, within [16 KiB, 256 KiB].
     """
 
-    def __init__(self, rate: float, burst: float = CHUNK) -> None:
+    def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = burst
-        self._tokens = burst
+        self.burst = burst if burst is not None else min(MAX_CHUNK, max(MIN_CHUNK, rate / 500))
+        self._tokens = self.burst
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
@@ -164,41 +164,46 @@ class TokenBucket:
 class Link:
     """One peer's link at run time; share it between all of that peer's proxies and storages.
 
-    ``sent`` and ``received`` count the bytes that went up and down through it.
+    ``up`` and ``down`` are its two directions: call one with a byte count to wait until
+    those bytes may pass; ``sent`` and ``received`` count the bytes that went each way.
     """
 
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
         self.delay_s = spec.rtt_s / 2
-        self._up = _bucket(spec.up_bit_s)
-        self._down = _bucket(spec.down_bit_s)
-        self._lock = threading.Lock()
-        self.sent = 0
-        self.received = 0
+        self.up = Direction(spec.up_bit_s)
+        self.down = Direction(spec.down_bit_s)
 
     def __repr__(self) -> str:
         return f"Link({str(self.spec)!r})"
 
-    def up(self, nbytes: int) -> None:
-        """Block until ``nbytes`` may leave the peer."""
-        self._pass(self._up, nbytes, upward=True)
+    @property
+    def sent(self) -> int:
+        return self.up.nbytes
 
-    def down(self, nbytes: int) -> None:
-        """Block until ``nbytes`` may reach the peer."""
-        self._pass(self._down, nbytes, upward=False)
+    @property
+    def received(self) -> int:
+        return self.down.nbytes
 
-    def _pass(self, bucket: TokenBucket | None, nbytes: int, *, upward: bool) -> None:
-        if bucket is not None:
-            bucket.take(nbytes)
+
+class Direction:
+    """One direction of a :class:`Link`: its bucket (none if unlimited) and byte count.
+
+    ``chunk`` is how much a proxy reads at once: the bucket's burst, or 256 KiB if unlimited.
+    """
+
+    def __init__(self, bit_s: float | None) -> None:
+        self.bucket = None if bit_s is None else TokenBucket(bit_s / 8)
+        self.chunk = int(self.bucket.burst) if self.bucket is not None else MAX_CHUNK
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, nbytes: int) -> None:
+        """Block until ``nbytes`` may pass."""
+        if self.bucket is not None:
+            self.bucket.take(nbytes)
         with self._lock:
-            if upward:
-                self.sent += nbytes
-            else:
-                self.received += nbytes
-
-
-def _bucket(bit_s: float | None) -> TokenBucket | None:
-    return None if bit_s is None else TokenBucket(bit_s / 8)
+            self.nbytes += nbytes
 
 
 class LinkProxy:
@@ -307,36 +312,57 @@ class _Ends:
 
 
 class _Pipe:
-    """One direction of one proxied connection: a reader paces bytes, a writer delays them.
+    """One direction of one proxied connection: bytes are read, paced, delayed and sent.
 
-    The queue between them holds at most what the link carries in ``delay_s`` (the reader
-    waits on the bucket), so it is the link's bandwidth-delay product in memory.
+    Without a delay one thread does it all. With one, a reader paces the bytes into a queue
+    and a writer sends each ``delay_s`` after it passed; the queue holds at most what the
+    link carries in ``delay_s`` (the reader waits on the bucket), the bandwidth-delay product.
     """
 
     def __init__(
-        self,
-        src: socket.socket,
-        dst: socket.socket,
-        pace: Callable[[int], None],
-        delay_s: float,
-        ends: _Ends,
+        self, src: socket.socket, dst: socket.socket, way: Direction, delay_s: float, ends: _Ends
     ) -> None:
-        self._src, self._dst, self._pace, self._delay = src, dst, pace, delay_s
+        self._src, self._dst, self._way, self._delay = src, dst, way, delay_s
         self._ends = ends
         self._queue: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
 
     def start(self) -> None:
-        _spawn(self._read)
-        _spawn(self._write)
+        if self._delay:
+            _spawn(self._read)
+            _spawn(self._write)
+        else:
+            _spawn(self._relay)
+
+    def _recv(self) -> bytes:
+        """The next paced bytes, or ``b""`` at the end of the stream."""
+        try:
+            data = self._src.recv(self._way.chunk)
+        except OSError:
+            return b""
+        if data:
+            self._way(len(data))
+        return data
+
+    def _send(self, data: bytes) -> bool:
+        """Pass ``data`` on (``b""``: the end of the stream); False once the pipe is done."""
+        try:
+            if not data:  # the sender finished: pass the end of stream on
+                self._dst.shutdown(socket.SHUT_WR)
+                self._ends.ended(failed=False)
+                return False
+            self._dst.sendall(data)
+            return True
+        except OSError:  # the other side went away: drop the whole connection
+            self._ends.ended(failed=True)
+            return False
+
+    def _relay(self) -> None:
+        while self._send(self._recv()):
+            pass
 
     def _read(self) -> None:
         while True:
-            try:
-                data = self._src.recv(CHUNK)
-            except OSError:
-                data = b""
-            if data:
-                self._pace(len(data))
+            data = self._recv()
             self._queue.put((time.monotonic() + self._delay, data))
             if not data:
                 return
@@ -347,14 +373,7 @@ class _Pipe:
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            try:
-                if not data:  # the sender finished: pass the end of stream on
-                    self._dst.shutdown(socket.SHUT_WR)
-                    self._ends.ended(failed=False)
-                    return
-                self._dst.sendall(data)
-            except OSError:  # the other side went away: drop the whole connection
-                self._ends.ended(failed=True)
+            if not self._send(data):
                 return
 
 
