@@ -23,9 +23,10 @@ corruption looks the same as a bad publisher) is retried with backoff up to ``at
 An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat gather of the
 same window reuses the result as long as the object's etag is unchanged.
 
-Pipelining: downloads run on ``max_concurrency`` I/O threads and each finished download is
-verified on one of ``verify_threads`` others (one per core by default) while the next
-downloads proceed, so verification overlaps transfer instead of holding a download slot.
+Pipelining: probes (``head``) and downloads each run on up to ``max_concurrency`` threads of
+their own, and each finished download is verified on one of ``verify_threads`` others (one
+per core by default) while the next downloads proceed, so verification overlaps transfer
+instead of holding a download thread, and no download waits behind another peer's probe.
 
 Memory: at most ``max_concurrency`` objects are held at once (being downloaded, waiting for
 verification or being verified), each of at most
@@ -47,7 +48,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from netcomm.directory import PeerDirectory, PeerRecord, check_peer_id, update_key
 from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
@@ -84,8 +85,9 @@ class ExchangeConfig:
         deadline_s: default time budget of ``gather``, seconds from the call.
         min_peers: default minimum of ``ok`` peers; fewer raises
             :class:`~netcomm.errors.NotEnoughPeersError` (0 never raises).
-        max_concurrency: parallel probes/downloads in one gather, and the most objects it
-            holds at once (downloads waiting for or under verification included).
+        max_concurrency: parallel probes, and parallel downloads, in one gather; also the
+            most objects it holds at once (downloads waiting for or under verification
+            included).
         verify_threads: threads verifying downloaded envelopes (``None``: one per CPU core,
             at most ``max_concurrency``).
         attempts: tries per object for transient or integrity failures.
@@ -169,6 +171,31 @@ class _PeerState:
     nbytes: int = 0
     started: float | None = None
     last_error: str = ""
+
+
+class _Pools(NamedTuple):
+    """The threads of one gather: probes, downloads, and verification of finished downloads.
+
+    Probes have their own threads so that no download waits behind another peer's probe.
+    """
+
+    probe: ThreadPoolExecutor
+    download: ThreadPoolExecutor
+    verify: ThreadPoolExecutor
+
+    @classmethod
+    def start(cls, width: int, verify_threads: int | None) -> _Pools:
+        verifiers = min(width, verify_threads or os.cpu_count() or 1)
+        return cls(
+            ThreadPoolExecutor(width, thread_name_prefix="netcomm-probe"),
+            ThreadPoolExecutor(width, thread_name_prefix="netcomm-gather"),
+            ThreadPoolExecutor(verifiers, thread_name_prefix="netcomm-verify"),
+        )
+
+    def shutdown(self) -> None:
+        """Stop without waiting: stragglers are abandoned and their results never read."""
+        for pool in self:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class StorageExchange:
@@ -273,18 +300,11 @@ class StorageExchange:
         start = time.monotonic()
         end = start + budget
         states = {p: self._initial_state(window, p) for p in names}
-        width = max(1, min(cfg.max_concurrency, len(names)))
-        io = ThreadPoolExecutor(width, thread_name_prefix="netcomm-gather")
-        verify = ThreadPoolExecutor(
-            min(width, cfg.verify_threads or os.cpu_count() or 1),
-            thread_name_prefix="netcomm-verify",
-        )
+        pools = _Pools.start(max(1, min(cfg.max_concurrency, len(names))), cfg.verify_threads)
         try:
-            self._run(window, states, end, cutoff, (io, verify))
+            self._run(window, states, end, cutoff, pools)
         finally:
-            # Stragglers still running are abandoned; their results are never read.
-            for pool in (io, verify):
-                pool.shutdown(wait=False, cancel_futures=True)
+            pools.shutdown()
         result = GatherResult(window=window)
         for name in names:
             st = states[name]
@@ -317,17 +337,16 @@ class StorageExchange:
         states: dict[str, _PeerState],
         end: float,
         cutoff: float | None,
-        pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+        pools: _Pools,
     ) -> None:
         """Drive every peer to a status or until ``end``: probe, download, verify, retry."""
-        io, verify = pools
         cached = self._cache.get(window, {})
         while True:
             now = time.monotonic()
             pending = [s for s in states.values() if s.status is None]
             if not pending or now >= end:
                 return
-            queued = self._submit(pending, now, io)
+            queued = self._submit(pending, now, pools)
             inflight = [s.future for s in pending if s.future is not None]
             # a download waiting for a slot is woken by the completion that frees one
             idle = [s.next_try for s in pending if s.future is None and s.peer not in queued]
@@ -339,11 +358,11 @@ class StorageExchange:
                     if st.stage == "probe":
                         self._on_probe(st, future, cutoff, cached.get(st.peer))
                     elif not (
-                        st.stage == "download" and self._to_verify(window, st, future, verify)
+                        st.stage == "download" and self._to_verify(window, st, future, pools.verify)
                     ):
                         self._on_fetch(st, future, window, end)
 
-    def _submit(self, pending: list[_PeerState], now: float, io: ThreadPoolExecutor) -> set[str]:
+    def _submit(self, pending: list[_PeerState], now: float, pools: _Pools) -> set[str]:
         """Start the probes and downloads that are due, holding at most max_concurrency objects.
 
         Returns the peers whose download is due but waits for a slot.
@@ -355,12 +374,12 @@ class StorageExchange:
                 continue
             if st.info is None:
                 st.stage = "probe"
-                st.future = io.submit(st.record.storage.head, st.key)  # type: ignore[union-attr]
+                st.future = pools.probe.submit(st.record.storage.head, st.key)  # type: ignore[union-attr]
             elif held < self.config.max_concurrency:
                 held += 1
                 st.stage = "download"
                 st.started = st.started if st.started is not None else now
-                st.future = io.submit(self._download, st.record, st.info)  # type: ignore[arg-type]
+                st.future = pools.download.submit(self._download, st.record, st.info)  # type: ignore[arg-type]
             else:
                 queued.add(st.peer)
         return queued

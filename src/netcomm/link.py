@@ -139,12 +139,14 @@ class TokenBucket:
 
     :meth:`take` reserves its bytes in call order (a reservation may run the bucket into
     debt) and sleeps until they are paid for, so any number of threads sharing one bucket
-    get ``rate`` together. The default burst is 2 ms of traffic, within [16 KiB, 256 KiB].
+    get ``rate`` together. The default burst, 10 ms of traffic and at least 64 KiB, lets a
+    proxy thread the machine did not schedule for a few milliseconds catch up, so that CPU
+    load on the simulating machine does not narrow the simulated link.
     """
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = burst if burst is not None else min(MAX_CHUNK, max(MIN_CHUNK, rate / 500))
+        self.burst = burst if burst is not None else max(64 * 1024, rate / 100)
         self._tokens = self.burst
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -189,12 +191,14 @@ class Link:
 class Direction:
     """One direction of a :class:`Link`: its bucket (none if unlimited) and byte count.
 
-    ``chunk`` is how much a proxy reads at once: the bucket's burst, or 256 KiB if unlimited.
+    ``chunk`` is how much a proxy reads at once: 2 ms of traffic within [16 KiB, 256 KiB].
     """
 
     def __init__(self, bit_s: float | None) -> None:
         self.bucket = None if bit_s is None else TokenBucket(bit_s / 8)
-        self.chunk = int(self.bucket.burst) if self.bucket is not None else MAX_CHUNK
+        self.chunk = (
+            MAX_CHUNK if bit_s is None else int(min(MAX_CHUNK, max(MIN_CHUNK, bit_s / 4000)))
+        )
         self.nbytes = 0
         self._lock = threading.Lock()
 
@@ -403,9 +407,11 @@ class ShapedStorage:
         self.inner.put(key, data)
 
     def get(self, key: str) -> bytes:
+        self._round_trip()
         return self._fetched(self.inner.get(key))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        self._round_trip()
         return self._fetched(self.inner.get_range(key, start, end))
 
     def head(self, key: str) -> ObjectInfo:
@@ -421,7 +427,6 @@ class ShapedStorage:
         self.inner.delete(key)
 
     def _fetched(self, data: bytes) -> bytes:
-        self._round_trip()
         self.link.down(len(data))
         return data
 
