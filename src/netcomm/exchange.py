@@ -357,9 +357,11 @@ class StorageExchange:
                     future, st.future = st.future, None
                     if st.stage == "probe":
                         self._on_probe(st, future, cutoff, cached.get(st.peer))
-                    elif not (
-                        st.stage == "download" and self._to_verify(window, st, future, pools.verify)
-                    ):
+                    elif st.stage == "download" and _complete(future):
+                        st.stage = "verify"
+                        blob = future.result()[1]
+                        st.future = pools.verify.submit(self._verify, window, st.record, blob)
+                    else:
                         self._on_fetch(st, future, window, end)
 
     def _submit(self, pending: list[_PeerState], now: float, pools: _Pools) -> set[str]:
@@ -383,16 +385,6 @@ class StorageExchange:
             else:
                 queued.add(st.peer)
         return queued
-
-    def _to_verify(
-        self, window: int, st: _PeerState, future: Future, verify: ThreadPoolExecutor
-    ) -> bool:
-        """Hand a complete download to a verify thread; False if the download failed."""
-        if future.exception() is not None or isinstance(future.result()[1], Exception):
-            return False
-        st.stage = "verify"
-        st.future = verify.submit(self._verify, window, st.record, future.result()[1])
-        return True
 
     def _on_probe(
         self,
@@ -557,6 +549,11 @@ class StorageExchange:
     def _backoff(self, attempt: int) -> float:
         cfg = self.config
         return min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
+
+
+def _complete(download: Future) -> bool:
+    """Whether a finished download brought the whole object (else it goes to _on_fetch)."""
+    return download.exception() is None and not isinstance(download.result()[1], Exception)
 
 
 def _internal(exc: BaseException) -> str:

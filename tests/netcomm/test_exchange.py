@@ -350,6 +350,24 @@ def test_downloads_overlap_verification_within_the_memory_bound(
     assert 6 * 0.1 <= elapsed < 6 * 0.1 + 1.0  # one verify thread: the checks in series
 
 
+def test_a_reader_bug_in_one_download_costs_only_that_peer(tmp_path, model, spec, kit):
+    inner = LocalStorage(tmp_path)
+
+    class Broken(CountingStorage):
+        def get_range(self, key, start, end):
+            raise RuntimeError("bug in a storage backend")
+
+    _, _, ex = make_net(inner, spec, ["a", "b", "c"], wrap={"c": Broken(inner)})
+    ex["b"].publish(0, kit.sparse_update(model, seed=1))
+    ex["c"].publish(0, kit.sparse_update(model, seed=2))
+    result = ex["a"].gather(0)
+    assert result.statuses["b"].status == "ok"
+    assert (result.statuses["c"].status, result.statuses["c"].reason) == (
+        "invalid",
+        "internal: RuntimeError: bug in a storage backend",
+    )
+
+
 def test_slow_peer_times_out_and_others_arrive(tmp_path, model, spec, kit):
     inner = LocalStorage(tmp_path)
     slow = FaultyStorage(inner, FaultPlan(slow=1.0, delay_s=4.0, only="/slow.nce"))
