@@ -16,10 +16,11 @@ sockets and the server's. Both sides of a row use the same endpoint.
 
 "raw boto3" downloads exactly the same objects with the same concurrency
 (``get_object().read()`` per object; boto3's managed ``download_fileobj`` for the large one),
-without any verification; raw and gather alternate, ``--repeats`` times, and the ratio is
-the median of raw time / gather time over the repeats. gather also verifies every envelope
-completely (signature, checksum, zstd if used, safetensors caps, index ranges and order,
-finite values), overlapping verification with the downloads still running.
+without any verification; after one unmeasured warm-up round, raw and gather alternate,
+``--repeats`` times, and the ratio is the median of raw time / gather time over the repeats.
+gather also verifies every envelope completely (signature, checksum, zstd if used,
+safetensors caps, index ranges and order, finite values), overlapping verification with the
+downloads still running.
 
 Each row also reports the CPU seconds the client, the server and the link process spent in
 the raw and the gather phases, and the single-thread cost of each verification step on one
@@ -247,31 +248,35 @@ class CpuMeter:
         return now | {name: process_cpu_s(pid) for name, pid in self.pids.items()}
 
 
+def one_round(pub: Published, reader: S3Storage, observer, concurrency, meter) -> list[float]:
+    """[raw seconds, gather seconds] of one download of every object each way."""
+    part_size = reader.config.download_part_size
+    raw_s, got = meter.run("raw", lambda: raw_download(pub, reader._client, concurrency, part_size))
+    assert got == pub.total, (got, pub.total)
+    observer._cache.clear()  # every round downloads and verifies again
+    observer._seen.clear()
+    gather_s, result = meter.run("gather", lambda: observer.gather(0))
+    bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
+    assert not bad, bad
+    assert result.bytes_received == pub.total
+    return [raw_s, gather_s]
+
+
 def measure(pub: Published, endpoint: str, link: str, pids, concurrency, repeats) -> dict:
-    """Raw boto3 and gather of the same objects through ``endpoint``, alternating repeats."""
+    """Raw boto3 and gather of the same objects through ``endpoint``, alternating repeats.
+
+    One unmeasured round first warms the process up (its first large allocations fault
+    their pages in), as a long-running peer is after its first window.
+    """
     reader = S3Storage(s3_config(endpoint, pub.bucket, concurrency))
     directory = StaticDirectory(PeerRecord(p, reader, pub.signers[p].public_key) for p in pub.peers)
     observer = StorageExchange(
         "observer", reader, directory, Ed25519Signer.generate(), pub.spec, pub.config
     )
+    warmup = one_round(pub, reader, observer, concurrency, CpuMeter({}))
     meter = CpuMeter(pids)
-    raw_times, gather_times = [], []
-    for _ in range(repeats):
-        raw_s, got = meter.run(
-            "raw",
-            lambda: raw_download(
-                pub, reader._client, concurrency, reader.config.download_part_size
-            ),
-        )
-        assert got == pub.total, (got, pub.total)
-        observer._cache.clear()  # every repeat downloads and verifies again
-        observer._seen.clear()
-        gather_s, result = meter.run("gather", lambda: observer.gather(0))
-        bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
-        assert not bad, bad
-        assert result.bytes_received == pub.total
-        raw_times.append(raw_s)
-        gather_times.append(gather_s)
+    rounds = [one_round(pub, reader, observer, concurrency, meter) for _ in range(repeats)]
+    raw_times, gather_times = (list(times) for times in zip(*rounds, strict=True))
     reader.close()
     raw_s, gather_s = statistics.median(raw_times), statistics.median(gather_times)
     ratios = [r / g for r, g in zip(raw_times, gather_times, strict=True)]
@@ -290,6 +295,7 @@ def measure(pub: Published, endpoint: str, link: str, pids, concurrency, repeats
         "gather_mb_s": round(pub.total / gather_s / 1e6, 1),
         "ratio": round(statistics.median(ratios), 3),
         "ratio_per_repeat": [round(x, 3) for x in ratios],
+        "warmup_raw_gather_s": [round(x, 3) for x in warmup],
         "raw_times_s": [round(x, 3) for x in raw_times],
         "gather_times_s": [round(x, 3) for x in gather_times],
         "cpu_s_per_repeat": {k: round(v / repeats, 3) for k, v in meter.totals.items()},
