@@ -15,7 +15,8 @@ Quick use::
 Modules: :mod:`~netcomm.storage` (interface, keys, local folder), :mod:`~netcomm.s3`
 (S3-compatible backend), :mod:`~netcomm.envelope` (wire format), :mod:`~netcomm.signing`,
 :mod:`~netcomm.directory`, :mod:`~netcomm.exchange`, :mod:`~netcomm.checkpoint`,
-:mod:`~netcomm.faults` (fault injection for tests). See ``docs/netcomm.md``.
+:mod:`~netcomm.faults` (fault injection for tests), :mod:`~netcomm.link` (WAN link model).
+See ``docs/netcomm.md``.
 """
 
 from netcomm.checkpoint import Checkpoint, CheckpointStore
@@ -41,6 +42,15 @@ from netcomm.errors import (
 )
 from netcomm.exchange import ExchangeConfig, StorageExchange
 from netcomm.faults import FaultPlan, FaultProxy, FaultyStorage
+from netcomm.link import (
+    Link,
+    LinkProxy,
+    LinkSpec,
+    ShapedDirectory,
+    ShapedStorage,
+    TokenBucket,
+    parse_link,
+)
 from netcomm.s3 import S3Config, S3Storage
 from netcomm.signing import (
     Ed25519Signer,
@@ -67,6 +77,9 @@ __all__ = [
     "FaultProxy",
     "FaultyStorage",
     "InvalidKeyError",
+    "Link",
+    "LinkProxy",
+    "LinkSpec",
     "LocalStorage",
     "ModelSpec",
     "NetcommConfigError",
@@ -78,16 +91,20 @@ __all__ = [
     "PeerRecord",
     "S3Config",
     "S3Storage",
+    "ShapedDirectory",
+    "ShapedStorage",
     "Signer",
     "StaticDirectory",
     "Storage",
     "StorageError",
     "StorageExchange",
+    "TokenBucket",
     "TransientStorageError",
     "Verifier",
     "default_verifiers",
     "join_key",
     "open_envelope",
+    "parse_link",
     "read_header",
     "seal_envelope",
     "update_key",
