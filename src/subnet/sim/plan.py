@@ -82,6 +82,7 @@ def _node(cfg: SimConfig, hotkey: str, role: str, **sections: object) -> NodeCon
             gather_deadline_s=cfg.window_seconds,
             poll_interval_s=0.02,
             selection_timeout_s=cfg.deadline_s,
+            link=cfg.link,
         ),
         **sections,  # type: ignore[arg-type]
     )
