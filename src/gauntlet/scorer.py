@@ -5,16 +5,20 @@ float64 reductions, seeds from public values):
 
 1. **statuses**: ``missing``/``late``/``invalid``/``timeout`` from the exchange fail the
    window; ``ok`` payloads are decoded (:func:`gauntlet.decoding.decode_update`) and any
-   that do not decode or hold NaN/Inf are ``invalid``;
+   that do not decode or hold NaN/Inf are ``invalid`` (:func:`decode_all`);
 2. **proof of data**: the published digest must equal :func:`gauntlet.assignment.data_digest`
-   of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``;
-3. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``;
+   of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``
+   (:meth:`Scorer._proof_failures`);
+3. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``
+   (:func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
 4. **clip factors**: median norm per tensor over every decoded update;
 5. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
-   evaluated first); a non-finite after-loss is ``invalid``;
-6. **sync** from the published sampled values;
+   evaluated first; :meth:`Scorer._evaluate`); a non-finite after-loss is ``invalid``
+   (:func:`nonfinite_failures`);
+6. **sync** from the published sampled values (:meth:`Scorer._syncs`);
 7. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
-   ``min(0, lowest valid) − penalty``; BMA gets b for evaluated peers and −1 for failed ones;
+   ``min(0, lowest valid) − penalty`` (:func:`match_scores`); BMA gets b for evaluated
+   peers and −1 for failed ones (:meth:`Scorer._record`);
 8. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`.
 
 Call ``score_window`` before applying the window's outer step to the model: it records the
@@ -38,7 +42,7 @@ from gauntlet.assignment import (
     eval_assigned_samples,
     random_samples,
 )
-from gauntlet.config import GauntletConfig
+from gauntlet.config import GauntletConfig, RatingConfig
 from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
 from gauntlet.evaluate import EvalResult, Evaluator, LossFn, median_clip_factors
 from gauntlet.ratings import rate_match
@@ -57,6 +61,9 @@ from gauntlet.signals import (
 )
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult
+
+Statuses = dict[str, tuple[str, str]]
+"""peer → (failure kind, reason)."""
 
 
 @dataclass(frozen=True)
@@ -211,135 +218,27 @@ class Scorer:
 
     def score_window(self, inputs: WindowInputs) -> WindowReport:
         """Score every peer of ``inputs.gather`` for ``inputs.window``; see the module doc."""
-        cfg = self.config
-        board = self.scoreboard
-        window = inputs.window
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
-        status: dict[str, tuple[str, str]] = {}
-        peers = sorted(set(inputs.gather.statuses) | set(inputs.gather.updates))
-        decoded: dict[str, DecodedUpdate] = {}
-        for peer in peers:
-            st = inputs.gather.statuses.get(peer)
-            kind = st.status if st is not None else "ok"
-            if kind != "ok":
-                status[peer] = (kind, st.reason if st is not None else "")
-                continue
-            payload = inputs.gather.updates.get(peer)
-            if payload is None:
-                status[peer] = ("missing", "status ok but no payload")
-                continue
-            try:
-                decoded[peer] = decode_update(payload, self._shapes, self.codec)
-            except InvalidUpdate as exc:
-                status[peer] = ("invalid", str(exc))
+        peers, decoded, status = decode_all(inputs.gather, self._shapes, self.codec)
         timings["decode"] = time.perf_counter() - t0
-
-        if cfg.assignment.enforce_digest:
-            for peer in sorted(decoded):
-                got = inputs.digests.get(peer)
-                if got != self.expected_digest(peer, window):
-                    status[peer] = (
-                        "bad_data",
-                        "no proof-of-data digest" if got is None else "digest mismatch",
-                    )
-
+        status.update(self._proof_failures(decoded, inputs))
         t1 = time.perf_counter()
         pairs = pair_similarities(decoded)
-        copies = blame_copies(pairs, inputs.publish_times, cfg.signals)
-        for peer, verdict in copies.items():
-            if peer not in status:
-                status[peer] = (
-                    "copy",
-                    f"copies {verdict.source} (overlap {verdict.overlap:.3f}, "
-                    f"cosine {verdict.cosine:.4f})",
-                )
+        copies = blame_copies(pairs, inputs.publish_times, self.config.signals)
+        status.update({p: v for p, v in copy_failures(copies).items() if p not in status})
         timings["copy_detection"] = time.perf_counter() - t1
-
         factors = median_clip_factors({p: d.dense for p, d in decoded.items()})
         candidates = [p for p in sorted(decoded) if p not in status]
-        chosen = self._select(candidates, window, inputs.eval_seed)
-
-        t2 = time.perf_counter()
-        a_cfg = cfg.assignment
-        random_batches = self.batches_for(random_samples(window, inputs.eval_seed, a_cfg))
-        assigned = {
-            p: self.batches_for(
-                eval_assigned_samples(p, window, self.seed, inputs.eval_seed, a_cfg)
-            )
-            for p in chosen
-        }
-        results: dict[str, EvalResult] = {}
-        if chosen:
-            baseline = self.evaluator.baseline(random_batches, assigned)
-            timings["baseline"] = time.perf_counter() - t2
-            t3 = time.perf_counter()
-            results = self.evaluator.evaluate_many(
-                {p: decoded[p].dense for p in chosen},
-                {p: factors[p] for p in chosen},
-                baseline,
-                random_batches,
-                assigned,
-                margin=cfg.signals.assigned_margin,
-            )
-            timings["evaluate"] = time.perf_counter() - t3
-        for peer, res in results.items():
-            if not res.finite:
-                status[peer] = ("invalid", "non-finite loss after applying the update")
-
-        own = self._own_values(window)
-        typical = self._typical_change(window, own)
-        syncs = {p: sync_score(own, inputs.sync_values.get(p), typical, cfg.signals) for p in peers}
-
+        chosen = self._select(candidates, inputs.window, inputs.eval_seed)
+        results = self._evaluate(chosen, decoded, factors, inputs, timings)
+        status.update(nonfinite_failures(results))
+        syncs = self._syncs(inputs.window, peers, inputs.sync_values)
         evaluated = {p: r for p, r in results.items() if p not in status}
-        valid = [r.gain_random for r in evaluated.values()]
-        low = min([0.0, *valid])
-        rc = cfg.rating
-        penalty = {
-            "missing": rc.penalty_missing,
-            "timeout": rc.penalty_missing,
-            "late": rc.penalty_late,
-            "invalid": rc.penalty_invalid,
-            "copy": rc.penalty_copy,
-            "bad_data": rc.penalty_data,
-        }
-        match: dict[str, float] = {p: r.gain_random for p, r in evaluated.items()}
-        for peer, (kind, _) in status.items():
-            match[peer] = low - penalty.get(kind, rc.penalty_invalid)
-        new_ratings = rate_match(
-            {p: (board.record(p).mu, board.record(p).sigma) for p in match}, match, rc
-        )
-
-        for peer in peers:
-            rec = board.record(peer)
-            rec.last_window = window
-            if peer in new_ratings:
-                rec.mu, rec.sigma = new_ratings[peer]
-            if peer in evaluated:
-                res = evaluated[peer]
-                rec.bma = update_bma(rec.bma, res.indicator, cfg.signals)
-                rec.evaluations += 1
-                rec.last_evaluated = window
-                rec.last_status = "evaluated"
-                rec.last_gain_random = res.gain_random
-                rec.last_gain_assigned = res.gain_assigned
-                rec.sync = syncs[peer].score
-            elif peer in status:
-                kind = status[peer][0]
-                rec.bma = update_bma(rec.bma, -1, cfg.signals)
-                rec.failures[kind] = rec.failures.get(kind, 0) + 1
-                rec.last_status = kind
-            else:
-                rec.last_status = "skipped"
-
-        board.sync_reference = {
-            "window": window + 1,
-            "values": [float(v) for v in self._own_values(window + 1)],
-        }
-        scores = board.final_scores()
-        weights = board.weights()
-        outcomes: dict[str, PeerOutcome] = {}
+        match = match_scores(evaluated, status, self.config.rating)
+        self._record(inputs.window, peers, match, evaluated, status, syncs)
+        scores = self.scoreboard.final_scores()
+        outcomes = {}
         for peer in peers:
             kind, reason = status.get(peer, ("evaluated" if peer in evaluated else "skipped", ""))
             outcomes[peer] = PeerOutcome(
@@ -353,11 +252,171 @@ class Scorer:
             )
         timings["total"] = time.perf_counter() - t0
         return WindowReport(
-            window=window,
+            window=inputs.window,
             outcomes=outcomes,
             pairs=pairs,
             copies=copies,
             scores=scores,
-            weights=weights,
+            weights=self.scoreboard.weights(),
             timings=timings,
         )
+
+    def _proof_failures(self, decoded: Mapping[str, Any], inputs: WindowInputs) -> Statuses:
+        """``bad_data`` for every decoded peer whose proof-of-data digest is absent or wrong."""
+        if not self.config.assignment.enforce_digest:
+            return {}
+        out: Statuses = {}
+        for peer in sorted(decoded):
+            got = inputs.digests.get(peer)
+            if got != self.expected_digest(peer, inputs.window):
+                out[peer] = (
+                    "bad_data",
+                    "no proof-of-data digest" if got is None else "digest mismatch",
+                )
+        return out
+
+    def _evaluate(
+        self,
+        chosen: list[str],
+        decoded: Mapping[str, DecodedUpdate],
+        factors: Mapping[str, Mapping[str, float]],
+        inputs: WindowInputs,
+        timings: dict[str, float],
+    ) -> dict[str, EvalResult]:
+        """Gains of each chosen peer on the shared random set and its assigned subset."""
+        if not chosen:
+            return {}
+        t0 = time.perf_counter()
+        window, eval_seed, a_cfg = inputs.window, inputs.eval_seed, self.config.assignment
+        random_batches = self.batches_for(random_samples(window, eval_seed, a_cfg))
+        assigned = {
+            p: self.batches_for(eval_assigned_samples(p, window, self.seed, eval_seed, a_cfg))
+            for p in chosen
+        }
+        baseline = self.evaluator.baseline(random_batches, assigned)
+        timings["baseline"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        results = self.evaluator.evaluate_many(
+            {p: decoded[p].dense for p in chosen},
+            {p: factors[p] for p in chosen},
+            baseline,
+            random_batches,
+            assigned,
+            margin=self.config.signals.assigned_margin,
+        )
+        timings["evaluate"] = time.perf_counter() - t1
+        return results
+
+    def _syncs(
+        self, window: int, peers: list[str], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, SyncResult]:
+        """Every peer's sync against the validator's own sampled values."""
+        own = self._own_values(window)
+        typical = self._typical_change(window, own)
+        return {p: sync_score(own, values.get(p), typical, self.config.signals) for p in peers}
+
+    def _record(
+        self,
+        window: int,
+        peers: list[str],
+        match: Mapping[str, float],
+        evaluated: Mapping[str, EvalResult],
+        status: Statuses,
+        syncs: Mapping[str, SyncResult],
+    ) -> None:
+        """Rate the window's match and write every peer's record and the next sync reference."""
+        board, sig = self.scoreboard, self.config.signals
+        new_ratings = rate_match(
+            {p: (board.record(p).mu, board.record(p).sigma) for p in match},
+            match,
+            self.config.rating,
+        )
+        for peer in peers:
+            rec = board.record(peer)
+            rec.last_window = window
+            if peer in new_ratings:
+                rec.mu, rec.sigma = new_ratings[peer]
+            if peer in evaluated:
+                res = evaluated[peer]
+                rec.bma = update_bma(rec.bma, res.indicator, sig)
+                rec.evaluations += 1
+                rec.last_evaluated = window
+                rec.last_status = "evaluated"
+                rec.last_gain_random = res.gain_random
+                rec.last_gain_assigned = res.gain_assigned
+                rec.sync = syncs[peer].score
+            elif peer in status:
+                kind = status[peer][0]
+                rec.bma = update_bma(rec.bma, -1, sig)
+                rec.failures[kind] = rec.failures.get(kind, 0) + 1
+                rec.last_status = kind
+            else:
+                rec.last_status = "skipped"
+        board.sync_reference = {
+            "window": window + 1,
+            "values": [float(v) for v in self._own_values(window + 1)],
+        }
+
+
+def decode_all(
+    gather: GatherResult,
+    shapes: Mapping[str, tuple[int, ...]],
+    codec: CodecConfig | None,
+) -> tuple[list[str], dict[str, DecodedUpdate], Statuses]:
+    """Every peer of the gather (sorted), the decoded ``ok`` payloads, and the failures:
+    the exchange's own non-``ok`` statuses, an ``ok`` without payload (``missing``) and a
+    payload :func:`~gauntlet.decoding.decode_update` rejects (``invalid``)."""
+    peers = sorted(set(gather.statuses) | set(gather.updates))
+    decoded: dict[str, DecodedUpdate] = {}
+    status: Statuses = {}
+    for peer in peers:
+        st = gather.statuses.get(peer)
+        if st is not None and st.status != "ok":
+            status[peer] = (st.status, st.reason)
+            continue
+        payload = gather.updates.get(peer)
+        if payload is None:
+            status[peer] = ("missing", "status ok but no payload")
+            continue
+        try:
+            decoded[peer] = decode_update(payload, shapes, codec)
+        except InvalidUpdate as exc:
+            status[peer] = ("invalid", str(exc))
+    return peers, decoded, status
+
+
+def copy_failures(copies: Mapping[str, CopyVerdict]) -> Statuses:
+    """``copy`` with the evidence for every blamed peer."""
+    return {
+        peer: ("copy", f"copies {v.source} (overlap {v.overlap:.3f}, cosine {v.cosine:.4f})")
+        for peer, v in copies.items()
+    }
+
+
+def nonfinite_failures(results: Mapping[str, EvalResult]) -> Statuses:
+    """``invalid`` for every evaluation whose after-loss was NaN/Inf."""
+    return {
+        p: ("invalid", "non-finite loss after applying the update")
+        for p, r in results.items()
+        if not r.finite
+    }
+
+
+def match_scores(
+    evaluated: Mapping[str, EvalResult], status: Statuses, config: RatingConfig
+) -> dict[str, float]:
+    """The window's match: evaluated peers score g_random; a failed peer scores
+    ``min(0, lowest g_random) − penalty(kind)`` so it ranks below every evaluated peer."""
+    low = min([0.0, *(r.gain_random for r in evaluated.values())])
+    penalty = {
+        "missing": config.penalty_missing,
+        "timeout": config.penalty_missing,
+        "late": config.penalty_late,
+        "invalid": config.penalty_invalid,
+        "copy": config.penalty_copy,
+        "bad_data": config.penalty_data,
+    }
+    match = {p: r.gain_random for p, r in evaluated.items()}
+    for peer, (kind, _) in status.items():
+        match[peer] = low - penalty.get(kind, config.penalty_invalid)
+    return match
