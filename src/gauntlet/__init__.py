@@ -31,6 +31,12 @@ from gauntlet.chain import (
     SetWeightsResult,
     WeightLimits,
 )
+from gauntlet.clipping import (
+    accepted_reference,
+    reference_factors,
+    update_norms,
+    window_reference,
+)
 from gauntlet.config import (
     AssignmentConfig,
     EvalConfig,
@@ -39,7 +45,7 @@ from gauntlet.config import (
     SignalConfig,
     WeightsConfig,
 )
-from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
 from gauntlet.errors import (
     ChainError,
     GauntletConfigError,
@@ -53,7 +59,6 @@ from gauntlet.evaluate import (
     Evaluator,
     LossFn,
     mean_loss,
-    median_clip_factors,
     relative_gain,
 )
 from gauntlet.ratings import ordinal, rate_match, rating_factor
@@ -123,9 +128,11 @@ __all__ = [
     "WindowInputs",
     "WindowReport",
     "YumaResult",
+    "accepted_reference",
     "assign_samples",
     "blame_copies",
     "cap_weights",
+    "content_digest",
     "data_digest",
     "decode_update",
     "derive_seed",
@@ -134,7 +141,6 @@ __all__ = [
     "eval_assigned_samples",
     "index_overlap",
     "mean_loss",
-    "median_clip_factors",
     "normalize_scores",
     "ordinal",
     "pair_similarities",
@@ -142,11 +148,14 @@ __all__ = [
     "rank_profile",
     "rate_match",
     "rating_factor",
+    "reference_factors",
     "relative_gain",
     "sample_values",
     "sync_positions",
     "sync_score",
     "to_u16",
     "update_bma",
+    "update_norms",
+    "window_reference",
     "yuma_consensus",
 ]

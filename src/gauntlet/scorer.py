@@ -5,21 +5,30 @@ float64 reductions, seeds from public values):
 
 1. **statuses**: ``missing``/``late``/``invalid``/``timeout`` from the exchange fail the
    window; ``ok`` payloads are decoded (:func:`gauntlet.decoding.decode_update`) and any
-   that do not decode or hold NaN/Inf are ``invalid`` (:func:`decode_all`);
+   that do not decode, hold NaN/Inf or are out of protocol (a dense payload, another codec)
+   are ``invalid`` (:func:`decode_all`);
 2. **proof of data**: the published digest must equal :func:`gauntlet.assignment.data_digest`
    of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``
    (:meth:`Scorer._proof_failures`);
-3. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``
+3. **replays**: an update whose content digest (:func:`gauntlet.decoding.content_digest`)
+   was seen in an earlier window, as a peer's update or as the applied aggregate
+   (:meth:`Scorer.record_aggregate`), is ``replay`` (:meth:`Scorer._replay_failures`);
+4. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``
    (:func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
-4. **clip factors**: median norm per tensor over every decoded update;
-5. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
+5. **clip factors**: every non-zero tensor is evaluated at the reference length r of
+   :mod:`gauntlet.clipping` (the median norm of the last accepted set; before any, the
+   smallest norm of this window's remaining updates), so amplifying an update earns nothing
+   (:meth:`Scorer._clip_factors`);
+6. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
    evaluated first; :meth:`Scorer._evaluate`); a non-finite after-loss is ``invalid``
    (:func:`nonfinite_failures`);
-6. **sync** from the published sampled values (:meth:`Scorer._syncs`);
-7. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
+7. **sync** from the published sampled values (:meth:`Scorer._syncs`);
+8. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
    ``min(0, lowest valid) − penalty`` (:func:`match_scores`); BMA gets b for evaluated
    peers and −1 for failed ones (:meth:`Scorer._record`);
-8. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`.
+9. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`, which also
+   keeps the next window's clip reference (the accepted set's norms) and the window's
+   content digests (:meth:`Scorer._remember`).
 
 Call ``score_window`` before applying the window's outer step to the model: it records the
 model's sampled values for the next window's typical-change reference.
@@ -42,9 +51,16 @@ from gauntlet.assignment import (
     eval_assigned_samples,
     random_samples,
 )
+from gauntlet.clipping import (
+    Norms,
+    accepted_reference,
+    reference_factors,
+    update_norms,
+    window_reference,
+)
 from gauntlet.config import GauntletConfig, RatingConfig
-from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
-from gauntlet.evaluate import EvalResult, Evaluator, LossFn, median_clip_factors
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
+from gauntlet.evaluate import EvalResult, Evaluator, LossFn
 from gauntlet.ratings import rate_match
 from gauntlet.scoreboard import Scoreboard
 from gauntlet.signals import (
@@ -59,6 +75,7 @@ from gauntlet.signals import (
     sync_score,
     update_bma,
 )
+from sparseloco.codec import ErrorFeedback, encode
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult
 
@@ -104,7 +121,8 @@ class PeerOutcome:
 
 @dataclass
 class WindowReport:
-    """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation."""
+    """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation
+    (``clip_reference``: the length r per tensor every evaluated update was applied at)."""
 
     window: int
     outcomes: dict[str, PeerOutcome]
@@ -113,6 +131,7 @@ class WindowReport:
     scores: dict[str, float]
     weights: dict[str, float]
     timings: dict[str, float]
+    clip_reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def accepted(self) -> list[str]:
@@ -218,25 +237,31 @@ class Scorer:
 
     def score_window(self, inputs: WindowInputs) -> WindowReport:
         """Score every peer of ``inputs.gather`` for ``inputs.window``; see the module doc."""
+        window = inputs.window
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         peers, decoded, status = decode_all(inputs.gather, self._shapes, self.codec)
         timings["decode"] = time.perf_counter() - t0
         status.update(self._proof_failures(decoded, inputs))
+        digests = {p: content_digest(decoded[p].dense) for p in sorted(decoded)}
+        status.update(
+            {p: v for p, v in self._replay_failures(digests, window).items() if p not in status}
+        )
         t1 = time.perf_counter()
         pairs = pair_similarities(decoded)
         copies = blame_copies(pairs, inputs.publish_times, self.config.signals)
         status.update({p: v for p, v in copy_failures(copies).items() if p not in status})
         timings["copy_detection"] = time.perf_counter() - t1
-        factors = median_clip_factors({p: d.dense for p, d in decoded.items()})
         candidates = [p for p in sorted(decoded) if p not in status]
-        chosen = self._select(candidates, inputs.window, inputs.eval_seed)
+        norms = update_norms({p: decoded[p].dense for p in candidates})
+        reference, factors = self._clip_factors(norms)
+        chosen = self._select(candidates, window, inputs.eval_seed)
         results = self._evaluate(chosen, decoded, factors, inputs, timings)
         status.update(nonfinite_failures(results))
-        syncs = self._syncs(inputs.window, peers, inputs.sync_values)
+        syncs = self._syncs(window, peers, inputs.sync_values)
         evaluated = {p: r for p, r in results.items() if p not in status}
         match = match_scores(evaluated, status, self.config.rating)
-        self._record(inputs.window, peers, match, evaluated, status, syncs)
+        self._record(window, peers, match, evaluated, status, syncs)
         scores = self.scoreboard.final_scores()
         outcomes = {}
         for peer in peers:
@@ -250,16 +275,71 @@ class Scorer:
                 match_score=match.get(peer),
                 final_score=scores.get(peer, 0.0),
             )
-        timings["total"] = time.perf_counter() - t0
-        return WindowReport(
-            window=inputs.window,
+        report = WindowReport(
+            window=window,
             outcomes=outcomes,
             pairs=pairs,
             copies=copies,
             scores=scores,
             weights=self.scoreboard.weights(),
             timings=timings,
+            clip_reference=reference,
         )
+        self._remember(window, digests, norms, reference, report.accepted)
+        timings["total"] = time.perf_counter() - t0
+        return report
+
+    def record_aggregate(self, window: int, aggregate: Mapping[str, torch.Tensor]) -> None:
+        """Remember the content of the aggregate applied after ``window``, so that an update
+        that sends it again in a later window is a ``replay``.
+
+        The aggregate is taken as a peer would send it: encoded under the scorer's codec
+        with a fresh error-feedback buffer and decoded (without a codec, as given).
+        """
+        dense = {n: aggregate[n].detach().to(torch.float32) for n in sorted(aggregate)}
+        if self.codec is not None:
+            payload = encode(dense, ErrorFeedback(self.codec))
+            dense = decode_update(payload, self._shapes, self.codec).dense
+        digest = content_digest(dense)
+        if digest is not None:
+            self.scoreboard.remember(window, {digest: "aggregate"})
+
+    def _replay_failures(self, digests: Mapping[str, str | None], window: int) -> Statuses:
+        """``replay`` for every update whose content was seen in an earlier window."""
+        out: Statuses = {}
+        for peer, digest in sorted(digests.items()):
+            seen = self.scoreboard.first_seen(digest, window)
+            if seen is not None:
+                out[peer] = ("replay", f"same content as the {seen[1]} of window {seen[0]}")
+        return out
+
+    def _clip_factors(self, norms: Norms) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The reference length r per tensor and every peer's factor r/‖v‖
+        (:mod:`gauntlet.clipping`): the last accepted set's reference where there is one,
+        else the smallest norm of this window's remaining updates."""
+        reference = {
+            **window_reference(norms, list(norms)),
+            **(self.scoreboard.clip_reference or {}),
+        }
+        return reference, reference_factors(norms, reference)
+
+    def _remember(
+        self,
+        window: int,
+        digests: Mapping[str, str | None],
+        norms: Norms,
+        reference: Mapping[str, float],
+        accepted: list[str],
+    ) -> None:
+        """Keep the window's content digests and, when it accepted anyone, the next window's
+        clip reference: the accepted norms' median, each clamped to clip_growth^±1 × this
+        one."""
+        board = self.scoreboard
+        board.remember(window, {d: "update" for d in digests.values() if d is not None})
+        if accepted:
+            board.clip_reference = accepted_reference(
+                norms, accepted, reference, self.config.evaluation.clip_growth
+            )
 
     def _proof_failures(self, decoded: Mapping[str, Any], inputs: WindowInputs) -> Statuses:
         """``bad_data`` for every decoded peer whose proof-of-data digest is absent or wrong."""
@@ -415,6 +495,7 @@ def match_scores(
         "invalid": config.penalty_invalid,
         "copy": config.penalty_copy,
         "bad_data": config.penalty_data,
+        "replay": config.penalty_copy,
     }
     match = {p: r.gain_random for p, r in evaluated.items()}
     for peer, (kind, _) in status.items():

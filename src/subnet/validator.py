@@ -8,7 +8,8 @@ One window ``w`` (:meth:`Validator.run_window`), run once ``w`` has closed on th
    on assigned and shared random data, sync, OpenSkill, BMA);
 3. publish the accepted set as ``selection/{w}.json`` in its own storage (miners aggregate
    exactly that set, so every miner and the validator take the same outer step);
-4. apply the same outer step to its model (θ ← θ − α·aggregate of the accepted updates);
+4. apply the same outer step to its model (θ ← θ − α·aggregate of the accepted updates) and
+   let the scorer remember the aggregate, so an update that resends it later is a replay;
 5. every ``weights_every`` windows, set the scoreboard's weights on chain;
 6. checkpoint the model to its storage as step ``w + 1``, with the scoreboard state in the
    checkpoint's metadata (one atomic ``latest`` pointer for both).
@@ -35,6 +36,7 @@ from gauntlet import (
     derive_seed,
 )
 from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
+from sparseloco.aggregate import aggregate
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
 from subnet.clock import Stopped
@@ -151,7 +153,19 @@ class Validator(Node):
         )
         accepted = report.accepted
         write_selection(self.storage, window, accepted)
-        self.follower.apply({p: gathered.updates[p] for p in accepted})
+        selected = {p: gathered.updates[p] for p in accepted}
+        self.follower.apply(selected)
+        if selected:  # a later update that resends this aggregate is a replay
+            outer = self.protocol.outer
+            self.scorer.record_aggregate(
+                window,
+                aggregate(
+                    selected,  # type: ignore[arg-type]
+                    reducer=outer.reducer,
+                    clip_to_median=outer.clip_to_median,
+                    backend=outer.codec.backend,
+                ),
+            )
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()

@@ -133,9 +133,10 @@ def test_statuses_digests_and_wrong_shapes():
 def test_max_evaluations_rotates_least_recently_evaluated():
     cfg = GauntletConfig(assignment=CFG.assignment, max_evaluations=2)
     sc = scorer(config=cfg)
-    peers = {p: payload(i) for i, p in enumerate(["a", "b", "c", "d"])}
     seen = []
     for w in range(2):
+        # fresh content every window: the same update twice would be a replay
+        peers = {p: payload(10 * w + i) for i, p in enumerate(["a", "b", "c", "d"])}
         digests = {p: sc.expected_digest(p, w) for p in peers}
         rep = sc.score_window(
             WindowInputs(
