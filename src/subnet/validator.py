@@ -14,8 +14,10 @@ One window ``w`` (:meth:`Validator.run_window`), run once ``w`` has closed on th
 6. checkpoint the model to its storage as step ``w + 1``, with the scoreboard state in the
    checkpoint's metadata (one atomic ``latest`` pointer for both).
 
-Evaluation seeds come from the run seed and the window, and peers are iterated in sorted
-order, so two validators on the same inputs set the same weights.
+The evaluation seed of window ``w`` is the chain's hash of window ``w + 1``'s first block
+(the publish deadline): no miner can know the evaluated sets while it can still publish, and
+every validator reads the same hash. Peers are iterated in sorted order, so two validators on
+the same inputs set the same weights.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from gauntlet import (
     WeightsError,
     WindowInputs,
     WindowReport,
-    derive_seed,
 )
 from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
 from sparseloco.aggregate import aggregate
@@ -145,7 +146,9 @@ class Validator(Node):
             WindowInputs(
                 window=window,
                 gather=gathered,
-                eval_seed=str(derive_seed(self.protocol.seed, "eval", window)),
+                # the hash of window w+1's first block: it does not exist before w's
+                # deadline, and every validator reads the same one
+                eval_seed=self.chain.block_hash(self.clock.first_block(window + 1)),
                 publish_times=self._publish_times(window, peers),
                 digests=digests,
                 sync_values=sync,

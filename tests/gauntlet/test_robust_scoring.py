@@ -19,8 +19,10 @@ from torch import nn
 
 from gauntlet import (
     AssignmentConfig,
+    ChainError,
     Evaluator,
     GauntletConfig,
+    InMemorySubnet,
     Scoreboard,
     Scorer,
     SignalConfig,
@@ -28,6 +30,7 @@ from gauntlet import (
     accepted_reference,
     assign_samples,
     data_digest,
+    derive_seed,
     random_samples,
     update_norms,
     window_reference,
@@ -91,11 +94,15 @@ class Setup:
         )
 
     def delta(self, peer: str, window: int) -> dict[str, torch.Tensor]:
-        ids = assign_samples(peer, window, SEED, CONFIG.assignment)
+        return self.train(assign_samples(peer, window, SEED, CONFIG.assignment))
+
+    def train(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Δ = θ₀ − θ after 8 AdamW steps on ``ids`` in batches of 16."""
         model = copy.deepcopy(self.model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        batches = [ids[i : i + 16] for i in range(0, len(ids), 16)]
         for step in range(8):
-            half = ids[(step % 2) * 16 : (step % 2) * 16 + 16]
+            half = batches[step % len(batches)]
             opt.zero_grad()
             loss_fn(model, self.batches(half)[0]).backward()
             opt.step()
@@ -109,7 +116,7 @@ class Setup:
             out[n] = r * (scale * float(d.norm()) / float(r.norm()))
         return out
 
-    def inputs(self, window: int, payloads: dict) -> WindowInputs:
+    def inputs(self, window: int, payloads: dict, eval_seed: str | None = None) -> WindowInputs:
         gather = GatherResult(window=window)
         for peer, payload in payloads.items():
             gather.updates[peer] = payload
@@ -119,7 +126,7 @@ class Setup:
             ids = assign_samples(peer, window, SEED, CONFIG.assignment)
             digests[peer] = data_digest(peer, window, ids, self.contents(ids))
         times = {p: float(i) for i, p in enumerate(sorted(payloads))}
-        return WindowInputs(window, gather, f"hash-{window}", times, digests)
+        return WindowInputs(window, gather, eval_seed or f"hash-{window}", times, digests)
 
     def step(self, inputs: WindowInputs, accepted: list[str]) -> None:
         if accepted:
@@ -317,3 +324,70 @@ def test_dense_update_is_rejected_not_scored():
     out = rep.outcomes["dense"]
     assert out.status == "invalid" and "out of protocol" in out.reason
     assert out.evaluation is None and "dense" not in rep.accepted
+
+
+# -- unpredictable evaluation (item 5) ---------------------------------------------------
+
+BLOCKS_PER_WINDOW = 10
+PER_PEER = CONFIG.assignment.samples_per_peer
+
+
+def test_training_on_any_set_known_before_the_deadline_gains_nothing():
+    """Predictors train on the random set of seeds they can compute while they can still
+    publish (the old public derivation, the newest block hash before the deadline). Two
+    validators seed window w with the hash of window w+1's first block (what
+    ``subnet.validator`` does), agree on it and on every score; the set it picks shares only
+    chance ids with any set computable before the deadline, and the predictors gain no more
+    than honest peers. Scored with the old public seed, the first predictor wins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    advantage: dict[str, list[float]] = {"new": [], "old": []}
+    tops = {"new": 0, "old": 0}
+    windows = 0
+    for seed in range(3):
+        setup = Setup(seed)
+        subnet = InMemorySubnet()
+        chains = [subnet.connect("val-a"), subnet.connect("val-b")]
+        validators = [setup.scorer(), setup.scorer()]
+        old_rule = setup.scorer()
+        for t in range(3):
+            subnet.advance(BLOCKS_PER_WINDOW - 1)  # the miners train through window t ...
+            known = [str(derive_seed(SEED, "eval", t))]
+            known += [chains[0].block_hash(b) for b in range(subnet.block + 1)]
+            guesses = {"predict-old": known[0], "predict-head": known[-1]}
+            payloads = {p: send(setup.delta(p, t)) for p in HONEST}
+            for peer, guess in guesses.items():
+                # as many samples as an honest assignment, all from the guessed random set
+                guessed = random_samples(t, guess, CONFIG.assignment)[:PER_PEER]
+                payloads[peer] = send(setup.train(guessed))
+            deadline = (t + 1) * BLOCKS_PER_WINDOW
+            with pytest.raises(ChainError):
+                chains[0].block_hash(deadline)  # ... and publish before this block exists
+            subnet.advance(1)
+            seeds = [c.block_hash(deadline) for c in chains]
+            assert seeds[0] == seeds[1] and seeds[0] not in known
+            evaluated = set(random_samples(t, seeds[0], CONFIG.assignment))
+            for value in known:  # chance overlap is 64·64/1024 = 4 ids
+                assert len(evaluated & set(random_samples(t, value, CONFIG.assignment))) < 16
+            reports = [
+                v.score_window(setup.inputs(t, payloads, s))
+                for v, s in zip(validators, seeds, strict=True)
+            ]
+            assert reports[0].scores == reports[1].scores
+            old = old_rule.score_window(setup.inputs(t, payloads, guesses["predict-old"]))
+            for rule, rep in (("new", reports[0]), ("old", old)):
+                gains = {p: o.evaluation.gain_random for p, o in rep.outcomes.items()}
+                honest = [gains[p] for p in HONEST]
+                predictors = list(guesses) if rule == "new" else ["predict-old"]
+                advantage[rule] += [gains[p] - sum(honest) / len(honest) for p in predictors]
+                tops[rule] += sum(gains[p] > max(honest) for p in predictors)
+            windows += 1
+            setup.step(setup.inputs(t, payloads, seeds[0]), reports[0].accepted)
+            for v in (*validators, old_rule):
+                v.model.load_state_dict(setup.model.state_dict())
+    torch.set_num_threads(threads)
+    new, old = (sum(v) / len(v) for v in (advantage["new"], advantage["old"]))
+    assert tops["old"] >= 0.75 * windows and old > 0.004, (tops, old)  # the attack is real
+    # unseen data: as good as an honest assignment, within noise (about ±0.003 here)
+    assert new < 0.5 * old, (new, old)
+    assert tops["new"] <= windows, tops  # two predictors: about 2 × 1/5 of the windows
