@@ -13,12 +13,14 @@ float64 reductions, seeds from public values):
 3. **replays**: an update whose content digest (:func:`gauntlet.decoding.content_digest`)
    was seen in an earlier window, as a peer's update or as the applied aggregate
    (:meth:`Scorer.record_aggregate`), is ``replay`` (:meth:`Scorer._replay_failures`);
-4. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``
-   (:func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
-5. **clip factors**: every non-zero tensor is evaluated at the reference length r of
+4. **clip factors**: every non-zero tensor is evaluated at the reference length r of
    :mod:`gauntlet.clipping` (the median norm of the last accepted set; before any, the
    smallest norm of this window's remaining updates), so amplifying an update earns nothing
    (:meth:`Scorer._clip_factors`);
+5. **copies**: pairwise overlap/cosine among the remaining updates; in a similar pair, a peer
+   whose update fits the other's assigned data at least as well as its own is ``copy``
+   (:meth:`Scorer._fits`, :func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
+   publish times play no part (the copier sets or races them);
 6. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
    evaluated first; :meth:`Scorer._evaluate`); a non-finite after-loss is ``invalid``
    (:func:`nonfinite_failures`);
@@ -60,7 +62,7 @@ from gauntlet.clipping import (
 )
 from gauntlet.config import GauntletConfig, RatingConfig
 from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
-from gauntlet.evaluate import EvalResult, Evaluator, LossFn
+from gauntlet.evaluate import Baseline, EvalResult, Evaluator, LossFn
 from gauntlet.ratings import rate_match
 from gauntlet.scoreboard import Scoreboard
 from gauntlet.signals import (
@@ -68,6 +70,7 @@ from gauntlet.signals import (
     PairSimilarity,
     SyncResult,
     blame_copies,
+    is_similar,
     mean_abs_diff,
     pair_similarities,
     sample_values,
@@ -93,7 +96,9 @@ class WindowInputs:
             status for every expected peer).
         eval_seed: a value that became public only after the publish deadline (e.g. the
             hash of that block); picks the evaluated subset and the random set.
-        publish_times: peer → publish time (storage timestamp or block), for copy blame.
+        publish_times: unused: copy blame goes by provenance, since a copier sets or races
+            publish times; accepted until the callers that still pass it (``subnet.sim``)
+            are gone.
         digests: peer → the proof-of-data digest it published.
         sync_values: peer → the values it published at :meth:`Scorer.sync_positions`.
     """
@@ -247,14 +252,16 @@ class Scorer:
         status.update(
             {p: v for p, v in self._replay_failures(digests, window).items() if p not in status}
         )
-        t1 = time.perf_counter()
-        pairs = pair_similarities(decoded)
-        copies = blame_copies(pairs, inputs.publish_times, self.config.signals)
-        status.update({p: v for p, v in copy_failures(copies).items() if p not in status})
-        timings["copy_detection"] = time.perf_counter() - t1
-        candidates = [p for p in sorted(decoded) if p not in status]
-        norms = update_norms({p: decoded[p].dense for p in candidates})
+        unfailed = {p: decoded[p] for p in sorted(decoded) if p not in status}
+        norms = update_norms({p: d.dense for p, d in unfailed.items()})
         reference, factors = self._clip_factors(norms)
+        t1 = time.perf_counter()
+        pairs = pair_similarities(unfailed)
+        fits = self._fits(pairs, unfailed, factors, inputs)
+        copies = blame_copies(pairs, fits, self.config.signals)
+        status.update(copy_failures(copies))
+        timings["copy_detection"] = time.perf_counter() - t1
+        candidates = [p for p in unfailed if p not in status]
         chosen = self._select(candidates, window, inputs.eval_seed)
         results = self._evaluate(chosen, decoded, factors, inputs, timings)
         status.update(nonfinite_failures(results))
@@ -387,6 +394,40 @@ class Scorer:
         timings["evaluate"] = time.perf_counter() - t1
         return results
 
+    def _fits(
+        self,
+        pairs: list[PairSimilarity],
+        decoded: Mapping[str, DecodedUpdate],
+        factors: Mapping[str, Mapping[str, float]],
+        inputs: WindowInputs,
+    ) -> dict[tuple[str, str], float]:
+        """fit(x, y) for both members x, y of every similar pair: the gain of x's update
+        (at the clip reference) on y's evaluated assigned samples, and on x's own."""
+        similar = [p for p in pairs if is_similar(p, self.config.signals)]
+        if not similar:
+            return {}
+        members = sorted({x for pair in similar for x in (pair.a, pair.b)})
+        a_cfg = self.config.assignment
+        sets = {
+            x: self.batches_for(
+                eval_assigned_samples(x, inputs.window, self.seed, inputs.eval_seed, a_cfg)
+            )
+            for x in members
+        }
+        before = self.evaluator.baseline(sets[members[0]], sets).assigned
+        fits: dict[tuple[str, str], float] = {}
+        for x, y in sorted({(p.a, p.b) for p in similar} | {(p.b, p.a) for p in similar}):
+            # the "random" set of this evaluation is y's data, the assigned one x's own
+            res = self.evaluator.evaluate_many(
+                {x: decoded[x].dense},
+                {x: factors[x]},
+                Baseline(random=before[y], assigned=before),
+                sets[y],
+                {x: sets[x]},
+            )[x]
+            fits[(x, y)], fits[(x, x)] = res.gain_random, res.gain_assigned
+        return fits
+
     def _syncs(
         self, window: int, peers: list[str], values: Mapping[str, torch.Tensor]
     ) -> dict[str, SyncResult]:
@@ -468,7 +509,11 @@ def decode_all(
 def copy_failures(copies: Mapping[str, CopyVerdict]) -> Statuses:
     """``copy`` with the evidence for every blamed peer."""
     return {
-        peer: ("copy", f"copies {v.source} (overlap {v.overlap:.3f}, cosine {v.cosine:.4f})")
+        peer: (
+            "copy",
+            f"copies {v.source} (overlap {v.overlap:.3f}, cosine {v.cosine:.4f}; gain "
+            f"{v.fit_source:.4f} on {v.source}'s data vs {v.fit_own:.4f} on its own)",
+        )
         for peer, v in copies.items()
     }
 

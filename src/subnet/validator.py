@@ -36,7 +36,7 @@ from gauntlet import (
     WindowInputs,
     WindowReport,
 )
-from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
+from netcomm import CheckpointStore, ModelSpec
 from sparseloco.aggregate import aggregate
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
@@ -113,19 +113,6 @@ class Validator(Node):
             self.heldout
         )
 
-    def _publish_times(self, window: int, peers: list[str]) -> dict[str, float]:
-        """Storage timestamps of the updates, which decide who copied whom."""
-        times = {}
-        for peer in peers:
-            entry = self.directory.entry(peer)
-            if entry is None:
-                continue
-            try:
-                times[peer] = entry.storage.head(update_key(UPDATES, window, peer)).mtime
-            except NetcommError:
-                continue
-        return times
-
     def run_window(self, window: int) -> WindowReport:
         """Score ``window``, publish its aggregation set, step, set weights, checkpoint."""
         started = time.monotonic()
@@ -149,7 +136,6 @@ class Validator(Node):
                 # the hash of window w+1's first block: it does not exist before w's
                 # deadline, and every validator reads the same one
                 eval_seed=self.chain.block_hash(self.clock.first_block(window + 1)),
-                publish_times=self._publish_times(window, peers),
                 digests=digests,
                 sync_values=sync,
             )

@@ -32,6 +32,8 @@ from gauntlet import (
     data_digest,
     derive_seed,
     random_samples,
+    sample_values,
+    sync_positions,
     update_norms,
     window_reference,
 )
@@ -116,7 +118,13 @@ class Setup:
             out[n] = r * (scale * float(d.norm()) / float(r.norm()))
         return out
 
-    def inputs(self, window: int, payloads: dict, eval_seed: str | None = None) -> WindowInputs:
+    def inputs(
+        self,
+        window: int,
+        payloads: dict,
+        eval_seed: str | None = None,
+        times: dict[str, float] | None = None,
+    ) -> WindowInputs:
         gather = GatherResult(window=window)
         for peer, payload in payloads.items():
             gather.updates[peer] = payload
@@ -125,8 +133,13 @@ class Setup:
         for peer in payloads:
             ids = assign_samples(peer, window, SEED, CONFIG.assignment)
             digests[peer] = data_digest(peer, window, ids, self.contents(ids))
-        times = {p: float(i) for i, p in enumerate(sorted(payloads))}
-        return WindowInputs(window, gather, eval_seed or f"hash-{window}", times, digests)
+        times = times or {p: float(i) for i, p in enumerate(sorted(payloads))}
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        positions = sync_positions(shapes, window, SEED, CONFIG.signals.sync_samples)
+        own = sample_values(dict(self.model.named_parameters()), positions)
+        sync = dict.fromkeys(payloads, own)  # every peer started from the global model
+        seed = eval_seed or f"hash-{window}"
+        return WindowInputs(window, gather, seed, times, digests, sync)
 
     def step(self, inputs: WindowInputs, accepted: list[str]) -> None:
         if accepted:
@@ -391,3 +404,52 @@ def test_training_on_any_set_known_before_the_deadline_gains_nothing():
     # unseen data: as good as an honest assignment, within noise (about ±0.003 here)
     assert new < 0.5 * old, (new, old)
     assert tops["new"] <= windows, tops  # two predictors: about 2 × 1/5 of the windows
+
+
+# -- framing (item 4) ------------------------------------------------------------------------
+
+COPIERS = {"copy-early": HONEST[0], "copy-same": HONEST[1], "clone": HONEST[2]}
+
+
+def framing_run(seed: int, attack: bool) -> tuple[Scorer, list]:
+    """Four windows of the honest peers, with or without the three copiers: an exact copy
+    stamped a second before its victim, an exact copy stamped the same second, and a clone
+    that trains on its victim's (public) assignment. Returns the scorer and the reports."""
+    setup = Setup(seed)
+    scorer = setup.scorer()
+    reports = []
+    for t in range(4):
+        payloads = {p: send(setup.delta(p, t)) for p in HONEST}
+        times = {p: 100.0 * t + 10 * i for i, p in enumerate(HONEST)}
+        if attack:
+            payloads["copy-early"] = payloads[HONEST[0]]
+            payloads["copy-same"] = payloads[HONEST[1]]
+            payloads["clone"] = send(setup.delta(HONEST[2], t))
+            times |= {"copy-early": times[HONEST[0]] - 1.0, "copy-same": times[HONEST[1]]}
+            times["clone"] = times[HONEST[2]] - 1.0
+        inputs = setup.inputs(t, payloads, times=times)
+        reports.append(scorer.score_window(inputs))
+        setup.step(inputs, reports[-1].accepted)
+        scorer.model.load_state_dict(setup.model.state_dict())
+    return scorer, reports
+
+
+def test_copies_are_blamed_by_provenance_whatever_their_timestamps():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for seed in range(3):
+        attacked, reports = framing_run(seed, attack=True)
+        clean, _ = framing_run(seed, attack=False)
+        for rep in reports:
+            for copier, victim in COPIERS.items():
+                out = rep.outcomes[copier]
+                assert out.status == "copy" and f"copies {victim}" in out.reason, out.reason
+                assert rep.outcomes[victim].status == "evaluated", (seed, rep.window, victim)
+        scores = attacked.scoreboard.final_scores()
+        assert all(scores[c] == 0.0 for c in COPIERS)
+        for victim in COPIERS.values():
+            assert attacked.scoreboard.peers[victim].failures == {}
+            # the victim's standing is its honest one: same evaluations, rating within noise
+            want = clean.scoreboard.final_score(victim)
+            assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
+    torch.set_num_threads(threads)
