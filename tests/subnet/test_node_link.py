@@ -46,7 +46,7 @@ def test_a_local_folder_is_timed_by_the_link(tmp_path):
 
 
 def test_bad_links_are_config_errors():
-    with pytest.raises(NodeConfigError, match="exchange.link"):
+    with pytest.raises(NodeConfigError, match=r"exchange\.link"):
         ExchangeSettings(link="fast please")
     link = NodeLink("1gbit")
     with pytest.raises(NodeConfigError, match="endpoint_url"):
