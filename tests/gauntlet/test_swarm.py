@@ -124,7 +124,7 @@ class Swarm:
         sync_now = sample_values(params, positions)
         payloads, digests, sync = {}, {}, {}
         honest_norms = {}
-        for rank, peer in enumerate(self.peers):
+        for peer in self.peers:
             ids = assign_samples(peer, t, SEED, CONFIG.assignment)
             digests[peer] = data_digest(peer, t, ids, contents_for(ids))
             sync[peer] = sync_now
