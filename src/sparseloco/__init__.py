@@ -4,7 +4,7 @@ Quick use::
 
     from sparseloco import SparseLoCo, OuterLoop, InProcessHub
 
-X
+    exchange = InProcessHub(["peer-0", "peer-1"]).connect("peer-0")   # or netcomm's exchange
     outer = SparseLoCo(model.named_parameters(), exchange, "covenant-72b")
     with OuterLoop(inner_optimizer, outer, on_round=print):
         ...  # the usual loop: loss.backward(); inner_optimizer.step()
