@@ -118,6 +118,9 @@ class OuterOptimizer(Optimizer):
     """
 
     method = "outer"
+    #: state keys that belong to this peer alone (not the same on every peer, unlike θ₀ and
+    #: momentum): a peer joining from another peer's checkpoint leaves them out.
+    peer_local_state: tuple[str, ...] = ()
     #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
     #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
@@ -503,6 +506,7 @@ class SparseLoCo(OuterOptimizer):
     """
 
     method = "sparseloco"
+    peer_local_state = ("error",)  # the error-feedback buffer
 
     def __init__(
         self,
