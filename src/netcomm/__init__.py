@@ -15,8 +15,8 @@ Quick use::
 Modules: :mod:`~netcomm.storage` (interface, keys, local folder), :mod:`~netcomm.s3`
 (S3-compatible backend), :mod:`~netcomm.envelope` (wire format), :mod:`~netcomm.signing`,
 :mod:`~netcomm.directory`, :mod:`~netcomm.exchange`, :mod:`~netcomm.checkpoint`,
-:mod:`~netcomm.faults` (fault injection for tests), :mod:`~netcomm.link` (WAN link model).
-See ``docs/netcomm.md``.
+:mod:`~netcomm.joining` (a new peer catches up: :func:`join`), :mod:`~netcomm.faults`
+(fault injection for tests), :mod:`~netcomm.link` (WAN link model). See ``docs/netcomm.md``.
 """
 
 from netcomm.checkpoint import Checkpoint, CheckpointStore
@@ -42,6 +42,7 @@ from netcomm.errors import (
 )
 from netcomm.exchange import ExchangeConfig, StorageExchange
 from netcomm.faults import FaultPlan, FaultProxy, FaultyStorage
+from netcomm.joining import JoinReport, join
 from netcomm.link import (
     Link,
     LinkProxy,
@@ -77,6 +78,7 @@ __all__ = [
     "FaultProxy",
     "FaultyStorage",
     "InvalidKeyError",
+    "JoinReport",
     "Link",
     "LinkProxy",
     "LinkSpec",
@@ -102,6 +104,7 @@ __all__ = [
     "TransientStorageError",
     "Verifier",
     "default_verifiers",
+    "join",
     "join_key",
     "open_envelope",
     "parse_link",

@@ -273,6 +273,27 @@ class StorageExchange:
                 time.sleep(self._backoff(attempt))
         return len(blob)
 
+    def published(self, window: int) -> Payload | None:
+        """This peer's own update for ``window`` as stored, verified like any other peer's
+        (:class:`~netcomm.errors.EnvelopeError` if it does not verify), or ``None`` when it
+        published none: what a peer that restarts after publishing must aggregate too."""
+        try:
+            blob = self.storage.get(update_key(self.prefix, window, self._peer_id))
+        except ObjectNotFoundError:
+            return None
+        return open_envelope(
+            blob,
+            expected_peer=self._peer_id,
+            public_key=self.signer.public_key,
+            verifiers=self.verifiers,
+            window=window,
+            fingerprint=self._fingerprint,
+            shapes=self._shapes,
+            codec=self.config.codec,
+            kind=self.config.kind,
+            limits=self.limits,
+        ).payload
+
     def gather(
         self,
         window: int,

@@ -118,6 +118,9 @@ class OuterOptimizer(Optimizer):
     """
 
     method = "outer"
+    #: state keys that belong to this peer alone (not the same on every peer, unlike θ₀ and
+    #: momentum): a peer joining from another peer's checkpoint leaves them out.
+    peer_local_state: tuple[str, ...] = ()
     #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
     #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
@@ -260,6 +263,10 @@ class OuterOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
         """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
 
+        A failure before publishing is reported to an exchange with an ``abort`` method (a
+        collective one, :class:`~sparseloco.exchange.DistributedExchange`), which then raises
+        the :class:`~sparseloco.errors.ExchangeError` the other peers raise too.
+
         Atomic: every step that can fail (the finite check, encoding, the exchange, the
         payloads' contents, the aggregate of every tensor and its memory) runs before any
         parameter, θ₀, error buffer, momentum buffer or :attr:`window` changes. A ``step()``
@@ -272,12 +279,16 @@ class OuterOptimizer(Optimizer):
         window = self.window
         params = self._round_params()
         choice = self._backend(params[0][1].device)
-        with timer("check"):
-            self._check_inputs(params)
-        with timer("encode"):
-            own, source_norm = self._encode(params)
-        with timer("publish"):
-            sent = self.exchange.publish(window, own)
+        try:
+            with timer("check"):
+                self._check_inputs(params)
+            with timer("encode"):
+                own, source_norm = self._encode(params)
+            with timer("publish"):
+                sent = self.exchange.publish(window, own)
+        except Exception as exc:
+            _abort(self.exchange, window, exc)
+            raise
         with timer("gather"):
             gathered = self.exchange.gather(window)
         updates, statuses = self._usable(gathered, own, self._shapes(params))
@@ -495,6 +506,7 @@ class SparseLoCo(OuterOptimizer):
     """
 
     method = "sparseloco"
+    peer_local_state = ("error",)  # the error-feedback buffer
 
     def __init__(
         self,
@@ -786,6 +798,14 @@ class DataParallel(OuterOptimizer):
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         p.grad.copy_(agg)  # type: ignore[union-attr]
+
+
+def _abort(exchange: Exchange, window: int, error: Exception) -> None:
+    """Tell a collective exchange that this peer's round failed before publishing (it joins
+    the collective and raises for the whole group); other exchanges need nothing."""
+    abort = getattr(exchange, "abort", None)
+    if callable(abort):
+        abort(window, error)
 
 
 def _same_message(a: CompressedTensor, b: CompressedTensor) -> bool:
