@@ -323,10 +323,10 @@ class Miner(Node):
                 updates[self.hotkey] = own
         self.outer.apply(updates)  # advances the window even when nothing is aggregated
         # A window without a published set (the validator skipped it) moved nobody.
-        out_of_sync = (
-            self.check_sync(window, sorted(updates)) if window in self.selections else None
-        )
-        self.save(window + 1)
+        out_of_sync, next_window = None, window + 1
+        if window in self.selections:
+            out_of_sync, next_window = self.check_sync(window, sorted(updates))
+        self.save(next_window)
         record = {"window": window, "replayed": True, "aggregated": sorted(updates)}
         if out_of_sync is not None:
             record["out_of_sync"] = out_of_sync
@@ -352,6 +352,8 @@ class Miner(Node):
     def catch_up(self, current: int) -> None:
         """Replay every window between the next one to run and ``current`` (exclusive)."""
         start = current if self.next_window is None else self.next_window
+        if start < current:
+            self.directory.refresh()  # the validator and miners of the missed windows
         for window in range(start, current):
             # Only the window that just closed may still be waiting for its selection.
             self.replay(window, wait=window == current - 1)
@@ -364,6 +366,7 @@ class Miner(Node):
             while True:
                 window = self.clock.wait_for(self.next_window or 0)
                 if until_window is not None and window > until_window:
+                    self.catch_up(until_window + 1)  # still end at the asked window
                     return
                 self.catch_up(window)
                 self.run_window(window)

@@ -235,7 +235,8 @@ class Validator(Node):
         older ones (nobody aggregates a skipped window, so every model stays equal)."""
         self.announce()
         if self.next_window is None:
-            self.next_window = max(self.clock.window(), 0)
+            # the window that closed last is still scorable: its updates are published
+            self.next_window = max(self.clock.window() - 1, 0)
         self.record(
             {"event": "start", "next_window": self.next_window, "heldout_loss": self.heldout_loss()}
         )

@@ -138,9 +138,7 @@ def test_max_evaluations_rotates_least_recently_evaluated():
         peers = {p: payload(10 * w + i) for i, p in enumerate(["a", "b", "c", "d"])}
         digests = {p: sc.expected_digest(p, w) for p in peers}
         rep = sc.score_window(
-            WindowInputs(
-                w, gather(w, peers), f"e{w}", {p: float(i) for i, p in enumerate(peers)}, digests
-            )
+            WindowInputs(w, gather(w, peers), f"e{w}", digests)
         )
         seen.append(sorted(p for p, o in rep.outcomes.items() if o.status == "evaluated"))
         assert sum(o.status == "skipped" for o in rep.outcomes.values()) == 2
@@ -152,7 +150,7 @@ def test_scores_identical_across_fresh_validators_and_restart():
         sc = scorer(scoreboard=board) if board else scorer()
         peers = {p: payload(i) for i, p in enumerate(["a", "b", "c"])}
         digests = {p: sc.expected_digest(p, 0) for p in peers}
-        sc.score_window(WindowInputs(0, gather(0, peers), "e", {"a": 0, "b": 1, "c": 2}, digests))
+        sc.score_window(WindowInputs(0, gather(0, peers), "e", digests))
         return sc.scoreboard
 
     one, two = run(), run()
@@ -171,7 +169,7 @@ def test_window_steps_are_callable_alone():
     peers, decoded, status = decode_all(g, sc._shapes, CODEC)
     assert peers == ["a", "b", "c", "d"] and sorted(decoded) == ["a"]
     assert {p: k for p, (k, _) in status.items()} == {"b": "late", "c": "invalid", "d": "missing"}
-    report = sc.score_window(WindowInputs(0, g, "e", {}, {"a": sc.expected_digest("a", 0)}))
+    report = sc.score_window(WindowInputs(0, g, "e", {"a": sc.expected_digest("a", 0)}))
     evaluated = {"a": report.outcomes["a"].evaluation}
     m = match_scores(evaluated, {"b": ("late", ""), "c": ("invalid", "")}, CFG.rating)
     low = min(0.0, evaluated["a"].gain_random)

@@ -139,7 +139,7 @@ class Setup:
         own = sample_values(dict(self.model.named_parameters()), positions)
         sync = dict.fromkeys(payloads, own)  # every peer started from the global model
         seed = eval_seed or f"hash-{window}"
-        return WindowInputs(window, gather, seed, times, digests, sync)
+        return WindowInputs(window, gather, seed, digests, sync)
 
     def step(self, inputs: WindowInputs, accepted: list[str]) -> None:
         if accepted:
