@@ -198,12 +198,11 @@ def run_faults(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         print(f"faults: {sc.name} ...", flush=True)
         shutil.rmtree(out_dir / key, ignore_errors=True)  # this section's own run folder
         results[key] = run_scenario(sc, out_dir / key)
-    reference = results["reference"]["final"]
+    reference = {f["model_sha"] for f in results["reference"]["final"].values()}
     for key in ("sigkill", "outage"):
-        final = results[key]["final"]
-        results[key]["final_model_as_reference"] = {
-            node: final[node]["model_sha"] == f["model_sha"] for node, f in reference.items()
-        }
+        final = {f["model_sha"] for f in results[key]["final"].values()}
+        # true when no kill changed what was trained: every killed node redid its window
+        results[key]["same_model_as_reference"] = final == reference
     return results
 
 
@@ -257,6 +256,11 @@ def _fault_figures(r: dict[str, Any]) -> str:
         f"{len(r['out_of_sync'])} out of sync, {r['resyncs_failed']} re-syncs failed, "
         f"{len(r['unexpected_exits'])} unexpected exits, all models equal: "
         f"{'yes' if r['all_models_equal'] else 'no'}"
+        + (
+            f", same model as uninterrupted: {'yes' if r['same_model_as_reference'] else 'no'}"
+            if "same_model_as_reference" in r
+            else ""
+        )
     )
 
 

@@ -14,9 +14,11 @@ The supervisor only observes what the nodes write, and SIGKILLs them:
   update is, and ``done`` once its checkpoint ``w + 1`` is saved; the validator is in
   ``scoring`` once window ``w`` has closed on the chain and ``done`` once its checkpoint
   ``w + 1`` is saved;
-* at a planned (node, window, phase, delay) it SIGKILLs the node and restarts it at once
-  with ``--until-window W-1``, as a process manager would; the node resumes from its own
-  state folder (a miner replays the windows it missed, the validator skips them);
+* at a planned (node, window, phase, delay) it SIGKILLs the node and restarts it (at once,
+  or after a downtime) with ``--until-window W-1``, as a process manager would; the node
+  resumes from its own state folder (a miner replays the windows it missed, the validator
+  skips them). A node's next kill waits until it is back at work, and is skipped when the
+  node is by then more than a window past the planned one;
 * recovery is read from the node's ``history.jsonl``: a miner has recovered at its first
   trained window with ``out_of_sync`` unset, the validator at its next scored window;
 * at the end every node's last checkpoint, the validator's last aggregation set (with the
@@ -313,7 +315,10 @@ class Supervisor:
         if previous is not None and previous.recovery_s is None:
             return  # each kill aims at a node that is back at work
         if kill.fire_at is None:
-            if watch.reached(kill.target.window, kill.target.phase):
+            if watch.position()[0] > kill.target.window + 1:
+                reason = "the node was past that window when it was back at work"
+                self.skipped.append({**asdict(queue.pop(0).target), "reason": reason})
+            elif watch.reached(kill.target.window, kill.target.phase):
                 kill.fire_at = time.monotonic() + kill.target.delay_s
             return
         if time.monotonic() < kill.fire_at:
