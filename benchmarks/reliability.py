@@ -15,7 +15,7 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
   uninterrupted reference, a run whose nodes are SIGKILLed at random points and restarted at
   once from their state folders, and the same with each killed node down for 1.5 windows.
 
-    python benchmarks/reliability.py                      # everything (~11 min on 2 cores)
+    python benchmarks/reliability.py                      # everything, full sizes
     python benchmarks/reliability.py --quick              # small sizes, a few minutes
     python benchmarks/reliability.py --only fuzz faults   # some sections
 """
