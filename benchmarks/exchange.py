@@ -9,18 +9,27 @@ scenarios:
 * ``peers``: one observer gathers ``--peers`` updates of ``--update-mb`` MB each;
 * ``large``: one update of ``--large-mb`` MB (multipart upload, parallel ranged download).
 
-"raw boto3" downloads exactly the same objects in the same run with the same concurrency
+Each is measured twice in the same run: on bare loopback, and through the observer's own
+shaped link (``--link``, default ``1gbit``: 1 Gbit/s down and up, no added RTT), a
+:class:`netcomm.LinkProxy` in a third process that paces the real bytes between the client's
+sockets and the server's. Both sides of a row use the same endpoint.
+
+"raw boto3" downloads exactly the same objects with the same concurrency
 (``get_object().read()`` per object; boto3's managed ``download_fileobj`` for the large one),
-without any verification. gather also verifies every envelope completely (signature,
-checksum, zstd if used, safetensors caps, index ranges and order, finite values).
+without any verification; after one unmeasured warm-up round, raw and gather alternate,
+``--repeats`` times, and the ratio is the median of raw time / gather time over the repeats.
+gather also verifies every envelope completely (signature, checksum, zstd if used,
+safetensors caps, index ranges and order, finite values), overlapping verification with the
+downloads still running.
 
-Each row also reports the CPU seconds the client and the server process spent in the raw and
-the gather phases, and the single-thread cost of each verification step on one envelope, so
-the ratio can be explained: on a machine whose cores are all busy, gather cannot be faster
-than (transfer CPU + verification CPU) / cores.
+Each row also reports the CPU seconds the client, the server and the link process spent in
+the raw and the gather phases, and the single-thread cost of each verification step on one
+envelope, so the ratio can be explained: on a machine whose cores are all busy, gather cannot
+be faster than (transfer CPU + verification CPU) / cores.
 
-    python benchmarks/exchange.py            # 20 x 27 MB and 1 x 64 MB
+    python benchmarks/exchange.py            # 20 x 27 MB and 1 x 64 MB, bare and 1 Gbit/s
     python benchmarks/exchange.py --quick    # small sizes, a few seconds
+    python benchmarks/exchange.py --link 100mbit,50ms
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ import argparse
 import hashlib
 import io
 import json
-import logging
 import os
 import platform
 import socket
@@ -39,6 +47,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +64,7 @@ from netcomm import (
     StorageExchange,
     default_verifiers,
     open_envelope,
+    parse_link,
     read_header,
     update_key,
 )
@@ -101,7 +111,7 @@ def spec_for(n_tensors: int) -> ModelSpec:
     return ModelSpec(tuple((f"layer{i:03d}.weight", SHAPE, "bfloat16") for i in range(n_tensors)))
 
 
-def server_cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -146,10 +156,23 @@ def verify_breakdown(blob: bytes, peer: str, signer, spec: ModelSpec) -> dict[st
     return steps
 
 
-def run_scenario(
-    name, endpoint, server_pid, bucket, n_peers, n_tensors, concurrency, repeats, large, compression
-):
-    s3 = S3Config(
+@dataclass
+class Published:
+    """One scenario's objects on the server: who published what, and how to verify it."""
+
+    name: str
+    bucket: str
+    peers: list[str]
+    signers: dict
+    spec: ModelSpec
+    config: ExchangeConfig
+    total: int
+    publish_s: float
+    large: bool
+
+
+def s3_config(endpoint: str, bucket: str, concurrency: int) -> S3Config:
+    return S3Config(
         bucket=bucket,
         endpoint_url=endpoint,
         access_key_id="bench",
@@ -157,7 +180,11 @@ def run_scenario(
         max_concurrency=concurrency,
         read_timeout_s=120,
     )
-    storage = S3Storage(s3)
+
+
+def publish(name, endpoint, n_peers, n_tensors, concurrency, large, compression) -> Published:
+    """Every peer of the scenario publishes its update for window 0 (straight to the server)."""
+    storage = S3Storage(s3_config(endpoint, f"bench-{name}", concurrency))
     storage.create_bucket()
     spec = spec_for(n_tensors)
     peers = [f"peer{i:02d}" for i in range(n_peers)]
@@ -171,79 +198,119 @@ def run_scenario(
         compression_level=1,
     )
     t0 = time.perf_counter()
-    sizes = {}
+    total = 0
     for i, p in enumerate(peers):
         ex = StorageExchange(p, storage, directory, signers[p], spec, config)
-        sizes[p] = ex.publish(0, synthetic_update(n_tensors, seed=i))
+        total += ex.publish(0, synthetic_update(n_tensors, seed=i))
     publish_s = time.perf_counter() - t0
-    total = sum(sizes.values())
-    keys = [update_key("", 0, p) for p in peers]
-    client = storage._client
-
-    def raw_get(key: str) -> int:
-        return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-    def raw_all() -> int:
-        if large:
-            from boto3.s3.transfer import TransferConfig
-
-            buf = io.BytesIO()
-            client.download_fileobj(
-                bucket,
-                keys[0],
-                buf,
-                Config=TransferConfig(
-                    max_concurrency=concurrency, multipart_chunksize=s3.download_part_size
-                ),
-            )
-            return buf.getbuffer().nbytes
-        with ThreadPoolExecutor(concurrency) as pool:
-            return sum(pool.map(raw_get, keys))
-
-    observer = StorageExchange(
-        "observer", storage, directory, Ed25519Signer.generate(), spec, config
-    )
-    raw_times, gather_times = [], []
-    cpu = {"raw_client": 0.0, "raw_server": 0.0, "gather_client": 0.0, "gather_server": 0.0}
-    for _ in range(repeats):
-        c0, s0, t = time.process_time(), server_cpu_s(server_pid), time.perf_counter()
-        got = raw_all()
-        raw_times.append(time.perf_counter() - t)
-        cpu["raw_client"] += time.process_time() - c0
-        cpu["raw_server"] += server_cpu_s(server_pid) - s0
-        assert got == total, (got, total)
-        observer._cache.clear()  # every repeat downloads again
-        c0, s0, t = time.process_time(), server_cpu_s(server_pid), time.perf_counter()
-        result = observer.gather(0)
-        gather_times.append(time.perf_counter() - t)
-        cpu["gather_client"] += time.process_time() - c0
-        cpu["gather_server"] += server_cpu_s(server_pid) - s0
-        bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
-        assert not bad, bad
-        assert result.bytes_received == total
-    blob = storage.get(keys[0])
-    header = read_header(blob, EnvelopeLimits())[0]
-    breakdown = verify_breakdown(blob, peers[0], signers[peers[0]], spec)
     storage.close()
+    return Published(name, f"bench-{name}", peers, signers, spec, config, total, publish_s, large)
+
+
+def raw_download(pub: Published, client, concurrency: int, part_size: int) -> int:
+    """Raw boto3: every object read whole, no verification (managed download if large)."""
+    keys = [update_key("", 0, p) for p in pub.peers]
+    if pub.large:
+        from boto3.s3.transfer import TransferConfig
+
+        buf = io.BytesIO()
+        config = TransferConfig(max_concurrency=concurrency, multipart_chunksize=part_size)
+        client.download_fileobj(pub.bucket, keys[0], buf, Config=config)
+        return buf.getbuffer().nbytes
+
+    def get(key: str) -> int:
+        return len(client.get_object(Bucket=pub.bucket, Key=key)["Body"].read())
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(get, keys))
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the helper processes (server, link) per phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.totals: dict[str, float] = {}
+
+    def run(self, phase: str, fn):
+        """(wall seconds, result) of ``fn()``; adds each process's CPU seconds to the phase."""
+        before = self._now()
+        start = time.perf_counter()
+        out = fn()
+        elapsed = time.perf_counter() - start
+        for name, value in self._now().items():
+            key = f"{phase}_{name}"
+            self.totals[key] = self.totals.get(key, 0.0) + value - before[name]
+        return elapsed, out
+
+    def _now(self) -> dict[str, float]:
+        now = {"client": time.process_time()}
+        return now | {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+
+
+def one_round(pub: Published, reader: S3Storage, observer, concurrency, meter) -> list[float]:
+    """[raw seconds, gather seconds] of one download of every object each way."""
+    part_size = reader.config.download_part_size
+    raw_s, got = meter.run("raw", lambda: raw_download(pub, reader._client, concurrency, part_size))
+    assert got == pub.total, (got, pub.total)
+    observer._cache.clear()  # every round downloads and verifies again
+    observer._seen.clear()
+    gather_s, result = meter.run("gather", lambda: observer.gather(0))
+    bad = {p: s for p, s in result.statuses.items() if s.status != "ok"}
+    assert not bad, bad
+    assert result.bytes_received == pub.total
+    return [raw_s, gather_s]
+
+
+def measure(pub: Published, endpoint: str, link: str, pids, concurrency, repeats) -> dict:
+    """Raw boto3 and gather of the same objects through ``endpoint``, alternating repeats.
+
+    One unmeasured round first warms the process up (its first large allocations fault
+    their pages in), as a long-running peer is after its first window.
+    """
+    reader = S3Storage(s3_config(endpoint, pub.bucket, concurrency))
+    directory = StaticDirectory(PeerRecord(p, reader, pub.signers[p].public_key) for p in pub.peers)
+    observer = StorageExchange(
+        "observer", reader, directory, Ed25519Signer.generate(), pub.spec, pub.config
+    )
+    warmup = one_round(pub, reader, observer, concurrency, CpuMeter({}))
+    meter = CpuMeter(pids)
+    rounds = [one_round(pub, reader, observer, concurrency, meter) for _ in range(repeats)]
+    raw_times, gather_times = (list(times) for times in zip(*rounds, strict=True))
+    reader.close()
     raw_s, gather_s = statistics.median(raw_times), statistics.median(gather_times)
+    ratios = [r / g for r, g in zip(raw_times, gather_times, strict=True)]
     return {
-        "scenario": name,
-        "peers": n_peers,
-        "object_mb": round(total / n_peers / 1e6, 2),
-        "total_mb": round(total / 1e6, 1),
+        "scenario": pub.name,
+        "link": link,
+        "peers": len(pub.peers),
+        "object_mb": round(pub.total / len(pub.peers) / 1e6, 2),
+        "total_mb": round(pub.total / 1e6, 1),
         "concurrency": concurrency,
         "repeats": repeats,
-        "publish_s": round(publish_s, 3),
+        "publish_s": round(pub.publish_s, 3),
         "raw_boto3_s": round(raw_s, 3),
         "gather_s": round(gather_s, 3),
-        "raw_boto3_mb_s": round(total / raw_s / 1e6, 1),
-        "gather_mb_s": round(total / gather_s / 1e6, 1),
-        "ratio": round(raw_s / gather_s, 3),
+        "raw_boto3_mb_s": round(pub.total / raw_s / 1e6, 1),
+        "gather_mb_s": round(pub.total / gather_s / 1e6, 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratio_per_repeat": [round(x, 3) for x in ratios],
+        "warmup_raw_gather_s": [round(x, 3) for x in warmup],
         "raw_times_s": [round(x, 3) for x in raw_times],
         "gather_times_s": [round(x, 3) for x in gather_times],
-        "compression": header["compression"],
-        "cpu_s_per_repeat": {k: round(v / repeats, 3) for k, v in cpu.items()},
-        "verify_one_envelope": breakdown,
+        "cpu_s_per_repeat": {k: round(v / repeats, 3) for k, v in meter.totals.items()},
+    }
+
+
+def verify_costs(pub: Published, endpoint: str) -> dict:
+    """Body compression and single-thread verification costs of the scenario's first object."""
+    storage = S3Storage(s3_config(endpoint, pub.bucket, 1))
+    blob = storage.get(update_key("", 0, pub.peers[0]))
+    storage.close()
+    peer = pub.peers[0]
+    return {
+        "compression": read_header(blob, EnvelopeLimits())[0]["compression"],
+        "verify_one_envelope": verify_breakdown(blob, peer, pub.signers[peer], pub.spec),
     }
 
 
@@ -270,6 +337,48 @@ def start_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
 
 
+def start_link(upstream: str, spec: str) -> tuple[subprocess.Popen, str]:
+    """A :class:`netcomm.LinkProxy` in a child process (so it takes no GIL from the client)."""
+    proxy = subprocess.Popen(
+        [sys.executable, "-c", _LINK_SCRIPT, upstream, spec],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    url = proxy.stdout.readline().strip()
+    if not url:
+        proxy.kill()
+        raise RuntimeError("the link proxy did not start")
+    return proxy, url
+
+
+_LINK_SCRIPT = """
+import sys
+from netcomm import LinkProxy, parse_link
+proxy = LinkProxy(sys.argv[1], parse_link(sys.argv[2])).start()
+print(proxy.url, flush=True)
+sys.stdin.read()  # serve until the parent closes stdin
+"""
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'scenario':<9}{'link':<8}{'peers':>6}{'MB/obj':>8}{'total MB':>10}{'raw s':>8}"
+    head += f"{'gather s':>10}{'raw MB/s':>10}{'gather MB/s':>13}{'ratio':>7}"
+    print(head)
+    for r in rows:
+        print(
+            f"{r['scenario']:<9}{r['link']:<8}{r['peers']:>6}{r['object_mb']:>8}"
+            f"{r['total_mb']:>10}{r['raw_boto3_s']:>8}{r['gather_s']:>10}"
+            f"{r['raw_boto3_mb_s']:>10}{r['gather_mb_s']:>13}{r['ratio']:>7}"
+        )
+    for r in rows:
+        costs = ", ".join(f"{k[:-3]} {v}" for k, v in r["verify_one_envelope"].items())
+        print(
+            f"{r['scenario']}/{r['link']}: body {r['compression']}; CPU s per repeat "
+            f"{r['cpu_s_per_repeat']}; one envelope (ms): {costs}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", type=int, default=20)
@@ -277,6 +386,7 @@ def main() -> None:
     parser.add_argument("--large-mb", type=float, default=64.0, help="size of the large object")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--link", default="1gbit", help="the shaped link (netcomm.parse_link)")
     parser.add_argument(
         "--compression", choices=("auto", "zstd", "none"), default="auto", help="publishers' choice"
     )
@@ -285,9 +395,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.peers, args.update_mb, args.large_mb, args.repeats = 4, 4.0, 16.0, 1
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    link = str(parse_link(args.link))
     load_before = os.getloadavg()
     server, endpoint = start_server()
+    proxy, shaped = start_link(endpoint, link)
+    pids = {"server": server.pid, "link": proxy.pid}
     per_tensor = tensor_bytes()
     rows = []
     try:
@@ -296,40 +408,18 @@ def main() -> None:
             ("large", 1, args.large_mb, True),
         ):
             n_tensors = max(1, round(mb * 1e6 / per_tensor))
-            rows.append(
-                run_scenario(
-                    name,
-                    endpoint,
-                    server.pid,
-                    f"bench-{name}",
-                    peers,
-                    n_tensors,
-                    args.concurrency,
-                    args.repeats,
-                    large,
-                    args.compression,
-                )
+            pub = publish(
+                name, endpoint, peers, n_tensors, args.concurrency, large, args.compression
             )
+            costs = verify_costs(pub, endpoint)
+            for label, url in (("bare", endpoint), (link, shaped)):
+                row = measure(pub, url, label, pids, args.concurrency, args.repeats)
+                rows.append(row | costs)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
-    head = f"{'scenario':<9}{'peers':>6}{'MB/obj':>9}{'total MB':>10}{'raw s':>8}{'gather s':>10}"
-    head += f"{'raw MB/s':>10}{'gather MB/s':>13}{'ratio':>7}"
-    print(head)
-    for r in rows:
-        print(
-            f"{r['scenario']:<9}{r['peers']:>6}{r['object_mb']:>9}{r['total_mb']:>10}"
-            f"{r['raw_boto3_s']:>8}{r['gather_s']:>10}{r['raw_boto3_mb_s']:>10}"
-            f"{r['gather_mb_s']:>13}{r['ratio']:>7}"
-        )
-    for r in rows:
-        cpu = r["cpu_s_per_repeat"]
-        print(
-            f"{r['scenario']}: body {r['compression']}; CPU s per repeat: raw client "
-            f"{cpu['raw_client']} server {cpu['raw_server']}, gather client "
-            f"{cpu['gather_client']} server {cpu['gather_server']}; one envelope (ms): "
-            + ", ".join(f"{k[:-3]} {v}" for k, v in r["verify_one_envelope"].items())
-        )
+        for child in (proxy, server):
+            child.terminate()
+            child.wait(timeout=10)
+    print_table(rows)
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     out = {

@@ -5,8 +5,7 @@ A validator's window, in a few lines::
     from gauntlet import Scorer, WindowInputs, GauntletConfig
 
     scorer = Scorer(model, loss_fn, batches_for, seed="run-1", config=GauntletConfig())
-    report = scorer.score_window(WindowInputs(window, gather, eval_seed, publish_times,
-                                              digests, sync_values))
+    report = scorer.score_window(WindowInputs(window, gather, eval_seed, digests, sync_values))
     cw = scorer.scoreboard.chain_weights(chain.metagraph(), chain.weight_limits())
     chain.set_weights(cw.uids, cw.values)
 
@@ -31,6 +30,12 @@ from gauntlet.chain import (
     SetWeightsResult,
     WeightLimits,
 )
+from gauntlet.clipping import (
+    accepted_reference,
+    reference_factors,
+    update_norms,
+    window_reference,
+)
 from gauntlet.config import (
     AssignmentConfig,
     EvalConfig,
@@ -39,7 +44,7 @@ from gauntlet.config import (
     SignalConfig,
     WeightsConfig,
 )
-from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
 from gauntlet.errors import (
     ChainError,
     GauntletConfigError,
@@ -53,7 +58,6 @@ from gauntlet.evaluate import (
     Evaluator,
     LossFn,
     mean_loss,
-    median_clip_factors,
     relative_gain,
 )
 from gauntlet.ratings import ordinal, rate_match, rating_factor
@@ -123,9 +127,11 @@ __all__ = [
     "WindowInputs",
     "WindowReport",
     "YumaResult",
+    "accepted_reference",
     "assign_samples",
     "blame_copies",
     "cap_weights",
+    "content_digest",
     "data_digest",
     "decode_update",
     "derive_seed",
@@ -134,7 +140,6 @@ __all__ = [
     "eval_assigned_samples",
     "index_overlap",
     "mean_loss",
-    "median_clip_factors",
     "normalize_scores",
     "ordinal",
     "pair_similarities",
@@ -142,11 +147,14 @@ __all__ = [
     "rank_profile",
     "rate_match",
     "rating_factor",
+    "reference_factors",
     "relative_gain",
     "sample_values",
     "sync_positions",
     "sync_score",
     "to_u16",
     "update_bma",
+    "update_norms",
+    "window_reference",
     "yuma_consensus",
 ]

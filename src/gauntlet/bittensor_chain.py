@@ -11,6 +11,8 @@ What each :class:`Chain` method calls (all on a ``bittensor.SyncClient``/``Subte
 
 * ``metagraph`` → ``subnets.metagraph(netuid, commitments=False)`` (one runtime-API call);
 * ``block`` → ``client.block``;
+* ``block_hash`` → ``client.block_info(block).hash`` (the SDK's public per-block read; it
+  returns ``None`` for a block the node has not produced or imported);
 * ``weight_limits`` → ``hyperparameters.max_weight_limit / min_allowed_weights /
   weights_rate_limit`` and the ``SubtensorModule.WeightsVersionKey`` storage item;
 * ``get_commitment`` → ``identity.commitment(netuid, hotkey)`` (one storage read);
@@ -142,6 +144,17 @@ class BittensorChain:
 
     def block(self) -> int:
         return int(self._read("block", lambda: self._client.block))
+
+    def block_hash(self, block: int) -> str:
+        if block < 0:
+            raise ChainError(f"block {block} does not exist")
+        info = self._read("block_info", self._client.block_info, int(block))
+        if info is None or not info.hash:
+            raise ChainError(
+                f"block {block} has not been produced (or the node has not imported it); "
+                "its hash does not exist yet"
+            )
+        return str(info.hash)
 
     def weight_limits(self) -> WeightLimits:
         storage = self._bt.storage.SubtensorModule

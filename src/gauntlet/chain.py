@@ -1,7 +1,9 @@
 """The chain interface the validator needs, and an in-memory chain (default and test double).
 
 :class:`Chain` is what one neuron (one hotkey) sees: a metagraph snapshot, the current
-block, the weight limits, commitments (read anyone's, write its own) and ``set_weights``.
+block, a produced block's hash, the weight limits, commitments (read anyone's, write its
+own) and ``set_weights``. A block's hash is the public randomness every validator agrees on
+and nobody knows before that block exists (the validator's evaluation seed).
 :class:`InMemorySubnet` holds a whole subnet's state (registrations, stakes, commitments,
 weights, blocks) and enforces the rules the real chain checks on ``set_weights``:
 registration, version key, rate limit, unique registered uids, ``min_allowed_weights`` and
@@ -11,6 +13,7 @@ registration, version key, rate limit, unique registered uids, ``min_allowed_wei
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -91,6 +94,11 @@ class Chain(Protocol):
 
     def block(self) -> int: ...
 
+    def block_hash(self, block: int) -> str:
+        """The hash of ``block`` as a hex string; raises :class:`ChainError` when that block
+        has not been produced yet (or is negative)."""
+        ...
+
     def weight_limits(self) -> WeightLimits: ...
 
     def get_commitment(self, hotkey: str) -> str | None:
@@ -111,6 +119,9 @@ class Chain(Protocol):
 class InMemorySubnet:
     """A subnet held in memory: the shared state behind :class:`InMemoryChain` handles.
 
+    Block hashes are random 32 bytes (``secrets``), drawn the first time a produced block's
+    hash is read and kept, so every handle reads the same value and none exists earlier.
+
     Args:
         netuid: the subnet id.
         limits: the weight rules it enforces.
@@ -125,6 +136,7 @@ class InMemorySubnet:
         self.stakes: dict[str, float] = {}
         self.commitments: dict[str, tuple[int, str]] = {}
         self.weights: dict[str, tuple[int, dict[int, int]]] = {}
+        self.hashes: dict[int, str] = {}
 
     def register(self, hotkey: str, stake: float = 0.0) -> int:
         """Register ``hotkey`` (idempotent) and set its stake; returns its uid."""
@@ -139,6 +151,11 @@ class InMemorySubnet:
 
     def connect(self, hotkey: str) -> InMemoryChain:
         return InMemoryChain(self, hotkey)
+
+    def block_hash(self, block: int) -> str:
+        """``0x`` + 64 hex digits of ``block``'s hash (see the class docstring)."""
+        check_block_produced(block, self.block)
+        return self.hashes.setdefault(int(block), "0x" + secrets.token_hex(32))
 
     def metagraph(self) -> Metagraph:
         return Metagraph(
@@ -226,6 +243,15 @@ def check_set_weights(
     return SetWeightsResult(True, "ok"), nonzero
 
 
+def check_block_produced(block: int, current: int) -> None:
+    """Raise :class:`ChainError` unless ``0 <= block <= current`` (every backend)."""
+    if not 0 <= block <= current:
+        raise ChainError(
+            f"block {block} has not been produced (the chain is at block {current}); its "
+            "hash does not exist yet"
+        )
+
+
 def check_commitment(hotkey: str, registered: bool, netuid: int, data: str) -> None:
     """Raise :class:`ChainError` unless ``hotkey`` may commit ``data`` (every backend)."""
     if not registered:
@@ -275,6 +301,9 @@ class InMemoryChain:
 
     def block(self) -> int:
         return self._subnet.block
+
+    def block_hash(self, block: int) -> str:
+        return self._subnet.block_hash(block)
 
     def weight_limits(self) -> WeightLimits:
         return self._subnet.limits

@@ -75,7 +75,8 @@ class AssignmentConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How one peer's update is applied for evaluation: θ ← θ − α·scale·clip(v).
+    """How one peer's update is applied for evaluation: θ ← θ − α·scale·f·v, with f from
+    :mod:`gauntlet.clipping`.
 
     Args:
         outer_lr: α, the outer learning rate of the run (default 1.0).
@@ -83,15 +84,20 @@ class EvalConfig:
         eval_mode: run the loss with ``model.eval()`` (no dropout) and restore each module's
             training flag afterwards (default True).
         loss_floor: smallest |L_before| a relative gain divides by (default 1e-8).
+        clip_growth: the next window's clip reference counts each accepted norm clamped to
+            [r/clip_growth, clip_growth·r] of the current reference r, so it moves by at most
+            that factor per window (default 2.0; see :mod:`gauntlet.clipping`).
     """
 
     outer_lr: float = 1.0
     step_scale: float = 0.2
     eval_mode: bool = True
     loss_floor: float = 1e-8
+    clip_growth: float = 2.0
 
     def __post_init__(self) -> None:
         _finite("outer_lr", self.outer_lr, 0.0, 1e6, open_lo=True)
+        _finite("clip_growth", self.clip_growth, 1.0, 1e6)
         _finite("step_scale", self.step_scale, 0.0, 1e6, open_lo=True)
         _finite("loss_floor", self.loss_floor, 0.0, 1.0, open_lo=True)
 
@@ -121,6 +127,9 @@ class SignalConfig:
         bma_warmup: evaluations before the threshold applies (default 3).
         assigned_margin: b = +1 only when gain_assigned − gain_random exceeds this
             (default 0.0, Gauntlet's strict comparison).
+        replay_windows: content digests of updates and aggregates are remembered for this
+            many windows; an update with the content of one of them is a ``replay``
+            (default 64; memory ≤ replay_windows × (peers + 1) digests).
     """
 
     sync_samples: int = 256
@@ -133,9 +142,11 @@ class SignalConfig:
     bma_threshold: float = 0.10
     bma_warmup: int = 3
     assigned_margin: float = 0.0
+    replay_windows: int = 64
 
     def __post_init__(self) -> None:
         _positive_int("sync_samples", self.sync_samples)
+        _positive_int("replay_windows", self.replay_windows)
         _finite("sync_max", self.sync_max, 0.0, 1e6, open_lo=True)
         _finite("sync_power", self.sync_power, 0.0, 100.0, open_lo=True)
         _finite("sync_missing", self.sync_missing, 0.0, 1.0)

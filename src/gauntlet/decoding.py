@@ -4,10 +4,15 @@ A payload is usable when it has exactly the model's tensor names and shapes (and
 compressed update, the expected codec), decodes without a structural error and every
 decoded value is finite. Hand-crafted updates with a NaN/Inf decode table, out-of-range
 indices or wrong shapes all end as :class:`InvalidUpdate` with the reason.
+
+:func:`content_digest` names what an update *says*, not how it was sent: BLAKE2b-128 over the
+decoded tensors, so the same content re-signed, re-enveloped or re-encoded for another window
+has the same digest (the scorer's replay check).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -90,3 +95,17 @@ def decode_update(
     except SparseLoCoError as exc:
         raise InvalidUpdate(str(exc)) from None
     raise InvalidUpdate(f"unsupported payload type {type(payload).__name__}")
+
+
+def content_digest(dense: Mapping[str, torch.Tensor]) -> str | None:
+    """Hex BLAKE2b-128 over (name, shape, float32 little-endian bytes) of every tensor in
+    sorted name order; None for an update whose values are all zero (it says nothing, so
+    sending it again is no replay)."""
+    if not any(bool(t.any()) for t in dense.values()):
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(dense):
+        t = dense[name].detach().to(device="cpu", dtype=torch.float32).contiguous() + 0.0  # −0 → +0
+        h.update(f"{name}\x1f{tuple(t.shape)}\x1f".encode())
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()

@@ -3,11 +3,11 @@
 For a peer i with decoded dense update vᵢ (one tensor per parameter name) the evaluation
 step is, per tensor,
 
-    θ ← θ − α·scale·fᵢ·vᵢ,   fᵢ = min(1, median_j ‖v_j‖ / ‖vᵢ‖)
+    θ ← θ − α·scale·fᵢ·vᵢ
 
-where the median is over every peer whose update was gathered and decoded this window
-(``sparseloco.kernels.reference.clip_factors``). With L_b / L_a the mean loss before /
-after on a set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
+with the factors fᵢ of :mod:`gauntlet.clipping` (every non-zero tensor applied at the
+window's reference length r, fᵢ = r/‖vᵢ‖). With L_b / L_a the mean loss before / after on a
+set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
 
 * gradient score sᵢ = g on the shared random set (the same batches for every peer, so
   scores are comparable in one ranking);
@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from gauntlet.config import EvalConfig
-from sparseloco.kernels.reference import clip_factors
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -90,24 +89,6 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> floa
         for batch in batches:
             total += float(loss_fn(model, batch).detach().to(torch.float64))
     return total / len(batches)
-
-
-def median_clip_factors(
-    updates: Mapping[str, Mapping[str, torch.Tensor]],
-) -> dict[str, dict[str, float]]:
-    """Per peer and tensor, fᵢ = min(1, median_j ‖v_j‖/‖vᵢ‖) over all given peers.
-
-    Norms are float64 and peers are taken in sorted order, so every validator agrees.
-    """
-    peers = sorted(updates)
-    out: dict[str, dict[str, float]] = {p: {} for p in peers}
-    if not peers:
-        return out
-    for name in sorted(updates[peers[0]]):
-        norms = [float(torch.linalg.vector_norm(updates[p][name].to(torch.float64))) for p in peers]
-        for peer, f in zip(peers, clip_factors(norms), strict=True):
-            out[peer][name] = f
-    return out
 
 
 class _Snapshot:
@@ -215,7 +196,7 @@ class Evaluator:
         """Evaluate each peer of ``updates`` alone, in sorted order, restoring in between.
 
         ``updates`` maps peer → {parameter name → dense decoded update}; ``factors`` are the
-        clip factors of :func:`median_clip_factors` (computed over all gathered peers).
+        clip factors of :func:`gauntlet.clipping.reference_factors` (a missing name is 1).
         """
         unknown = sorted({n for u in updates.values() for n in u} - set(self._params))
         if unknown:

@@ -7,12 +7,16 @@ score is
     score = rating_factor(μ, σ) × BMA_eff × sync
 
 with ``rating_factor`` from :mod:`gauntlet.ratings` and ``BMA_eff`` from
-:func:`gauntlet.signals.effective_bma`. ``state_dict()`` holds only JSON values (floats
-round-trip exactly through ``json``), so a restarted validator loses nothing.
+:func:`gauntlet.signals.effective_bma`. Beside the peers it keeps the window-level state the
+next windows need: the sync reference, the clip reference (:mod:`gauntlet.clipping`) and the
+content digests of recent updates and aggregates (:meth:`Scoreboard.remember`).
+``state_dict()`` holds only JSON values (floats round-trip exactly through ``json``), so a
+restarted validator loses nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +55,8 @@ class Scoreboard:
         self.peers: dict[str, PeerRecord] = {}
         self.typical_change: float | None = None
         self.sync_reference: dict[str, Any] | None = None
+        self.clip_reference: dict[str, float] | None = None
+        self.digests: dict[str, list[Any]] = {}
 
     def record(self, peer: str) -> PeerRecord:
         """The peer's record, created fresh on first sight."""
@@ -66,6 +72,22 @@ class Scoreboard:
         for peer in gone:
             del self.peers[peer]
         return gone
+
+    def remember(self, window: int, digests: Mapping[str, str]) -> None:
+        """Keep each content digest → source (``"update"`` or ``"aggregate"``) as seen in
+        ``window`` (an earlier sighting stays), and drop those seen ``replay_windows`` or more
+        windows before it."""
+        for digest, source in digests.items():
+            self.digests.setdefault(digest, [int(window), source])
+        oldest = int(window) - self.config.signals.replay_windows
+        self.digests = {d: v for d, v in sorted(self.digests.items()) if v[0] > oldest}
+
+    def first_seen(self, digest: str | None, window: int) -> tuple[int, str] | None:
+        """(window, source) of an earlier window that had this content, else None."""
+        entry = self.digests.get(digest) if digest is not None else None
+        if entry is None or entry[0] >= window:
+            return None
+        return int(entry[0]), str(entry[1])
 
     def final_score(self, peer: str) -> float:
         """rating_factor(μ, σ) × BMA_eff × sync (0 for unknown peers)."""
@@ -98,13 +120,16 @@ class Scoreboard:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: version, config, peers, sync reference and typical change."""
+        """JSON-able state: version, config, peers, sync reference, typical change, clip
+        reference and the remembered content digests."""
         return {
             "version": STATE_VERSION,
             "config": self.config.to_dict(),
             "peers": {p: asdict(r) for p, r in sorted(self.peers.items())},
             "typical_change": self.typical_change,
             "sync_reference": self.sync_reference,
+            "clip_reference": self.clip_reference,
+            "digests": self.digests,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -118,3 +143,6 @@ class Scoreboard:
         self.peers = {p: PeerRecord(**r) for p, r in state["peers"].items()}
         self.typical_change = state["typical_change"]
         self.sync_reference = state["sync_reference"]
+        # absent in states written before clip references and replay digests existed
+        self.clip_reference = state.get("clip_reference")
+        self.digests = {d: list(v) for d, v in state.get("digests", {}).items()}

@@ -5,17 +5,32 @@ float64 reductions, seeds from public values):
 
 1. **statuses**: ``missing``/``late``/``invalid``/``timeout`` from the exchange fail the
    window; ``ok`` payloads are decoded (:func:`gauntlet.decoding.decode_update`) and any
-   that do not decode or hold NaN/Inf are ``invalid``;
+   that do not decode, hold NaN/Inf or are out of protocol (a dense payload, another codec)
+   are ``invalid`` (:func:`decode_all`);
 2. **proof of data**: the published digest must equal :func:`gauntlet.assignment.data_digest`
-   of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``;
-3. **copies**: pairwise overlap/cosine among decoded updates, later publisher ``copy``;
-4. **clip factors**: median norm per tensor over every decoded update;
-5. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
-   evaluated first); a non-finite after-loss is ``invalid``;
-6. **sync** from the published sampled values;
-7. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
-   ``min(0, lowest valid) − penalty``; BMA gets b for evaluated peers and −1 for failed ones;
-8. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`.
+   of the peer's assignment (and contents, when ``contents_for`` is given), else ``bad_data``
+   (:meth:`Scorer._proof_failures`);
+3. **replays**: an update whose content digest (:func:`gauntlet.decoding.content_digest`)
+   was seen in an earlier window, as a peer's update or as the applied aggregate
+   (:meth:`Scorer.record_aggregate`), is ``replay`` (:meth:`Scorer._replay_failures`);
+4. **clip factors**: every non-zero tensor is evaluated at the reference length r of
+   :mod:`gauntlet.clipping` (the median norm of the last accepted set; before any, the
+   smallest norm of this window's remaining updates), so amplifying an update earns nothing
+   (:meth:`Scorer._clip_factors`);
+5. **copies**: pairwise overlap/cosine among the remaining updates; in a similar pair, a peer
+   whose update fits the other's assigned data at least as well as its own is ``copy``
+   (:meth:`Scorer._fits`, :func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
+   publish times play no part (the copier sets or races them);
+6. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
+   evaluated first; :meth:`Scorer._evaluate`); a non-finite after-loss is ``invalid``
+   (:func:`nonfinite_failures`);
+7. **sync** from the published sampled values (:meth:`Scorer._syncs`);
+8. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
+   ``min(0, lowest valid) − penalty`` (:func:`match_scores`); BMA gets b for evaluated
+   peers and −1 for failed ones (:meth:`Scorer._record`);
+9. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`, which also
+   keeps the next window's clip reference (the accepted set's norms) and the window's
+   content digests (:meth:`Scorer._remember`).
 
 Call ``score_window`` before applying the window's outer step to the model: it records the
 model's sampled values for the next window's typical-change reference.
@@ -38,9 +53,16 @@ from gauntlet.assignment import (
     eval_assigned_samples,
     random_samples,
 )
-from gauntlet.config import GauntletConfig
-from gauntlet.decoding import DecodedUpdate, InvalidUpdate, decode_update
-from gauntlet.evaluate import EvalResult, Evaluator, LossFn, median_clip_factors
+from gauntlet.clipping import (
+    Norms,
+    accepted_reference,
+    reference_factors,
+    update_norms,
+    window_reference,
+)
+from gauntlet.config import GauntletConfig, RatingConfig
+from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
+from gauntlet.evaluate import Baseline, EvalResult, Evaluator, LossFn
 from gauntlet.ratings import rate_match
 from gauntlet.scoreboard import Scoreboard
 from gauntlet.signals import (
@@ -48,6 +70,7 @@ from gauntlet.signals import (
     PairSimilarity,
     SyncResult,
     blame_copies,
+    is_similar,
     mean_abs_diff,
     pair_similarities,
     sample_values,
@@ -55,8 +78,12 @@ from gauntlet.signals import (
     sync_score,
     update_bma,
 )
+from sparseloco.codec import ErrorFeedback, encode
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult
+
+Statuses = dict[str, tuple[str, str]]
+"""peer → (failure kind, reason)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +96,6 @@ class WindowInputs:
             status for every expected peer).
         eval_seed: a value that became public only after the publish deadline (e.g. the
             hash of that block); picks the evaluated subset and the random set.
-        publish_times: peer → publish time (storage timestamp or block), for copy blame.
         digests: peer → the proof-of-data digest it published.
         sync_values: peer → the values it published at :meth:`Scorer.sync_positions`.
     """
@@ -77,7 +103,6 @@ class WindowInputs:
     window: int
     gather: GatherResult
     eval_seed: str
-    publish_times: Mapping[str, float] = field(default_factory=dict)
     digests: Mapping[str, str] = field(default_factory=dict)
     sync_values: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
@@ -97,7 +122,8 @@ class PeerOutcome:
 
 @dataclass
 class WindowReport:
-    """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation."""
+    """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation
+    (``clip_reference``: the length r per tensor every evaluated update was applied at)."""
 
     window: int
     outcomes: dict[str, PeerOutcome]
@@ -106,6 +132,7 @@ class WindowReport:
     scores: dict[str, float]
     weights: dict[str, float]
     timings: dict[str, float]
+    clip_reference: dict[str, float] = field(default_factory=dict)
 
     @property
     def accepted(self) -> list[str]:
@@ -211,135 +238,35 @@ class Scorer:
 
     def score_window(self, inputs: WindowInputs) -> WindowReport:
         """Score every peer of ``inputs.gather`` for ``inputs.window``; see the module doc."""
-        cfg = self.config
-        board = self.scoreboard
         window = inputs.window
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
-        status: dict[str, tuple[str, str]] = {}
-        peers = sorted(set(inputs.gather.statuses) | set(inputs.gather.updates))
-        decoded: dict[str, DecodedUpdate] = {}
-        for peer in peers:
-            st = inputs.gather.statuses.get(peer)
-            kind = st.status if st is not None else "ok"
-            if kind != "ok":
-                status[peer] = (kind, st.reason if st is not None else "")
-                continue
-            payload = inputs.gather.updates.get(peer)
-            if payload is None:
-                status[peer] = ("missing", "status ok but no payload")
-                continue
-            try:
-                decoded[peer] = decode_update(payload, self._shapes, self.codec)
-            except InvalidUpdate as exc:
-                status[peer] = ("invalid", str(exc))
+        peers, decoded, status = decode_all(inputs.gather, self._shapes, self.codec)
         timings["decode"] = time.perf_counter() - t0
-
-        if cfg.assignment.enforce_digest:
-            for peer in sorted(decoded):
-                got = inputs.digests.get(peer)
-                if got != self.expected_digest(peer, window):
-                    status[peer] = (
-                        "bad_data",
-                        "no proof-of-data digest" if got is None else "digest mismatch",
-                    )
-
-        t1 = time.perf_counter()
-        pairs = pair_similarities(decoded)
-        copies = blame_copies(pairs, inputs.publish_times, cfg.signals)
-        for peer, verdict in copies.items():
-            if peer not in status:
-                status[peer] = (
-                    "copy",
-                    f"copies {verdict.source} (overlap {verdict.overlap:.3f}, "
-                    f"cosine {verdict.cosine:.4f})",
-                )
-        timings["copy_detection"] = time.perf_counter() - t1
-
-        factors = median_clip_factors({p: d.dense for p, d in decoded.items()})
-        candidates = [p for p in sorted(decoded) if p not in status]
-        chosen = self._select(candidates, window, inputs.eval_seed)
-
-        t2 = time.perf_counter()
-        a_cfg = cfg.assignment
-        random_batches = self.batches_for(random_samples(window, inputs.eval_seed, a_cfg))
-        assigned = {
-            p: self.batches_for(
-                eval_assigned_samples(p, window, self.seed, inputs.eval_seed, a_cfg)
-            )
-            for p in chosen
-        }
-        results: dict[str, EvalResult] = {}
-        if chosen:
-            baseline = self.evaluator.baseline(random_batches, assigned)
-            timings["baseline"] = time.perf_counter() - t2
-            t3 = time.perf_counter()
-            results = self.evaluator.evaluate_many(
-                {p: decoded[p].dense for p in chosen},
-                {p: factors[p] for p in chosen},
-                baseline,
-                random_batches,
-                assigned,
-                margin=cfg.signals.assigned_margin,
-            )
-            timings["evaluate"] = time.perf_counter() - t3
-        for peer, res in results.items():
-            if not res.finite:
-                status[peer] = ("invalid", "non-finite loss after applying the update")
-
-        own = self._own_values(window)
-        typical = self._typical_change(window, own)
-        syncs = {p: sync_score(own, inputs.sync_values.get(p), typical, cfg.signals) for p in peers}
-
-        evaluated = {p: r for p, r in results.items() if p not in status}
-        valid = [r.gain_random for r in evaluated.values()]
-        low = min([0.0, *valid])
-        rc = cfg.rating
-        penalty = {
-            "missing": rc.penalty_missing,
-            "timeout": rc.penalty_missing,
-            "late": rc.penalty_late,
-            "invalid": rc.penalty_invalid,
-            "copy": rc.penalty_copy,
-            "bad_data": rc.penalty_data,
-        }
-        match: dict[str, float] = {p: r.gain_random for p, r in evaluated.items()}
-        for peer, (kind, _) in status.items():
-            match[peer] = low - penalty.get(kind, rc.penalty_invalid)
-        new_ratings = rate_match(
-            {p: (board.record(p).mu, board.record(p).sigma) for p in match}, match, rc
+        status.update(self._proof_failures(decoded, inputs))
+        digests = {p: content_digest(decoded[p].dense) for p in sorted(decoded)}
+        status.update(
+            {p: v for p, v in self._replay_failures(digests, window).items() if p not in status}
         )
-
-        for peer in peers:
-            rec = board.record(peer)
-            rec.last_window = window
-            if peer in new_ratings:
-                rec.mu, rec.sigma = new_ratings[peer]
-            if peer in evaluated:
-                res = evaluated[peer]
-                rec.bma = update_bma(rec.bma, res.indicator, cfg.signals)
-                rec.evaluations += 1
-                rec.last_evaluated = window
-                rec.last_status = "evaluated"
-                rec.last_gain_random = res.gain_random
-                rec.last_gain_assigned = res.gain_assigned
-                rec.sync = syncs[peer].score
-            elif peer in status:
-                kind = status[peer][0]
-                rec.bma = update_bma(rec.bma, -1, cfg.signals)
-                rec.failures[kind] = rec.failures.get(kind, 0) + 1
-                rec.last_status = kind
-            else:
-                rec.last_status = "skipped"
-
-        board.sync_reference = {
-            "window": window + 1,
-            "values": [float(v) for v in self._own_values(window + 1)],
-        }
-        scores = board.final_scores()
-        weights = board.weights()
-        outcomes: dict[str, PeerOutcome] = {}
+        unfailed = {p: decoded[p] for p in sorted(decoded) if p not in status}
+        norms = update_norms({p: d.dense for p, d in unfailed.items()})
+        reference, factors = self._clip_factors(norms)
+        t1 = time.perf_counter()
+        pairs = pair_similarities(unfailed)
+        fits = self._fits(pairs, unfailed, factors, inputs)
+        copies = blame_copies(pairs, fits, self.config.signals)
+        status.update(copy_failures(copies))
+        timings["copy_detection"] = time.perf_counter() - t1
+        candidates = [p for p in unfailed if p not in status]
+        chosen = self._select(candidates, window, inputs.eval_seed)
+        results = self._evaluate(chosen, decoded, factors, inputs, timings)
+        status.update(nonfinite_failures(results))
+        syncs = self._syncs(window, peers, inputs.sync_values)
+        evaluated = {p: r for p, r in results.items() if p not in status}
+        match = match_scores(evaluated, status, self.config.rating)
+        self._record(window, peers, match, evaluated, status, syncs)
+        scores = self.scoreboard.final_scores()
+        outcomes = {}
         for peer in peers:
             kind, reason = status.get(peer, ("evaluated" if peer in evaluated else "skipped", ""))
             outcomes[peer] = PeerOutcome(
@@ -351,13 +278,267 @@ class Scorer:
                 match_score=match.get(peer),
                 final_score=scores.get(peer, 0.0),
             )
-        timings["total"] = time.perf_counter() - t0
-        return WindowReport(
+        report = WindowReport(
             window=window,
             outcomes=outcomes,
             pairs=pairs,
             copies=copies,
             scores=scores,
-            weights=weights,
+            weights=self.scoreboard.weights(),
             timings=timings,
+            clip_reference=reference,
         )
+        self._remember(window, digests, norms, reference, report.accepted)
+        timings["total"] = time.perf_counter() - t0
+        return report
+
+    def record_aggregate(self, window: int, aggregate: Mapping[str, torch.Tensor]) -> None:
+        """Remember the content of the aggregate applied after ``window``, so that an update
+        that sends it again in a later window is a ``replay``.
+
+        The aggregate is taken as a peer would send it: encoded under the scorer's codec
+        with a fresh error-feedback buffer and decoded (without a codec, as given).
+        """
+        dense = {n: aggregate[n].detach().to(torch.float32) for n in sorted(aggregate)}
+        if self.codec is not None:
+            payload = encode(dense, ErrorFeedback(self.codec))
+            dense = decode_update(payload, self._shapes, self.codec).dense
+        digest = content_digest(dense)
+        if digest is not None:
+            self.scoreboard.remember(window, {digest: "aggregate"})
+
+    def _replay_failures(self, digests: Mapping[str, str | None], window: int) -> Statuses:
+        """``replay`` for every update whose content was seen in an earlier window."""
+        out: Statuses = {}
+        for peer, digest in sorted(digests.items()):
+            seen = self.scoreboard.first_seen(digest, window)
+            if seen is not None:
+                out[peer] = ("replay", f"same content as the {seen[1]} of window {seen[0]}")
+        return out
+
+    def _clip_factors(self, norms: Norms) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The reference length r per tensor and every peer's factor r/‖v‖
+        (:mod:`gauntlet.clipping`): the last accepted set's reference where there is one,
+        else the smallest norm of this window's remaining updates."""
+        reference = {
+            **window_reference(norms, list(norms)),
+            **(self.scoreboard.clip_reference or {}),
+        }
+        return reference, reference_factors(norms, reference)
+
+    def _remember(
+        self,
+        window: int,
+        digests: Mapping[str, str | None],
+        norms: Norms,
+        reference: Mapping[str, float],
+        accepted: list[str],
+    ) -> None:
+        """Keep the window's content digests and, when it accepted anyone, the next window's
+        clip reference: the accepted norms' median, each clamped to clip_growth^±1 × this
+        one."""
+        board = self.scoreboard
+        board.remember(window, {d: "update" for d in digests.values() if d is not None})
+        if accepted:
+            board.clip_reference = accepted_reference(
+                norms, accepted, reference, self.config.evaluation.clip_growth
+            )
+
+    def _proof_failures(self, decoded: Mapping[str, Any], inputs: WindowInputs) -> Statuses:
+        """``bad_data`` for every decoded peer whose proof-of-data digest is absent or wrong."""
+        if not self.config.assignment.enforce_digest:
+            return {}
+        out: Statuses = {}
+        for peer in sorted(decoded):
+            got = inputs.digests.get(peer)
+            if got != self.expected_digest(peer, inputs.window):
+                out[peer] = (
+                    "bad_data",
+                    "no proof-of-data digest" if got is None else "digest mismatch",
+                )
+        return out
+
+    def _evaluate(
+        self,
+        chosen: list[str],
+        decoded: Mapping[str, DecodedUpdate],
+        factors: Mapping[str, Mapping[str, float]],
+        inputs: WindowInputs,
+        timings: dict[str, float],
+    ) -> dict[str, EvalResult]:
+        """Gains of each chosen peer on the shared random set and its assigned subset."""
+        if not chosen:
+            return {}
+        t0 = time.perf_counter()
+        window, eval_seed, a_cfg = inputs.window, inputs.eval_seed, self.config.assignment
+        random_batches = self.batches_for(random_samples(window, eval_seed, a_cfg))
+        assigned = {
+            p: self.batches_for(eval_assigned_samples(p, window, self.seed, eval_seed, a_cfg))
+            for p in chosen
+        }
+        baseline = self.evaluator.baseline(random_batches, assigned)
+        timings["baseline"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        results = self.evaluator.evaluate_many(
+            {p: decoded[p].dense for p in chosen},
+            {p: factors[p] for p in chosen},
+            baseline,
+            random_batches,
+            assigned,
+            margin=self.config.signals.assigned_margin,
+        )
+        timings["evaluate"] = time.perf_counter() - t1
+        return results
+
+    def _fits(
+        self,
+        pairs: list[PairSimilarity],
+        decoded: Mapping[str, DecodedUpdate],
+        factors: Mapping[str, Mapping[str, float]],
+        inputs: WindowInputs,
+    ) -> dict[tuple[str, str], float]:
+        """fit(x, y) for both members x, y of every similar pair: the gain of x's update
+        (at the clip reference) on y's evaluated assigned samples, and on x's own."""
+        similar = [p for p in pairs if is_similar(p, self.config.signals)]
+        if not similar:
+            return {}
+        members = sorted({x for pair in similar for x in (pair.a, pair.b)})
+        a_cfg = self.config.assignment
+        sets = {
+            x: self.batches_for(
+                eval_assigned_samples(x, inputs.window, self.seed, inputs.eval_seed, a_cfg)
+            )
+            for x in members
+        }
+        before = self.evaluator.baseline(sets[members[0]], sets).assigned
+        fits: dict[tuple[str, str], float] = {}
+        for x, y in sorted({(p.a, p.b) for p in similar} | {(p.b, p.a) for p in similar}):
+            # the "random" set of this evaluation is y's data, the assigned one x's own
+            res = self.evaluator.evaluate_many(
+                {x: decoded[x].dense},
+                {x: factors[x]},
+                Baseline(random=before[y], assigned=before),
+                sets[y],
+                {x: sets[x]},
+            )[x]
+            fits[(x, y)], fits[(x, x)] = res.gain_random, res.gain_assigned
+        return fits
+
+    def _syncs(
+        self, window: int, peers: list[str], values: Mapping[str, torch.Tensor]
+    ) -> dict[str, SyncResult]:
+        """Every peer's sync against the validator's own sampled values."""
+        own = self._own_values(window)
+        typical = self._typical_change(window, own)
+        return {p: sync_score(own, values.get(p), typical, self.config.signals) for p in peers}
+
+    def _record(
+        self,
+        window: int,
+        peers: list[str],
+        match: Mapping[str, float],
+        evaluated: Mapping[str, EvalResult],
+        status: Statuses,
+        syncs: Mapping[str, SyncResult],
+    ) -> None:
+        """Rate the window's match and write every peer's record and the next sync reference."""
+        board, sig = self.scoreboard, self.config.signals
+        new_ratings = rate_match(
+            {p: (board.record(p).mu, board.record(p).sigma) for p in match},
+            match,
+            self.config.rating,
+        )
+        for peer in peers:
+            rec = board.record(peer)
+            rec.last_window = window
+            if peer in new_ratings:
+                rec.mu, rec.sigma = new_ratings[peer]
+            if peer in evaluated:
+                res = evaluated[peer]
+                rec.bma = update_bma(rec.bma, res.indicator, sig)
+                rec.evaluations += 1
+                rec.last_evaluated = window
+                rec.last_status = "evaluated"
+                rec.last_gain_random = res.gain_random
+                rec.last_gain_assigned = res.gain_assigned
+                rec.sync = syncs[peer].score
+            elif peer in status:
+                kind = status[peer][0]
+                rec.bma = update_bma(rec.bma, -1, sig)
+                rec.failures[kind] = rec.failures.get(kind, 0) + 1
+                rec.last_status = kind
+            else:
+                rec.last_status = "skipped"
+        board.sync_reference = {
+            "window": window + 1,
+            "values": [float(v) for v in self._own_values(window + 1)],
+        }
+
+
+def decode_all(
+    gather: GatherResult,
+    shapes: Mapping[str, tuple[int, ...]],
+    codec: CodecConfig | None,
+) -> tuple[list[str], dict[str, DecodedUpdate], Statuses]:
+    """Every peer of the gather (sorted), the decoded ``ok`` payloads, and the failures:
+    the exchange's own non-``ok`` statuses, an ``ok`` without payload (``missing``) and a
+    payload :func:`~gauntlet.decoding.decode_update` rejects (``invalid``)."""
+    peers = sorted(set(gather.statuses) | set(gather.updates))
+    decoded: dict[str, DecodedUpdate] = {}
+    status: Statuses = {}
+    for peer in peers:
+        st = gather.statuses.get(peer)
+        if st is not None and st.status != "ok":
+            status[peer] = (st.status, st.reason)
+            continue
+        payload = gather.updates.get(peer)
+        if payload is None:
+            status[peer] = ("missing", "status ok but no payload")
+            continue
+        try:
+            decoded[peer] = decode_update(payload, shapes, codec)
+        except InvalidUpdate as exc:
+            status[peer] = ("invalid", str(exc))
+    return peers, decoded, status
+
+
+def copy_failures(copies: Mapping[str, CopyVerdict]) -> Statuses:
+    """``copy`` with the evidence for every blamed peer."""
+    return {
+        peer: (
+            "copy",
+            f"copies {v.source} (overlap {v.overlap:.3f}, cosine {v.cosine:.4f}; gain "
+            f"{v.fit_source:.4f} on {v.source}'s data vs {v.fit_own:.4f} on its own)",
+        )
+        for peer, v in copies.items()
+    }
+
+
+def nonfinite_failures(results: Mapping[str, EvalResult]) -> Statuses:
+    """``invalid`` for every evaluation whose after-loss was NaN/Inf."""
+    return {
+        p: ("invalid", "non-finite loss after applying the update")
+        for p, r in results.items()
+        if not r.finite
+    }
+
+
+def match_scores(
+    evaluated: Mapping[str, EvalResult], status: Statuses, config: RatingConfig
+) -> dict[str, float]:
+    """The window's match: evaluated peers score g_random; a failed peer scores
+    ``min(0, lowest g_random) − penalty(kind)`` so it ranks below every evaluated peer."""
+    low = min([0.0, *(r.gain_random for r in evaluated.values())])
+    penalty = {
+        "missing": config.penalty_missing,
+        "timeout": config.penalty_missing,
+        "late": config.penalty_late,
+        "invalid": config.penalty_invalid,
+        "copy": config.penalty_copy,
+        "bad_data": config.penalty_data,
+        "replay": config.penalty_copy,
+    }
+    match = {p: r.gain_random for p, r in evaluated.items()}
+    for peer, (kind, _) in status.items():
+        match[peer] = low - penalty.get(kind, config.penalty_invalid)
+    return match

@@ -11,9 +11,18 @@ it started the window from; positions come from (public seed, window) by hash
 rounds behind 0. Without a reference yet (a validator's first window) sync is 1.
 
 **Copies.** For two peers a, b: the mean over chunks of |I_a ∩ I_b| / k (top-k index overlap)
-and the cosine of the decoded updates. A pair is a copy when the updates are identical, the
-cosine ≥ ``copy_cosine`` or the overlap ≥ ``copy_overlap``; the later publisher is blamed
-(both when their publish times tie or both are unknown; an unknown time counts as latest).
+and the cosine of the decoded updates. A pair is *similar* when the updates are identical, the
+cosine ≥ ``copy_cosine`` or the overlap ≥ ``copy_overlap``. Who copied whom is decided by
+provenance, not by time (publish times are set or raced by the copier: a local mtime can be
+backdated, S3 ties at 1 s): an update is trained on its author's assigned data, so with
+fit(x, y) the gain of x's update on y's evaluated assigned samples (:func:`blame_copies`),
+
+    x is blamed in a similar pair (x, y)  ⇔  fit(x, y) ≥ fit(x, x)
+
+i.e. x's update helps y's data at least as much as its own. An exact copy of y, or an update
+trained on y's assignment (a clone), fits y's data; y's own update fits y's data, so y is not
+blamed whatever the times. Two honest look-alikes each fit their own data and neither is
+blamed; an exact tie of the two gains blames x.
 
 **Assigned-data indicator.** BMA ← d·BMA + (1−d)·b with b = ±1, then BMA ← max(0, BMA); the
 value used for scoring is 0 when BMA < threshold once the peer has ``warmup`` evaluations.
@@ -108,13 +117,16 @@ class PairSimilarity:
 
 @dataclass(frozen=True)
 class CopyVerdict:
-    """``peer`` is blamed for copying ``source`` (the earlier publisher)."""
+    """``peer`` is blamed for copying ``source``: its update fits ``source``'s assigned data
+    (gain ``fit_source``) at least as well as its own (``fit_own``)."""
 
     peer: str
     source: str
     overlap: float
     cosine: float
     identical: bool
+    fit_own: float
+    fit_source: float
 
 
 def index_overlap(a: DecodedUpdate, b: DecodedUpdate) -> float:
@@ -156,24 +168,34 @@ def pair_similarities(updates: Mapping[str, DecodedUpdate]) -> list[PairSimilari
     return out
 
 
+def is_similar(pair: PairSimilarity, config: SignalConfig) -> bool:
+    """Identical, cosine ≥ ``copy_cosine`` or index overlap ≥ ``copy_overlap``."""
+    overlap_hit = not math.isnan(pair.overlap) and pair.overlap >= config.copy_overlap
+    return pair.identical or pair.cosine >= config.copy_cosine or overlap_hit
+
+
 def blame_copies(
     pairs: list[PairSimilarity],
-    publish_times: Mapping[str, float],
+    fits: Mapping[tuple[str, str], float],
     config: SignalConfig,
 ) -> dict[str, CopyVerdict]:
-    """The later publisher of every copied pair, with the strongest evidence against it."""
+    """Every peer of a similar pair whose update fits the other's data at least as well as
+    its own (see the module docstring), with the strongest evidence against it.
+
+    ``fits[(x, y)]`` is the gain of x's update on y's assigned samples; it must hold both
+    members' own and cross fits for every similar pair.
+    """
     blamed: dict[str, CopyVerdict] = {}
     for pair in pairs:
-        overlap_hit = not math.isnan(pair.overlap) and pair.overlap >= config.copy_overlap
-        if not (pair.identical or pair.cosine >= config.copy_cosine or overlap_hit):
+        if not is_similar(pair, config):
             continue
-        ta = publish_times.get(pair.a, math.inf)
-        tb = publish_times.get(pair.b, math.inf)
-        culprits = [(pair.a, pair.b)] if ta > tb else [(pair.b, pair.a)] if tb > ta else []
-        if ta == tb:
-            culprits = [(pair.a, pair.b), (pair.b, pair.a)]
-        for peer, source in culprits:
-            verdict = CopyVerdict(peer, source, pair.overlap, pair.cosine, pair.identical)
+        for peer, source in ((pair.a, pair.b), (pair.b, pair.a)):
+            own, other = fits[(peer, peer)], fits[(peer, source)]
+            if not other >= own:  # NaN (a non-finite loss) blames nobody here
+                continue
+            verdict = CopyVerdict(
+                peer, source, pair.overlap, pair.cosine, pair.identical, own, other
+            )
             prev = blamed.get(peer)
             if prev is None or (verdict.cosine, verdict.source) > (prev.cosine, prev.source):
                 blamed[peer] = verdict

@@ -9,7 +9,9 @@ the same file sees the same subnet. :meth:`SqliteSubnet.connect` gives one hotke
 Blocks: with ``block_time_s`` the block is ``offset + floor((now - genesis) / block_time_s)``
 from the genesis time stored at creation, so every process reads the same block without a
 block producer; :meth:`SqliteSubnet.advance` adds to ``offset`` (the only way blocks move
-when ``block_time_s`` is ``None``).
+when ``block_time_s`` is ``None``). A produced block's hash is random 32 bytes, drawn by
+the first process that reads it and stored with ``INSERT OR IGNORE`` in the same transaction
+as the read, so every process reads the one value that won.
 
 Concurrency and crashes: WAL journal, a busy timeout, and every write in one
 ``BEGIN IMMEDIATE`` transaction that reads, checks and writes (so a rate limit cannot be
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sqlite3
 import threading
 import time
@@ -38,6 +41,7 @@ from gauntlet.chain import (
     Metagraph,
     SetWeightsResult,
     WeightLimits,
+    check_block_produced,
     check_commitment,
     check_set_weights,
     weight_matrix_of,
@@ -53,6 +57,7 @@ CREATE TABLE IF NOT EXISTS commitments (
     hotkey TEXT PRIMARY KEY REFERENCES neurons(hotkey), block INTEGER NOT NULL,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS block_hashes (block INTEGER PRIMARY KEY, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS weights (
     hotkey TEXT PRIMARY KEY REFERENCES neurons(hotkey), block INTEGER NOT NULL,
     vector TEXT NOT NULL
@@ -167,6 +172,19 @@ class SqliteSubnet:
         """The current block."""
         with self._lock:
             return self._block(self._db)
+
+    def block_hash(self, block: int) -> str:
+        """``0x`` + 64 hex digits of ``block``'s hash; :class:`ChainError` before it exists."""
+        with self._write() as db:
+            check_block_produced(block, self._block(db))
+            db.execute(
+                "INSERT OR IGNORE INTO block_hashes VALUES (?, ?)",
+                (int(block), "0x" + secrets.token_hex(32)),
+            )
+            (value,) = db.execute(
+                "SELECT hash FROM block_hashes WHERE block = ?", (int(block),)
+            ).fetchone()
+        return str(value)
 
     def advance(self, blocks: int = 1) -> int:
         """Move the chain ``blocks`` blocks ahead (for every process); returns the new block."""
@@ -287,6 +305,9 @@ class SqliteChain:
 
     def block(self) -> int:
         return self._subnet.block()
+
+    def block_hash(self, block: int) -> str:
+        return self._subnet.block_hash(block)
 
     def weight_limits(self) -> WeightLimits:
         return self._subnet.limits

@@ -15,7 +15,8 @@ Quick use::
 Modules: :mod:`~netcomm.storage` (interface, keys, local folder), :mod:`~netcomm.s3`
 (S3-compatible backend), :mod:`~netcomm.envelope` (wire format), :mod:`~netcomm.signing`,
 :mod:`~netcomm.directory`, :mod:`~netcomm.exchange`, :mod:`~netcomm.checkpoint`,
-:mod:`~netcomm.faults` (fault injection for tests). See ``docs/netcomm.md``.
+:mod:`~netcomm.joining` (a new peer catches up: :func:`join`), :mod:`~netcomm.faults`
+(fault injection for tests), :mod:`~netcomm.link` (WAN link model). See ``docs/netcomm.md``.
 """
 
 from netcomm.checkpoint import Checkpoint, CheckpointStore
@@ -41,6 +42,16 @@ from netcomm.errors import (
 )
 from netcomm.exchange import ExchangeConfig, StorageExchange
 from netcomm.faults import FaultPlan, FaultProxy, FaultyStorage
+from netcomm.joining import JoinReport, join
+from netcomm.link import (
+    Link,
+    LinkProxy,
+    LinkSpec,
+    ShapedDirectory,
+    ShapedStorage,
+    TokenBucket,
+    parse_link,
+)
 from netcomm.s3 import S3Config, S3Storage
 from netcomm.signing import (
     Ed25519Signer,
@@ -67,6 +78,10 @@ __all__ = [
     "FaultProxy",
     "FaultyStorage",
     "InvalidKeyError",
+    "JoinReport",
+    "Link",
+    "LinkProxy",
+    "LinkSpec",
     "LocalStorage",
     "ModelSpec",
     "NetcommConfigError",
@@ -78,16 +93,21 @@ __all__ = [
     "PeerRecord",
     "S3Config",
     "S3Storage",
+    "ShapedDirectory",
+    "ShapedStorage",
     "Signer",
     "StaticDirectory",
     "Storage",
     "StorageError",
     "StorageExchange",
+    "TokenBucket",
     "TransientStorageError",
     "Verifier",
     "default_verifiers",
+    "join",
     "join_key",
     "open_envelope",
+    "parse_link",
     "read_header",
     "seal_envelope",
     "update_key",

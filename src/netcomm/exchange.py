@@ -23,7 +23,13 @@ corruption looks the same as a bad publisher) is retried with backoff up to ``at
 An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat gather of the
 same window reuses the result as long as the object's etag is unchanged.
 
-Memory: at most ``max_concurrency`` objects are read at once, each of at most
+Pipelining: probes (``head``) and downloads each run on up to ``max_concurrency`` threads of
+their own, and each finished download is verified on one of ``verify_threads`` others (one
+per core by default) while the next downloads proceed, so verification overlaps transfer
+instead of holding a download thread, and no download waits behind another peer's probe.
+
+Memory: at most ``max_concurrency`` objects are held at once (being downloaded, waiting for
+verification or being verified), each of at most
 ``limits.max_object_bytes`` (checked against the storage's size before downloading) and
 decompressed to at most ``limits.max_decompressed_bytes`` (grown as bytes arrive, never sized
 by a declared length), so the transient peak of one gather is about ``max_concurrency ×
@@ -35,13 +41,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from netcomm.directory import PeerDirectory, PeerRecord, check_peer_id, update_key
 from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
@@ -78,7 +85,11 @@ class ExchangeConfig:
         deadline_s: default time budget of ``gather``, seconds from the call.
         min_peers: default minimum of ``ok`` peers; fewer raises
             :class:`~netcomm.errors.NotEnoughPeersError` (0 never raises).
-        max_concurrency: parallel probes/downloads in one gather.
+        max_concurrency: parallel probes, and parallel downloads, in one gather; also the
+            most objects it holds at once (downloads waiting for or under verification
+            included).
+        verify_threads: threads verifying downloaded envelopes (``None``: one per CPU core,
+            at most ``max_concurrency``).
         attempts: tries per object for transient or integrity failures.
         backoff_s / backoff_max_s: retry n waits ``min(backoff_max_s, backoff_s·2ⁿ)`` times a
             random factor in [0.5, 1], never past the deadline.
@@ -101,6 +112,7 @@ class ExchangeConfig:
     deadline_s: float = 60.0
     min_peers: int = 0
     max_concurrency: int = 8
+    verify_threads: int | None = None
     attempts: int = 3
     backoff_s: float = 0.25
     backoff_max_s: float = 4.0
@@ -124,6 +136,10 @@ class ExchangeConfig:
         for name in ("max_concurrency", "attempts", "keep_windows", "replay_memory"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NetcommConfigError(f"ExchangeConfig.{name} must be an integer >= 1")
+        if self.verify_threads is not None and (
+            not isinstance(self.verify_threads, int) or self.verify_threads < 1
+        ):
+            raise NetcommConfigError("ExchangeConfig.verify_threads must be None or an int >= 1")
         if not isinstance(self.min_peers, int) or self.min_peers < 0:
             raise NetcommConfigError("ExchangeConfig.min_peers must be an integer >= 0")
         if self.compression not in ("auto", "zstd", "none"):
@@ -149,11 +165,37 @@ class _PeerState:
     status: PeerStatus | None = None
     payload: Payload | None = None
     future: Future | None = None
+    stage: Literal["probe", "download", "verify"] = "probe"
     next_try: float = 0.0
     tries: int = 0
     nbytes: int = 0
     started: float | None = None
     last_error: str = ""
+
+
+class _Pools(NamedTuple):
+    """The threads of one gather: probes, downloads, and verification of finished downloads.
+
+    Probes have their own threads so that no download waits behind another peer's probe.
+    """
+
+    probe: ThreadPoolExecutor
+    download: ThreadPoolExecutor
+    verify: ThreadPoolExecutor
+
+    @classmethod
+    def start(cls, width: int, verify_threads: int | None) -> _Pools:
+        verifiers = min(width, verify_threads or os.cpu_count() or 1)
+        return cls(
+            ThreadPoolExecutor(width, thread_name_prefix="netcomm-probe"),
+            ThreadPoolExecutor(width, thread_name_prefix="netcomm-gather"),
+            ThreadPoolExecutor(verifiers, thread_name_prefix="netcomm-verify"),
+        )
+
+    def shutdown(self) -> None:
+        """Stop without waiting: stragglers are abandoned and their results never read."""
+        for pool in self:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class StorageExchange:
@@ -231,6 +273,27 @@ class StorageExchange:
                 time.sleep(self._backoff(attempt))
         return len(blob)
 
+    def published(self, window: int) -> Payload | None:
+        """This peer's own update for ``window`` as stored, verified like any other peer's
+        (:class:`~netcomm.errors.EnvelopeError` if it does not verify), or ``None`` when it
+        published none: what a peer that restarts after publishing must aggregate too."""
+        try:
+            blob = self.storage.get(update_key(self.prefix, window, self._peer_id))
+        except ObjectNotFoundError:
+            return None
+        return open_envelope(
+            blob,
+            expected_peer=self._peer_id,
+            public_key=self.signer.public_key,
+            verifiers=self.verifiers,
+            window=window,
+            fingerprint=self._fingerprint,
+            shapes=self._shapes,
+            codec=self.config.codec,
+            kind=self.config.kind,
+            limits=self.limits,
+        ).payload
+
     def gather(
         self,
         window: int,
@@ -258,14 +321,11 @@ class StorageExchange:
         start = time.monotonic()
         end = start + budget
         states = {p: self._initial_state(window, p) for p in names}
-        pool = ThreadPoolExecutor(
-            max(1, min(cfg.max_concurrency, len(names))), thread_name_prefix="netcomm-gather"
-        )
+        pools = _Pools.start(max(1, min(cfg.max_concurrency, len(names))), cfg.verify_threads)
         try:
-            self._run(window, states, end, cutoff, pool)
+            self._run(window, states, end, cutoff, pools)
         finally:
-            # Stragglers still running are abandoned; their results are never read.
-            pool.shutdown(wait=False, cancel_futures=True)
+            pools.shutdown()
         result = GatherResult(window=window)
         for name in names:
             st = states[name]
@@ -298,31 +358,54 @@ class StorageExchange:
         states: dict[str, _PeerState],
         end: float,
         cutoff: float | None,
-        pool: ThreadPoolExecutor,
+        pools: _Pools,
     ) -> None:
+        """Drive every peer to a status or until ``end``: probe, download, verify, retry."""
         cached = self._cache.get(window, {})
         while True:
             now = time.monotonic()
             pending = [s for s in states.values() if s.status is None]
             if not pending or now >= end:
                 return
-            for st in pending:
-                if st.future is None and st.next_try <= now:
-                    if st.info is None:
-                        st.future = pool.submit(st.record.storage.head, st.key)  # type: ignore[union-attr]
-                    else:
-                        st.started = st.started if st.started is not None else now
-                        st.future = pool.submit(self._fetch, window, st.record, st.info)  # type: ignore[arg-type]
+            queued = self._submit(pending, now, pools)
             inflight = [s.future for s in pending if s.future is not None]
-            wake = min([s.next_try for s in pending if s.future is None] + [end])
+            # a download waiting for a slot is woken by the completion that frees one
+            idle = [s.next_try for s in pending if s.future is None and s.peer not in queued]
+            wake = min([*idle, end])
             wait(inflight, timeout=max(0.0, wake - time.monotonic()), return_when=FIRST_COMPLETED)
             for st in pending:
                 if st.future is not None and st.future.done():
                     future, st.future = st.future, None
-                    if st.info is None:
+                    if st.stage == "probe":
                         self._on_probe(st, future, cutoff, cached.get(st.peer))
+                    elif st.stage == "download" and _complete(future):
+                        st.stage = "verify"
+                        blob = future.result()[1]
+                        st.future = pools.verify.submit(self._verify, window, st.record, blob)
                     else:
                         self._on_fetch(st, future, window, end)
+
+    def _submit(self, pending: list[_PeerState], now: float, pools: _Pools) -> set[str]:
+        """Start the probes and downloads that are due, holding at most max_concurrency objects.
+
+        Returns the peers whose download is due but waits for a slot.
+        """
+        held = sum(1 for s in pending if s.future is not None and s.stage != "probe")
+        queued = set()
+        for st in pending:
+            if st.future is not None or st.next_try > now:
+                continue
+            if st.info is None:
+                st.stage = "probe"
+                st.future = pools.probe.submit(st.record.storage.head, st.key)  # type: ignore[union-attr]
+            elif held < self.config.max_concurrency:
+                held += 1
+                st.stage = "download"
+                st.started = st.started if st.started is not None else now
+                st.future = pools.download.submit(self._download, st.record, st.info)  # type: ignore[arg-type]
+            else:
+                queued.add(st.peer)
+        return queued
 
     def _on_probe(
         self,
@@ -421,19 +504,24 @@ class StorageExchange:
             return
         st.next_try = min(end, now + self._backoff(st.tries - 1))
 
-    def _fetch(
-        self, window: int, record: PeerRecord, info: ObjectInfo
+    @staticmethod
+    def _download(record: PeerRecord, info: ObjectInfo) -> tuple[int, bytes | Exception]:
+        """(bytes received, the object or why it is incomplete); storage errors propagate."""
+        blob = record.storage.get_range(info.key, 0, info.size)
+        if len(blob) != info.size:
+            return len(blob), TransientStorageError(
+                f"truncated download: {len(blob)} of {info.size} bytes"
+            )
+        return len(blob), blob
+
+    def _verify(
+        self, window: int, record: PeerRecord, blob: bytes
     ) -> tuple[int, Envelope | Exception]:
         """(bytes received, the verified envelope or why the bytes were rejected).
 
         Any exception but the typed ones is a reader bug; it is logged here, with its
         traceback, and returned so that only this peer is marked ``invalid``.
         """
-        blob = record.storage.get_range(info.key, 0, info.size)
-        if len(blob) != info.size:
-            return len(blob), TransientStorageError(
-                f"truncated download: {len(blob)} of {info.size} bytes"
-            )
         try:
             return len(blob), open_envelope(
                 blob,
@@ -482,6 +570,11 @@ class StorageExchange:
     def _backoff(self, attempt: int) -> float:
         cfg = self.config
         return min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
+
+
+def _complete(download: Future) -> bool:
+    """Whether a finished download brought the whole object (else it goes to _on_fetch)."""
+    return download.exception() is None and not isinstance(download.result()[1], Exception)
 
 
 def _internal(exc: BaseException) -> str:

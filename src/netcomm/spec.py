@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseloco.names import canonical_name
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -33,10 +35,11 @@ class ModelSpec:
     def from_named_tensors(
         cls, named: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> ModelSpec:
-        """From ``model.named_parameters()`` or a ``{name: tensor}`` mapping."""
+        """From ``model.named_parameters()`` or a ``{name: tensor}`` mapping; names become
+        their wire form (:func:`sparseloco.canonical_name`: wrapper prefixes dropped)."""
         items = named.items() if isinstance(named, Mapping) else named
         entries = [
-            (n, tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
+            (canonical_name(n), tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
             for n, t in items
         ]
         return cls(tuple(sorted(entries)))

@@ -4,7 +4,7 @@ Quick use::
 
     from sparseloco import SparseLoCo, OuterLoop, InProcessHub
 
-    exchange = InProcessHub().connect("peer-0")          # or netcomm's storage exchange
+    exchange = InProcessHub(["peer-0", "peer-1"]).connect("peer-0")   # or netcomm's exchange
     outer = SparseLoCo(model.named_parameters(), exchange, "covenant-72b")
     with OuterLoop(inner_optimizer, outer, on_round=print):
         ...  # the usual loop: loss.backward(); inner_optimizer.step()
@@ -43,15 +43,17 @@ from sparseloco.exchange import (
     InProcessHub,
     PeerStatus,
 )
+from sparseloco.loop import OuterLoop, skipped_by_grad_scaler
+from sparseloco.names import canonical_name
 from sparseloco.optim import (
     DataParallel,
     DiLoCo,
-    OuterLoop,
     OuterOptimizer,
     RoundReport,
     SparseLoCo,
 )
 from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
+from sparseloco.ranks import RankZeroExchange
 
 __version__ = "0.1.0"
 
@@ -81,6 +83,7 @@ __all__ = [
     "OuterOptimizer",
     "Payload",
     "PeerStatus",
+    "RankZeroExchange",
     "RoundReport",
     "ShapeMismatchError",
     "SparseLoCo",
@@ -88,6 +91,7 @@ __all__ = [
     "UnknownPresetError",
     "UpdateError",
     "aggregate",
+    "canonical_name",
     "decode",
     "decode_sparse",
     "decode_tensor",
@@ -97,5 +101,6 @@ __all__ = [
     "iter_aggregate_dense",
     "payload_from_tensors",
     "preset",
+    "skipped_by_grad_scaler",
     "validate_payload",
 ]

@@ -9,7 +9,11 @@ this module provides:
   (tests, simulations, single-machine runs);
 * :class:`DistributedExchange`: peers as ranks of a ``torch.distributed`` process group
   (gloo or NCCL), payloads serialized with :mod:`sparseloco.serialization` (canonical
-  safetensors, never pickle) and all-gathered.
+  safetensors, never pickle) and all-gathered; a rank that fails makes every rank raise.
+
+An exchange whose ``gather`` is a collective may also provide ``abort(window, error)``: the
+optimizers call it, instead of ``publish``/``gather``, when their round fails before
+publishing, so that rank still joins the collective; it raises :class:`ExchangeError`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from sparseloco.errors import ExchangeError, SparseLoCoError
+from sparseloco.errors import ExchangeError, NonFiniteError, SparseLoCoError, UpdateError
 from sparseloco.payload import Payload, payload_from_tensors, validate_payload
 from sparseloco.serialization import dump_safetensors, load_safetensors
 
@@ -84,8 +88,9 @@ class InProcessHub:
     """A mailbox shared by peers running as threads of one process.
 
     Args:
-        peers: the ids ``gather`` waits for. Without it, gather waits for the peers connected
-            at that moment, so connect every peer before any of them gathers.
+        peers: the ids ``gather`` waits for. Without it, the hub serves the peers connected
+            before the first ``gather``, and connecting another one later raises
+            :class:`ExchangeError` (it would silently miss the windows already gathered).
         timeout: seconds ``gather`` waits for every expected peer before marking the rest
             ``"missing"``.
         keep_windows: windows kept in memory; older ones are dropped.
@@ -106,6 +111,7 @@ class InProcessHub:
         self.validate = validate
         self._fixed = None if peers is None else sorted(peers)
         self._peers: list[str] = []
+        self._gathered = False
         self._mail: dict[int, dict[str, tuple[Payload | None, str]]] = {}
         self._cond = threading.Condition()
 
@@ -120,6 +126,11 @@ class InProcessHub:
                 raise ExchangeError(f"peer id {peer_id!r} is already connected")
             if self._fixed is not None and peer_id not in self._fixed:
                 raise ExchangeError(f"peer id {peer_id!r} is not one of the hub's peers")
+            if self._fixed is None and self._gathered:
+                raise ExchangeError(
+                    f"peer {peer_id!r} connects after the first gather; connect every peer "
+                    "first, or pass InProcessHub(peers=[...]) so gather waits for them"
+                )
             self._peers.append(peer_id)
         return InProcessExchange(self, peer_id)
 
@@ -145,6 +156,7 @@ class InProcessHub:
         start = time.monotonic()
         deadline = start + self.timeout
         with self._cond:
+            self._gathered = True
             expected = [p for p in (self._fixed or self._peers) if p != me]
             while True:
                 box = self._mail.get(window, {})
@@ -192,14 +204,42 @@ class InProcessExchange:
         return self._hub._collect(window, self._peer_id)
 
 
-class DistributedExchange:
-    """Peers are the ranks of a ``torch.distributed`` process group.
+# What each rank all-gathers first, beside the window and its payload's length.
+_SENT, _NOTHING = 0, 1
+_FAILURES = {
+    2: "non-finite values",
+    3: "an unusable update",
+    4: "serialization failed",
+    5: "an error",  # any other exception: out of memory, ...
+}
 
-    Each payload is serialized as canonical safetensors bytes, lengths are all-gathered, then
-    the padded byte buffers; peer ids are ``"rank{r}"``. Received bytes go through the bounded
-    reader and full validation, so a bad rank's payload is reported ``"invalid"``. Every rank
-    must call publish and gather for the same windows (collectives), so use it among
-    cooperating processes, not strangers.
+
+def _failure_code(error: BaseException) -> int:
+    if isinstance(error, NonFiniteError):
+        return 2
+    return 3 if isinstance(error, UpdateError) else 5
+
+
+class DistributedExchange:
+    """Peers are the ranks of a ``torch.distributed`` process group (gloo or NCCL).
+
+    Each payload is serialized as canonical safetensors bytes; one all-gather carries every
+    rank's ``(window, status, length)``, a second the padded byte buffers (skipped when no
+    rank sent any); peer ids are ``"rank{r}"``. On an NCCL group the collectives run on this
+    rank's current CUDA device (``torch.cuda.current_device()``), on gloo in CPU memory.
+    Received bytes go through the bounded reader and full validation, so a bad rank's payload
+    is reported ``"invalid"``.
+
+    It never leaves a rank waiting for one that gave up: a rank whose round fails before it
+    publishes (the optimizer's finite check, encoding; the optimizers call :meth:`abort`) or
+    whose payload cannot be serialized still joins the first all-gather, with a failure
+    status. Every rank then raises the same :class:`ExchangeError`, naming the failed ranks,
+    from that collective, and none steps; the failed rank's own error is its ``__cause__``.
+    Ranks that gather different windows raise alike. Every rank must call ``step()`` for the
+    same windows (collectives), so use it among cooperating processes, not strangers.
+
+    Args:
+        group: the process group (default: the world).
     """
 
     def __init__(self, group: torch.distributed.ProcessGroup | None = None) -> None:
@@ -211,42 +251,88 @@ class DistributedExchange:
         self._group = group
         self._rank = dist.get_rank(group)
         self._world = dist.get_world_size(group)
+        nccl = dist.get_backend(group) == "nccl"
+        cuda = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        self.device = cuda or torch.device("cpu")
         self._pending: dict[int, bytes] = {}
+        self._failed: dict[int, tuple[int, BaseException]] = {}
 
     @property
     def peer_id(self) -> str:
         return f"rank{self._rank}"
 
     def publish(self, window: int, payload: Payload) -> int:
-        self._pending[window] = dump_safetensors(*payload.to_tensors())
-        return len(self._pending[window])
+        """Keep the payload's bytes for ``gather``; a serialization failure is raised there,
+        on every rank."""
+        try:
+            data = dump_safetensors(*payload.to_tensors())
+        except Exception as exc:  # the other ranks are about to wait in gather: fail there
+            self._failed[window] = (4, exc)
+            return 0
+        self._pending[window] = data
+        return len(data)
+
+    def abort(self, window: int, error: BaseException) -> None:
+        """Join ``window``'s collective as failed (this rank's round failed with ``error``
+        before publishing) and raise the :class:`ExchangeError` every rank raises."""
+        self._pending.pop(window, None)
+        self._failed[window] = (_failure_code(error), error)
+        self.gather(window)
+        raise ExchangeError(f"window {window}: this rank failed, yet gather did not raise")
 
     def gather(self, window: int) -> GatherResult:
         data = self._pending.pop(window, b"")
-        length = torch.tensor([len(data)], dtype=torch.int64)
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world)]
-        self._dist.all_gather(lengths, length, group=self._group)
-        size = max(int(n) for n in lengths)
-        buf = torch.zeros(size, dtype=torch.uint8)
-        if data:
-            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        bufs = [torch.zeros(size, dtype=torch.uint8) for _ in range(self._world)]
-        self._dist.all_gather(bufs, buf, group=self._group)
+        code, error = self._failed.pop(window, (_SENT if data else _NOTHING, None))
+        mine = torch.tensor([window, code, len(data)], dtype=torch.int64, device=self.device)
+        table = [torch.empty_like(mine) for _ in range(self._world)]
+        self._dist.all_gather(table, mine, group=self._group)
+        rows = [[int(v) for v in row.cpu()] for row in table]
+        problem = _group_problem(window, rows)
+        if problem:
+            raise ExchangeError(problem) from error
+        size = max(n for _, _, n in rows)
+        bufs = []
+        if size:
+            buf = torch.zeros(size, dtype=torch.uint8)
+            if data:
+                buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buf = buf.to(self.device)
+            bufs = [torch.empty_like(buf) for _ in range(self._world)]
+            self._dist.all_gather(bufs, buf, group=self._group)
         result = GatherResult(window=window)
-        for rank, (n, b) in enumerate(zip(lengths, bufs, strict=True)):
+        for rank, (_, _, n) in enumerate(rows):
             peer = f"rank{rank}"
             if rank == self._rank:
                 continue
-            if int(n) == 0:
+            if n == 0:
                 result.statuses[peer] = PeerStatus(peer, "missing", "nothing published")
                 continue
             try:
                 # The received buffer is this rank's own memory: tensors are views of it.
-                payload = payload_from_tensors(*load_safetensors(b[: int(n)].numpy()))
+                payload = payload_from_tensors(*load_safetensors(bufs[rank][:n].cpu().numpy()))
                 validate_payload(payload)
             except SparseLoCoError as exc:
-                result.statuses[peer] = PeerStatus(peer, "invalid", str(exc), int(n))
+                result.statuses[peer] = PeerStatus(peer, "invalid", str(exc), n)
                 continue
             result.updates[peer] = payload
-            result.statuses[peer] = PeerStatus(peer, "ok", nbytes=int(n))
+            result.statuses[peer] = PeerStatus(peer, "ok", nbytes=n)
         return result
+
+
+def _group_problem(window: int, rows: list[list[int]]) -> str:
+    """Why no rank may step (the same sentence on every rank), or "" when all is well."""
+    windows = sorted({w for w, _, _ in rows})
+    if len(windows) > 1:
+        got = ", ".join(f"rank {r}: {w}" for r, (w, _, _) in enumerate(rows))
+        return f"ranks gathered different windows ({got}); every rank raises, none steps"
+    failed = [
+        f"rank {r} ({_FAILURES.get(code, f'status {code}')})"
+        for r, (_, code, _) in enumerate(rows)
+        if code not in (_SENT, _NOTHING)
+    ]
+    if failed:
+        return (
+            f"window {window}: {', '.join(failed)} failed before publishing; "
+            "every rank raises, none steps"
+        )
+    return ""

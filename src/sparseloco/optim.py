@@ -9,8 +9,8 @@ The user keeps their model, inner optimizer and loop. Every H inner steps, one c
     g = aggregate(D(m₁), …, D(m_R))          peers sorted by id: same result on every peer
     θ ← θ₀ − α·g   (optionally with momentum / Nesterov);  θ₀ ← θ
 
-:class:`OuterLoop` hooks the inner optimizer's ``step`` so the loop does not change at all
-(the pattern of torchft's ``DiLoCo`` context manager).
+:class:`~sparseloco.loop.OuterLoop` hooks the inner optimizer's ``step`` so the loop does
+not change at all (the pattern of torchft's ``DiLoCo`` context manager).
 
 State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` bytes):
 
@@ -20,6 +20,11 @@ State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` by
   and the accelerator holds none of them between rounds.
 * DiLoCo: θ₀ (``dtype_bytes``) + Nesterov momentum (4).
 * DataParallel: nothing.
+
+During a round (released when it ends): every tensor's float32 aggregate (4 bytes per
+parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's scratch copy
+of its error buffer. Rounds are atomic: everything that can fail runs before the commit
+(error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
 """
 
 from __future__ import annotations
@@ -28,19 +33,22 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
+from sparseloco import sharded
 from sparseloco.aggregate import iter_aggregate, iter_aggregate_dense
 from sparseloco.chunking import ChunkLayout
-from sparseloco.codec import CompressedUpdate, check_finite, encode_tensor
+from sparseloco.codec import CompressedTensor, CompressedUpdate, check_finite, encode_tensor
 from sparseloco.config import OuterConfig, preset
-from sparseloco.errors import ConfigError, SparseLoCoError, UpdateError
+from sparseloco.errors import ConfigError, NonFiniteError, SparseLoCoError, UpdateError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
-from sparseloco.payload import DenseUpdate, Payload, wire_dtype
+from sparseloco.names import canonical_name
+from sparseloco.payload import DenseUpdate, Payload, validate_payload, wire_dtype
 
 
 @dataclass
@@ -71,6 +79,14 @@ class RoundReport:
         return out
 
 
+NamedParam = tuple[str, torch.Tensor, dict[str, Any]]
+
+
+def _norm(tensors: Iterable[torch.Tensor]) -> float:
+    """‖(t₁, t₂, …)‖₂ over all entries, accumulated in float64."""
+    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors) ** 0.5
+
+
 class _Timer:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -87,14 +103,26 @@ class _Timer:
 class OuterOptimizer(Optimizer):
     """Common machinery of the outer optimizers (names, θ₀ snapshots, reports, state).
 
-    ``params`` may be ``model.named_parameters()`` (names are then used on the wire and in
-    errors) or plain tensors / param groups (named ``"{group}.{index}"``). Every peer must
-    build its optimizer from the same model definition so names and shapes agree.
+    ``params`` may be ``model.named_parameters()`` (names, without wrapper prefixes, are then
+    used on the wire and in errors; see :mod:`sparseloco.names`) or plain tensors / param
+    groups (named ``"{group}.{index}"``). Every peer must build its optimizer from the same
+    model definition so names and shapes agree; compiled, DDP- or FSDP-wrapped and plain
+    peers of one model agree.
+
+    ``outer_optimizer`` replaces the built-in outer step (SGD with the groups' ``lr``,
+    ``momentum`` and ``nesterov``) by any ``torch.optim`` optimizer over the same parameters,
+    given as an instance or as a callable that builds one from the list of parameters. Each
+    round it sees θ = θ₀ and ``.grad`` = the aggregate g (cast to the parameter's dtype; the
+    users' ``.grad`` are put back after), takes its step, and θ₀ ← θ. The groups' ``lr``,
+    ``momentum`` and ``nesterov`` are then unused.
     """
 
     method = "outer"
-    #: whether :class:`OuterLoop` runs ``step`` after every H inner steps ("post") or
-    #: before every inner step ("pre", gradient averaging).
+    #: state keys that belong to this peer alone (not the same on every peer, unlike θ₀ and
+    #: momentum): a peer joining from another peer's checkpoint leaves them out.
+    peer_local_state: tuple[str, ...] = ()
+    #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
+    #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
 
     def __init__(
@@ -105,37 +133,95 @@ class OuterOptimizer(Optimizer):
         *,
         inner_steps: int,
         offload: bool = False,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
     ) -> None:
         if not isinstance(exchange, Exchange):
             raise ConfigError(
                 f"exchange must provide peer_id, publish and gather; got {type(exchange).__name__}"
             )
-        super().__init__(params, defaults)
         self.exchange = exchange
         self.inner_steps = inner_steps
         self.offload = offload
         self.window = 0
         self.last_report: RoundReport | None = None
-        seen: set[str] = set()
         self._names: dict[torch.Tensor, str] = {}
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"{gi}.{pi}" for pi in range(len(group["params"]))]
-            for name, p in zip(names, group["params"], strict=True):
-                if name in seen:
-                    raise ConfigError(f"parameter name {name!r} appears twice")
-                seen.add(name)
-                self._names[p] = name
-        with torch.no_grad():
-            for name, p, _ in self.named_params():
-                self._init_state(name, p)
+        self.outer_optimizer: Optimizer | None = None
+        super().__init__(params, defaults)  # names and initial state: add_param_group
+        self.outer_optimizer = self._build_outer(outer_optimizer)
 
-    def named_params(self) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def _build_outer(
+        self, spec: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None
+    ) -> Optimizer | None:
+        """The torch.optim optimizer of the outer step (None: the built-in SGD)."""
+        if spec is None:
+            return None
+        mine = [p for _, p, _ in self.named_params()]
+        outer = spec if isinstance(spec, Optimizer) else spec(mine)
+        if not isinstance(outer, Optimizer):
+            raise ConfigError(
+                f"outer_optimizer must be a torch.optim.Optimizer or build one, got "
+                f"{type(outer).__name__}"
+            )
+        theirs = [p for g in outer.param_groups for p in g["params"]]
+        if {id(p) for p in theirs} != {id(p) for p in mine} or len(theirs) != len(mine):
+            raise ConfigError(
+                "outer_optimizer must hold exactly the parameters of this outer optimizer"
+            )
+        return outer
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, plus names and initial state (θ₀).
+
+        A parameter is named by its ``(name, tensor)`` pair, the group's ``"param_names"``,
+        or else ``"{group index}.{position}"``, always through
+        :func:`~sparseloco.names.canonical_name` (wrapper prefixes such as ``_orig_mod.`` or
+        DDP's ``module.`` do not change a parameter's wire identity). The names are kept in
+        the group's ``"param_names"`` (so ``state_dict()`` records them). With an
+        ``outer_optimizer`` the new parameters are added to it too, with the group's options
+        it knows.
+        """
+        group = dict(param_group)
+        items = group["params"]
+        items = [items] if isinstance(items, torch.Tensor) else list(items)
+        tensors = [it[1] if isinstance(it, tuple) else it for it in items]
+        names = self._group_names(group.pop("param_names", None), items)
+        taken = set(self._names.values())
+        for name in names:
+            if name in taken:
+                raise ConfigError(f"parameter name {name!r} appears twice")
+            taken.add(name)
+        group["params"], group["param_names"] = tensors, names
+        super().add_param_group(group)
+        for name, p in zip(names, tensors, strict=True):
+            self._names[p] = name
+            with torch.no_grad():
+                self._init_state(name, p)
+        if self.outer_optimizer is not None:
+            known = {k: v for k, v in group.items() if k in self.outer_optimizer.defaults}
+            self.outer_optimizer.add_param_group({**known, "params": tensors})
+
+    def _group_names(self, given: list[str] | None, items: list[Any]) -> list[str]:
+        pairs = [it[0] for it in items if isinstance(it, tuple)]
+        if pairs and (given is not None or len(pairs) != len(items)):
+            raise ConfigError(
+                "name either every parameter of a group, by (name, tensor) pairs or by "
+                "'param_names', or none of them"
+            )
+        gi = len(self.param_groups)
+        names = pairs or given or [f"{gi}.{pi}" for pi in range(len(items))]
+        if len(names) != len(items):
+            raise ConfigError(f"{len(names)} param_names for {len(items)} parameters")
+        return [canonical_name(str(n)) for n in names]
+
+    def named_params(self) -> Iterator[NamedParam]:
         """(name, parameter, group) in a fixed order."""
         for group in self.param_groups:
             for p in group["params"]:
                 yield self._names[p], p, group
 
     def _init_state(self, name: str, p: torch.Tensor) -> None:
+        if self.offload and sharded.is_sharded(p):
+            raise ConfigError(f"{name}: offload=True is not supported for FSDP2 (DTensor) params")
         self.state[p]["theta0"] = self._store(p.detach().clone())
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,61 +231,71 @@ class OuterOptimizer(Optimizer):
         t = t.to("cpu")
         return t.pin_memory() if torch.cuda.is_available() else t
 
-    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def _round_params(self) -> list[NamedParam]:
         """The parameters a round works on (all of them; gradient averaging skips no-grads)."""
         return list(self.named_params())
 
-    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor a round reads from ``p`` and checks for NaN/Inf before changing anything."""
-        return p
+    def _check_inputs(self, params: list[NamedParam]) -> None:
+        """Raise :class:`NonFiniteError` naming the first parameter holding NaN/Inf."""
+        _check_all_finite([(name, p) for name, p, _ in params], sharded.mesh_group(params))
 
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
-        """This round's payload and the norm of what it was made from."""
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+        """This round's payload and the norm of what it was made from; changes no state."""
         raise NotImplementedError
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, aggregate) per tensor from the selected payloads (own included)."""
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        """The float32 aggregate of tensor ``name`` over the selected payloads, on ``device``."""
         raise NotImplementedError
+
+    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+        """Update the state that depends on what this peer sent (SparseLoCo's error buffers)."""
+        del params, own
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         self._outer_update(p, group, agg)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
-        """One round: check, encode, publish, gather, aggregate, apply; returns the report."""
+        """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
+
+        A failure before publishing is reported to an exchange with an ``abort`` method (a
+        collective one, :class:`~sparseloco.exchange.DistributedExchange`), which then raises
+        the :class:`~sparseloco.errors.ExchangeError` the other peers raise too.
+
+        Atomic: every step that can fail (the finite check, encoding, the exchange, the
+        payloads' contents, the aggregate of every tensor and its memory) runs before any
+        parameter, θ₀, error buffer, momentum buffer or :attr:`window` changes. A ``step()``
+        that raises leaves all of them bit-identical, and calling it again republishes the
+        same bytes for the same window.
+        """
         if closure is not None:
             raise ConfigError("outer optimizers take no closure")
         timer = _Timer()
         window = self.window
         params = self._round_params()
-        device = params[0][1].device
-        choice = self._backend(device)
-        with timer("check"):
-            for name, p, _ in params:
-                check_finite(name, self._round_input(p))
-        with timer("encode"):
-            own, source_norm = self._encode(params)
-        with timer("publish"):
-            sent = self.exchange.publish(window, own)
+        choice = self._backend(params[0][1].device)
+        try:
+            with timer("check"):
+                self._check_inputs(params)
+            with timer("encode"):
+                own, source_norm = self._encode(params)
+            with timer("publish"):
+                sent = self.exchange.publish(window, own)
+        except Exception as exc:
+            _abort(self.exchange, window, exc)
+            raise
         with timer("gather"):
             gathered = self.exchange.gather(window)
-        shapes = {name: tuple(p.shape) for name, p, _ in params}
-        updates, statuses = self._usable(gathered, own, shapes)
-        lookup = {name: (p, group) for name, p, group in params}
-        upd_sq = 0.0
+        updates, statuses = self._usable(gathered, own, self._shapes(params))
         with timer("aggregate_step"):
-            stream = self._aggregate(updates, device) if updates else self._zeros(params)
-            for name, agg in stream:
-                p, group = lookup[name]
-                upd_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-                self._apply(p, group, agg)
+            aggregates, update_norm = self._aggregate_all(updates, params)
+            self._commit_own(params, own)
+            self._take_step(params, aggregates)
         report = RoundReport(
             window=window,
             peer_id=self.exchange.peer_id,
@@ -211,11 +307,10 @@ class OuterOptimizer(Optimizer):
             peers=sorted(updates),
             statuses=statuses,
             pseudo_grad_norm=source_norm,
-            update_norm=upd_sq**0.5,
+            update_norm=update_norm,
             timings=timer.times,
         )
         self.last_report = report
-        self.window += 1
         return report
 
     @torch.no_grad()
@@ -225,34 +320,35 @@ class OuterOptimizer(Optimizer):
         For a window this peer missed (catching up), and for followers that never train
         (a validator's copy of the model): θ ← θ₀ − α·aggregate(updates), θ₀ ← θ, exactly the
         step the peers took. Raises a typed error, before changing anything, if a payload
-        does not fit this model. Returns the norm of the aggregate.
+        does not fit this model or is not decodable. Returns the norm of the aggregate.
         """
         params = self._round_params()
-        shapes = {name: tuple(p.shape) for name, p, _ in params}
+        shapes = self._shapes(params)
         for payload in updates.values():
             self._check(payload, shapes)
-        lookup = {name: (p, group) for name, p, group in params}
-        norm_sq = 0.0
-        device = params[0][1].device
-        stream = self._aggregate(dict(updates), device) if updates else self._zeros(params)
-        for name, agg in stream:
-            p, group = lookup[name]
-            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
-            self._apply(p, group, agg)
-        return norm_sq**0.5
+            validate_payload(payload)
+        aggregates, norm = self._aggregate_all(dict(updates), params)
+        self._take_step(params, aggregates)
+        return norm
+
+    @staticmethod
+    def _shapes(params: list[NamedParam]) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p, _ in params}
 
     def _usable(
         self, gathered: GatherResult, own: Payload, shapes: dict[str, tuple[int, ...]]
     ) -> tuple[dict[str, Payload], dict[str, PeerStatus]]:
         """Own payload (if selected) plus gathered ones that match this model.
 
-        Gathered payloads of the wrong kind, codec, names or shapes become ``invalid``.
+        Gathered payloads of the wrong kind, codec, names or shapes, or whose contents are
+        not decodable (:func:`validate_payload`), become ``invalid``.
         """
         statuses = dict(gathered.statuses)
         updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
             try:
                 self._check(payload, shapes)
+                validate_payload(payload)
             except SparseLoCoError as exc:
                 old = statuses.get(peer, PeerStatus(peer, "ok"))
                 statuses[peer] = PeerStatus(peer, "invalid", str(exc), old.nbytes, old.latency_s)
@@ -266,13 +362,51 @@ class OuterOptimizer(Optimizer):
             raise UpdateError(f"expected a dense payload, got {payload.kind}")
         payload.check_matches(shapes)
 
-    @staticmethod
-    def _zeros(
-        params: list[tuple[str, torch.Tensor, dict[str, Any]]],
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The aggregate of a round with no selected update: zero for every tensor."""
+    def _aggregate_all(
+        self, updates: dict[str, Payload], params: list[NamedParam]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Every tensor's aggregate g, each on its own parameter's device (CPU when
+        offloading; this rank's shard of it for a DTensor parameter), and ‖g‖.
+
+        All of them exist before the step changes anything, so a failure here (a bad
+        payload, out of memory) leaves the state as it was. With no selected update the
+        aggregate is zero for every tensor (θ returns to θ₀).
+        """
+        out, norm_sq = {}, 0.0
         for name, p, _ in params:
-            yield name, torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if updates:
+                agg = self._aggregate_tensor(name, updates, p.device)
+            else:
+                agg = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+            out[name] = self._store(sharded.shard_like(agg, p))
+        return out, norm_sq**0.5
+
+    def _take_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
+        """The commit: apply every aggregate, then advance :attr:`window`."""
+        if self.outer_optimizer is None:
+            for name, p, group in params:
+                self._apply(p, group, aggregates[name].to(p.device, non_blocking=True))
+        else:
+            self._torch_outer_step(params, aggregates)
+        self.window += 1
+
+    def _torch_outer_step(
+        self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
+    ) -> None:
+        """θ ← θ₀, ``.grad`` ← g, ``outer_optimizer.step()``, θ₀ ← θ; ``.grad`` restored."""
+        assert self.outer_optimizer is not None
+        saved = [p.grad for _, p, _ in params]
+        for name, p, _ in params:
+            p.copy_(self.state[p]["theta0"])
+            p.grad = aggregates[name].to(p.device, p.dtype)
+        try:
+            self.outer_optimizer.step()
+        finally:
+            for (_, p, _), grad in zip(params, saved, strict=True):
+                p.grad = grad
+        for _, p, _ in params:
+            self.state[p]["theta0"].copy_(p)
 
     def _outer_update(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         """θ ← θ₀ − α·g (g through momentum/Nesterov when enabled); θ₀ ← θ."""
@@ -294,6 +428,8 @@ class OuterOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
+        if self.outer_optimizer is not None:
+            sd["outer"]["outer_optimizer"] = self.outer_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -314,6 +450,14 @@ class OuterOptimizer(Optimizer):
             for g, h in zip(groups, self.param_groups, strict=True)
         ):
             raise ConfigError("state_dict's parameter groups do not match this optimizer's")
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            if saved.get("param_names", group["param_names"]) != group["param_names"]:
+                raise ConfigError(
+                    f"state_dict's parameter names {saved['param_names']} differ from this "
+                    f"optimizer's {group['param_names']}"
+                )
+        if (self.outer_optimizer is None) != ("outer_optimizer" not in outer):
+            raise ConfigError("state_dict and this optimizer disagree on having an outer_optimizer")
         saved_state = state_dict["state"]
         plan: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         for saved, group in zip(groups, self.param_groups, strict=True):
@@ -336,6 +480,8 @@ class OuterOptimizer(Optimizer):
                 self.state[p][key] = self._store(value.to(p.device).clone())
             else:
                 current.copy_(value)
+        if self.outer_optimizer is not None:
+            self.outer_optimizer.load_state_dict(outer["outer_optimizer"])
         self.window = int(outer["window"])
 
 
@@ -347,21 +493,28 @@ class SparseLoCo(OuterOptimizer):
         exchange: where updates are published and gathered (:class:`InProcessExchange`,
             :class:`DistributedExchange`, or netcomm's object-storage exchange).
         config: an :class:`OuterConfig` or a preset name (``"covenant-72b"`` by default).
+        outer_optimizer: a ``torch.optim`` optimizer (or a callable building one from the
+            parameters) for the outer step instead of the built-in SGD (see
+            :class:`OuterOptimizer`); the config's ``lr``/``momentum``/``nesterov`` are then unused.
         **overrides: fields of the config to change, e.g. ``lr=0.4`` or
             ``codec={"topk": 128}``.
 
     ``step()`` runs one round (see the module docstring) and returns a :class:`RoundReport`.
-    θ and the error buffers are untouched when a parameter holds NaN/Inf; a failure after
-    publishing leaves the error buffers as published (the message is out) and θ unchanged.
+    It is atomic: a round that raises (NaN/Inf in θ, the exchange, out of memory while
+    aggregating) leaves θ, θ₀, the error and momentum buffers and the window bit-identical,
+    and a retry publishes the same bytes again.
     """
 
     method = "sparseloco"
+    peer_local_state = ("error",)  # the error-feedback buffer
 
     def __init__(
         self,
         params: Iterable[Any],
         exchange: Exchange,
         config: OuterConfig | str = "covenant-72b",
+        *,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
         **overrides: Any,
     ) -> None:
         cfg = preset(config) if isinstance(config, str) else config
@@ -369,24 +522,27 @@ class SparseLoCo(OuterOptimizer):
             cfg = cfg.replace(**overrides)
         self.config = cfg
         self._error_dtype = getattr(torch, cfg.error_dtype)
+        self._pending: dict[str, torch.Tensor] = {}  # owned DTensor params' new error buffers
         super().__init__(
             params,
             exchange,
             {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov},
             inner_steps=cfg.inner_steps,
             offload=cfg.offload,
+            outer_optimizer=outer_optimizer,
         )
 
     def _error_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        """The error-feedback buffer of ``p``, created on first use so that followers that only
-        :meth:`apply` aggregates never hold one."""
+        """The error-feedback buffer of ``p``, created by the first committed round so that
+        followers that only :meth:`apply` aggregates never hold one."""
         state = self.state[p]
         if "error" not in state:
-            layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
-            state["error"] = self._store(
-                torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
-            )
+            state["error"] = self._store(self._zero_error(p))
         return state["error"]
+
+    def _zero_error(self, p: torch.Tensor) -> torch.Tensor:
+        layout = ChunkLayout.for_shape(p.shape, self.config.codec.chunk_size)
+        return torch.zeros(layout.buffer_shape, dtype=self._error_dtype, device=p.device)
 
     def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
         if not isinstance(payload, CompressedUpdate):
@@ -397,35 +553,100 @@ class SparseLoCo(OuterOptimizer):
         codec = self.config.codec
         return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
-        """Δ = θ₀ − θ per tensor, through error feedback and the codec (one tensor at a time)."""
+    def _delta(self, p: torch.Tensor) -> torch.Tensor:
+        """Δ = θ₀ − θ in float32 on ``p``'s device."""
+        return self.state[p]["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+        """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
+        each error buffer: the buffers themselves change only in :meth:`_commit_own`.
+
+        A DTensor parameter's Δ is all-gathered and encoded by its owner rank, which keeps
+        the new error buffer pending until the commit (see :mod:`sparseloco.sharded`).
+        """
         codec = self.config.codec
+        group = sharded.mesh_group(params)
+        owner = sharded.owners(params, dist.get_world_size(group)) if group else {}
+        self._pending = {}
         tensors = {}
         pg_sq = 0.0
         for name, p, _ in params:
-            state = self.state[p]
-            delta = state["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+            delta = sharded.full(self._delta(p))
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-            error = self._error_buffer(p)
-            work = error.to(p.device, non_blocking=True) if self.offload else error
-            tensors[name] = encode_tensor(name, delta, work, codec)
-            if work is not error:
-                error.copy_(work)
+            if name in owner:
+                check_finite(name, delta)  # on every rank: they all hold the same Δ
+                tensors[name] = self._encode_owned(name, p, delta, owner[name], group)
+            else:
+                tensors[name] = encode_tensor(name, delta, self._scratch(p), codec)
             del delta
         return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate(
-            updates,  # type: ignore[arg-type]
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        """A copy of ``p``'s error buffer (zeros before the first round) on ``p``'s device."""
+        error = self.state[p].get("error")
+        return self._zero_error(p) if error is None else error.to(p.device, copy=True)
+
+    def _encode_owned(
+        self, name: str, p: torch.Tensor, delta: torch.Tensor, owner: int, group: Any
+    ) -> CompressedTensor:
+        """The owner encodes the full Δ; every rank gets the result (one broadcast), or every
+        rank raises when the owner failed (out of memory) instead of waiting for it."""
+        ct, failure = None, None
+        if dist.get_rank(group) == owner:
+            try:
+                scratch = self._scratch(p)
+                ct = encode_tensor(name, delta, scratch, self.config.codec)
+                self._pending[name] = scratch
+            except Exception as exc:  # sent as "nothing", re-raised below
+                failure = exc
+        got = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
+        if failure is not None:
+            raise failure
+        if got is None:
+            raise UpdateError(f"encoding failed on its owner rank {owner}", tensor=name)
+        return got
+
+    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+        """e ← β·e + Δ − D(sent), by running the (deterministic) codec again on the buffers.
+
+        Re-encoding costs a second compress per round but no memory beyond one tensor's
+        scratch; holding every new buffer until the commit would cost a whole second set.
+        The result is compared with what was published, so a nondeterministic backend raises
+        instead of leaving residuals that do not match the message. A DTensor parameter's
+        owner takes its pending buffer instead (re-encoding would all-gather Δ again).
+        """
+        codec = self.config.codec
+        assert isinstance(own, CompressedUpdate)
+        for name, p, _ in params:
+            if sharded.is_sharded(p):
+                if name in self._pending:
+                    self.state[p]["error"] = self._pending.pop(name)
+                continue
+            error = self._error_buffer(p)
+            work = error.to(p.device, non_blocking=True) if self.offload else error
+            again = encode_tensor(name, self._delta(p), work, codec)
+            if work is not error:
+                error.copy_(work)
+            if not _same_message(again, own.tensors[name]):
+                raise UpdateError(
+                    "re-encoding did not reproduce the published message", tensor=name
+                )
+
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        single = {
+            peer: CompressedUpdate(codec=u.codec, tensors={name: u.tensors[name]})  # type: ignore[union-attr]
+            for peer, u in updates.items()
+        }
+        ((_, agg),) = iter_aggregate(
+            single,
             reducer=self.config.reducer,
             clip_to_median=self.config.clip_to_median,
             device=device,
             backend=self.config.codec.backend,
         )
+        return agg
 
 
 class DiLoCo(OuterOptimizer):
@@ -439,6 +660,8 @@ class DiLoCo(OuterOptimizer):
         inner_steps: H (paper: 500).
         wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` pseudo-gradients on the wire.
         offload: keep θ₀ and the momentum buffer in CPU memory.
+        outer_optimizer: a ``torch.optim`` optimizer (or a callable building one) instead of
+            the built-in Nesterov SGD; ``lr``, ``momentum`` and ``nesterov`` are then unused.
     """
 
     method = "diloco"
@@ -454,6 +677,7 @@ class DiLoCo(OuterOptimizer):
         inner_steps: int = 500,
         wire_dtype: str = "float32",
         offload: bool = False,
+        outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
     ) -> None:
         if lr < 0 or not 0.0 <= momentum < 1.0 or (nesterov and momentum == 0.0):
             raise ConfigError(
@@ -470,66 +694,148 @@ class DiLoCo(OuterOptimizer):
             {"lr": lr, "momentum": momentum, "nesterov": nesterov},
             inner_steps=inner_steps,
             offload=offload,
+            outer_optimizer=outer_optimizer,
         )
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         deltas = {
-            name: (self.state[p]["theta0"].to(p.device) - p).to(self._wire) for name, p, _ in params
+            name: sharded.full(self.state[p]["theta0"].to(p.device) - p).to(self._wire)
+            for name, p, _ in params
         }
         norm_sq = sum(
             float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
         )
         return DenseUpdate(tensors=deltas), norm_sq**0.5
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        return _dense_mean(name, updates, device)
 
 
 class DataParallel(OuterOptimizer):
     """Plain data parallelism: every inner step, peers' gradients are averaged densely.
 
-    Used through :class:`OuterLoop`, ``step()`` runs *before* each inner step and replaces
-    every ``.grad`` with the mean over peers (sorted peer order). ``wire_dtype`` as for DiLoCo.
+    Used through :class:`~sparseloco.loop.OuterLoop`, ``step()`` runs *before* each inner
+    step and replaces every ``.grad`` with the mean over peers (sorted peer order).
+    ``wire_dtype`` as for DiLoCo.
+
+    ``nonfinite`` says what a NaN/Inf in this peer's gradient does: ``"raise"`` (default)
+    raises :class:`NonFiniteError` before publishing; ``"propagate"`` publishes an overflow
+    marker (a dense payload with no tensors) instead, and when any aggregated peer sent one,
+    every peer's gradients become +Inf — so that, like DDP under mixed precision, every peer
+    skips the same steps. With ``torch.amp.GradScaler`` use ``"propagate"`` and average the
+    *scaled* gradients before the scaler looks at them (not through
+    :class:`~sparseloco.loop.OuterLoop`, whose hook runs after the scaler's check)::
+
+        scaler.scale(loss).backward()
+        outer.step()                  # every peer: the same gradients, finite or all Inf
+        scaler.step(inner)            # so every peer skips alike and keeps the same scale
+        scaler.update()
     """
 
     method = "data_parallel"
     hook = "pre"
 
-    def __init__(self, params: Iterable[Any], exchange: Exchange, *, wire_dtype: str = "float32"):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        exchange: Exchange,
+        *,
+        wire_dtype: str = "float32",
+        nonfinite: Literal["raise", "propagate"] = "raise",
+    ):
+        if nonfinite not in ("raise", "propagate"):
+            raise ConfigError(f"nonfinite must be 'raise' or 'propagate', got {nonfinite!r}")
         self.wire_dtype = wire_dtype
+        self.nonfinite = nonfinite
         self._wire = wire_dtype_or_raise(wire_dtype)
         super().__init__(params, exchange, {"lr": 1.0}, inner_steps=1)
 
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         del name, p
 
-    def _round_params(self) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+    def _round_params(self) -> list[NamedParam]:
         return [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]
 
-    def _round_input(self, p: torch.Tensor) -> torch.Tensor:
-        return p.grad  # type: ignore[return-value]
+    def _check_inputs(self, params: list[NamedParam]) -> None:
+        if self.nonfinite == "raise":
+            grads = [(name, p.grad) for name, p, _ in params]
+            _check_all_finite(grads, sharded.mesh_group(params))  # type: ignore[arg-type]
 
-    def _encode(
-        self, params: list[tuple[str, torch.Tensor, dict[str, Any]]]
-    ) -> tuple[Payload, float]:
+    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         # a copy: the payload must stay unchanged after publishing while .grad is overwritten
-        grads = {name: p.grad.to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
-        norm_sq = sum(
-            float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values()
-        )
-        return DenseUpdate(tensors=grads), norm_sq**0.5
+        grads = {name: sharded.full(p.grad).to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
+        if self.nonfinite == "propagate" and not all(_finite(g) for g in grads.values()):
+            return DenseUpdate(tensors={}), float("inf")  # the overflow marker
+        return DenseUpdate(tensors=grads), _norm(grads.values())
 
-    def _aggregate(
-        self, updates: dict[str, Payload], device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_aggregate_dense(updates, device=device)  # type: ignore[arg-type]
+    def _check(self, payload: Payload, shapes: dict[str, tuple[int, ...]]) -> None:
+        if (
+            self.nonfinite == "propagate"
+            and isinstance(payload, DenseUpdate)
+            and not payload.tensors
+        ):
+            return  # an overflow marker
+        super()._check(payload, shapes)
+
+    def _aggregate_all(
+        self, updates: dict[str, Payload], params: list[NamedParam]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        if any(isinstance(u, DenseUpdate) and not u.tensors for u in updates.values()):
+            inf = float("inf")
+            full = {
+                n: sharded.shard_like(torch.full(p.shape, inf, device=p.device), p)
+                for n, p, _ in params
+            }
+            return full, inf
+        return super()._aggregate_all(updates, params)
+
+    def _aggregate_tensor(
+        self, name: str, updates: dict[str, Payload], device: torch.device
+    ) -> torch.Tensor:
+        return _dense_mean(name, updates, device)
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         p.grad.copy_(agg)  # type: ignore[union-attr]
+
+
+def _abort(exchange: Exchange, window: int, error: Exception) -> None:
+    """Tell a collective exchange that this peer's round failed before publishing (it joins
+    the collective and raises for the whole group); other exchanges need nothing."""
+    abort = getattr(exchange, "abort", None)
+    if callable(abort):
+        abort(window, error)
+
+
+def _same_message(a: CompressedTensor, b: CompressedTensor) -> bool:
+    pairs = zip(a.buffers().values(), b.buffers().values(), strict=True)
+    return a.shape == b.shape and all(torch.equal(x, y) for x, y in pairs)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` (this rank's shard of it, for a DTensor) holds no NaN/Inf."""
+    local = t.to_local() if sharded.is_sharded(t) else t
+    return not local.is_floating_point() or bool(torch.isfinite(local).all())
+
+
+def _check_all_finite(
+    tensors: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None
+) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf; with sharded
+    parameters every rank of ``group`` raises the same one (one all-reduce of an index)."""
+    bad = next((i for i, (_, t) in enumerate(tensors) if not _finite(t)), len(tensors))
+    if group is not None:
+        bad = sharded.agree_first_bad(bad, group, tensors[0][1].device)
+    if bad < len(tensors):
+        raise NonFiniteError("contains NaN or Inf", tensor=tensors[bad][0])
+
+
+def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) -> torch.Tensor:
+    """Mean over peers (sorted by id) of one dense tensor, in float32 on ``device``."""
+    single = {peer: DenseUpdate(tensors={name: u.tensors[name]}) for peer, u in updates.items()}
+    ((_, agg),) = iter_aggregate_dense(single, device=device)  # type: ignore[arg-type]
+    return agg
 
 
 def wire_dtype_or_raise(name: str) -> torch.dtype:
@@ -539,77 +845,3 @@ def wire_dtype_or_raise(name: str) -> torch.dtype:
         raise ConfigError(
             f"wire_dtype must be float32, bfloat16 or float16, got {name!r}"
         ) from None
-
-
-class OuterLoop:
-    """Run an outer optimizer from the inner optimizer's hooks; the training loop is unchanged.
-
-    Example::
-
-        outer = SparseLoCo(model.named_parameters(), exchange)
-        with OuterLoop(inner_opt, outer, on_round=print):
-            for batch in data:
-                loss = model(batch).loss
-                loss.backward()
-                inner_opt.step()      # every H-th call also runs outer.step()
-                inner_opt.zero_grad()
-
-    Args:
-        inner: the user's inner optimizer (e.g. AdamW).
-        outer: a :class:`SparseLoCo`, :class:`DiLoCo` or :class:`DataParallel`.
-        sync_every: inner steps per outer round; defaults to ``outer.inner_steps``.
-        on_round: called with each :class:`RoundReport`.
-    """
-
-    def __init__(
-        self,
-        inner: Optimizer,
-        outer: OuterOptimizer,
-        *,
-        sync_every: int | None = None,
-        on_round: Callable[[RoundReport], None] | None = None,
-    ) -> None:
-        self.inner = inner
-        self.outer = outer
-        self.sync_every = outer.inner_steps if sync_every is None else sync_every
-        if self.sync_every < 1:
-            raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
-        if outer.hook == "pre" and self.sync_every != 1:
-            raise ConfigError(f"{type(outer).__name__} averages gradients every step: sync_every=1")
-        self.on_round = on_round
-        self.inner_step_count = 0
-        self.reports: list[RoundReport] = []
-        self._handle: Any = None
-
-    def _run_outer(self) -> None:
-        report = self.outer.step()
-        self.reports.append(report)
-        if self.on_round is not None:
-            self.on_round(report)
-
-    def _pre(self, *_: Any) -> None:
-        self._run_outer()
-
-    def _post(self, *_: Any) -> None:
-        self.inner_step_count += 1
-        if self.inner_step_count % self.sync_every == 0:
-            self._run_outer()
-
-    def __enter__(self) -> OuterLoop:
-        if self._handle is not None:
-            raise ConfigError("OuterLoop is already active")
-        if self.outer.hook == "pre":
-            self._handle = self.inner.register_step_pre_hook(self._pre)
-        else:
-            self._handle = self.inner.register_step_post_hook(self._post)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-        self._handle = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"inner_step_count": self.inner_step_count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner_step_count = int(state["inner_step_count"])

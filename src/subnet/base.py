@@ -21,7 +21,7 @@ from subnet.config import NodeConfig
 from subnet.directory import ChainDirectory
 from subnet.protocol import PROOFS
 from subnet.state import load_or_create_signer
-from subnet.storage import open_own_storage, open_peer_storage, own_prefix
+from subnet.storage import NodeLink, open_own_storage, open_peer_storage, own_prefix
 from subnet.task import Task
 
 #: per-node event log in ``state_dir`` (see :meth:`Node.record`).
@@ -53,10 +53,16 @@ class Node:
         self.chain = chain
         self.hotkey = chain.hotkey
         self.signer = load_or_create_signer(cfg.state_dir)
-        self.storage: Storage = open_own_storage(cfg.storage, self.hotkey, s3_options)
+        self.link = NodeLink(cfg.exchange.link)
+        self.storage: Storage = open_own_storage(cfg.storage, self.hotkey, s3_options, self.link)
         self.directory = ChainDirectory(
             chain,
-            partial(open_peer_storage, local_root=cfg.storage.root, s3_options=s3_options),
+            partial(
+                open_peer_storage,
+                local_root=cfg.storage.root,
+                s3_options=s3_options,
+                link=self.link,
+            ),
         )
         self.clock = WindowClock(chain, cfg.window)
         self.history: list[dict[str, Any]] = []

@@ -59,6 +59,7 @@ def _simulate(args: argparse.Namespace) -> int:
         out=out,
         validators=args.validators,
         window_s=args.window_s,
+        link=args.link or "",
     )
     _check_s3_credentials(cfg.storage)
     created = _make_run_folder(out)
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="seconds per window on the local chain (default 0.5 per miner, at least 1)",
+    )
+    sim.add_argument(
+        "--link",
+        help="each node's modelled network link, e.g. 100mbit,50ms or up=10mbit,down=1gbit "
+        "(real socket bytes paced for loopback s3:// storage; call timing for a local folder)",
     )
     sim.add_argument("--out", help="run folder (default runs/sim-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or tables")

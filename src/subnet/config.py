@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from netcomm.link import parse_link
 from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
@@ -256,17 +257,28 @@ class ExchangeSettings:
         poll_interval_s: how often an object not yet there is looked for again.
         selection_timeout_s: miners: how long to wait for the validator's aggregation set.
         max_object_mb: largest update accepted from a peer.
+        link: a modelled network link for this node's storage traffic (measurements and
+            tests; :func:`netcomm.parse_link` syntax such as ``"100mbit,50ms"``; ``""`` =
+            none). S3 endpoints on loopback go through a :class:`netcomm.LinkProxy` that
+            paces the real socket bytes; a local folder through :class:`netcomm.ShapedStorage`
+            (timing only: there are no sockets).
     """
 
     gather_deadline_s: float = 30.0
     poll_interval_s: float = 0.5
     selection_timeout_s: float = 120.0
     max_object_mb: int = 1024
+    link: str = ""
 
     def __post_init__(self) -> None:
         for name in ("gather_deadline_s", "poll_interval_s", "selection_timeout_s"):
             _check(_positive(getattr(self, name)), f"exchange.{name} must be > 0 seconds")
         _check(self.max_object_mb >= 1, "exchange.max_object_mb must be >= 1")
+        if self.link:
+            try:
+                parse_link(self.link)
+            except ValueError as exc:
+                raise NodeConfigError(f"exchange.link: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -198,17 +198,18 @@ class Miner(Node):
 
     # --- staying in sync ---------------------------------------------------------------------
 
-    def check_sync(self, window: int, aggregated: list[str]) -> str | None:
-        """After ``window``'s outer step: ``None`` when this miner stepped on the validator's
-        set and holds the validator's model; otherwise why not, after re-syncing (logged).
+    def check_sync(self, window: int, aggregated: list[str]) -> tuple[str | None, int]:
+        """After ``window``'s outer step: ``(None, window + 1)`` when this miner stepped on
+        the validator's set and holds the validator's model; otherwise why not and the
+        window it continues from after re-syncing (logged).
 
         Out of sync means: no aggregation set arrived, an update of the set could not be
         used, or the model's :func:`~subnet.protocol.state_digest` differs from the one the
-        validator published with the set. The miner then loads the validator's checkpoint of
-        step ``window + 1`` instead of training on a different model.
+        validator published with the set. The miner then loads the validator's latest model
+        checkpoint (step ``window + 1`` or later) instead of training on a different model.
         """
         if self.cfg.miner.aggregate == "all":
-            return None
+            return None, window + 1
         chosen = self.selections.pop(window, None)
         if chosen is None:
             problem = "no aggregation set arrived"
@@ -217,36 +218,45 @@ class Miner(Node):
         elif state_digest(self.model) != chosen.state:
             problem = "its model differs from the validator's"
         else:
-            return None
-        synced = self._resync(window + 1)
+            return None, window + 1
+        step = self._resync(window + 1)
+        if step is None:
+            log.warning(
+                "%s: out of sync after window %d (%s); re-sync FAILED", self.hotkey, window, problem
+            )
+            return f"{problem}; re-sync failed", window + 1
         log.warning(
-            "%s: out of sync after window %d (%s); %s",
+            "%s: out of sync after window %d (%s); re-synced from the validator's checkpoint "
+            "of window %d",
             self.hotkey,
             window,
             problem,
-            "re-synced from the validator's checkpoint" if synced else "re-sync FAILED",
+            step,
         )
-        return problem if synced else f"{problem}; re-sync failed"
+        return problem, step
 
-    def _resync(self, step: int) -> bool:
-        """Load the followed validator's model checkpoint ``step`` (waiting for it up to
-        ``exchange.selection_timeout_s``) and restart the outer optimizer from it."""
+    def _resync(self, step: int) -> int | None:
+        """Load the followed validator's latest model checkpoint once it is at ``step`` or
+        later (waiting up to ``exchange.selection_timeout_s``), restart the outer optimizer
+        from it and return its step; ``None`` when none came."""
         deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
-        while True:
+        while time.monotonic() < deadline:
             validator = self._validator()
             if validator is not None:
                 store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
-                latest = store.latest_step()
-                if latest is not None and latest >= step:
-                    self.model.load_state_dict(store.load(step).model)
-                    # θ₀ = the loaded θ; the error buffer starts over (the presets have no
-                    # outer momentum, so nothing else differs from the other miners).
-                    self.outer = self._outer_optimizer()
-                    return True
-            if time.monotonic() >= deadline:
-                return False
+                try:
+                    latest = store.latest_step()
+                    if latest is not None and latest >= step:
+                        self.model.load_state_dict(store.load(latest).model)
+                        # θ₀ = the loaded θ; the error buffer starts over (the presets have no
+                        # outer momentum, so nothing else differs from the other miners).
+                        self.outer = self._outer_optimizer()
+                        return latest
+                except NetcommError as exc:  # pruned or half-written: look again
+                    log.info("%s: validator checkpoint not readable yet: %s", self.hotkey, exc)
             self._wait(self.cfg.exchange.poll_interval_s)
             self.directory.refresh()
+        return None
 
     def _outer_optimizer(self) -> SparseLoCo:
         return SparseLoCo(
@@ -274,8 +284,8 @@ class Miner(Node):
             losses.append(float(loss.detach()))
         self.outer.window = window
         report = self.outer.step()
-        out_of_sync = self.check_sync(window, report.peers)
-        self.save(window + 1)
+        out_of_sync, next_window = self.check_sync(window, report.peers)
+        self.save(next_window)
         record = {
             "window": window,
             "train_loss": sum(losses) / len(losses),
@@ -311,8 +321,7 @@ class Miner(Node):
             own = self._own_update(window)
             if own is not None:
                 updates[self.hotkey] = own
-        if updates:
-            self.outer.apply(updates)
+        self.outer.apply(updates)  # advances the window even when nothing is aggregated
         # A window without a published set (the validator skipped it) moved nobody.
         out_of_sync = (
             self.check_sync(window, sorted(updates)) if window in self.selections else None

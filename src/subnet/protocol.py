@@ -32,6 +32,7 @@ from gauntlet import (
 )
 from netcomm import EnvelopeLimits, ExchangeConfig, ModelSpec, ObjectNotFoundError, Storage
 from sparseloco.config import CodecConfig, OuterConfig, preset
+from sparseloco.names import canonical_name
 from sparseloco.payload import DenseUpdate, Payload
 from subnet.config import ExchangeSettings, RunConfig, ValidatorSettings
 from subnet.task import Task
@@ -72,7 +73,9 @@ class Protocol:
         if run.outer_lr is not None:
             changes["lr"] = run.outer_lr
         self.outer: OuterConfig = base.replace(**changes)
-        shapes = {n: tuple(p.shape) for n, p in task.make_model().named_parameters()}
+        shapes = {
+            canonical_name(n): tuple(p.shape) for n, p in task.make_model().named_parameters()
+        }
         self.shapes = shapes
         n_sync = len(sync_positions(shapes, 0, run.seed, self.gauntlet.signals.sync_samples))
         self.proof_spec = ModelSpec.from_named_tensors(
@@ -117,7 +120,8 @@ class Protocol:
 
     def proof(self, model: nn.Module, window: int, digest: str) -> DenseUpdate:
         """The proof payload: ``digest`` and the model's values at the window's sync positions."""
-        values = sample_values(dict(model.named_parameters()), self.sync_positions(window))
+        params = {canonical_name(n): p for n, p in model.named_parameters()}
+        values = sample_values(params, self.sync_positions(window))
         digest_t = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.float32)
         return DenseUpdate({PROOF_DIGEST: digest_t, PROOF_SYNC: values.to(torch.float32)})
 

@@ -9,13 +9,16 @@ One window ``w`` (:meth:`Validator.run_window`), run once ``w`` has closed on th
 3. publish the aggregation set as ``selection/{w}.json`` in its own storage: the accepted
    updates, or every verified one with ``validator.aggregate = "valid"`` (miners aggregate
    exactly that set, so every miner and the validator take the same outer step);
-4. apply the same outer step to its model (θ ← θ − α·aggregate of that set);
+4. apply the same outer step to its model (θ ← θ − α·aggregate of that set) and
+   let the scorer remember the aggregate, so an update that resends it later is a replay;
 5. every ``weights_every`` windows, set the scoreboard's weights on chain;
 6. checkpoint the model to its storage as step ``w + 1``, with the scoreboard state in the
    checkpoint's metadata (one atomic ``latest`` pointer for both).
 
-Evaluation seeds come from the run seed and the window, and peers are iterated in sorted
-order, so two validators on the same inputs set the same weights.
+The evaluation seed of window ``w`` is the chain's hash of window ``w + 1``'s first block
+(the publish deadline): no miner can know the evaluated sets while it can still publish, and
+every validator reads the same hash. Peers are iterated in sorted order, so two validators on
+the same inputs set the same weights.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from gauntlet import (
     WeightsError,
     WindowInputs,
     WindowReport,
-    derive_seed,
 )
-from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
+from netcomm import CheckpointStore, ModelSpec
+from sparseloco.aggregate import aggregate
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
 from subnet.clock import Stopped
@@ -139,19 +142,6 @@ class Validator(Node):
             self.heldout
         )
 
-    def _publish_times(self, window: int, peers: list[str]) -> dict[str, float]:
-        """Storage timestamps of the updates, which decide who copied whom."""
-        times = {}
-        for peer in peers:
-            entry = self.directory.entry(peer)
-            if entry is None:
-                continue
-            try:
-                times[peer] = entry.storage.head(update_key(UPDATES, window, peer)).mtime
-            except NetcommError:
-                continue
-        return times
-
     def run_window(self, window: int) -> WindowReport:
         """Score ``window``, publish its aggregation set, step, set weights, checkpoint."""
         started = time.monotonic()
@@ -172,18 +162,31 @@ class Validator(Node):
             WindowInputs(
                 window=window,
                 gather=gathered,
-                eval_seed=str(derive_seed(self.protocol.seed, "eval", window)),
-                publish_times=self._publish_times(window, peers),
+                # the hash of window w+1's first block: it does not exist before w's
+                # deadline, and every validator reads the same one
+                eval_seed=self.chain.block_hash(self.clock.first_block(window + 1)),
                 digests=digests,
                 sync_values=sync,
             )
         )
         accepted = report.accepted
-        selected = accepted
+        chosen = accepted
         if self.cfg.validator.aggregate == "valid":
-            selected = [p for p in sorted(gathered.updates) if _valid(report, p)]
-        self.follower.apply({p: gathered.updates[p] for p in selected})
-        write_selection(self.storage, window, selected, state_digest(self.model))
+            chosen = [p for p in sorted(gathered.updates) if _valid(report, p)]
+        selected = {p: gathered.updates[p] for p in chosen}
+        self.follower.apply(selected)
+        write_selection(self.storage, window, chosen, state_digest(self.model))
+        if selected:  # a later update that resends this aggregate is a replay
+            outer = self.protocol.outer
+            self.scorer.record_aggregate(
+                window,
+                aggregate(
+                    selected,  # type: ignore[arg-type]
+                    reducer=outer.reducer,
+                    clip_to_median=outer.clip_to_median,
+                    backend=outer.codec.backend,
+                ),
+            )
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()
@@ -199,7 +202,7 @@ class Validator(Node):
             "statuses": {p: o.status for p, o in sorted(report.outcomes.items())},
             "peers": peer_rows(report),
             "accepted": accepted,
-            "aggregated": selected,
+            "aggregated": chosen,
             "scores": report.scores,
             "weights": report.weights,
             "weights_set": weights_set,

@@ -66,6 +66,17 @@ class LocalSubstrate:
     async def block_number(self) -> int:
         return self.block
 
+    async def get_block(self, block_number=None, block_hash=None):
+        """A produced block's header and its ``Timestamp.set`` inherent (None for one not
+        produced yet, as the node answers)."""
+        number = self.block if block_number is None else block_number
+        if number > self.block:
+            return None
+        stamp = {"call_module": "Timestamp", "call_function": "set"}
+        stamp["call_args"] = [{"name": "now", "value": 1_700_000_000_000 + 12_000 * number}]
+        header = {"number": number, "hash": await self.block_hash(number)}
+        return {"header": header, "extrinsics": [{"call": stamp}]}
+
     async def finalized_block_number(self) -> int:
         return self.block
 
@@ -174,6 +185,18 @@ def test_metagraph_and_limits_through_the_sdk(net):
     lim = chain.weight_limits()
     assert lim.max_weight_limit == pytest.approx(0.8, abs=1e-4)
     assert (lim.min_allowed_weights, lim.rate_limit, lim.version_key) == (2, 100, 7)
+
+
+def test_block_hash_through_the_sdk(net):
+    sub, chain, _ = net
+    assert chain.block_hash(990) == f"0x{990:064x}"  # what the node returned, unchanged
+    assert chain.block_hash(1000) == f"0x{1000:064x}"
+    with pytest.raises(ChainError, match="has not been produced"):
+        chain.block_hash(1001)
+    sub.block += 1
+    assert chain.block_hash(1001) == f"0x{1001:064x}"
+    with pytest.raises(ChainError, match="does not exist"):
+        chain.block_hash(-1)
 
 
 def test_set_weights_sends_the_u16_values_then_hits_the_rate_limit(net):
@@ -288,6 +311,7 @@ def test_localnet():
     chain = BittensorChain(bt.Subtensor(LOCALNET), wallet, netuid)
     mg = chain.metagraph()
     assert chain.hotkey in mg.hotkeys and chain.block() >= mg.block
+    assert chain.block_hash(mg.block).startswith("0x") and len(chain.block_hash(mg.block)) == 66
     chain.weight_limits()
     data = f"sparseloco-localnet-{chain.block()}"
     chain.commit(data)

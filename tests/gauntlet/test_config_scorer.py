@@ -107,7 +107,6 @@ def test_statuses_digests_and_wrong_shapes():
             },
         ),
         eval_seed="e",
-        publish_times={p: float(i) for i, p in enumerate("abcdefg")},
         digests=digests,
     )
     report = sc.score_window(inputs)
@@ -133,9 +132,10 @@ def test_statuses_digests_and_wrong_shapes():
 def test_max_evaluations_rotates_least_recently_evaluated():
     cfg = GauntletConfig(assignment=CFG.assignment, max_evaluations=2)
     sc = scorer(config=cfg)
-    peers = {p: payload(i) for i, p in enumerate(["a", "b", "c", "d"])}
     seen = []
     for w in range(2):
+        # fresh content every window: the same update twice would be a replay
+        peers = {p: payload(10 * w + i) for i, p in enumerate(["a", "b", "c", "d"])}
         digests = {p: sc.expected_digest(p, w) for p in peers}
         rep = sc.score_window(
             WindowInputs(
@@ -160,3 +160,23 @@ def test_scores_identical_across_fresh_validators_and_restart():
     restored = Scoreboard()
     restored.load_state_dict(json.loads(json.dumps(one.state_dict())))
     assert restored.state_dict() == one.state_dict()
+
+
+def test_window_steps_are_callable_alone():
+    from gauntlet.scorer import decode_all, match_scores
+
+    sc = scorer()
+    g = gather(0, {"a": payload(1), "b": "late", "c": DenseUpdate({"weight": torch.zeros(1, 4)})})
+    g.statuses["d"] = PeerStatus("d", "ok")  # ok without a payload
+    peers, decoded, status = decode_all(g, sc._shapes, CODEC)
+    assert peers == ["a", "b", "c", "d"] and sorted(decoded) == ["a"]
+    assert {p: k for p, (k, _) in status.items()} == {"b": "late", "c": "invalid", "d": "missing"}
+    report = sc.score_window(WindowInputs(0, g, "e", {}, {"a": sc.expected_digest("a", 0)}))
+    evaluated = {"a": report.outcomes["a"].evaluation}
+    m = match_scores(evaluated, {"b": ("late", ""), "c": ("invalid", "")}, CFG.rating)
+    low = min(0.0, evaluated["a"].gain_random)
+    assert m == {
+        "a": evaluated["a"].gain_random,
+        "b": low - CFG.rating.penalty_late,
+        "c": low - CFG.rating.penalty_invalid,
+    }

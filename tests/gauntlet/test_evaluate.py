@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from gauntlet import EvalConfig, Evaluator, median_clip_factors, relative_gain
+from gauntlet import (
+    EvalConfig,
+    Evaluator,
+    reference_factors,
+    relative_gain,
+    update_norms,
+    window_reference,
+)
 
 
 class Net(nn.Module):
@@ -45,7 +52,8 @@ def test_model_optimizer_and_rng_restored_bit_for_bit():
     update = {n: torch.randn_like(p) for n, p in net.named_parameters()}
     rng = torch.get_rng_state()
     ev = Evaluator(net, mse, EvalConfig(eval_mode=False), optimizer=opt)
-    factors = median_clip_factors({"a": update})
+    norms = update_norms({"a": update})
+    factors = reference_factors(norms, window_reference(norms, ["a"]))
     base = ev.baseline(batches, {"a": batches[:1]})
     res = ev.evaluate("a", update, factors["a"], base, batches, batches[:1])
     assert res.loss_random_after != res.loss_random_before
@@ -67,8 +75,11 @@ def test_step_is_clipped_scaled_and_matches_manual():
     small = {n: 0.01 * torch.ones_like(p) for n, p in net.named_parameters()}
     big = {n: 100.0 * torch.ones_like(p) for n, p in net.named_parameters()}
     mid = {n: 0.02 * torch.ones_like(p) for n, p in net.named_parameters()}
-    factors = median_clip_factors({"big": big, "mid": mid, "small": small})
-    assert factors["small"]["lin.weight"] == 1.0 and factors["mid"]["lin.weight"] == 1.0
+    norms = update_norms({"big": big, "mid": mid, "small": small})
+    factors = reference_factors(norms, window_reference(norms, ["big", "mid"]))
+    # every update is applied at the smallest norm of the reference set (mid's)
+    assert factors["mid"]["lin.weight"] == 1.0
+    assert factors["small"]["lin.weight"] == pytest.approx(2.0)
     assert factors["big"]["lin.weight"] == pytest.approx(0.02 / 100.0)
     base = ev.baseline(batches, {"big": batches})
     res = ev.evaluate("big", big, factors["big"], base, batches, batches)

@@ -60,7 +60,7 @@ def test_sync_positions_deterministic_and_valid():
     assert [float(v) for v in vals] == [float(i) for _, i in pos]
 
 
-def test_copy_detection_blames_later_publisher():
+def test_copy_detection_blames_by_provenance():
     _, a = compressed(0)
     _, b = compressed(1)
     # a copier re-encodes the victim's decoded update with a little noise
@@ -75,15 +75,21 @@ def test_copy_detection_blames_later_publisher():
     assert pairs[("b", "b-copy")].identical and pairs[("b", "b-copy")].overlap == 1.0
     assert pairs[("b", "c")].cosine > 0.95 and not pairs[("b", "c")].identical
     assert pairs[("a", "b")].overlap < 0.4 and abs(pairs[("a", "b")].cosine) < 0.5
-    times = {"a": 0.0, "b": 1.0, "b-copy": 2.0, "c": 3.0}
-    blamed = blame_copies(list(pairs.values()), times, SIG)
+    # provenance: the copies' updates help b's data as much as their own; times play no part
+    fits = {
+        ("b", "b"): 0.05, ("b", "b-copy"): 0.01, ("b", "c"): 0.01,
+        ("b-copy", "b-copy"): 0.01, ("b-copy", "b"): 0.05, ("b-copy", "c"): 0.005,
+        ("c", "c"): 0.01, ("c", "b"): 0.04, ("c", "b-copy"): 0.005,
+    }  # fmt: skip
+    blamed = blame_copies(list(pairs.values()), fits, SIG)
     assert sorted(blamed) == ["b-copy", "c"]
-    assert blamed["b-copy"].source == "b"
-    # the copy published first: the original is blamed instead; ties blame both
-    blamed = blame_copies(list(pairs.values()), {**times, "b-copy": 0.5}, SIG)
-    assert "b" in blamed and "b-copy" not in blamed
-    blamed = blame_copies(list(pairs.values()), {**times, "b-copy": 1.0}, SIG)
-    assert {"b", "b-copy"} <= set(blamed)
+    assert blamed["b-copy"].source == "b" and blamed["c"].source == "b"
+    assert (blamed["c"].fit_own, blamed["c"].fit_source) == (0.01, 0.04)
+    # look-alikes that each fit their own data: nobody is blamed; a tie blames the peer
+    fits |= {("b-copy", "b-copy"): 0.06, ("c", "c"): 0.05}
+    assert sorted(blame_copies(list(pairs.values()), fits, SIG)) == []
+    fits[("c", "b")] = 0.05
+    assert sorted(blame_copies(list(pairs.values()), fits, SIG)) == ["c"]
 
 
 def test_index_overlap_value():

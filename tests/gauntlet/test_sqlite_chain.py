@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,21 @@ def test_both_backends_check_commitments(net):
         chain.commit("x" * 129)
     with pytest.raises(ChainError, match="not registered"):
         net.connect("stranger").commit("hi")
+
+
+def test_both_backends_hash_only_produced_blocks(net):
+    a, b = net.connect("val"), net.connect("m0")
+    with pytest.raises(ChainError, match="has not been produced"):
+        a.block_hash(1)
+    with pytest.raises(ChainError, match="has not been produced"):
+        a.block_hash(-1)
+    genesis = a.block_hash(0)
+    assert genesis.startswith("0x") and len(genesis) == 66 and int(genesis, 16) >= 0
+    net.advance(3)
+    hashes = [a.block_hash(n) for n in range(4)]
+    assert hashes[0] == genesis  # drawn once, then kept
+    assert [b.block_hash(n) for n in range(4)] == hashes  # every handle reads the same
+    assert len(set(hashes)) == 4
 
 
 def test_register_is_idempotent_and_updates_stake(tmp_path):
@@ -170,6 +187,24 @@ def test_concurrent_writer_processes_keep_the_file_consistent(tmp_path):
     names, _stakes, w = net.weight_matrix()
     assert sorted(names) == [f"w{k}" for k in range(4)]
     assert np.allclose(w.sum(axis=1), 1.0)
+
+
+def test_concurrent_readers_agree_on_block_hashes(tmp_path):
+    """Four connections (SQLite treats them as it treats processes) race to draw each hash."""
+    path = tmp_path / "hashes.sqlite"
+    SqliteSubnet(path).advance(19)
+    barrier = threading.Barrier(4)
+
+    def read() -> list[str]:
+        net = SqliteSubnet(path, busy_timeout_s=60)
+        barrier.wait()
+        return [net.block_hash(n) for n in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: read(), range(4)))
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert outs[0] == [SqliteSubnet(path).block_hash(n) for n in range(20)]
+    assert len(set(outs[0])) == 20
 
 
 def test_a_writer_killed_mid_loop_loses_nothing_it_committed(tmp_path):

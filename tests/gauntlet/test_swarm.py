@@ -122,13 +122,12 @@ class Swarm:
     def window(self, t: int, positions) -> WindowInputs:
         params = dict(self.model.named_parameters())
         sync_now = sample_values(params, positions)
-        payloads, digests, sync, times = {}, {}, {}, {}
+        payloads, digests, sync = {}, {}, {}
         honest_norms = {}
-        for rank, peer in enumerate(self.peers):
+        for peer in self.peers:
             ids = assign_samples(peer, t, SEED, CONFIG.assignment)
             digests[peer] = data_digest(peer, t, ids, contents_for(ids))
             sync[peer] = sync_now
-            times[peer] = 100.0 * t + rank
             if peer.startswith("honest"):
                 delta = train_delta(self.model, ids)
                 honest_norms = {n: float(d.norm()) for n, d in delta.items()}
@@ -182,7 +181,6 @@ class Swarm:
             window=t,
             gather=gather,
             eval_seed=f"block-hash-{t}",
-            publish_times=times,
             digests=digests,
             sync_values=sync,
         )

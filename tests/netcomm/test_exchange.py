@@ -23,6 +23,7 @@ from netcomm import (
     PeerRecord,
     StaticDirectory,
     StorageExchange,
+    open_envelope,
     read_header,
     seal_envelope,
     update_key,
@@ -287,6 +288,86 @@ def test_damage_in_transit_before_the_signature_is_retried(tmp_path, model, spec
     assert kit.payload_bytes(result.updates["b"]) == kit.payload_bytes(update)
 
 
+class HoldTracker:
+    """Counts objects held by a gather: from the start of a download to the end of its check."""
+
+    def __init__(self, inner, verify_s: float):
+        self.inner, self.verify_s = inner, verify_s
+        self.lock = threading.Lock()
+        self.held = self.most_held = 0
+        self.verifying = 0
+        self.downloads_during_checks = 0
+
+    def get_range(self, key, start, end):
+        with self.lock:
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            self.downloads_during_checks += self.verifying > 0
+        return self.inner.get_range(key, start, end)
+
+    def head(self, key):
+        return self.inner.head(key)
+
+    def verifier(self, open_envelope):
+        def slow_open(*args, **kwargs):
+            with self.lock:
+                self.verifying += 1
+            time.sleep(self.verify_s)
+            try:
+                return open_envelope(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.verifying -= 1
+                    self.held -= 1
+
+        return slow_open
+
+
+def test_downloads_overlap_verification_within_the_memory_bound(
+    tmp_path, model, spec, kit, monkeypatch
+):
+    inner = LocalStorage(tmp_path)
+    tracker = HoldTracker(inner, verify_s=0.1)
+    names = [f"p{i}" for i in range(7)]
+    _, _, ex = make_net(
+        inner,
+        spec,
+        names,
+        wrap=dict.fromkeys(names, tracker),
+        max_concurrency=3,
+        verify_threads=1,
+    )
+    for i, n in enumerate(names[1:]):
+        ex[n].publish(0, kit.sparse_update(model, seed=i))
+    monkeypatch.setattr("netcomm.exchange.open_envelope", tracker.verifier(open_envelope))
+    start = time.monotonic()
+    result = ex["p0"].gather(0)
+    elapsed = time.monotonic() - start
+    assert all(s.status == "ok" for s in result.statuses.values()), result.statuses
+    assert tracker.most_held == 3  # max_concurrency: downloading, queued or being verified
+    assert tracker.downloads_during_checks >= 2  # later downloads ran while others verified
+    assert tracker.held == 0
+    assert 6 * 0.1 <= elapsed < 6 * 0.1 + 1.0  # one verify thread: the checks in series
+
+
+def test_a_reader_bug_in_one_download_costs_only_that_peer(tmp_path, model, spec, kit):
+    inner = LocalStorage(tmp_path)
+
+    class Broken(CountingStorage):
+        def get_range(self, key, start, end):
+            raise RuntimeError("bug in a storage backend")
+
+    _, _, ex = make_net(inner, spec, ["a", "b", "c"], wrap={"c": Broken(inner)})
+    ex["b"].publish(0, kit.sparse_update(model, seed=1))
+    ex["c"].publish(0, kit.sparse_update(model, seed=2))
+    result = ex["a"].gather(0)
+    assert result.statuses["b"].status == "ok"
+    assert (result.statuses["c"].status, result.statuses["c"].reason) == (
+        "invalid",
+        "internal: RuntimeError: bug in a storage backend",
+    )
+
+
 def test_slow_peer_times_out_and_others_arrive(tmp_path, model, spec, kit):
     inner = LocalStorage(tmp_path)
     slow = FaultyStorage(inner, FaultPlan(slow=1.0, delay_s=4.0, only="/slow.nce"))
@@ -318,6 +399,7 @@ def test_min_peers(tmp_path, model, spec, kit):
         ("deadline_s", 0),
         ("attempts", 0),
         ("max_concurrency", 0),
+        ("verify_threads", 0),
         ("min_peers", -1),
         ("compression_level", 30),
         ("compression", "lz4"),

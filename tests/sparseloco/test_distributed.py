@@ -1,5 +1,7 @@
-"""Two real processes over torch.distributed (gloo) on loopback stay in sync."""
+"""Two real processes over torch.distributed (gloo) on loopback: in sync, and no hang when
+one rank fails."""
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(tmp_path: Path) -> bool:
+def _run_ranks(tmp_path: Path, mode: str = "train", timeout: float = 240) -> bool:
     """Run both ranks to the end; ``False`` when the port was taken before rank 0 bound it."""
     port = _free_port()  # free now; another process may still take it before rank 0 binds it
     procs = []
@@ -33,7 +35,7 @@ def _run_ranks(tmp_path: Path) -> bool:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(tmp_path / f"rank{rank}.safetensors")],
+                [sys.executable, str(WORKER), str(tmp_path / f"rank{rank}.safetensors"), mode],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -41,7 +43,7 @@ def _run_ranks(tmp_path: Path) -> bool:
         )
     try:
         for rank, p in enumerate(procs):  # rank 0 first: it serves the rendezvous store
-            out, _ = p.communicate(timeout=240)
+            out, _ = p.communicate(timeout=timeout)
             if rank == 0 and p.returncode != 0 and b"EADDRINUSE" in out:
                 return False
             assert p.returncode == 0, out.decode()
@@ -63,3 +65,19 @@ def test_two_gloo_ranks_with_different_data_end_bit_identical(tmp_path):
             assert torch.equal(r0[name], r1[name]), name
     for r in (r0, r1):
         assert float(r["losses"][-4:].mean()) < 0.7 * float(r["losses"][:4].mean())
+
+
+def test_a_rank_failing_its_finite_check_makes_every_rank_raise_the_same_error_at_once(tmp_path):
+    """Rank 1 holds a NaN in round 1: both ranks raise the same ExchangeError from the first
+    all-gather (not the 60 s process-group timeout), nothing changes, and the retry works."""
+    assert any(_run_ranks(tmp_path, "nonfinite", timeout=90) for _ in range(3)), "no free port"
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["error"] == reports[1]["error"]
+    assert "window 1: rank 1 (non-finite values) failed" in reports[0]["error"]
+    assert [r["cause"] for r in reports] == ["NoneType", "NonFiniteError"]
+    assert [r["window"] for r in reports] == [1, 1]  # the failed round did not advance
+    assert max(r["seconds"] for r in reports) < 10
+    r0, r1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(2))
+    assert r0["window"].item() == r1["window"].item() == 3
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name

@@ -21,6 +21,7 @@ def short_run(tmp_path_factory):
         adversaries=("free-rider", "poisoner", "copier"),
         corpus_bytes=300_000,
         validators=2,
+        window_s=4.0,  # room for 8 processes on a loaded 2-core machine
         out=out,
     )
     return run(cfg, progress=False, echo=False)
@@ -91,6 +92,7 @@ def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
         corpus_bytes=200_000,
         storage="s3://swarm/run-1",
         s3_endpoint=moto_url,
+        window_s=3.0,
         out=tmp_path,
     )
     s = run(cfg, progress=False, echo=False).summary

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from netcomm.link import parse_link
 from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
@@ -51,6 +52,8 @@ class SimConfig:
             share the machine's cores.
         blocks_per_window: blocks of ``window_s / blocks_per_window`` seconds per window.
         deadline_s: how long a miner waits for a window's aggregation set.
+        link: every node's modelled network link (:func:`netcomm.parse_link`, e.g.
+            ``"100mbit,50ms"``; ``""`` = none); see ``exchange.link`` of the node config.
         threads: torch intra-op threads per process.
     """
 
@@ -75,6 +78,7 @@ class SimConfig:
     window_s: float | None = None
     blocks_per_window: int = 4
     deadline_s: float = 120.0
+    link: str = ""
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -103,6 +107,11 @@ class SimConfig:
             raise ConfigError(f"aggregate must be 'top' or 'all', got {self.aggregate!r}")
         if self.inner_lr <= 0 or (self.outer_lr is not None and self.outer_lr <= 0):
             raise ConfigError("learning rates must be > 0")
+        if self.link:
+            try:
+                parse_link(self.link)
+            except ValueError as exc:
+                raise ConfigError(f"--link: {exc}") from None
         if (self.window_s is not None and not self.window_s > 0) or not self.deadline_s > 0:
             raise ConfigError("window_s and deadline_s must be > 0 seconds")
 

@@ -77,11 +77,12 @@ def _node(cfg: SimConfig, hotkey: str, role: str, **sections: object) -> NodeCon
         ),
         storage=_storage(cfg, hotkey),
         exchange=ExchangeSettings(
-            # Updates are due by the window's end, when the validator gathers: a peer that
-            # has published nothing by then gets a short grace, not a window's wait.
-            gather_deadline_s=cfg.window_seconds / 4,
+            # Updates are due by the window's end, when the validator gathers; on a busy
+            # machine a straggler gets up to one more window before it counts as missing.
+            gather_deadline_s=cfg.window_seconds,
             poll_interval_s=0.02,
             selection_timeout_s=cfg.deadline_s,
+            link=cfg.link,
         ),
         **sections,  # type: ignore[arg-type]
     )

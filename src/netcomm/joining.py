@@ -1,0 +1,183 @@
+"""Joining a run: a new (or restarted) peer gets the current window and state from storage.
+
+:func:`join` loads the latest checkpoint, then replays every window published since: it
+gathers that window's updates and calls the outer optimizer's ``apply()`` (the outer step
+every peer took, which advances ``window``). The peer then holds the model, θ₀, momentum and
+window of the peers that ran from the start, and its next ``step()`` publishes under the
+current window.
+
+Checkpoint layout it reads (what a peer writes after each round, as the subnet miner does)::
+
+    store.save(outer.window, model.state_dict(),
+               optimizer={"outer": outer.state_dict(), "inner": inner.state_dict()})
+
+A checkpoint with the model only (a validator's) works too: θ₀ ← θ and ``window`` ← its
+step, which is exact when the outer optimizer keeps no shared state between rounds (no outer
+momentum, no ``outer_optimizer`` state).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from netcomm.checkpoint import CheckpointStore
+from netcomm.errors import CheckpointError
+from netcomm.exchange import StorageExchange
+from sparseloco.optim import OuterOptimizer
+from sparseloco.payload import Payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JoinReport:
+    """What :func:`join` did.
+
+    Attributes:
+        checkpoint: the step of the checkpoint loaded (``None``: none saved yet, the replay
+            started from the optimizer's state as built).
+        window: the window to run next (the outer optimizer's ``window``).
+        replayed: each replayed window and the peers whose updates it aggregated.
+    """
+
+    checkpoint: int | None
+    window: int
+    replayed: dict[int, list[str]] = field(default_factory=dict)
+
+
+def join(
+    model: torch.nn.Module,
+    outer: OuterOptimizer,
+    checkpoints: CheckpointStore | None,
+    *,
+    exchange: StorageExchange | None = None,
+    inner: Optimizer | None = None,
+    until: int | None = None,
+    select: Callable[[int], Sequence[str]] | None = None,
+    deadline_s: float = 5.0,
+    own_checkpoint: bool = False,
+) -> JoinReport:
+    """Bring a peer to the run's current window: latest checkpoint, then replay.
+
+    Call it on a freshly built outer optimizer (over ``model``'s parameters) before the
+    first ``step()``, between rounds of the other peers.
+
+    Args:
+        model: the peer's model; gets the checkpoint's ``model`` state.
+        outer: its outer optimizer; gets the checkpoint's ``optimizer["outer"]`` state
+            (without the state of another peer's own, e.g. SparseLoCo's error-feedback
+            buffers, unless ``own_checkpoint``), or θ₀ ← θ and ``window`` ← the step when
+            the checkpoint holds the model only.
+        checkpoints: where the checkpoints are (this peer's own, or another peer's or a
+            validator's); ``None`` or an empty store: replay from ``outer``'s state as built
+            (window 0 of a run every peer started from the same model).
+        exchange: where the updates are gathered (default: ``outer.exchange``).
+        inner: the inner optimizer, given the checkpoint's ``optimizer["inner"]`` if any.
+        until: the window to stop before (the current one). Default: the first window for
+            which no update (of the selected peers) is found; call it between rounds then,
+            as a window still being published would be replayed in part.
+        select: the peers whose updates window ``w`` aggregated, ``select(w)`` (e.g. a
+            validator's selection); default: every peer that published one.
+        deadline_s: how long each replayed window's gather waits for a missing update.
+        own_checkpoint: the checkpoint is this peer's own (a restart): also load its
+            error-feedback buffers.
+
+    This peer's own published updates (a restart after publishing) are replayed too. Raises
+    :class:`~netcomm.errors.CheckpointError` when the checkpoint's outer state is for another
+    window than its step or the checkpoint is past ``until``; the replay's typed errors
+    (a payload that does not fit the model) propagate, with the windows before applied.
+    FSDP2 (DTensor) models are not supported yet.
+    """
+    exchange = exchange if exchange is not None else outer.exchange  # type: ignore[assignment]
+    report = JoinReport(checkpoint=None, window=outer.window)
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        ck = checkpoints.load()
+        if until is not None and ck.step > until:
+            raise CheckpointError(f"the latest checkpoint is of step {ck.step}, past {until}")
+        _load(model, outer, inner, ck.model, ck.optimizer or {}, ck.step, own_checkpoint)
+        report.checkpoint = ck.step
+    while until is None or outer.window < until:
+        window = outer.window
+        updates = _updates(exchange, window, select, deadline_s)  # type: ignore[arg-type]
+        if not updates and until is None:
+            break
+        outer.apply(updates)
+        report.replayed[window] = sorted(updates)
+    report.window = outer.window
+    log.info(
+        "joined at window %d (checkpoint %s, replayed %d windows)",
+        report.window,
+        report.checkpoint,
+        len(report.replayed),
+    )
+    return report
+
+
+def _load(
+    model: torch.nn.Module,
+    outer: OuterOptimizer,
+    inner: Optimizer | None,
+    weights: dict[str, torch.Tensor],
+    optimizers: dict[str, Any],
+    step: int,
+    own: bool,
+) -> None:
+    """The checkpoint's model and optimizer states; the outer optimizer at window ``step``."""
+    model.load_state_dict(weights)
+    state = optimizers.get("outer")
+    if state is None:
+        outer.load_state_dict(_restart_state(outer, step))
+    else:
+        saved = int(state.get("outer", {}).get("window", -1))
+        if saved != step:
+            raise CheckpointError(
+                f"checkpoint {step} holds an outer optimizer of window {saved}; save it as "
+                "step outer.window"
+            )
+        outer.load_state_dict(state if own else _shared_state(outer, state))
+    if inner is not None and "inner" in optimizers:
+        inner.load_state_dict(optimizers["inner"])
+
+
+def _restart_state(outer: OuterOptimizer, window: int) -> dict[str, Any]:
+    """``outer``'s state_dict with θ₀ = the current parameters and ``window``."""
+    sd = outer.state_dict()
+    params = [p for _, p, _ in outer.named_params()]  # state_dict numbers them in this order
+    sd["state"] = {i: {"theta0": p.detach().clone()} for i, p in enumerate(params)}
+    sd["outer"]["window"] = window
+    return sd
+
+
+def _shared_state(outer: OuterOptimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the optimizer's peer-local entries (another peer's residuals)."""
+    local = set(outer.peer_local_state)
+    kept = {
+        pid: {k: v for k, v in s.items() if k not in local} for pid, s in state["state"].items()
+    }
+    return {**state, "state": kept}
+
+
+def _updates(
+    exchange: StorageExchange,
+    window: int,
+    select: Callable[[int], Sequence[str]] | None,
+    deadline_s: float,
+) -> dict[str, Payload]:
+    """The updates ``window`` aggregated: the (selected) others' and this peer's own."""
+    me = exchange.peer_id
+    chosen = None if select is None else list(select(window))
+    others = None if chosen is None else [p for p in chosen if p != me]
+    updates: dict[str, Payload] = {}
+    if others is None or others:
+        updates.update(exchange.gather(window, peers=others, deadline=deadline_s).updates)
+    if chosen is None or me in chosen:
+        own = exchange.published(window)
+        if own is not None:
+            updates[me] = own
+    return updates

@@ -1,0 +1,112 @@
+"""Running an outer optimizer from the inner optimizer's step hooks (torchft's pattern).
+
+The training loop does not change: :class:`OuterLoop` registers a post-step hook on the
+inner optimizer that runs ``outer.step()`` every H counted inner steps (or, for
+:class:`~sparseloco.optim.DataParallel`, a pre-step hook that averages gradients first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.optim import Optimizer
+
+from sparseloco.errors import ConfigError
+from sparseloco.optim import OuterOptimizer, RoundReport
+
+
+def skipped_by_grad_scaler(optimizer: Optimizer) -> bool:
+    """Whether the ``optimizer.step()`` call running now was told by ``torch.amp.GradScaler``
+    to skip (``optimizer.found_inf`` nonzero: set only while the scaler steps a fused or
+    capturable optimizer, which then skips its update inside ``step()``)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf is not None and bool(found_inf)
+
+
+class OuterLoop:
+    """Run an outer optimizer from the inner optimizer's hooks; the training loop is unchanged.
+
+    Example::
+
+        outer = SparseLoCo(model.named_parameters(), exchange)
+        with OuterLoop(inner_opt, outer, on_round=print):
+            for batch in data:
+                loss = model(batch).loss
+                loss.backward()
+                inner_opt.step()      # every H-th call also runs outer.step()
+                inner_opt.zero_grad()
+
+    Args:
+        inner: the user's inner optimizer (e.g. AdamW).
+        outer: a :class:`SparseLoCo`, :class:`DiLoCo` or :class:`DataParallel`.
+        sync_every: inner steps per outer round; defaults to ``outer.inner_steps``.
+        on_round: called with each :class:`RoundReport`.
+
+    Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
+    ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a
+    fused or capturable optimizer is called with ``optimizer.found_inf`` set and skips inside,
+    which the post-step hook reads. :class:`DataParallel` under a GradScaler cannot run from
+    these hooks (see its docstring); its hook raises if it sees ``found_inf``.
+    """
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        outer: OuterOptimizer,
+        *,
+        sync_every: int | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.outer = outer
+        self.sync_every = outer.inner_steps if sync_every is None else sync_every
+        if self.sync_every < 1:
+            raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
+        if outer.hook == "pre" and self.sync_every != 1:
+            raise ConfigError(f"{type(outer).__name__} averages gradients every step: sync_every=1")
+        self.on_round = on_round
+        self.inner_step_count = 0
+        self.reports: list[RoundReport] = []
+        self._handle: Any = None
+
+    def _run_outer(self) -> None:
+        report = self.outer.step()
+        self.reports.append(report)
+        if self.on_round is not None:
+            self.on_round(report)
+
+    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
+        if hasattr(optimizer, "found_inf"):
+            raise ConfigError(
+                "DataParallel under torch.amp.GradScaler: the scaler has already checked the "
+                "local gradients; call outer.step() between backward and scaler.step(inner) "
+                "with DataParallel(nonfinite='propagate') instead of using OuterLoop"
+            )
+        self._run_outer()
+
+    def _post(self, optimizer: Optimizer, *_: Any) -> None:
+        if skipped_by_grad_scaler(optimizer):
+            return
+        self.inner_step_count += 1
+        if self.inner_step_count % self.sync_every == 0:
+            self._run_outer()
+
+    def __enter__(self) -> OuterLoop:
+        if self._handle is not None:
+            raise ConfigError("OuterLoop is already active")
+        if self.outer.hook == "pre":
+            self._handle = self.inner.register_step_pre_hook(self._pre)
+        else:
+            self._handle = self.inner.register_step_post_hook(self._post)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner_step_count": self.inner_step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner_step_count = int(state["inner_step_count"])

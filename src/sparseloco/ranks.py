@@ -1,0 +1,132 @@
+"""One peer made of several processes (DDP inside a peer under ``torchrun``).
+
+A peer that trains with DDP runs one outer optimizer per rank. DDP keeps the parameters of
+all ranks bit-identical, so every rank computes the same pseudo-gradient and the same
+payload; only one of them may publish it, and all of them must aggregate the same payloads.
+:class:`RankZeroExchange` wraps the peer's exchange for that:
+
+* ``publish``: rank 0 of the group publishes through the wrapped exchange; the other ranks
+  publish nothing (0 bytes sent).
+* ``gather``: rank 0 gathers, then broadcasts to the group what it got — a JSON header
+  (statuses, the selection flag, the peers in order) and each payload as the canonical
+  safetensors bytes of the wire format (never pickle). Every rank returns an equal
+  :class:`GatherResult` and so takes the same outer step.
+* failures: an exception in rank 0's publish is held and an exception in its gather is
+  caught; either is broadcast in place of the payloads, and every rank raises the same
+  :class:`ExchangeError` from that one broadcast, so no rank waits in a collective for a
+  rank that gave up. A failure before the gather (a NaN in θ) happens on every rank alike,
+  since their parameters are equal.
+
+Every rank must call ``publish`` and ``gather`` for the same windows, as with DDP itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+
+from sparseloco.errors import ExchangeError
+from sparseloco.exchange import Exchange, GatherResult, PeerStatus
+from sparseloco.payload import Payload, payload_from_tensors
+from sparseloco.serialization import dump_safetensors, load_safetensors
+
+
+class RankZeroExchange:
+    """The exchange of a peer whose outer optimizer runs on every rank of ``group``.
+
+    Args:
+        exchange: the peer's exchange, used on rank 0 only (other ranks may pass ``None``).
+        group: the peer's process group (default: the world). On an NCCL group the
+            broadcasts use this rank's current CUDA device.
+    """
+
+    def __init__(self, exchange: Exchange | None, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise ExchangeError("torch.distributed is not initialized; call init_process_group")
+        self._group = group
+        self._leader = dist.get_rank(group) == 0
+        if self._leader and not isinstance(exchange, Exchange):
+            raise ExchangeError("rank 0 needs the peer's exchange")
+        self._exchange = exchange if self._leader else None
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+        nccl = dist.get_backend(group) == "nccl"
+        self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        self._held: dict[int, str] = {}
+        own_id = exchange.peer_id if self._leader else None  # type: ignore[union-attr]
+        self._peer_id = self._broadcast(own_id.encode() if own_id is not None else None).decode()
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    def publish(self, window: int, payload: Payload) -> int:
+        """Rank 0 publishes; a failure is raised on every rank by the next :meth:`gather`."""
+        if not self._leader:
+            return 0
+        try:
+            return self._exchange.publish(window, payload)  # type: ignore[union-attr]
+        except Exception as exc:  # held: the other ranks are about to wait in gather
+            self._held[window] = f"publish failed: {type(exc).__name__}: {exc}"
+            return 0
+
+    def gather(self, window: int) -> GatherResult:
+        """Rank 0's gather, the same on every rank; or the same error raised on every rank."""
+        header, blobs = {}, []
+        if self._leader:
+            header, blobs = self._leader_gather(window)
+        header = json.loads(self._broadcast(json.dumps(header).encode() if self._leader else None))
+        peers = header.get("updates", [])
+        for i in range(len(peers)):
+            blob = self._broadcast(blobs[i] if self._leader else None)
+            if not self._leader:
+                blobs.append(blob)
+        if header.get("error"):
+            raise ExchangeError(f"rank 0 of peer {self._peer_id}: {header['error']}")
+        result = GatherResult(window=window, self_selected=header["self_selected"])
+        for peer, blob in zip(peers, blobs, strict=True):
+            result.updates[peer] = payload_from_tensors(*load_safetensors(bytearray(blob)))
+        for peer, status, reason, nbytes, latency in header["statuses"]:
+            result.statuses[peer] = PeerStatus(peer, status, reason, nbytes, latency)
+        return result
+
+    def _leader_gather(self, window: int) -> tuple[dict, list[bytes]]:
+        if window in self._held:
+            return {"error": self._held.pop(window)}, []
+        try:
+            got = self._exchange.gather(window)  # type: ignore[union-attr]
+        except Exception as exc:  # broadcast, then raised on every rank alike
+            return {"error": f"gather failed: {type(exc).__name__}: {exc}"}, []
+        peers = sorted(got.updates)
+        header = {
+            "self_selected": got.self_selected,
+            "updates": peers,
+            "statuses": [
+                [s.peer, s.status, s.reason, s.nbytes, s.latency_s] for s in got.statuses.values()
+            ],
+        }
+        return header, [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
+
+    def _broadcast(self, data: bytes | None) -> bytes:
+        return broadcast_bytes(data, self._src, self._group, self._device)
+
+
+def broadcast_bytes(
+    data: bytes | None,
+    src: int,
+    group: dist.ProcessGroup | None,
+    device: torch.device | None,
+) -> bytes:
+    """``data`` from global rank ``src`` to every rank of ``group`` (broadcasts of the length,
+    then of the bytes; through ``device`` memory when given, as NCCL needs)."""
+    n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    n = n.to(device) if device is not None else n
+    dist.broadcast(n, src=src, group=group)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8)
+    if data is not None and len(data):
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    if device is not None:
+        buf = buf.to(device)
+    dist.broadcast(buf, src=src, group=group)
+    return buf.cpu().numpy().tobytes()

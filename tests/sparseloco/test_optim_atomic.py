@@ -1,0 +1,209 @@
+"""Atomic rounds: a failed step() or apply() changes nothing, and a retry equals a clean round.
+
+A failure is injected at every tensor position (an exception from that tensor's aggregate, a
+corrupt tensor in another peer's payload) and after publishing (the gather raises). Params,
+grads, θ₀, error and momentum buffers and the window are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sparseloco import (
+    CorruptUpdateError,
+    DataParallel,
+    DenseUpdate,
+    DiLoCo,
+    ErrorFeedback,
+    ExchangeError,
+    GatherResult,
+    NonFiniteError,
+    PeerStatus,
+    SparseLoCo,
+    encode,
+)
+from sparseloco.serialization import dump_safetensors
+
+NAMES = ["0.bias", "0.weight", "2.bias", "2.weight"]  # sorted: the aggregation order
+METHODS = {
+    "sparseloco": lambda m, ex: SparseLoCo(
+        m.named_parameters(), ex, codec={"topk": 8}, momentum=0.9, nesterov=True, lr=0.7
+    ),
+    "sparseloco-offload": lambda m, ex: SparseLoCo(
+        m.named_parameters(), ex, codec={"topk": 8}, momentum=0.5, offload=True
+    ),
+    "diloco": lambda m, ex: DiLoCo(m.named_parameters(), ex),
+    "data-parallel": lambda m, ex: DataParallel(m.named_parameters(), ex),
+}
+
+
+class Scripted:
+    """This peer's exchange: records published bytes; gather returns ``others`` or raises."""
+
+    def __init__(self) -> None:
+        self.peer_id = "me"
+        self.others: dict = {}
+        self.fail: Exception | None = None
+        self.published: list[tuple[int, bytes]] = []
+
+    def publish(self, window, payload):
+        self.published.append((window, dump_safetensors(*payload.to_tensors())))
+        return payload.nbytes
+
+    def gather(self, window):
+        if self.fail is not None:
+            raise self.fail
+        statuses = {p: PeerStatus(p, "ok") for p in self.others}
+        return GatherResult(window=window, updates=dict(self.others), statuses=statuses)
+
+
+def _model():
+    g = torch.Generator().manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 70), torch.nn.Tanh(), torch.nn.Linear(70, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def _perturb(model, outer, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if isinstance(outer, DataParallel):
+                p.grad = noise
+            else:
+                p.add_(noise, alpha=0.05)
+
+
+def _peer_payload(method, model, seed):
+    """Another peer's (valid) payload for this round."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    if method.startswith("sparseloco"):
+        return encode(tensors, ErrorFeedback(dataclasses.replace(_codec(), topk=8)))
+    return DenseUpdate(tensors=tensors)
+
+
+def _codec():
+    return SparseLoCo(_model().parameters(), Scripted()).config.codec
+
+
+def _corrupt(payload, name):
+    """``payload`` with tensor ``name`` made unusable (NaN table / NaN values)."""
+    tensors = dict(payload.tensors)
+    if isinstance(payload, DenseUpdate):
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+        return DenseUpdate(tensors=tensors)
+    ct = tensors[name]
+    tensors[name] = dataclasses.replace(ct, table=torch.full_like(ct.table, float("nan")))
+    return dataclasses.replace(payload, tensors=tensors)
+
+
+def _snapshot(model, outer):
+    snap: dict[str, object] = {"window": outer.window}
+    for n, p in model.named_parameters():
+        snap[f"param/{n}"] = p.detach().clone()
+        if p.grad is not None:
+            snap[f"grad/{n}"] = p.grad.clone()
+        for key, value in outer.state[p].items():
+            snap[f"{key}/{n}"] = value.clone()
+    return snap
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.device == y.device, key
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), key
+        else:
+            assert x == y, key
+
+
+def _setup(method, others=("b",)):
+    """A peer after one committed round, perturbed for round 2, with its other peers."""
+    model, ex = _model(), Scripted()
+    outer = METHODS[method](model, ex)
+    ex.others = {"b": _peer_payload(method, model, 1)}
+    _perturb(model, outer, 10)
+    outer.step()
+    _perturb(model, outer, 11)
+    ex.others = {p: _peer_payload(method, model, 2 + i) for i, p in enumerate(others)}
+    return model, outer, ex
+
+
+def _reference(method):
+    model, outer, ex = _setup(method)
+    outer.step()
+    return _snapshot(model, outer), ex.published[-1]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("position", range(len(NAMES)))
+def test_failing_aggregate_at_any_tensor_changes_nothing_and_retry_is_clean(method, position):
+    model, outer, ex = _setup(method)
+    before = _snapshot(model, outer)
+    real = outer._aggregate_tensor
+
+    def failing(name, updates, device):
+        if name == NAMES[position]:
+            raise RuntimeError("out of memory (injected)")
+        return real(name, updates, device)
+
+    outer._aggregate_tensor = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        outer.step()
+    _assert_identical(_snapshot(model, outer), before)
+    del outer._aggregate_tensor
+    outer.step()
+    expected, published = _reference(method)
+    _assert_identical(_snapshot(model, outer), expected)
+    assert ex.published[-2] == ex.published[-1] == published  # the retry resent the same bytes
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_failing_gather_after_publishing_changes_nothing(method):
+    model, outer, ex = _setup(method)
+    before = _snapshot(model, outer)
+    ex.fail = ExchangeError("storage unreachable (injected)")
+    with pytest.raises(ExchangeError):
+        outer.step()
+    _assert_identical(_snapshot(model, outer), before)
+    ex.fail = None
+    outer.step()
+    expected, published = _reference(method)
+    _assert_identical(_snapshot(model, outer), expected)
+    assert ex.published[-2] == ex.published[-1] == published
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("position", range(len(NAMES)))
+def test_bad_tensor_in_a_gathered_payload_excludes_that_peer_only(method, position):
+    model, outer, ex = _setup(method, others=("b", "c"))
+    ex.others["c"] = _corrupt(ex.others["c"], NAMES[position])
+    report = outer.step()
+    assert report.statuses["c"].status == "invalid"
+    assert NAMES[position] in report.statuses["c"].reason
+    assert report.peers == ["b", "me"]
+    expected, _ = _reference(method)  # the same round with peer b alone
+    _assert_identical(_snapshot(model, outer), expected)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("position", range(len(NAMES)))
+def test_apply_with_a_bad_tensor_raises_before_changing_anything(method, position):
+    model, outer, ex = _setup(method)
+    good = ex.others["b"]
+    before = _snapshot(model, outer)
+    with pytest.raises((CorruptUpdateError, NonFiniteError)) as info:
+        outer.apply({"b": good, "c": _corrupt(good, NAMES[position])})
+    assert info.value.tensor == NAMES[position]
+    _assert_identical(_snapshot(model, outer), before)
+    outer.apply({"b": good})
+    assert outer.window == before["window"] + 1
