@@ -415,7 +415,7 @@ class Figures:
         replays = [e for m in self.miners for e in self.histories[m] if e.get("replayed")]
         return {
             "out_of_sync": problems,
-            "resyncs_failed": sum("re-sync failed" in p["problem"] for p in problems),
+            "resyncs_failed": sum("re-sync failed" in str(p["problem"]) for p in problems),
             "replays": len(replays),
             "replays_in_sync": sum(e.get("out_of_sync") is None for e in replays),
         }

@@ -78,8 +78,8 @@ def _history(out, node):
     return [json.loads(x) for x in lines]
 
 
-@pytest.mark.slow
-def test_killed_nodes_resume_replay_and_end_on_the_validators_model(tmp_path, faultlib):
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, faultlib):
     """A miner killed while training and the validator killed between windows, both
     restarted at once; a miner killed after publishing (before its checkpoint) and restarted
     once that window has closed, so it must replay it."""
@@ -89,20 +89,18 @@ def test_killed_nodes_resume_replay_and_end_on_the_validators_model(tmp_path, fa
         faultlib.KillPoint("validator", 1, "done"),
     )
     sc = faultlib.FaultScenario("kill", peers=2, windows=4, window_s=WINDOW_S, points=points)
-    run = faultlib.run_scenario(sc, tmp_path)
+    out = tmp_path_factory.mktemp("killed")
+    return out, faultlib.run_scenario(sc, out)
+
+
+@pytest.mark.slow
+def test_every_killed_node_recovers_and_ends_on_the_validators_model(killed_run):
+    _, run = killed_run
     assert run["kills"] == 3 and not run["kills_skipped"], run["kills_skipped"]
     assert run["kills_recovered"] == 3, run["kill_points"]
     assert run["unexpected_exits"] == []
     landed = {p["node"]: p for p in run["kill_points"]}
     assert landed["peer-0"]["phase"] == "published" and landed["peer-1"]["phase"] == "train"
-    # peer-0's update was out when it died: the swarm used it, and peer-0's replay of that
-    # window applied its own update too.
-    assert landed["peer-0"]["update_aggregated"]
-    window = landed["peer-0"]["window"]
-    replay = [e for e in _history(tmp_path, "peer-0") if e.get("replayed")]
-    assert replay and replay[0]["window"] == window and "peer-0" in replay[0]["aggregated"]
-    assert run["replays"] >= 1 and run["replays_in_sync"] == run["replays"]
-    assert run["resyncs_failed"] == 0
     # every node ends on one model, the one the validator published with its last set
     assert run["all_models_equal"], run["final"]
     assert run["validator_model_is_published_state"]
@@ -110,12 +108,28 @@ def test_killed_nodes_resume_replay_and_end_on_the_validators_model(tmp_path, fa
 
 
 @pytest.mark.slow
+def test_a_miner_killed_after_publishing_replays_its_own_update(killed_run):
+    out, run = killed_run
+    killed = next(p for p in run["kill_points"] if p["node"] == "peer-0")
+    assert killed["update_aggregated"]  # its update was out when it died: the swarm used it
+    replay = [e for e in _history(out, "peer-0") if e.get("replayed")]
+    assert replay and replay[0]["window"] == killed["window"]
+    assert "peer-0" in replay[0]["aggregated"]
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="role bug: Miner._resync(step) loads the validator's checkpoint of exactly "
-    "`step`; a validator that restarts after a window has passed skips it and never writes "
-    "that step, so every miner waiting for the window's set exits with CheckpointError",
+    reason="role bug: Miner.replay records check_sync's (problem, next window) tuple as "
+    "out_of_sync, so a replay in sync logs out_of_sync = [null, w + 1]",
 )
+def test_replays_are_in_sync(killed_run):
+    _, run = killed_run
+    assert run["replays"] >= 1 and run["replays_in_sync"] == run["replays"], run["out_of_sync"]
+    assert run["out_of_sync"] == [] and run["resyncs_failed"] == 0
+
+
+@pytest.mark.slow
 def test_a_validator_down_past_its_window_does_not_crash_the_miners(tmp_path, faultlib):
     points = (faultlib.KillPoint("validator", 1, "scoring", down_s=1.5 * WINDOW_S),)
     sc = faultlib.FaultScenario("outage", peers=2, windows=5, window_s=WINDOW_S, points=points)
@@ -128,9 +142,10 @@ def test_a_validator_down_past_its_window_does_not_crash_the_miners(tmp_path, fa
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="role bug: a miner restarted from its own checkpoint never refreshes its peer "
+    reason="role bugs: a miner restarted from its own checkpoint never refreshes its peer "
     "directory before Miner.catch_up, so replay(w, wait=False) of every missed window but the "
-    "last finds no validator, replays nothing and the next check_sync has to re-sync",
+    "last finds no validator, replays nothing and the next check_sync has to re-sync; and "
+    "Miner.replay records check_sync's tuple as out_of_sync",
 )
 def test_a_miner_down_for_two_windows_replays_both_in_sync(tmp_path, faultlib):
     points = (faultlib.KillPoint("peer-0", 1, "published", down_s=2 * WINDOW_S),)
