@@ -10,12 +10,12 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
   run, kinds rotated over three runs so each of the six kinds appears once) against the same
   run honest-only, for ``aggregate="all"`` and ``"top"``: final held-out loss difference, the
   adversaries' total weight and the fraction of (honest, adversary) pairs ranked correctly.
-* ``faults``: peers and a validator as separate processes over a loopback S3 server
-  (``benchmarks/reliability_worker.py``): an uninterrupted reference, a run whose processes
-  are SIGKILLed at random points and restarted from their checkpoints, and a run with 20 % of
-  storage requests failing, slow or corrupted plus the kills.
+* ``faults``: the real roles (``sparseloco miner|validator``), one process per node on a
+  local SQLite chain and local-folder storage (``benchmarks/reliability_faults.py``): an
+  uninterrupted reference, a run whose nodes are SIGKILLed at random points and restarted at
+  once from their state folders, and the same with each killed node down for 1.5 windows.
 
-    python benchmarks/reliability.py                      # everything (~11 min on 2 cores)
+    python benchmarks/reliability.py                      # everything, full sizes
     python benchmarks/reliability.py --quick              # small sizes, a few minutes
     python benchmarks/reliability.py --only fuzz faults   # some sections
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,23 +178,32 @@ def run_byzantine(honest: int, windows: int, out_dir: Path, seed: int) -> dict[s
 
 
 def run_faults(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    from benchmarks.reliability_worker import FaultScenario, run_scenario
+    from benchmarks.reliability_faults import FaultScenario, run_scenario
 
-    common = dict(peers=args.fault_peers, windows=args.fault_windows, seed=args.seed)
-    reference = run_scenario(FaultScenario(name="reference", **common), out_dir / "reference")
-    killed = run_scenario(
-        FaultScenario(name="sigkill", kills=args.kills, **common), out_dir / "sigkill"
+    common = dict(
+        peers=args.fault_peers,
+        windows=args.fault_windows,
+        window_s=args.fault_window_s,
+        seed=args.seed,
     )
-    faulty = run_scenario(
-        FaultScenario(name="faults+sigkill", kills=args.kills, fault_rate=0.2, **common),
-        out_dir / "faults",
-    )
-    for run in (killed, faulty):
-        run["identical_to_reference"] = {
-            role: run["final_sha256"].get(role) == digest
-            for role, digest in reference["final_sha256"].items()
-        }
-    return {"reference": reference, "sigkill": killed, "faults": faulty}
+    runs = {
+        "reference": FaultScenario(name="reference", **common),
+        "sigkill": FaultScenario(name="sigkill", kills=args.kills, **common),
+        "outage": FaultScenario(
+            name="sigkill+outage", kills=args.kills, down_s=1.5 * args.fault_window_s, **common
+        ),
+    }
+    results = {}
+    for key, sc in runs.items():
+        print(f"faults: {sc.name} ...", flush=True)
+        shutil.rmtree(out_dir / key, ignore_errors=True)  # this section's own run folder
+        results[key] = run_scenario(sc, out_dir / key)
+    reference = {f["model_sha"] for f in results["reference"]["final"].values()}
+    for key in ("sigkill", "outage"):
+        final = {f["model_sha"] for f in results[key]["final"].values()}
+        # true when no kill changed what was trained: every killed node redid its window
+        results[key]["same_model_as_reference"] = final == reference
+    return results
 
 
 # -- report --------------------------------------------------------------------------------
@@ -227,21 +237,31 @@ def table(results: dict[str, Any]) -> list[tuple[str, str]]:
             )
     ft = results.get("faults")
     if ft:
-        for key in ("sigkill", "faults"):
-            r = ft[key]
-            same = all(r["identical_to_reference"].values())
-            rows.append(
-                (
-                    r["scenario"]["name"],
-                    f"{r['windows_completed']}/{r['windows_expected']} windows, "
-                    f"{r['kills']} of {r['kills_planned']} planned SIGKILLs landed, "
-                    f"{r['faults_injected']} faults injected, "
-                    f"{r['updates_lost']} updates lost, {r['corrupt_accepted']} corrupt "
-                    f"accepted, resumed state identical to uninterrupted: "
-                    f"{'yes' if same else 'no'}",
-                )
-            )
+        for key in ("reference", "sigkill", "outage"):
+            r = ft.get(key)
+            if r is not None:
+                rows.append((r["scenario"]["name"], _fault_figures(r)))
     return rows
+
+
+def _fault_figures(r: dict[str, Any]) -> str:
+    """One table cell: kills, recovery, windows lost, exits and whether every model agrees."""
+    rec = r["recovery_s_max"]
+    return (
+        f"{r['kills']} of {r['kills_planned']} planned SIGKILLs landed, "
+        f"{r['kills_recovered']} recovered (max {'-' if rec is None else f'{rec:.1f}'} s), "
+        f"{r['windows_lost']} node-windows lost "
+        f"({r['miner_windows_trained']}/{r['miner_windows_expected']} miner windows trained, "
+        f"{r['validator_windows_scored']}/{r['windows']} scored), "
+        f"{len(r['out_of_sync'])} out of sync, {r['resyncs_failed']} re-syncs failed, "
+        f"{len(r['unexpected_exits'])} unexpected exits, all models equal: "
+        f"{'yes' if r['all_models_equal'] else 'no'}"
+        + (
+            f", same model as uninterrupted: {'yes' if r['same_model_as_reference'] else 'no'}"
+            if "same_model_as_reference" in r
+            else ""
+        )
+    )
 
 
 def _commit() -> str:
@@ -267,7 +287,8 @@ def main() -> None:
     ap.add_argument("--honest", type=int, default=6)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--fault-peers", type=int, default=3)
-    ap.add_argument("--fault-windows", type=int, default=6)
+    ap.add_argument("--fault-windows", type=int, default=8)
+    ap.add_argument("--fault-window-s", type=float, default=4.0)
     ap.add_argument("--kills", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
@@ -275,7 +296,7 @@ def main() -> None:
     if args.quick:
         args.fuzz_cases, args.bomb_mb = 5_000, 256
         args.honest, args.windows = 3, 4
-        args.fault_windows, args.kills = 4, 3
+        args.fault_peers, args.fault_windows, args.kills = 2, 5, 3
     sections = args.only or ["fuzz", "byzantine", "faults"]
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="reliability-"))
     path = RESULTS / "reliability.json"

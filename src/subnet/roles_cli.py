@@ -1,11 +1,13 @@
 """Command line of the node roles: ``sparseloco {miner,validator,demo}``.
 
-``miner`` / ``validator`` run one role from a TOML config until interrupted (or for
-``--windows`` windows). With ``chain.kind = "local"`` (or ``--chain FILE``) each role runs
-in its own process on a SQLite chain file that all of them open. The in-memory chain exists
-only inside one process, so with ``chain.kind = "memory"`` (or ``--local-demo N``) they run
-the local demo instead: N miners (2 by default) and the validator, each its own process on a
-fresh local chain, with the other role's config from ``--peer-config``. A user's mistake
+``miner`` / ``validator`` run one role from a TOML config until interrupted, for
+``--windows`` windows, or through window ``--until-window`` (what a process manager passes
+when it restarts a node of a run that ends at a known window). With ``chain.kind = "local"``
+(or ``--chain FILE``) each role runs in its own process on a SQLite chain file that all of
+them open. The in-memory chain exists only inside one process, so with
+``chain.kind = "memory"`` (or ``--local-demo N``) they run the local demo instead: N miners
+(2 by default) and the validator, each its own process on a fresh local chain, with the
+other role's config from ``--peer-config``. A user's mistake
 (bad config, unreadable file, chain file of another subnet) is one ``error: ...`` line on
 stderr and exit code 2.
 """
@@ -52,7 +54,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
             help="use the local SQLite chain FILE shared by every process of the run "
             "(sets chain.kind = 'local' and chain.path)",
         )
-        p.add_argument("--windows", type=int, default=None, help="stop after this many windows")
+        stop = p.add_mutually_exclusive_group()
+        stop.add_argument("--windows", type=int, default=None, help="stop after this many windows")
+        stop.add_argument(
+            "--until-window",
+            type=int,
+            default=None,
+            metavar="W",
+            help="stop once window W is done (counted from the chain's window 0)",
+        )
         p.add_argument(
             "--local-demo",
             type=int,
@@ -88,11 +98,10 @@ def _demo(miner_cfg: NodeConfig, validator_cfg: NodeConfig, miners: int, windows
     return 0
 
 
-def _run_role(cfg: NodeConfig, windows: int | None) -> int:
+def _run_role(cfg: NodeConfig, windows: int | None, until: int | None = None) -> int:
     task = gpt_task(cfg.run)
     chain = open_chain(cfg)
     node = make_node(cfg, task, chain)
-    until = None
     if windows is not None:
         until = max(node.clock.window(), node.next_window or 0, 0) + windows - 1
     try:
@@ -144,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         miner_cfg, validator_cfg = (cfg, peer) if cfg.role == "miner" else (peer, cfg)
         return _demo(miner_cfg, validator_cfg, miners, args.windows or 6)
-    return _run_role(cfg, args.windows)
+    return _run_role(cfg, args.windows, args.until_window)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m subnet") -> int:

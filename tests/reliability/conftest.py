@@ -35,5 +35,5 @@ def fuzz_target(fuzzlib):
 
 
 @pytest.fixture(scope="session")
-def workerlib() -> ModuleType:
-    return load_benchmark_module("reliability_worker")
+def faultlib() -> ModuleType:
+    return load_benchmark_module("reliability_faults")

@@ -1,52 +1,158 @@
-"""Separate processes over a loopback S3 server: SIGKILLed roles resume bit-identically.
+"""The real roles SIGKILLed at chosen points and restarted: a small ``reliability.py`` faults run.
 
-A small version of ``benchmarks/reliability.py``'s fault section: 2 peers and a validator,
-2 windows. The second run SIGKILLs roles at planned points (a window and a phase) and
-restarts them from their checkpoints while 10 % of storage requests fail, are slow or come
-back truncated or corrupted.
+Every node is its own ``sparseloco miner|validator`` process on a local SQLite chain whose
+clock does not wait for anyone (``benchmarks/reliability_faults.py``). The harness reads the
+nodes' positions from their storage and checkpoints and their recovery from their
+``history.jsonl``; these tests check both that machinery (quick) and what the roles do when
+killed (slow).
 """
 
 from __future__ import annotations
 
-import pytest
+import json
 
-# Kill points that land on any machine, fast or loaded. With the seeded plan's random delays
-# (up to 0.5 s) a fast role can finish this 2-window run before its kill comes due, and the
-# kill is skipped. With no delay a kill fires as soon as its role logs the phase, long before
-# it could finish. Both peers die as they start saving window 0's checkpoint: a crash mid-save,
-# after both published window 0, so they restart side by side and must republish it unchanged.
-KILLS = (
-    {"role": "peer-0", "window": 0, "phase": "checkpoint", "delay_s": 0.0},
-    {"role": "peer-1", "window": 0, "phase": "checkpoint", "delay_s": 0.0},
-)
+import pytest
+import torch
+
+from netcomm import CheckpointStore, LocalStorage, update_key
+from subnet.protocol import PROOFS, UPDATES
+from subnet.sim import SimConfig
+from subnet.sim.launch import START_BLOCK
+from subnet.sim.plan import node_specs
+from subnet.storage import open_own_storage
+
+WINDOW_S = 5.0
+
+
+class _Clock:
+    """Stands in for the chain: only the block number is read."""
+
+    def __init__(self) -> None:
+        self.window = -1
+
+    def block(self) -> int:
+        return START_BLOCK + self.window * 4 if self.window >= 0 else 0
+
+
+def test_positions_come_from_storage_checkpoints_and_the_chain(tmp_path, faultlib):
+    specs = {s.hotkey: s for s in node_specs(SimConfig(peers=1, windows=3, out=tmp_path))}
+    clock = _Clock()
+    miner = faultlib.Observer(specs["peer-0"], clock)
+    validator = faultlib.Observer(specs["validator"], clock)
+    own = open_own_storage(specs["peer-0"].config.storage, "peer-0")
+    assert miner.position() == (-1, "done") and validator.position() == (-1, "done")
+    own.put(update_key(PROOFS, 0, "peer-0"), b"proof")
+    assert miner.position() == (0, "train") and not miner.reached(0, "published")
+    own.put(update_key(UPDATES, 0, "peer-0"), b"update")
+    assert miner.position() == (0, "published") and miner.reached(0, "train")
+    mine = CheckpointStore(LocalStorage(tmp_path / "nodes" / "peer-0"), "checkpoints")
+    mine.save(1, {"w": torch.zeros(1)})
+    assert miner.position() == (0, "done") and not miner.reached(1, "train")
+    clock.window = 1  # window 0 closed: the validator is scoring it
+    assert validator.position() == (0, "scoring")
+    CheckpointStore(validator.storage, "checkpoints").save(1, {"w": torch.zeros(1)})
+    assert validator.position() == (0, "done") and not validator.reached(1, "scoring")
+    assert miner.recovered({"window": 2, "train_loss": 3.0, "out_of_sync": None})
+    assert not miner.recovered({"window": 2, "replayed": True, "aggregated": []})
+    assert not miner.recovered({"window": 2, "train_loss": 3.0, "out_of_sync": "differs"})
+    assert validator.recovered({"window": 2, "statuses": {}})
+    assert not validator.recovered({"event": "start", "next_window": 2})
+
+
+def test_kill_plan_is_seeded_and_within_the_run(tmp_path, faultlib):
+    sc = faultlib.FaultScenario("x", peers=3, windows=6, kills=8, seed=4)
+    specs = node_specs(SimConfig(peers=3, windows=6, out=tmp_path))
+    plan = faultlib.kill_plan(sc, specs)
+    assert plan == faultlib.kill_plan(sc, specs) and len(plan) == 8
+    assert [k.window for k in plan] == sorted(k.window for k in plan)
+    roles = {s.hotkey: s.config.role for s in specs}
+    for k in plan:
+        assert 0 <= k.window < 4 and 0 <= k.delay_s <= 0.3  # a window left to recover in
+        assert k.phase in faultlib.PHASES[roles[k.node]]
+    chosen = (faultlib.KillPoint("peer-0", 1, "train"),)
+    assert faultlib.kill_plan(faultlib.FaultScenario("y", points=chosen), specs) == list(chosen)
+
+
+def _history(out, node):
+    lines = (out / "nodes" / node / "history.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, faultlib):
+    """A miner killed while training and the validator killed between windows, both
+    restarted at once; a miner killed after publishing (before its checkpoint) and restarted
+    once that window has closed, so it must replay it."""
+    points = (
+        faultlib.KillPoint("peer-0", 1, "published", down_s=WINDOW_S),
+        faultlib.KillPoint("peer-1", 1, "train"),
+        faultlib.KillPoint("validator", 1, "done"),
+    )
+    sc = faultlib.FaultScenario("kill", peers=2, windows=4, window_s=WINDOW_S, points=points)
+    out = tmp_path_factory.mktemp("killed")
+    return out, faultlib.run_scenario(sc, out)
 
 
 @pytest.mark.slow
-def test_killed_roles_resume_identically_under_storage_faults(tmp_path, workerlib, monkeypatch):
-    small = dict(peers=2, windows=2, inner_steps=2, deadline_s=90.0)
-    ref = workerlib.run_scenario(workerlib.FaultScenario("ref", **small), tmp_path / "ref")
-    assert ref["windows_completed"] == ref["windows_expected"] == 6
-    assert ref["updates_lost"] == 0 and ref["all_models_equal"]
-    # 2 peers + validator, 2 windows: each role gathers the other peers' update per window
-    assert ref["ok_payloads_checked"] == 2 * (1 + 1 + 2)
-
-    sc = workerlib.FaultScenario("kill", kills=len(KILLS), fault_rate=0.1, **small)
-    monkeypatch.setattr(workerlib, "kill_plan", lambda sc, roles: [dict(k) for k in KILLS])
-    run = workerlib.run_scenario(sc, tmp_path / "kill")
-    assert run["kills"] == 2 and not run["kills_skipped"] and run["faults_injected"] > 0
-    assert run["windows_completed"] == 6
-    assert run["corrupt_accepted"] == 0 and run["republished_differently"] == 0
-    assert run["updates_lost"] == 0, run["lost"]
-    assert run["final_sha256"] == ref["final_sha256"]  # model, AdamW and SparseLoCo state
-    assert run["all_models_equal"]  # peers and validator hold the same global model
+def test_every_killed_node_recovers_and_ends_on_the_validators_model(killed_run):
+    _, run = killed_run
+    assert run["kills"] == 3 and not run["kills_skipped"], run["kills_skipped"]
+    assert run["kills_recovered"] == 3, run["kill_points"]
+    assert run["unexpected_exits"] == []
+    landed = {p["node"]: p for p in run["kill_points"]}
+    assert landed["peer-0"]["phase"] == "published" and landed["peer-1"]["phase"] == "train"
+    # every node ends on one model, the one the validator published with its last set
+    assert run["all_models_equal"], run["final"]
+    assert run["validator_model_is_published_state"]
+    assert run["chain"]["committed"] and run["chain"]["weights_set_windows"] >= 1
 
 
-def test_kill_plan_is_seeded_and_within_the_run(workerlib):
-    sc = workerlib.FaultScenario("x", peers=3, windows=5, kills=8, seed=4)
-    roles = ["peer-0", "peer-1", "peer-2", "validator"]
-    plan = workerlib.kill_plan(sc, roles)
-    assert plan == workerlib.kill_plan(sc, roles)
-    assert len(plan) == 8 and [k["window"] for k in plan] == sorted(k["window"] for k in plan)
-    for k in plan:
-        assert 0 <= k["window"] < 4 and 0 <= k["delay_s"] <= 0.5  # never the last window
-        assert k["phase"] in workerlib.PHASES[k["role"] == "validator"]
+@pytest.mark.slow
+def test_a_miner_killed_after_publishing_replays_its_own_update(killed_run):
+    out, run = killed_run
+    killed = next(p for p in run["kill_points"] if p["node"] == "peer-0")
+    assert killed["update_aggregated"]  # its update was out when it died: the swarm used it
+    replay = [e for e in _history(out, "peer-0") if e.get("replayed")]
+    assert replay and replay[0]["window"] == killed["window"]
+    assert "peer-0" in replay[0]["aggregated"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="role bug: Miner.replay records check_sync's (problem, next window) tuple as "
+    "out_of_sync, so a replay in sync logs out_of_sync = [null, w + 1]",
+)
+def test_replays_are_in_sync(killed_run):
+    _, run = killed_run
+    assert run["replays"] >= 1 and run["replays_in_sync"] == run["replays"], run["out_of_sync"]
+    assert run["out_of_sync"] == [] and run["resyncs_failed"] == 0
+
+
+@pytest.mark.slow
+def test_a_validator_down_past_its_window_does_not_crash_the_miners(tmp_path, faultlib):
+    points = (faultlib.KillPoint("validator", 1, "scoring", down_s=1.5 * WINDOW_S),)
+    sc = faultlib.FaultScenario("outage", peers=2, windows=5, window_s=WINDOW_S, points=points)
+    run = faultlib.run_scenario(sc, tmp_path)
+    assert run["kills"] == 1 and run["kill_points"][0]["windows_lost"] >= 1  # it skipped
+    assert run["unexpected_exits"] == [], run["unexpected_exits"]
+    assert run["all_models_equal"], run["final"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="role bugs: a miner restarted from its own checkpoint never refreshes its peer "
+    "directory before Miner.catch_up, so replay(w, wait=False) of every missed window but the "
+    "last finds no validator, replays nothing and the next check_sync has to re-sync; and "
+    "Miner.replay records check_sync's tuple as out_of_sync",
+)
+def test_a_miner_down_for_two_windows_replays_both_in_sync(tmp_path, faultlib):
+    points = (faultlib.KillPoint("peer-0", 1, "published", down_s=2 * WINDOW_S),)
+    sc = faultlib.FaultScenario("replay", peers=2, windows=5, window_s=WINDOW_S, points=points)
+    run = faultlib.run_scenario(sc, tmp_path)
+    assert run["kills"] == 1 and run["kill_points"][0]["windows_lost"] >= 2
+    assert run["unexpected_exits"] == []
+    assert run["replays"] >= 2 and run["replays_in_sync"] == run["replays"], run["out_of_sync"]
+    assert run["out_of_sync"] == []
+    assert run["all_models_equal"], run["final"]

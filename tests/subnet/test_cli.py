@@ -30,6 +30,13 @@ def test_deployment_roles_are_subcommands(capsys):
     assert "--config" in capsys.readouterr().out
 
 
+def test_a_role_stops_after_windows_or_at_a_window_not_both(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["miner", "--config", "m.toml", "--windows", "2", "--until-window", "5"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     """``python -m subnet.cli ARGS`` in a real process, as a user runs it."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}

@@ -8,7 +8,9 @@ torch (about 4 s of CPU each). The launcher writes the configs, waits until ever
 committed its locator on the chain, then moves the chain to the first block of window 0
 (the nodes' ``start_block``), so window 0 starts when everyone is up, however long the
 imports took. After that it only watches: a node that exits with an error ends the run
-with :class:`ParticipantError`.
+with :class:`ParticipantError`. A fault-injection harness may :meth:`~NodeProcesses.kill`
+a node and :meth:`~NodeProcesses.restart` it from its state folder
+(``benchmarks/reliability_faults.py``).
 """
 
 from __future__ import annotations
@@ -52,16 +54,20 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def node_main(argv: list[str], log_path: str, threads: int, environ: dict[str, str]) -> None:
+def node_main(
+    argv: list[str], log_path: str, threads: int, environ: dict[str, str], append: bool = False
+) -> None:
     """A node process: the launcher's environment as of now (the forkserver's is that of
-    its start), its output to ``log_path``, then the node command line's ``main``."""
+    its start), its output to ``log_path`` (appended to when ``append``), then the node
+    command line's ``main``."""
     import torch
 
     from subnet.roles_cli import main
 
     os.environ.clear()
     os.environ.update(environ)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    mode = os.O_APPEND if append else os.O_TRUNC
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -114,6 +120,7 @@ class NodeProcesses:
         self.peak_rss: dict[str, int] = {}
         self.peak_pss = 0
         self._pss_due = 0.0
+        self._ctx = multiprocessing.get_context("forkserver")
 
     def log_path(self, hotkey: str) -> Path:
         return self.out / "logs" / f"{hotkey}.log"
@@ -125,20 +132,35 @@ class NodeProcesses:
         """Write every node's TOML and start its process."""
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         (self.out / "nodes").mkdir(parents=True, exist_ok=True)
-        ctx = multiprocessing.get_context("forkserver")
         # torch._dynamo: torch.optim imports it at the first optimizer (about 2 s).
-        ctx.set_forkserver_preload(["subnet.roles_cli", "torch._dynamo"])
+        self._ctx.set_forkserver_preload(["subnet.roles_cli", "torch._dynamo"])
         for spec in self.specs:
-            path = self.config_path(spec.hotkey)
-            path.write_text(dump_config(spec.config))
-            argv = [spec.config.role, "--config", str(path), "--windows", str(self.windows)]
-            proc = ctx.Process(
-                target=node_main,
-                args=(argv, str(self.log_path(spec.hotkey)), self.threads, dict(os.environ)),
-                name=spec.hotkey,
-            )
-            proc.start()
-            self.procs[spec.hotkey] = proc
+            self.config_path(spec.hotkey).write_text(dump_config(spec.config))
+            self._spawn(spec.hotkey, ["--windows", str(self.windows)], append=False)
+
+    def _spawn(self, hotkey: str, stop_args: list[str], *, append: bool) -> None:
+        role = next(s.config.role for s in self.specs if s.hotkey == hotkey)
+        argv = [role, "--config", str(self.config_path(hotkey)), *stop_args]
+        proc = self._ctx.Process(
+            target=node_main,
+            args=(argv, str(self.log_path(hotkey)), self.threads, dict(os.environ), append),
+            name=hotkey,
+        )
+        proc.start()
+        self.procs[hotkey] = proc
+
+    def kill(self, hotkey: str) -> None:
+        """SIGKILL ``hotkey``'s process and reap it: a crash, for fault injection."""
+        proc = self.procs[hotkey]
+        proc.kill()
+        proc.join()
+
+    def restart(self, hotkey: str, until_window: int) -> None:
+        """Start ``hotkey``'s node again after its process ended, as a process manager would:
+        from its own state folder, through window ``until_window``, its log appended to."""
+        if self.procs[hotkey].is_alive():
+            raise ParticipantError(f"node {hotkey} is still running; kill it first")
+        self._spawn(hotkey, ["--until-window", str(until_window)], append=True)
 
     def check(self) -> None:
         """Record memory high-water marks; raise :class:`ParticipantError` for a node that
