@@ -130,6 +130,9 @@ class SignalConfig:
         replay_windows: content digests of updates and aggregates are remembered for this
             many windows; an update with the content of one of them is a ``replay``
             (default 64; memory ≤ replay_windows × (peers + 1) digests).
+        provenance_margin: how much better (relative to the pair's largest |gain|) one
+            member's update must fit the other's data for provenance to decide a copy;
+            below it the storage server's time order does (default 0.25).
     """
 
     sync_samples: int = 256
@@ -143,6 +146,7 @@ class SignalConfig:
     bma_warmup: int = 3
     assigned_margin: float = 0.0
     replay_windows: int = 64
+    provenance_margin: float = 0.25
 
     def __post_init__(self) -> None:
         _positive_int("sync_samples", self.sync_samples)
@@ -152,6 +156,7 @@ class SignalConfig:
         _finite("sync_missing", self.sync_missing, 0.0, 1.0)
         _finite("copy_overlap", self.copy_overlap, 0.0, 1.0, open_lo=True)
         _finite("copy_cosine", self.copy_cosine, 0.0, 1.0, open_lo=True)
+        _finite("provenance_margin", self.provenance_margin, 0.0, 10.0)
         _finite("bma_decay", self.bma_decay, 0.0, 1.0)
         _finite("bma_threshold", self.bma_threshold, 0.0, 1.0)
         _require(

@@ -98,6 +98,8 @@ class WindowInputs:
             hash of that block); picks the evaluated subset and the random set.
         digests: peer → the proof-of-data digest it published.
         sync_values: peer → the values it published at :meth:`Scorer.sync_positions`.
+        publish_times: peer → the time the storage server stamped its update (S3
+            ``LastModified``); only a tie-breaker of copy blame where provenance cannot tell.
     """
 
     window: int
@@ -105,6 +107,7 @@ class WindowInputs:
     eval_seed: str
     digests: Mapping[str, str] = field(default_factory=dict)
     sync_values: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    publish_times: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ class Scorer:
         t1 = time.perf_counter()
         pairs = pair_similarities(unfailed)
         fits = self._fits(pairs, unfailed, factors, inputs)
-        copies = blame_copies(pairs, fits, self.config.signals)
+        copies = blame_copies(pairs, fits, self.config.signals, inputs.publish_times)
         status.update(copy_failures(copies))
         timings["copy_detection"] = time.perf_counter() - t1
         candidates = [p for p in unfailed if p not in status]

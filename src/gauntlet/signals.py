@@ -17,12 +17,17 @@ provenance, not by time (publish times are set or raced by the copier: a local m
 backdated, S3 ties at 1 s): an update is trained on its author's assigned data, so with
 fit(x, y) the gain of x's update on y's evaluated assigned samples (:func:`blame_copies`),
 
-    x is blamed in a similar pair (x, y)  ⇔  fit(x, y) ≥ fit(x, x)
+    m(x) = fit(x, y) − fit(x, x)          (how much better x's update fits y's data)
 
-i.e. x's update helps y's data at least as much as its own. An exact copy of y, or an update
-trained on y's assignment (a clone), fits y's data; y's own update fits y's data, so y is not
-blamed whatever the times. Two honest look-alikes each fit their own data and neither is
-blamed; an exact tie of the two gains blames x.
+and at most one member of a similar pair is blamed. With s the largest |fit| of the pair and
+τ = ``provenance_margin``: when max(m(x), m(y)) ≥ τ·s the one with the larger m (an exact
+copy of y, or an update trained on y's assignment, fits y's data better than the copier's
+own); when both m ≤ −τ·s nobody (two look-alikes that each fit their own data). A small model or a small evaluation set can leave the fits
+within noise of each other; then, and only then, the storage server's clock decides: the
+later of the two stored objects (``WindowInputs.publish_times``, the time the *server*
+stamped, never one the peer supplies) is blamed, and when those tie (same second on S3) the
+larger m. A copier that backdates or races therefore only wins where the fits are too close
+to tell, and there the first stored object is never blamed.
 
 **Assigned-data indicator.** BMA ← d·BMA + (1−d)·b with b = ±1, then BMA ← max(0, BMA); the
 value used for scoring is 0 when BMA < threshold once the peer has ``warmup`` evaluations.
@@ -178,28 +183,59 @@ def blame_copies(
     pairs: list[PairSimilarity],
     fits: Mapping[tuple[str, str], float],
     config: SignalConfig,
+    times: Mapping[str, float] | None = None,
 ) -> dict[str, CopyVerdict]:
-    """Every peer of a similar pair whose update fits the other's data at least as well as
-    its own (see the module docstring), with the strongest evidence against it.
+    """One member of every similar pair, by provenance, else by server time (see the module
+    docstring), each with the strongest evidence against it.
 
     ``fits[(x, y)]`` is the gain of x's update on y's assigned samples; it must hold both
-    members' own and cross fits for every similar pair.
+    members' own and cross fits for every similar pair. ``times``: storage-server times of
+    the updates (peers without one are never blamed by time).
     """
     blamed: dict[str, CopyVerdict] = {}
     for pair in pairs:
         if not is_similar(pair, config):
             continue
-        for peer, source in ((pair.a, pair.b), (pair.b, pair.a)):
-            own, other = fits[(peer, peer)], fits[(peer, source)]
-            if not other >= own:  # NaN (a non-finite loss) blames nobody here
-                continue
-            verdict = CopyVerdict(
-                peer, source, pair.overlap, pair.cosine, pair.identical, own, other
-            )
-            prev = blamed.get(peer)
-            if prev is None or (verdict.cosine, verdict.source) > (prev.cosine, prev.source):
-                blamed[peer] = verdict
+        peer = _copier(pair, fits, config, times or {})
+        if peer is None:
+            continue
+        source = pair.b if peer == pair.a else pair.a
+        verdict = CopyVerdict(
+            peer,
+            source,
+            pair.overlap,
+            pair.cosine,
+            pair.identical,
+            fits[(peer, peer)],
+            fits[(peer, source)],
+        )
+        prev = blamed.get(peer)
+        if prev is None or (verdict.cosine, verdict.source) > (prev.cosine, prev.source):
+            blamed[peer] = verdict
     return blamed
+
+
+def _copier(
+    pair: PairSimilarity,
+    fits: Mapping[tuple[str, str], float],
+    config: SignalConfig,
+    times: Mapping[str, float],
+) -> str | None:
+    """The blamed member of a similar pair; ``None`` when a fit is not finite."""
+    a, b = pair.a, pair.b
+    values = (fits[(a, a)], fits[(a, b)], fits[(b, b)], fits[(b, a)])
+    if not all(math.isfinite(v) for v in values):
+        return None
+    margin = {a: fits[(a, b)] - fits[(a, a)], b: fits[(b, a)] - fits[(b, b)]}
+    by_margin = a if (margin[a], b) >= (margin[b], a) else b
+    bar = config.provenance_margin * max(abs(v) for v in values)
+    if max(margin.values()) >= bar:
+        return by_margin
+    if max(margin.values()) <= -bar:
+        return None  # each fits its own data clearly better: look-alikes, not copies
+    if a in times and b in times and times[a] != times[b]:
+        return a if times[a] > times[b] else b
+    return by_margin
 
 
 def update_bma(bma: float, indicator: int, config: SignalConfig) -> float:

@@ -85,11 +85,20 @@ def test_copy_detection_blames_by_provenance():
     assert sorted(blamed) == ["b-copy", "c"]
     assert blamed["b-copy"].source == "b" and blamed["c"].source == "b"
     assert (blamed["c"].fit_own, blamed["c"].fit_source) == (0.01, 0.04)
-    # look-alikes that each fit their own data: nobody is blamed; a tie blames the peer
-    fits |= {("b-copy", "b-copy"): 0.06, ("c", "c"): 0.05}
+    # the storage server's times play no part while provenance is decisive
+    late_b = {"b": 99.0, "b-copy": 1.0, "c": 1.0}
+    assert sorted(blame_copies(list(pairs.values()), fits, SIG, late_b)) == ["b-copy", "c"]
+    # look-alikes that each fit their own data clearly better: nobody is blamed
+    fits |= {("b-copy", "b-copy"): 0.08, ("c", "c"): 0.07}
     assert sorted(blame_copies(list(pairs.values()), fits, SIG)) == []
-    fits[("c", "b")] = 0.05
-    assert sorted(blame_copies(list(pairs.values()), fits, SIG)) == ["c"]
+    # fits within noise of each other (c: 0.069 on b's data vs 0.07 on its own): the later
+    # stored object is blamed, whichever it is; without times, the larger margin
+    fits[("c", "b")] = 0.069
+    pair_bc = [pairs[("b", "c")]]
+    assert sorted(blame_copies(pair_bc, fits, SIG, {"b": 10.0, "c": 11.0})) == ["c"]
+    assert sorted(blame_copies(pair_bc, fits, SIG, {"b": 11.0, "c": 10.0})) == ["b"]
+    assert sorted(blame_copies(pair_bc, fits, SIG, {"b": 10.0, "c": 10.0})) == ["c"]
+    assert sorted(blame_copies(pair_bc, fits, SIG)) == ["c"]
 
 
 def test_index_overlap_value():

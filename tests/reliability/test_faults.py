@@ -118,11 +118,6 @@ def test_a_miner_killed_after_publishing_replays_its_own_update(killed_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="role bug: Miner.replay records check_sync's (problem, next window) tuple as "
-    "out_of_sync, so a replay in sync logs out_of_sync = [null, w + 1]",
-)
 def test_replays_are_in_sync(killed_run):
     _, run = killed_run
     assert run["replays"] >= 1 and run["replays_in_sync"] == run["replays"], run["out_of_sync"]
@@ -140,13 +135,6 @@ def test_a_validator_down_past_its_window_does_not_crash_the_miners(tmp_path, fa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="role bugs: a miner restarted from its own checkpoint never refreshes its peer "
-    "directory before Miner.catch_up, so replay(w, wait=False) of every missed window but the "
-    "last finds no validator, replays nothing and the next check_sync has to re-sync; and "
-    "Miner.replay records check_sync's tuple as out_of_sync",
-)
 def test_a_miner_down_for_two_windows_replays_both_in_sync(tmp_path, faultlib):
     points = (faultlib.KillPoint("peer-0", 1, "published", down_s=2 * WINDOW_S),)
     sc = faultlib.FaultScenario("replay", peers=2, windows=5, window_s=WINDOW_S, points=points)
