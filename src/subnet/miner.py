@@ -58,6 +58,10 @@ from subnet.task import Task
 
 log = logging.getLogger("subnet.miner")
 
+#: a window whose aggregation set has not come when window + SKIPPED_AFTER starts was skipped
+#: by the validator (it scores w during w + 1, with up to one more window of grace).
+SKIPPED_AFTER = 3
+
 
 class SelectedExchange:
     """The miner's update exchange: gathers only the window's aggregation set."""
@@ -189,7 +193,8 @@ class Miner(Node):
                     if any(self.directory.entry(p) is None for p in chosen.peers):
                         self.directory.refresh()  # a miner that committed after our refresh
                     return chosen.peers
-            if time.monotonic() >= deadline:
+            # Two windows on, a validator that has not published the set skipped the window.
+            if time.monotonic() >= deadline or self.clock.window() >= window + SKIPPED_AFTER:
                 log.warning("%s: no aggregation set for window %d", self.hotkey, window)
                 return []
             self._wait(self.cfg.exchange.poll_interval_s)

@@ -12,9 +12,11 @@ from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
 from subnet.config import ADVERSARY_KINDS
 
-#: default window length per miner process: 4 miners on 2 cores train H = 10 steps, publish,
-#: and the validator scores the previous window in about 1.5 s (benchmarks/simulate.py).
-SECONDS_PER_MINER = 0.5
+#: default window length per miner process. A window holds the validator's scoring of the
+#: previous one (about 0.6 s with 4 miners) and then the miners' H = 10 inner steps (about
+#: 1.2 s for 4 miners on 2 cores); shorter windows make late updates cascade into skipped
+#: windows (benchmarks/simulate.py).
+SECONDS_PER_MINER = 0.6
 
 
 def default_model() -> GPTConfig:

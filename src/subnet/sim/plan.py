@@ -77,9 +77,10 @@ def _node(cfg: SimConfig, hotkey: str, role: str, **sections: object) -> NodeCon
         ),
         storage=_storage(cfg, hotkey),
         exchange=ExchangeSettings(
-            # Updates are due by the window's end, when the validator gathers; on a busy
-            # machine a straggler gets up to one more window before it counts as missing.
-            gather_deadline_s=cfg.window_seconds,
+            # Updates are due by the window's end, when the validator gathers. A short grace
+            # keeps a straggler from delaying the set every miner waits for: a longer one
+            # lets lateness cascade from window to window until windows are skipped.
+            gather_deadline_s=cfg.window_seconds / 4,
             poll_interval_s=0.02,
             selection_timeout_s=cfg.deadline_s,
             link=cfg.link,
