@@ -20,14 +20,14 @@ fit(x, y) the gain of x's update on y's evaluated assigned samples (:func:`blame
     m(x) = fit(x, y) − fit(x, x)          (how much better x's update fits y's data)
 
 and at most one member of a similar pair is blamed. With s the largest |fit| of the pair and
-τ = ``provenance_margin``: when max(m(x), m(y)) ≥ τ·s the one with the larger m (an exact
+τ = ``provenance_margin``: when max(m(x), m(y)) ≥ τ·s, the one with the larger m (an exact
 copy of y, or an update trained on y's assignment, fits y's data better than the copier's
-own); when both m ≤ −τ·s nobody (two look-alikes that each fit their own data). A small
-model or a small evaluation set can leave the fits within noise of each other; then, and only then, the storage server's clock decides: the
-later of the two stored objects (``WindowInputs.publish_times``, the time the *server*
-stamped, never one the peer supplies) is blamed, and when those tie (same second on S3) the
-larger m. A copier that backdates or races therefore only wins where the fits are too close
-to tell, and there the first stored object is never blamed.
+own); when both m ≤ −τ·s, nobody (two look-alikes that each fit their own data). A small
+model or a small evaluation set can leave the fits within noise of each other; then, and
+only then, the storage server's clock decides: the later of the two stored objects
+(``WindowInputs.publish_times``, the time the *server* stamped, never one the peer
+supplies) is blamed, and when those tie (same second on S3) the larger m. A copier that
+backdates or races therefore only wins where the fits are too close to tell.
 
 **Assigned-data indicator.** BMA ← d·BMA + (1−d)·b with b = ±1, then BMA ← max(0, BMA); the
 value used for scoring is 0 when BMA < threshold once the peer has ``warmup`` evaluations.
