@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "--window-s",
         type=float,
         default=None,
-        help="seconds per window on the local chain (default 0.5 per miner, at least 1)",
+        help="seconds per window on the local chain (default 0.6 per miner, at least 1)",
     )
     sim.add_argument(
         "--link",
