@@ -24,7 +24,6 @@ import time
 import torch
 
 from gauntlet import draw_ids
-from netcomm import CheckpointStore
 from sparseloco.codec import CompressedTensor, CompressedUpdate, ErrorFeedback, encode
 from subnet.miner import Miner
 
@@ -51,20 +50,12 @@ class AdversaryMiner(Miner):
         if step == 0:
             self.model.load_state_dict(self.task.make_model().state_dict())
             return True
-        deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
-        while True:
-            validator = self._validator()
-            if validator is not None:
-                store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
-                latest = store.latest_step()
-                if latest is not None and latest >= step:
-                    self.model.load_state_dict(store.load(step).model)
-                    return True
-            if time.monotonic() >= deadline:
-                log.warning("%s: no global checkpoint of window %d", self.hotkey, step)
-                return False
-            self._wait(self.cfg.exchange.poll_interval_s)
-            self.directory.refresh()
+        loaded = self.validator_checkpoint(step, latest=False)
+        if loaded is None:
+            log.warning("%s: no global checkpoint of window %d", self.hotkey, step)
+            return False
+        self.model.load_state_dict(loaded.model)
+        return True
 
     def _honest_delta(self, ids: list[int]) -> dict[str, torch.Tensor]:
         theta0 = {n: p.detach().clone() for n, p in self.model.named_parameters()}

@@ -29,6 +29,7 @@ import torch
 
 from gauntlet import Chain
 from netcomm import (
+    Checkpoint,
     CheckpointStore,
     LocalStorage,
     ModelSpec,
@@ -242,21 +243,30 @@ class Miner(Node):
 
     def _resync(self, step: int) -> int | None:
         """Load the followed validator's latest model checkpoint once it is at ``step`` or
-        later (waiting up to ``exchange.selection_timeout_s``), restart the outer optimizer
-        from it and return its step; ``None`` when none came."""
+        later, restart the outer optimizer from it and return its step; ``None`` when none
+        came."""
+        loaded = self.validator_checkpoint(step, latest=True)
+        if loaded is None:
+            return None
+        # θ₀ = the loaded θ; the error buffer starts over (the presets have no outer
+        # momentum, so nothing else differs from the other miners).
+        self.model.load_state_dict(loaded.model)
+        self.outer = self._outer_optimizer()
+        return loaded.step
+
+    def validator_checkpoint(self, step: int, *, latest: bool) -> Checkpoint | None:
+        """The followed validator's model checkpoint ``step`` (or, with ``latest``, its newest
+        once that is at least ``step``), waited for up to ``exchange.selection_timeout_s``
+        while unpublished, pruned or half-written; ``None`` when it does not come."""
         deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
         while time.monotonic() < deadline:
             validator = self._validator()
             if validator is not None:
                 store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
                 try:
-                    latest = store.latest_step()
-                    if latest is not None and latest >= step:
-                        self.model.load_state_dict(store.load(latest).model)
-                        # θ₀ = the loaded θ; the error buffer starts over (the presets have no
-                        # outer momentum, so nothing else differs from the other miners).
-                        self.outer = self._outer_optimizer()
-                        return latest
+                    newest = store.latest_step()
+                    if newest is not None and newest >= step:
+                        return store.load(newest if latest else step)
                 except NetcommError as exc:  # pruned or half-written: look again
                     log.info("%s: validator checkpoint not readable yet: %s", self.hotkey, exc)
             self._wait(self.cfg.exchange.poll_interval_s)
