@@ -4,7 +4,7 @@ Quick use::
 
     from sparseloco import SparseLoCo, OuterLoop, InProcessHub
 
-X
+    exchange = InProcessHub(["peer0"]).connect("peer0")
     outer = SparseLoCo(model.named_parameters(), exchange, "covenant-72b")
     with OuterLoop(inner_optimizer, outer, on_round=print):
         ...  # the usual loop: loss.backward(); inner_optimizer.step()
@@ -28,6 +28,7 @@ from sparseloco.errors import (
     CodecMismatchError,
     ConfigError,
     CorruptUpdateError,
+    DelayedGatherError,
     ExchangeError,
     NonFiniteError,
     ShapeMismatchError,
@@ -68,6 +69,7 @@ __all__ = [
     "ConfigError",
     "CorruptUpdateError",
     "DataParallel",
+    "DelayedGatherError",
     "DenseUpdate",
     "DiLoCo",
     "DistributedExchange",

@@ -60,3 +60,16 @@ class BackendUnavailableError(SparseLoCoError, RuntimeError):
 
 class ExchangeError(SparseLoCoError, RuntimeError):
     """Publishing or gathering through an exchange failed."""
+
+
+class DelayedGatherError(ExchangeError):
+    """The gather of an overlapped round (run in the background since that window was
+    published) failed; raised at the next round boundary, before anything changes.
+
+    Attributes:
+        window: the window whose gather failed. The original exception is ``__cause__``.
+    """
+
+    def __init__(self, message: str, window: int) -> None:
+        self.window = window
+        super().__init__(f"window {window}: {message}")

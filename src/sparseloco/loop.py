@@ -48,6 +48,11 @@ class OuterLoop:
     fused or capturable optimizer is called with ``optimizer.found_inf`` set and skips inside,
     which the post-step hook reads. :class:`DataParallel` under a GradScaler cannot run from
     these hooks (see its docstring); its hook raises if it sees ``found_inf``.
+
+    With an overlapped outer optimizer (``overlap=True``) leaving the block without an
+    exception calls ``outer.finish()``, which applies the last in-flight aggregate (its
+    report goes to ``on_round`` and :attr:`reports` too), so that after the block every
+    peer holds the same global model.
     """
 
     def __init__(
@@ -71,7 +76,9 @@ class OuterLoop:
         self._handle: Any = None
 
     def _run_outer(self) -> None:
-        report = self.outer.step()
+        self._record(self.outer.step())
+
+    def _record(self, report: RoundReport) -> None:
         self.reports.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -101,9 +108,13 @@ class OuterLoop:
             self._handle = self.inner.register_step_post_hook(self._post)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._handle.remove()
         self._handle = None
+        if exc_type is None and getattr(self.outer, "overlap", False):
+            report = self.outer.finish()
+            if report is not None:
+                self._record(report)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner_step_count": self.inner_step_count}
