@@ -25,10 +25,10 @@ from sparseloco.codec import (
 from sparseloco.config import PRESETS, CodecConfig, OuterConfig, preset
 from sparseloco.errors import (
     BackendUnavailableError,
+    BackgroundRoundError,
     CodecMismatchError,
     ConfigError,
     CorruptUpdateError,
-    DelayedGatherError,
     ExchangeError,
     NonFiniteError,
     ShapeMismatchError,
@@ -61,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BackendUnavailableError",
+    "BackgroundRoundError",
     "ChunkLayout",
     "CodecConfig",
     "CodecMismatchError",
@@ -69,7 +70,6 @@ __all__ = [
     "ConfigError",
     "CorruptUpdateError",
     "DataParallel",
-    "DelayedGatherError",
     "DenseUpdate",
     "DiLoCo",
     "DistributedExchange",

@@ -26,28 +26,34 @@ parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's 
 of its error buffer. Rounds are atomic: everything that can fail runs before the commit
 (error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
 
-Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` publishes window k,
-applies window k−1's aggregate (gathered in a background thread while window k's inner
-steps ran) and returns at once, while window k's gather runs in the background. With Θ the
-global model (``θ₀``), s the point window k's inner steps started from (state ``"start"``)
-and Θ₀ the initial model (s₀ = Θ₀), the boundary after window k's inner steps is::
+Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` encodes window k,
+applies window k−1's aggregate g_{k−1} (published, gathered, checked and aggregated on a
+background thread while window k's inner steps ran) and returns, while window k's round
+runs in the background in turn. With Θ the global model (``θ₀``), s the point window k's
+inner steps started from (state ``"start"``) and Θ₀ the initial model (s₀ = Θ₀), the
+boundary after window k's inner steps is::
 
     Δ_k = s_k − θ                            this window's own progress; published as above
     Θ_k = OuterStep(Θ_{k−1}, g_{k−1})        window k−1's aggregate, one round late (k ≥ 1)
     θ ← s_{k+1} = Θ_k − Δ_k                  the global model plus this peer's fresh progress
 
-so θ ← θ − α·g_{k−1} + Δ_{k−1}: the blocking correction (own raw progress replaced by the
-aggregate) one round late, while the own fresh progress Δ_k stays in the local model at full
-weight until g_k replaces it. ``finish()`` applies the last aggregate and keeps only the
-unpublished progress: Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ. Every peer applies the
-same aggregate sequence g₀, g₁, … to the same Θ₀ with the same outer step, so Θ (θ₀), the
-momentum buffers, the outer optimizer's state and the window are bit-identical across
-peers after every boundary, and θ is too after ``finish()`` (a follower applying g₀, g₁, …
-with :meth:`~OuterOptimizer.apply` holds the same Θ); between boundaries θ differs by each
-peer's own progress, as it does inside a blocking window. Error feedback acts only on the
-own Δ sequence and the messages sent (e ← β·e + Δ_k; e ← e − D(m_k) at window k's
-boundary), so the delay does not change it. Extra state: s (``dtype_bytes`` per parameter),
-this peer's last payload, and, during a boundary, Δ in float32.
+so (with the plain outer SGD) θ ← θ − α·g_{k−1} + Δ_{k−1}: the blocking correction (own raw
+progress replaced by the aggregate) one round late, while the own fresh progress Δ_k stays
+in the local model at full weight until g_k replaces it. ``finish()`` applies the last
+aggregate and keeps only the unpublished progress: Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s),
+s ← Θ.
+
+What is identical: every peer applies the same aggregate sequence g₀, g₁, … to the same Θ₀
+with the same outer step, so Θ (``θ₀``), the momentum buffers, the outer optimizer's state
+and the window are bit-identical across peers after every boundary, and θ is too after
+``finish()``; a follower applying g₀, g₁, … with :meth:`~OuterOptimizer.apply` holds the
+same Θ. Between boundaries θ differs by each peer's own progress, as inside a blocking
+window. Error feedback acts only on the own Δ sequence and the messages sent (e ← β·e + Δ_k,
+e ← e − D(m_k) at window k's boundary), so the delay does not change it.
+
+Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
+window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
+CPU with ``offload``), and, during a boundary, Δ in float32.
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor, CompressedUpdate, check_finite, encode_tensor
 from sparseloco.config import OuterConfig, preset
 from sparseloco.errors import (
+    BackgroundRoundError,
     ConfigError,
-    DelayedGatherError,
     NonFiniteError,
     SparseLoCoError,
     UpdateError,
@@ -97,12 +103,13 @@ class RoundReport:
     ``statuses`` maps every other peer to ``ok``/``missing``/``late``/``invalid``/``timeout``
     and ``peers`` lists the ids whose updates were aggregated (this peer included).
 
-    ``window`` is the window this round published and ``applied_window`` the one whose
-    aggregate it applied (the same window in blocking rounds; the one before, or ``None`` at
-    the first boundary, in overlapped rounds, whose ``statuses``, ``peers``,
-    ``bytes_received`` and ``update_norm`` are the applied window's). Overlapped rounds time
-    ``wait`` (the boundary blocked on the background gather) and ``gather`` (that gather's
-    own duration, mostly hidden behind the inner steps) instead of a blocking ``gather``.
+    ``window`` is the window this round encoded and ``applied_window`` the one whose
+    aggregate it applied: the same window in blocking rounds. In overlapped rounds it is
+    the window before (``None`` at the first boundary; ``finish()`` reports the last window
+    as both), and ``bytes_sent``, ``bytes_received``, ``statuses``, ``peers``,
+    ``update_norm`` and the timings ``publish``/``gather``/``aggregate`` are that applied
+    window's background round; ``check``/``encode``/``wait`` (blocked on the background
+    round) and ``step`` (error-feedback commit and outer step) are this boundary's.
     """
 
     window: int
@@ -147,27 +154,39 @@ class _Timer:
 
 
 @dataclass
-class _Gathered:
-    """A gathered window, checked against this model and ready to aggregate."""
+class _Round:
+    """An overlapped round done in the background: published, gathered, checked against
+    this model and aggregated (every tensor's g on its parameter's device)."""
 
     window: int
     updates: dict[str, Payload]
     statuses: dict[str, PeerStatus]
+    bytes_sent: int
     bytes_received: int
-    seconds: float
+    aggregates: dict[str, torch.Tensor]
+    update_norm: float
+    timings: dict[str, float]
+
+
+class _PhaseFailed(Exception):
+    """Raised from the background round, naming its phase; the cause is the failure."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        super().__init__(phase)
 
 
 @dataclass
 class _InFlight:
-    """The window an overlapped optimizer published and has not applied yet.
+    """The window whose round an overlapped optimizer started and has not applied yet.
 
-    ``future`` is its background gather (``None`` after ``load_state_dict``, or once a
-    failure was raised: the next boundary then gathers in the foreground).
+    ``future`` is its background round (``None`` after ``load_state_dict``, or once its
+    failure was raised: the next boundary then runs it in the foreground).
     """
 
     window: int
     own: Payload
-    future: Future[_Gathered] | None
+    future: Future[_Round] | None
 
 
 class OuterOptimizer(Optimizer):
@@ -186,13 +205,14 @@ class OuterOptimizer(Optimizer):
     users' ``.grad`` are put back after), takes its step, and θ₀ ← θ. The groups' ``lr``,
     ``momentum`` and ``nesterov`` are then unused.
 
-    ``overlap=True`` overlaps each round's gather with the next window's inner steps (see
-    the module docstring for the update rule): ``step()`` publishes, applies the previous
-    window's aggregate and returns while this window's gather runs in a background thread;
-    :meth:`finish` applies the last one. It needs an exchange whose ``gather`` may run on
-    another thread beside training (not :class:`~sparseloco.exchange.DistributedExchange`
-    or :class:`~sparseloco.ranks.RankZeroExchange`, whose collectives would interleave with
-    the training's) and unsharded parameters.
+    ``overlap=True`` overlaps each round's communication with the next window's inner steps
+    (see the module docstring for the update rule): ``step()`` encodes, applies the previous
+    window's aggregate and returns while this window's publish, gather and aggregation run
+    on a background thread; :meth:`finish` applies the last one. It needs an exchange whose
+    ``publish`` and ``gather`` may run on another thread beside training (not
+    :class:`~sparseloco.exchange.DistributedExchange` or
+    :class:`~sparseloco.ranks.RankZeroExchange`, whose collectives would interleave with the
+    training's) and unsharded parameters.
     """
 
     method = "outer"
@@ -408,61 +428,41 @@ class OuterOptimizer(Optimizer):
         return report
 
     def _step_overlapped(self) -> RoundReport:
-        """An overlapped boundary: publish window k, apply window k−1, gather k behind.
+        """An overlapped boundary: apply window k−1, start window k's round behind.
 
-        Atomic like a blocking round: the finite check, encoding, publishing, waiting for
-        window k−1's gather (a failure there raises :class:`DelayedGatherError`), and every
-        aggregate run before θ, θ₀, s, the error and momentum buffers, the window or the
-        in-flight round change. A retry re-sends the same bytes and, after a failed gather,
-        gathers window k−1 again in the foreground.
+        Atomic like a blocking round: the finite check, encoding, and waiting for window
+        k−1's background round (its failure raises :class:`BackgroundRoundError`) run before
+        θ, θ₀, s, the error and momentum buffers, the window or the in-flight round change;
+        a failed boundary publishes nothing. Window k's publish, gather, payload checks and
+        aggregate then run on a background thread; a retry after a failed one does them
+        again in the foreground (publishing the same bytes again).
         """
         timer = _Timer()
         window = self.window
         params = self._round_params()
-        shapes = self._shapes(params)
         choice = self._backend(params[0][1].device)
         with timer("check"):
             self._check_inputs(params)
         with timer("encode"):
             own, source_norm = self._encode(params)
-        with timer("publish"):
-            sent = self.exchange.publish(window, own)
         done = None
         if self._inflight is not None:
             with timer("wait"):
-                done = self._collect(self._inflight, shapes)
-            timer.times["gather"] = done.seconds
-        with timer("aggregate_step"):
-            update_norm = 0.0
-            if done is not None:
-                aggregates, update_norm = self._aggregate_all(done.updates, params)
+                done = self._collect(self._inflight, params)
+        with timer("step"):
             progress = {n: self._store(self._own_delta(p)) for n, p, _ in params}  # Δ_k
             self._commit_own(params, own)
             if done is not None:
-                self._outer_step(params, aggregates)
+                self._outer_step(params, done.aggregates)
                 for name, p, _ in params:  # θ ← Θ_k − Δ_k
                     theta0 = self.state[p]["theta0"].to(p.device, torch.float32)
                     p.copy_(theta0 - progress[name].to(p.device))
             for _, p, _ in params:  # s_{k+1} ← θ (nothing applied: s_k = Θ, so θ stays)
                 self.state[p]["start"].copy_(p)
-        self._inflight = _InFlight(window, own, None)  # if no thread starts: gathered later
+        self._inflight = _InFlight(window, own, None)  # if no thread starts: done later
         self.window = window + 1
-        self._inflight.future = self._launch(window, own, shapes)
-        report = RoundReport(
-            window=window,
-            peer_id=self.exchange.peer_id,
-            method=self.method,
-            backend=choice.name,
-            backend_reason=choice.reason,
-            bytes_sent=sent,
-            bytes_received=0 if done is None else done.bytes_received,
-            peers=[] if done is None else sorted(done.updates),
-            statuses={} if done is None else done.statuses,
-            pseudo_grad_norm=source_norm,
-            update_norm=update_norm,
-            timings=timer.times,
-            applied_window=None if done is None else done.window,
-        )
+        self._inflight.future = self._launch(window, own, params)
+        report = self._overlapped_report(window, choice, done, source_norm, timer)
         self.last_report = report
         return report
 
@@ -474,38 +474,47 @@ class OuterOptimizer(Optimizer):
         the aggregate and only inner steps taken since the last ``step()`` stay local, so
         right after a boundary every peer's θ becomes the same global model. Call it after
         the last round (:class:`~sparseloco.loop.OuterLoop` does when its block ends) or to
-        drain before :meth:`apply`. Atomic; a failed gather raises
-        :class:`DelayedGatherError` and the next call gathers again.
+        drain before :meth:`apply`. Atomic; a failed background round raises
+        :class:`BackgroundRoundError` and the next call does it again in the foreground.
         """
         if self._inflight is None:
             return None
         timer = _Timer()
         params = self._round_params()
-        with timer("wait"):
-            done = self._collect(self._inflight, self._shapes(params))
-        timer.times["gather"] = done.seconds
-        with timer("aggregate_step"):
-            aggregates, norm = self._aggregate_all(done.updates, params)
-            self._keep_local_progress(params, aggregates)
-        self._inflight = None
         choice = self._backend(params[0][1].device)
-        report = RoundReport(
-            window=done.window,
+        with timer("wait"):
+            done = self._collect(self._inflight, params)
+        with timer("step"):
+            self._keep_local_progress(params, done.aggregates)
+        self._inflight = None
+        report = self._overlapped_report(done.window, choice, done, 0.0, timer)
+        self.last_report = report
+        return report
+
+    def _overlapped_report(
+        self,
+        window: int,
+        choice: BackendChoice,
+        done: _Round | None,
+        source_norm: float,
+        timer: _Timer,
+    ) -> RoundReport:
+        """This boundary's timings and Δ norm, the applied window's round for the rest."""
+        return RoundReport(
+            window=window,
             peer_id=self.exchange.peer_id,
             method=self.method,
             backend=choice.name,
             backend_reason=choice.reason,
-            bytes_sent=0,
-            bytes_received=done.bytes_received,
-            peers=sorted(done.updates),
-            statuses=done.statuses,
-            pseudo_grad_norm=0.0,
-            update_norm=norm,
-            timings=timer.times,
-            applied_window=done.window,
+            bytes_sent=0 if done is None else done.bytes_sent,
+            bytes_received=0 if done is None else done.bytes_received,
+            peers=[] if done is None else sorted(done.updates),
+            statuses={} if done is None else done.statuses,
+            pseudo_grad_norm=source_norm,
+            update_norm=0.0 if done is None else done.update_norm,
+            timings=timer.times | ({} if done is None else done.timings),
+            applied_window=None if done is None else done.window,
         )
-        self.last_report = report
-        return report
 
     def _keep_local_progress(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -522,45 +531,57 @@ class OuterOptimizer(Optimizer):
         """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""
         return self._origin(p).to(p.device, torch.float32) - p.to(torch.float32)
 
-    def _gather_usable(
-        self, window: int, own: Payload, shapes: dict[str, tuple[int, ...]]
-    ) -> _Gathered:
-        start = time.perf_counter()
-        gathered = self.exchange.gather(window)
-        updates, statuses = self._usable(gathered, own, shapes)
-        seconds = time.perf_counter() - start
-        return _Gathered(window, updates, statuses, gathered.bytes_received, seconds)
+    def _background_round(self, window: int, own: Payload, params: list[NamedParam]) -> _Round:
+        """Publish ``own``, gather, check the payloads and aggregate them; changes no state
+        (the aggregates depend on the parameters' names, shapes and devices only)."""
+        timer, phase = _Timer(), "publish"
+        try:
+            with timer("publish"):
+                sent = self.exchange.publish(window, own)
+            phase = "gather"
+            with timer("gather"):
+                gathered = self.exchange.gather(window)
+                updates, statuses = self._usable(gathered, own, self._shapes(params))
+            phase = "aggregate"
+            with timer("aggregate"):
+                aggregates, norm = self._aggregate_all(updates, params)
+        except Exception as exc:
+            raise _PhaseFailed(phase) from exc
+        return _Round(
+            window, updates, statuses, sent, gathered.bytes_received, aggregates, norm, timer.times
+        )
 
-    def _launch(
-        self, window: int, own: Payload, shapes: dict[str, tuple[int, ...]]
-    ) -> Future[_Gathered]:
-        """Start window ``window``'s gather (and the payload checks) on a daemon thread."""
-        future: Future[_Gathered] = Future()
+    def _launch(self, window: int, own: Payload, params: list[NamedParam]) -> Future[_Round]:
+        """Start window ``window``'s background round on a daemon thread."""
+        future: Future[_Round] = Future()
 
         def run() -> None:
             future.set_running_or_notify_cancel()
             try:
-                future.set_result(self._gather_usable(window, own, shapes))
+                future.set_result(self._background_round(window, own, params))
             except BaseException as exc:  # handed to the next boundary
                 future.set_exception(exc)
 
-        threading.Thread(target=run, name=f"sparseloco-gather-{window}", daemon=True).start()
+        threading.Thread(target=run, name=f"sparseloco-round-{window}", daemon=True).start()
         return future
 
-    def _collect(self, flight: _InFlight, shapes: dict[str, tuple[int, ...]]) -> _Gathered:
-        """The in-flight window's gather: the background one, or a foreground one when
-        there is none (after ``load_state_dict``, or after its failure was raised)."""
+    def _collect(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
+        """The in-flight window's round: the background one, or one run here when there is
+        none (after ``load_state_dict``, or after its failure was raised)."""
         future, flight.future = flight.future, None  # a failure is raised once
         where = "in the background" if future is not None else "at the boundary"
         try:
             if future is None:
                 future = Future()
-                future.set_result(self._gather_usable(flight.window, flight.own, shapes))
+                future.set_result(self._background_round(flight.window, flight.own, params))
             done = future.result()
-        except Exception as exc:
-            raise DelayedGatherError(
-                f"gather failed {where}: {type(exc).__name__}: {exc}", flight.window
-            ) from exc
+        except _PhaseFailed as exc:
+            cause = exc.__cause__
+            raise BackgroundRoundError(
+                f"{exc.phase} failed {where}: {type(cause).__name__}: {cause}",
+                window=flight.window,
+                phase=exc.phase,
+            ) from cause
         flight.future = future  # kept until the commit: a failure after it reuses the result
         return done
 
@@ -694,8 +715,8 @@ class OuterOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus ``"outer"``: window, method, the outer
         optimizer's state and, when overlapping, the in-flight round (its window and this
-        peer's payload as flat tensors; its gather is redone at the next boundary after
-        :meth:`load_state_dict`, the payload having been published before the checkpoint).
+        peer's payload as flat tensors): after :meth:`load_state_dict` the next boundary
+        publishes that payload again (the same bytes), gathers and aggregates it.
         """
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}

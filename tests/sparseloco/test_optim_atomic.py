@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from sparseloco import (
+    BackgroundRoundError,
     CorruptUpdateError,
     DataParallel,
-    DelayedGatherError,
     DenseUpdate,
     DiLoCo,
     ErrorFeedback,
@@ -72,9 +72,12 @@ class Scripted:
         self.by_window: dict[int, dict] = {}
         self.fail: Exception | None = None
         self.fail_windows: set[int] = set()
+        self.fail_publish = False
         self.published: list[tuple[int, bytes]] = []
 
     def publish(self, window, payload):
+        if self.fail_publish:
+            raise ExchangeError("storage refused the upload (injected)")
         self.published.append((window, dump_safetensors(*payload.to_tensors())))
         return payload.nbytes
 
@@ -237,9 +240,12 @@ def test_apply_with_a_bad_tensor_raises_before_changing_anything(method, positio
     assert outer.window == before["window"] + 1
 
 
-def _overlapped_setup(method, others=("b",), fail=(), corrupt=None):
-    """An overlapped peer at its third boundary: window 0 applied, window 1 in flight
-    (its gather fails if 1 is in ``fail``; ``corrupt`` names a tensor spoilt in c's)."""
+def _overlapped_setup(method, others=("b",), fail=(), corrupt=None, poison=None):
+    """An overlapped peer at its third boundary: window 0 applied, window 1 in flight.
+
+    Window 1's background round fails if 1 is in ``fail`` (the gather); ``corrupt`` names
+    a tensor spoilt in peer c's payload, ``poison`` one whose aggregate raises.
+    """
     model, ex = _model(), Scripted()
     outer = OVERLAPPED[method](model, ex)
     ex.fail_windows = set(fail)
@@ -250,6 +256,15 @@ def _overlapped_setup(method, others=("b",), fail=(), corrupt=None):
     }
     if corrupt is not None:
         ex.by_window[1]["c"] = _corrupt(ex.by_window[1]["c"], corrupt)
+    if poison is not None:
+        real, theirs = outer._aggregate_tensor, ex.by_window[1]["b"]
+
+        def failing(name, updates, device):
+            if name == poison and updates.get("b") is theirs:  # window 1's aggregate only
+                raise RuntimeError("out of memory (injected)")
+            return real(name, updates, device)
+
+        outer._aggregate_tensor = failing
     for seed in (10, 11, 12):
         if seed > 10:
             outer.step()
@@ -266,60 +281,78 @@ def _overlapped_snapshot(model, outer):
     return snap
 
 
+def _published(outer, ex, window):
+    """The bytes published for ``window``, once its background round is done."""
+    outer.finish()
+    return [blob for w, blob in ex.published if w == window]
+
+
 def _overlapped_reference(method):
     model, outer, ex = _overlapped_setup(method)
     outer.step()
-    return _overlapped_snapshot(model, outer), ex.published[-1]
+    return _overlapped_snapshot(model, outer), _published(outer, ex, 2)
+
+
+def _retry_is_clean(method, model, outer, ex):
+    outer.step()
+    expected, published = _overlapped_reference(method)
+    _assert_identical(_overlapped_snapshot(model, outer), expected)
+    assert set(_published(outer, ex, 2)) == set(published)
 
 
 @pytest.mark.parametrize("method", sorted(OVERLAPPED))
 @pytest.mark.parametrize("position", range(len(NAMES)))
 def test_overlapped_failing_aggregate_changes_nothing_and_retry_is_clean(method, position):
-    model, outer, ex = _overlapped_setup(method)
+    model, outer, ex = _overlapped_setup(method, poison=NAMES[position])
     before = _overlapped_snapshot(model, outer)
-    real = outer._aggregate_tensor
-
-    def failing(name, updates, device):
-        if name == NAMES[position]:
-            raise RuntimeError("out of memory (injected)")
-        return real(name, updates, device)
-
-    outer._aggregate_tensor = failing
-    with pytest.raises(RuntimeError, match="injected"):
+    with pytest.raises(BackgroundRoundError, match="injected") as info:
+        outer.step()  # the background aggregate of window 1 failed
+    assert (info.value.window, info.value.phase) == (1, "aggregate")
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    with pytest.raises(BackgroundRoundError, match="at the boundary"):  # now in the foreground
         outer.step()
     _assert_identical(_overlapped_snapshot(model, outer), before)
+    assert not [w for w, _ in ex.published if w == 2]  # a failed boundary publishes nothing
     del outer._aggregate_tensor
-    report = outer.step()
-    assert report.window == 2 and report.applied_window == 1
-    expected, published = _overlapped_reference(method)
-    _assert_identical(_overlapped_snapshot(model, outer), expected)
-    assert ex.published[-2] == ex.published[-1] == published
+    _retry_is_clean(method, model, outer, ex)
 
 
 @pytest.mark.parametrize("method", sorted(OVERLAPPED))
 def test_background_gather_failure_raises_at_the_next_boundary_and_changes_nothing(method):
     model, outer, ex = _overlapped_setup(method, fail=[1])  # window 1's gather fails
     before = _overlapped_snapshot(model, outer)
-    with pytest.raises(DelayedGatherError, match="injected") as info:
+    with pytest.raises(BackgroundRoundError, match="injected") as info:
         outer.step()
-    assert info.value.window == 1 and isinstance(info.value.__cause__, ExchangeError)
-    _assert_identical(_overlapped_snapshot(model, outer), before)
-    with pytest.raises(DelayedGatherError, match="at the boundary"):  # now in the foreground
-        outer.step()
+    assert (info.value.window, info.value.phase) == (1, "gather")
+    assert isinstance(info.value.__cause__, ExchangeError)
     _assert_identical(_overlapped_snapshot(model, outer), before)
     ex.fail_windows.clear()
-    outer.step()
-    expected, published = _overlapped_reference(method)
-    _assert_identical(_overlapped_snapshot(model, outer), expected)
-    assert ex.published[-1] == published
+    _retry_is_clean(method, model, outer, ex)
+
+
+def test_background_publish_failure_is_raised_and_the_retry_publishes_again():
+    model, outer, ex = _overlapped_setup("sparseloco")
+    outer.finish()
+    ex.fail_publish = True
+    _perturb(model, outer, 13)
+    outer.step()  # window 2 is encoded; its publish fails in the background
+    before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError, match="publish") as info:
+        outer.finish()
+    assert (info.value.window, info.value.phase) == (2, "publish")
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    ex.fail_publish = False
+    outer.finish()
+    assert [w for w, _ in ex.published] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("method", sorted(OVERLAPPED))
 def test_failing_finish_changes_nothing_and_retry_is_clean(method):
     model, outer, ex = _overlapped_setup(method, fail=[1])
-    with pytest.raises(DelayedGatherError):
-        outer.finish()
     before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError):
+        outer.finish()
+    _assert_identical(_overlapped_snapshot(model, outer), before)
     ex.fail_windows.clear()
     outer.finish()
     assert outer.in_flight is None and outer.window == before["window"]
