@@ -43,13 +43,23 @@ in the local model at full weight until g_k replaces it. ``finish()`` applies th
 aggregate and keeps only the unpublished progress: Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s),
 s ← Θ.
 
+Called τ inner steps into window k+1 (``OuterLoop(apply_after=τ)``), ``finish()`` gives
+Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of mixed:
+Θ_{k+1} = OuterStep(Θ_k, g_k), θ ← Θ_{k+1} + (θ − s_{k+1}), s_{k+1} ← Θ_{k+1}, so the
+local model is again the global one plus the current window's progress only, and the next
+boundary (nothing in flight) publishes Δ_{k+1} = Θ_{k+1} − θ and leaves θ as it is. The
+communication must then fit in τ inner steps; the loss is much closer to blocking rounds'
+than with the aggregate applied a whole window late (``benchmarks/utilisation.py``).
+
 What is identical: every peer applies the same aggregate sequence g₀, g₁, … to the same Θ₀
 with the same outer step, so Θ (``θ₀``), the momentum buffers, the outer optimizer's state
-and the window are bit-identical across peers after every boundary, and θ is too after
-``finish()``; a follower applying g₀, g₁, … with :meth:`~OuterOptimizer.apply` holds the
-same Θ. Between boundaries θ differs by each peer's own progress, as inside a blocking
-window. Error feedback acts only on the own Δ sequence and the messages sent (e ← β·e + Δ_k,
-e ← e − D(m_k) at window k's boundary), so the delay does not change it.
+and the window are bit-identical across peers after every boundary (and every
+``finish()``), and θ is too after a ``finish()`` right after a boundary (the end of
+training: ``OuterLoop`` does it when its block ends); a follower applying g₀, g₁, … with
+:meth:`~OuterOptimizer.apply` holds the same Θ. Between boundaries θ differs by each peer's
+own progress, as inside a blocking window. Error feedback acts only on the own Δ sequence
+and the messages sent (e ← β·e + Δ_k, e ← e − D(m_k) at window k's boundary), so the delay
+does not change it.
 
 Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,

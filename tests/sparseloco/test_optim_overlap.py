@@ -67,7 +67,7 @@ def _flat(tensors):
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _swarm(method, *, overlap, steps=20, sync_every=5):
+def _swarm(method, *, overlap, steps=20, sync_every=5, apply_after=None):
     """N peers on different data; returns models, per-peer θ₀ after every round, reports."""
     hub = InProcessHub([f"peer{i}" for i in range(N_PEERS)], timeout=30, keep_windows=16)
     models = [_model() for _ in range(N_PEERS)]
@@ -82,7 +82,10 @@ def _swarm(method, *, overlap, steps=20, sync_every=5):
         def on_round(report):
             seen.append(_flat(outer.state[p]["theta0"] for p in models[i].parameters()))
 
-        with OuterLoop(inner, outer, sync_every=sync_every, on_round=on_round) as loop:
+        loop = OuterLoop(
+            inner, outer, sync_every=sync_every, on_round=on_round, apply_after=apply_after
+        )
+        with loop:
             for x, y in _batches(100 + i, steps):
                 ((models[i](x) - y) ** 2).mean().backward()
                 inner.step()
@@ -98,16 +101,29 @@ def _swarm(method, *, overlap, steps=20, sync_every=5):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_overlapped_peers_share_the_global_model_and_end_bit_identical(method):
     hub, models, theta0s, reports = _swarm(method, overlap=True)
+    _check_swarm(method, hub, models, theta0s)
+    for rs in reports.values():
+        assert [r.window for r in rs] == [0, 1, 2, 3, 3]  # the last is finish()
+        assert [r.applied_window for r in rs] == [None, 0, 1, 2, 3]
+        assert all(r.peers == ["peer0", "peer1", "peer2"] for r in rs[1:])
+        assert {"wait", "step", "publish", "gather", "aggregate"} <= set(rs[1].timings)
+
+
+@pytest.mark.parametrize("method", ["sparseloco-nesterov", "diloco"])
+def test_streaming_overlap_applies_each_aggregate_tau_steps_into_the_next_window(method):
+    hub, models, theta0s, reports = _swarm(method, overlap=True, apply_after=2)
+    _check_swarm(method, hub, models, theta0s)
+    for rs in reports.values():  # boundaries and finish() calls, in order
+        assert [r.applied_window for r in rs] == [None, 0, None, 1, None, 2, None, 3]
+        assert [r.window for r in rs] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _check_swarm(method, hub, models, theta0s):
     flats = [_flat(m.parameters()) for m in models]
     assert all(torch.equal(flats[0], f) for f in flats[1:])  # after finish(): one model
     for i in range(1, N_PEERS):  # θ₀ after every boundary, not only at the end
         assert all(torch.equal(a, b) for a, b in zip(theta0s[0], theta0s[i], strict=True))
     assert torch.equal(theta0s[0][-1], flats[0])
-    for rs in reports.values():
-        assert [r.window for r in rs] == [0, 1, 2, 3, 3]  # the last is finish()
-        assert [r.applied_window for r in rs] == [None, 0, 1, 2, 3]
-        assert all(r.peers == ["peer0", "peer1", "peer2"] for r in rs[1:])
-        assert {"wait", "gather", "publish"} <= set(rs[1].timings)
 
     # a follower applying g₀, g₁, … in order holds the same model, bit for bit
     follower = _model()
@@ -294,6 +310,12 @@ def test_state_dict_carries_the_in_flight_round():
 
 
 def test_mode_checks():
+    inner = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="overlap=True"):
+        OuterLoop(inner, DiLoCo(_model().named_parameters(), Scripted({})), apply_after=2)
+    overlapped = DiLoCo(_model().named_parameters(), Scripted({}), overlap=True)
+    with pytest.raises(ConfigError, match="apply_after"):
+        OuterLoop(inner, overlapped, sync_every=5, apply_after=6)
     model = _model()
     blocking = DiLoCo(model.named_parameters(), Scripted({}))
     overlapped = DiLoCo(_model().named_parameters(), Scripted({0: {}}), overlap=True)
