@@ -25,6 +25,7 @@ from sparseloco.codec import (
 from sparseloco.config import PRESETS, CodecConfig, OuterConfig, preset
 from sparseloco.errors import (
     BackendUnavailableError,
+    BackgroundRoundError,
     CodecMismatchError,
     ConfigError,
     CorruptUpdateError,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "BackendUnavailableError",
+    "BackgroundRoundError",
     "ChunkLayout",
     "CodecConfig",
     "CodecMismatchError",

@@ -60,3 +60,18 @@ class BackendUnavailableError(SparseLoCoError, RuntimeError):
 
 class ExchangeError(SparseLoCoError, RuntimeError):
     """Publishing or gathering through an exchange failed."""
+
+
+class BackgroundRoundError(ExchangeError):
+    """The background part of an overlapped round (publish, gather, payload checks or
+    aggregation) failed; raised at the next round boundary, before anything changes.
+
+    Attributes:
+        window: the window whose round failed.
+        phase: ``"publish"``, ``"gather"`` or ``"aggregate"``. The failure is ``__cause__``.
+    """
+
+    def __init__(self, message: str, window: int, phase: str) -> None:
+        self.window = window
+        self.phase = phase
+        super().__init__(f"window {window}: {message}")

@@ -42,12 +42,22 @@ class OuterLoop:
         outer: a :class:`SparseLoCo`, :class:`DiLoCo` or :class:`DataParallel`.
         sync_every: inner steps per outer round; defaults to ``outer.inner_steps``.
         on_round: called with each :class:`RoundReport`.
+        apply_after: with an overlapped outer optimizer, the inner steps of the next window
+            after which the in-flight aggregate is applied (``outer.finish()``, Streaming
+            DiLoCo's overlap of τ steps); ``None`` (default) or ``sync_every``: at the next
+            boundary. The communication then has τ inner steps to finish in.
 
     Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
     ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a
     fused or capturable optimizer is called with ``optimizer.found_inf`` set and skips inside,
     which the post-step hook reads. :class:`DataParallel` under a GradScaler cannot run from
     these hooks (see its docstring); its hook raises if it sees ``found_inf``.
+
+    With an overlapped outer optimizer (``overlap=True``) leaving the block without an
+    exception calls ``outer.finish()``, which applies the last in-flight aggregate (its
+    report goes to ``on_round`` and :attr:`reports` too), so that after the block every
+    peer holds the same global model. With ``apply_after=τ`` the reports of the
+    ``finish()`` calls τ steps into each window are recorded the same way.
     """
 
     def __init__(
@@ -57,6 +67,7 @@ class OuterLoop:
         *,
         sync_every: int | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
+        apply_after: int | None = None,
     ) -> None:
         self.inner = inner
         self.outer = outer
@@ -65,13 +76,22 @@ class OuterLoop:
             raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
         if outer.hook == "pre" and self.sync_every != 1:
             raise ConfigError(f"{type(outer).__name__} averages gradients every step: sync_every=1")
+        if apply_after is not None and not getattr(outer, "overlap", False):
+            raise ConfigError("apply_after needs an overlapped outer optimizer (overlap=True)")
+        if apply_after is not None and not 1 <= apply_after <= self.sync_every:
+            raise ConfigError(
+                f"apply_after must lie in [1, sync_every={self.sync_every}], got {apply_after}"
+            )
+        self.apply_after = None if apply_after == self.sync_every else apply_after
         self.on_round = on_round
         self.inner_step_count = 0
         self.reports: list[RoundReport] = []
         self._handle: Any = None
 
     def _run_outer(self) -> None:
-        report = self.outer.step()
+        self._record(self.outer.step())
+
+    def _record(self, report: RoundReport) -> None:
         self.reports.append(report)
         if self.on_round is not None:
             self.on_round(report)
@@ -89,8 +109,13 @@ class OuterLoop:
         if skipped_by_grad_scaler(optimizer):
             return
         self.inner_step_count += 1
-        if self.inner_step_count % self.sync_every == 0:
+        phase = self.inner_step_count % self.sync_every
+        if phase == 0:
             self._run_outer()
+        elif phase == self.apply_after and self.outer.in_flight is not None:
+            report = self.outer.finish()
+            if report is not None:
+                self._record(report)
 
     def __enter__(self) -> OuterLoop:
         if self._handle is not None:
@@ -101,9 +126,13 @@ class OuterLoop:
             self._handle = self.inner.register_step_post_hook(self._post)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._handle.remove()
         self._handle = None
+        if exc_type is None and getattr(self.outer, "overlap", False):
+            report = self.outer.finish()
+            if report is not None:
+                self._record(report)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner_step_count": self.inner_step_count}

@@ -25,12 +25,53 @@ During a round (released when it ends): every tensor's float32 aggregate (4 byte
 parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's scratch copy
 of its error buffer. Rounds are atomic: everything that can fail runs before the commit
 (error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
+
+Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` encodes window k,
+applies window k−1's aggregate g_{k−1} (published, gathered, checked and aggregated on a
+background thread while window k's inner steps ran) and returns, while window k's round
+runs in the background in turn. With Θ the global model (``θ₀``), s the point window k's
+inner steps started from (state ``"start"``) and Θ₀ the initial model (s₀ = Θ₀), the
+boundary after window k's inner steps is::
+
+    Δ_k = s_k − θ                            this window's own progress; published as above
+    Θ_k = OuterStep(Θ_{k−1}, g_{k−1})        window k−1's aggregate, one round late (k ≥ 1)
+    θ ← s_{k+1} = Θ_k − Δ_k                  the global model plus this peer's fresh progress
+
+so (with the plain outer SGD) θ ← θ − α·g_{k−1} + Δ_{k−1}: the blocking correction (own raw
+progress replaced by the aggregate) one round late, while the own fresh progress Δ_k stays
+in the local model at full weight until g_k replaces it. ``finish()`` applies the last
+aggregate and keeps only the unpublished progress: Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s),
+s ← Θ.
+
+Called τ inner steps into window k+1 (``OuterLoop(apply_after=τ)``), ``finish()`` gives
+Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of mixed:
+Θ_{k+1} = OuterStep(Θ_k, g_k), θ ← Θ_{k+1} + (θ − s_{k+1}), s_{k+1} ← Θ_{k+1}, so the
+local model is again the global one plus the current window's progress only, and the next
+boundary (nothing in flight) publishes Δ_{k+1} = Θ_{k+1} − θ and leaves θ as it is. The
+communication must then fit in τ inner steps; the loss is much closer to blocking rounds'
+than with the aggregate applied a whole window late (``benchmarks/utilisation.py``).
+
+What is identical: every peer applies the same aggregate sequence g₀, g₁, … to the same Θ₀
+with the same outer step, so Θ (``θ₀``), the momentum buffers, the outer optimizer's state
+and the window are bit-identical across peers after every boundary (and every
+``finish()``), and θ is too after a ``finish()`` right after a boundary (the end of
+training: ``OuterLoop`` does it when its block ends); a follower applying g₀, g₁, … with
+:meth:`~OuterOptimizer.apply` holds the same Θ. Between boundaries θ differs by each peer's
+own progress, as inside a blocking window. Error feedback acts only on the own Δ sequence
+and the messages sent (e ← β·e + Δ_k, e ← e − D(m_k) at window k's boundary), so the delay
+does not change it.
+
+Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
+window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
+CPU with ``offload``), and, during a boundary, Δ in float32.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -44,11 +85,24 @@ from sparseloco.aggregate import iter_aggregate, iter_aggregate_dense
 from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor, CompressedUpdate, check_finite, encode_tensor
 from sparseloco.config import OuterConfig, preset
-from sparseloco.errors import ConfigError, NonFiniteError, SparseLoCoError, UpdateError
-from sparseloco.exchange import Exchange, GatherResult, PeerStatus
+from sparseloco.errors import (
+    BackgroundRoundError,
+    ConfigError,
+    NonFiniteError,
+    SparseLoCoError,
+    UpdateError,
+)
+from sparseloco.exchange import DistributedExchange, Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
 from sparseloco.names import canonical_name
-from sparseloco.payload import DenseUpdate, Payload, validate_payload, wire_dtype
+from sparseloco.payload import (
+    DenseUpdate,
+    Payload,
+    payload_from_tensors,
+    validate_payload,
+    wire_dtype,
+)
+from sparseloco.ranks import RankZeroExchange
 
 
 @dataclass
@@ -58,6 +112,14 @@ class RoundReport:
     ``timings`` holds seconds per phase (check, encode, publish, gather, aggregate_step).
     ``statuses`` maps every other peer to ``ok``/``missing``/``late``/``invalid``/``timeout``
     and ``peers`` lists the ids whose updates were aggregated (this peer included).
+
+    ``window`` is the window this round encoded and ``applied_window`` the one whose
+    aggregate it applied: the same window in blocking rounds. In overlapped rounds it is
+    the window before (``None`` at the first boundary; ``finish()`` reports the last window
+    as both), and ``bytes_sent``, ``bytes_received``, ``statuses``, ``peers``,
+    ``update_norm`` and the timings ``publish``/``gather``/``aggregate`` are that applied
+    window's background round; ``check``/``encode``/``wait`` (blocked on the background
+    round) and ``step`` (error-feedback commit and outer step) are this boundary's.
     """
 
     window: int
@@ -72,6 +134,7 @@ class RoundReport:
     pseudo_grad_norm: float
     update_norm: float
     timings: dict[str, float] = field(default_factory=dict)
+    applied_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -100,6 +163,42 @@ class _Timer:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class _Round:
+    """An overlapped round done in the background: published, gathered, checked against
+    this model and aggregated (every tensor's g on its parameter's device)."""
+
+    window: int
+    updates: dict[str, Payload]
+    statuses: dict[str, PeerStatus]
+    bytes_sent: int
+    bytes_received: int
+    aggregates: dict[str, torch.Tensor]
+    update_norm: float
+    timings: dict[str, float]
+
+
+class _PhaseFailed(Exception):
+    """Raised from the background round, naming its phase; the cause is the failure."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+        super().__init__(phase)
+
+
+@dataclass
+class _InFlight:
+    """The window whose round an overlapped optimizer started and has not applied yet.
+
+    ``future`` is its background round (``None`` after ``load_state_dict``, or once its
+    failure was raised: the next boundary then runs it in the foreground).
+    """
+
+    window: int
+    own: Payload
+    future: Future[_Round] | None
+
+
 class OuterOptimizer(Optimizer):
     """Common machinery of the outer optimizers (names, θ₀ snapshots, reports, state).
 
@@ -115,6 +214,15 @@ class OuterOptimizer(Optimizer):
     round it sees θ = θ₀ and ``.grad`` = the aggregate g (cast to the parameter's dtype; the
     users' ``.grad`` are put back after), takes its step, and θ₀ ← θ. The groups' ``lr``,
     ``momentum`` and ``nesterov`` are then unused.
+
+    ``overlap=True`` overlaps each round's communication with the next window's inner steps
+    (see the module docstring for the update rule): ``step()`` encodes, applies the previous
+    window's aggregate and returns while this window's publish, gather and aggregation run
+    on a background thread; :meth:`finish` applies the last one. It needs an exchange whose
+    ``publish`` and ``gather`` may run on another thread beside training (not
+    :class:`~sparseloco.exchange.DistributedExchange` or
+    :class:`~sparseloco.ranks.RankZeroExchange`, whose collectives would interleave with the
+    training's) and unsharded parameters.
     """
 
     method = "outer"
@@ -134,14 +242,25 @@ class OuterOptimizer(Optimizer):
         inner_steps: int,
         offload: bool = False,
         outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
+        overlap: bool = False,
     ) -> None:
         if not isinstance(exchange, Exchange):
             raise ConfigError(
                 f"exchange must provide peer_id, publish and gather; got {type(exchange).__name__}"
             )
+        if overlap and self.hook == "pre":
+            raise ConfigError(f"{type(self).__name__} has no round to overlap: overlap=False")
+        if overlap and isinstance(exchange, DistributedExchange | RankZeroExchange):
+            raise ConfigError(
+                f"overlap=True runs gather on a background thread; {type(exchange).__name__}'s "
+                "gather is a collective that would interleave with the training's: use "
+                "overlap=False or an object-storage / in-process exchange"
+            )
         self.exchange = exchange
         self.inner_steps = inner_steps
         self.offload = offload
+        self.overlap = overlap
+        self._inflight: _InFlight | None = None
         self.window = 0
         self.last_report: RoundReport | None = None
         self._names: dict[torch.Tensor, str] = {}
@@ -222,7 +341,20 @@ class OuterOptimizer(Optimizer):
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         if self.offload and sharded.is_sharded(p):
             raise ConfigError(f"{name}: offload=True is not supported for FSDP2 (DTensor) params")
+        if self.overlap and sharded.is_sharded(p):
+            raise ConfigError(f"{name}: overlap=True is not supported for FSDP2 (DTensor) params")
         self.state[p]["theta0"] = self._store(p.detach().clone())
+        if self.overlap:
+            self.state[p]["start"] = self._store(p.detach().clone())
+
+    def _origin(self, p: torch.Tensor) -> torch.Tensor:
+        """Where this window's inner steps started: θ₀, or s when overlapping."""
+        return self.state[p]["start" if self.overlap else "theta0"]
+
+    @property
+    def in_flight(self) -> int | None:
+        """The window published and not yet applied (overlapped rounds), else ``None``."""
+        return None if self._inflight is None else self._inflight.window
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         """Where long-lived state lives: with the parameter, or pinned CPU when offloading."""
@@ -275,6 +407,8 @@ class OuterOptimizer(Optimizer):
         """
         if closure is not None:
             raise ConfigError("outer optimizers take no closure")
+        if self.overlap:
+            return self._step_overlapped()
         timer = _Timer()
         window = self.window
         params = self._round_params()
@@ -309,9 +443,168 @@ class OuterOptimizer(Optimizer):
             pseudo_grad_norm=source_norm,
             update_norm=update_norm,
             timings=timer.times,
+            applied_window=window,
         )
         self.last_report = report
         return report
+
+    def _step_overlapped(self) -> RoundReport:
+        """An overlapped boundary: apply window k−1, start window k's round behind.
+
+        Atomic like a blocking round: the finite check, encoding, and waiting for window
+        k−1's background round (its failure raises :class:`BackgroundRoundError`) run before
+        θ, θ₀, s, the error and momentum buffers, the window or the in-flight round change;
+        a failed boundary publishes nothing. Window k's publish, gather, payload checks and
+        aggregate then run on a background thread; a retry after a failed one does them
+        again in the foreground (publishing the same bytes again).
+        """
+        timer = _Timer()
+        window = self.window
+        params = self._round_params()
+        choice = self._backend(params[0][1].device)
+        with timer("check"):
+            self._check_inputs(params)
+        with timer("encode"):
+            own, source_norm = self._encode(params)
+        done = None
+        if self._inflight is not None:
+            with timer("wait"):
+                done = self._collect(self._inflight, params)
+        with timer("step"):
+            progress = {n: self._store(self._own_delta(p)) for n, p, _ in params}  # Δ_k
+            self._commit_own(params, own)
+            if done is not None:
+                self._outer_step(params, done.aggregates)
+                for name, p, _ in params:  # θ ← Θ_k − Δ_k
+                    theta0 = self.state[p]["theta0"].to(p.device, torch.float32)
+                    p.copy_(theta0 - progress[name].to(p.device))
+            for _, p, _ in params:  # s_{k+1} ← θ (nothing applied: s_k = Θ, so θ stays)
+                self.state[p]["start"].copy_(p)
+        self._inflight = _InFlight(window, own, None)  # if no thread starts: done later
+        self.window = window + 1
+        self._inflight.future = self._launch(window, own, params)
+        report = self._overlapped_report(window, choice, done, source_norm, timer)
+        self.last_report = report
+        return report
+
+    @torch.no_grad()
+    def finish(self) -> RoundReport | None:
+        """Apply the in-flight window's aggregate (overlapped rounds); ``None`` if none.
+
+        Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ: the published progress is replaced by
+        the aggregate and only inner steps taken since the last ``step()`` stay local, so
+        right after a boundary every peer's θ becomes the same global model. Call it after
+        the last round (:class:`~sparseloco.loop.OuterLoop` does when its block ends) or to
+        drain before :meth:`apply`. Atomic; a failed background round raises
+        :class:`BackgroundRoundError` and the next call does it again in the foreground.
+        """
+        if self._inflight is None:
+            return None
+        timer = _Timer()
+        params = self._round_params()
+        choice = self._backend(params[0][1].device)
+        with timer("wait"):
+            done = self._collect(self._inflight, params)
+        with timer("step"):
+            self._keep_local_progress(params, done.aggregates)
+        self._inflight = None
+        report = self._overlapped_report(done.window, choice, done, 0.0, timer)
+        self.last_report = report
+        return report
+
+    def _overlapped_report(
+        self,
+        window: int,
+        choice: BackendChoice,
+        done: _Round | None,
+        source_norm: float,
+        timer: _Timer,
+    ) -> RoundReport:
+        """This boundary's timings and Δ norm, the applied window's round for the rest."""
+        return RoundReport(
+            window=window,
+            peer_id=self.exchange.peer_id,
+            method=self.method,
+            backend=choice.name,
+            backend_reason=choice.reason,
+            bytes_sent=0 if done is None else done.bytes_sent,
+            bytes_received=0 if done is None else done.bytes_received,
+            peers=[] if done is None else sorted(done.updates),
+            statuses={} if done is None else done.statuses,
+            pseudo_grad_norm=source_norm,
+            update_norm=0.0 if done is None else done.update_norm,
+            timings=timer.times | ({} if done is None else done.timings),
+            applied_window=None if done is None else done.window,
+        )
+
+    def _keep_local_progress(
+        self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
+    ) -> None:
+        """Θ ← OuterStep(Θ, g); θ ← Θ + (θ − s); s ← Θ (overlapped rounds)."""
+        local = {n: self._store(-self._own_delta(p)) for n, p, _ in params}  # θ − s
+        self._outer_step(params, aggregates)
+        for name, p, _ in params:
+            theta0 = self.state[p]["theta0"]
+            p.copy_(theta0.to(p.device, torch.float32) + local[name].to(p.device))
+            self.state[p]["start"].copy_(theta0)
+
+    def _own_delta(self, p: torch.Tensor) -> torch.Tensor:
+        """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""
+        return self._origin(p).to(p.device, torch.float32) - p.to(torch.float32)
+
+    def _background_round(self, window: int, own: Payload, params: list[NamedParam]) -> _Round:
+        """Publish ``own``, gather, check the payloads and aggregate them; changes no state
+        (the aggregates depend on the parameters' names, shapes and devices only)."""
+        timer, phase = _Timer(), "publish"
+        try:
+            with timer("publish"):
+                sent = self.exchange.publish(window, own)
+            phase = "gather"
+            with timer("gather"):
+                gathered = self.exchange.gather(window)
+                updates, statuses = self._usable(gathered, own, self._shapes(params))
+            phase = "aggregate"
+            with timer("aggregate"):
+                aggregates, norm = self._aggregate_all(updates, params)
+        except Exception as exc:
+            raise _PhaseFailed(phase) from exc
+        return _Round(
+            window, updates, statuses, sent, gathered.bytes_received, aggregates, norm, timer.times
+        )
+
+    def _launch(self, window: int, own: Payload, params: list[NamedParam]) -> Future[_Round]:
+        """Start window ``window``'s background round on a daemon thread."""
+        future: Future[_Round] = Future()
+
+        def run() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self._background_round(window, own, params))
+            except BaseException as exc:  # handed to the next boundary
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"sparseloco-round-{window}", daemon=True).start()
+        return future
+
+    def _collect(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
+        """The in-flight window's round: the background one, or one run here when there is
+        none (after ``load_state_dict``, or after its failure was raised)."""
+        future, flight.future = flight.future, None  # a failure is raised once
+        where = "in the background" if future is not None else "at the boundary"
+        try:
+            if future is None:
+                future = Future()
+                future.set_result(self._background_round(flight.window, flight.own, params))
+            done = future.result()
+        except _PhaseFailed as exc:
+            cause = exc.__cause__
+            raise BackgroundRoundError(
+                f"{exc.phase} failed {where}: {type(cause).__name__}: {cause}",
+                window=flight.window,
+                phase=exc.phase,
+            ) from cause
+        flight.future = future  # kept until the commit: a failure after it reuses the result
+        return done
 
     @torch.no_grad()
     def apply(self, updates: Mapping[str, Payload]) -> float:
@@ -321,14 +614,25 @@ class OuterOptimizer(Optimizer):
         (a validator's copy of the model): θ ← θ₀ − α·aggregate(updates), θ₀ ← θ, exactly the
         step the peers took. Raises a typed error, before changing anything, if a payload
         does not fit this model or is not decodable. Returns the norm of the aggregate.
+
+        With ``overlap=True`` nothing may be in flight (call :meth:`finish` first) and inner
+        steps taken since the last boundary stay local: θ ← θ₀ + (θ − s).
         """
+        if self._inflight is not None:
+            raise ConfigError(
+                f"window {self._inflight.window} is in flight; call finish() before apply()"
+            )
         params = self._round_params()
         shapes = self._shapes(params)
         for payload in updates.values():
             self._check(payload, shapes)
             validate_payload(payload)
         aggregates, norm = self._aggregate_all(dict(updates), params)
-        self._take_step(params, aggregates)
+        if self.overlap:
+            self._keep_local_progress(params, aggregates)
+            self.window += 1
+        else:
+            self._take_step(params, aggregates)
         return norm
 
     @staticmethod
@@ -384,12 +688,16 @@ class OuterOptimizer(Optimizer):
 
     def _take_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
         """The commit: apply every aggregate, then advance :attr:`window`."""
+        self._outer_step(params, aggregates)
+        self.window += 1
+
+    def _outer_step(self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]) -> None:
+        """Every parameter's outer step: θ ← OuterStep(θ₀, g), θ₀ ← θ."""
         if self.outer_optimizer is None:
             for name, p, group in params:
                 self._apply(p, group, aggregates[name].to(p.device, non_blocking=True))
         else:
             self._torch_outer_step(params, aggregates)
-        self.window += 1
 
     def _torch_outer_step(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -426,10 +734,25 @@ class OuterOptimizer(Optimizer):
         state["theta0"].copy_(p)
 
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict plus ``"outer"``: window, method, the outer
+        optimizer's state and, when overlapping, the in-flight round (its window and this
+        peer's payload as flat tensors): after :meth:`load_state_dict` the next boundary
+        publishes that payload again (the same bytes), gathers and aggregates it.
+        """
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
         if self.outer_optimizer is not None:
             sd["outer"]["outer_optimizer"] = self.outer_optimizer.state_dict()
+        if self.overlap:
+            sd["outer"]["overlap"] = True
+            flight = self._inflight
+            if flight is not None:
+                tensors, meta = flight.own.to_tensors()
+                sd["outer"]["in_flight"] = {
+                    "window": flight.window,
+                    "tensors": tensors,
+                    "meta": dict(meta),
+                }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -458,6 +781,12 @@ class OuterOptimizer(Optimizer):
                 )
         if (self.outer_optimizer is None) != ("outer_optimizer" not in outer):
             raise ConfigError("state_dict and this optimizer disagree on having an outer_optimizer")
+        if bool(outer.get("overlap", False)) != self.overlap:
+            raise ConfigError(
+                f"state_dict is from an optimizer with overlap={bool(outer.get('overlap'))}, "
+                f"this one has overlap={self.overlap}"
+            )
+        flight = self._saved_flight(outer.get("in_flight"))
         saved_state = state_dict["state"]
         plan: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         for saved, group in zip(groups, self.param_groups, strict=True):
@@ -483,6 +812,16 @@ class OuterOptimizer(Optimizer):
         if self.outer_optimizer is not None:
             self.outer_optimizer.load_state_dict(outer["outer_optimizer"])
         self.window = int(outer["window"])
+        self._inflight = flight
+
+    def _saved_flight(self, saved: dict[str, Any] | None) -> _InFlight | None:
+        """The in-flight round of a state dict, checked against this model."""
+        if saved is None:
+            return None
+        own = payload_from_tensors(saved["tensors"], saved["meta"])
+        self._check(own, self._shapes(self._round_params()))
+        validate_payload(own)
+        return _InFlight(int(saved["window"]), own, None)
 
 
 class SparseLoCo(OuterOptimizer):
@@ -496,6 +835,8 @@ class SparseLoCo(OuterOptimizer):
         outer_optimizer: a ``torch.optim`` optimizer (or a callable building one from the
             parameters) for the outer step instead of the built-in SGD (see
             :class:`OuterOptimizer`); the config's ``lr``/``momentum``/``nesterov`` are then unused.
+        overlap: overlap each round's gather with the next window's inner steps (the
+            one-round-delayed outer step of the module docstring); default off (blocking).
         **overrides: fields of the config to change, e.g. ``lr=0.4`` or
             ``codec={"topk": 128}``.
 
@@ -515,6 +856,7 @@ class SparseLoCo(OuterOptimizer):
         config: OuterConfig | str = "covenant-72b",
         *,
         outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
+        overlap: bool = False,
         **overrides: Any,
     ) -> None:
         cfg = preset(config) if isinstance(config, str) else config
@@ -530,6 +872,7 @@ class SparseLoCo(OuterOptimizer):
             inner_steps=cfg.inner_steps,
             offload=cfg.offload,
             outer_optimizer=outer_optimizer,
+            overlap=overlap,
         )
 
     def _error_buffer(self, p: torch.Tensor) -> torch.Tensor:
@@ -554,8 +897,8 @@ class SparseLoCo(OuterOptimizer):
         return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
     def _delta(self, p: torch.Tensor) -> torch.Tensor:
-        """Δ = θ₀ − θ in float32 on ``p``'s device."""
-        return self.state[p]["theta0"].to(p.device, torch.float32) - p.to(torch.float32)
+        """Δ = θ₀ − θ (s − θ when overlapping) in float32 on ``p``'s device."""
+        return self._own_delta(p)
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
@@ -662,6 +1005,7 @@ class DiLoCo(OuterOptimizer):
         offload: keep θ₀ and the momentum buffer in CPU memory.
         outer_optimizer: a ``torch.optim`` optimizer (or a callable building one) instead of
             the built-in Nesterov SGD; ``lr``, ``momentum`` and ``nesterov`` are then unused.
+        overlap: overlapped rounds, as for :class:`SparseLoCo` (default off).
     """
 
     method = "diloco"
@@ -678,6 +1022,7 @@ class DiLoCo(OuterOptimizer):
         wire_dtype: str = "float32",
         offload: bool = False,
         outer_optimizer: Optimizer | Callable[[list[torch.Tensor]], Optimizer] | None = None,
+        overlap: bool = False,
     ) -> None:
         if lr < 0 or not 0.0 <= momentum < 1.0 or (nesterov and momentum == 0.0):
             raise ConfigError(
@@ -695,11 +1040,12 @@ class DiLoCo(OuterOptimizer):
             inner_steps=inner_steps,
             offload=offload,
             outer_optimizer=outer_optimizer,
+            overlap=overlap,
         )
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         deltas = {
-            name: sharded.full(self.state[p]["theta0"].to(p.device) - p).to(self._wire)
+            name: sharded.full(self._origin(p).to(p.device) - p).to(self._wire)
             for name, p, _ in params
         }
         norm_sq = sum(

@@ -137,3 +137,38 @@ def test_tied_weights_and_tagged_values(tmp_path):
     assert torch.equal(ck.model["a"], w) and torch.equal(ck.model["b"], w)
     assert ck.optimizer["state"] == {0: {"step": 3, "t": (1, 2.5, None)}}
     assert ck.optimizer["$weird"][0] != ck.optimizer["$weird"][0]  # NaN survives
+
+
+def test_overlapped_optimizer_with_a_round_in_flight_resumes_from_a_checkpoint(tmp_path, kit):
+    """The in-flight window and payload survive the JSON + safetensors split, and the resumed
+    optimizer takes the same next boundary as the original."""
+
+    def build():
+        model = kit.tiny_model(3)
+        hub = sparseloco.InProcessHub(["p"], timeout=1)
+        return model, sparseloco.SparseLoCo(
+            model.named_parameters(), hub.connect("p"), overlap=True
+        )
+
+    def boundary(model, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        opt.step()
+
+    model, opt = build()
+    boundary(model, opt, 1)
+    boundary(model, opt, 2)  # window 1 in flight
+    store = CheckpointStore(LocalStorage(tmp_path / "ck"))
+    store.save(2, model.state_dict(), opt.state_dict())
+    ck = store.load()
+    assert ck.optimizer["outer"]["in_flight"]["window"] == 1
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(ck.model)
+    resumed.load_state_dict(ck.optimizer)
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        boundary(m, o, 3)
+        o.finish()
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)

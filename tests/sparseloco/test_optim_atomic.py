@@ -2,7 +2,10 @@
 
 A failure is injected at every tensor position (an exception from that tensor's aggregate, a
 corrupt tensor in another peer's payload) and after publishing (the gather raises). Params,
-grads, θ₀, error and momentum buffers and the window are compared byte for byte.
+grads, θ₀, error and momentum buffers and the window are compared byte for byte. Overlapped
+rounds (``overlap=True``) are held to the same, with the in-flight round (its window and
+payload) and the start point s compared too, and a failure of the background gather raised
+at the next boundary.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from sparseloco import (
+    BackgroundRoundError,
     CorruptUpdateError,
     DataParallel,
     DenseUpdate,
@@ -38,26 +42,53 @@ METHODS = {
     "diloco": lambda m, ex: DiLoCo(m.named_parameters(), ex),
     "data-parallel": lambda m, ex: DataParallel(m.named_parameters(), ex),
 }
+OVERLAPPED = {
+    "sparseloco": lambda m, ex: SparseLoCo(
+        m.named_parameters(),
+        ex,
+        codec={"topk": 8},
+        momentum=0.9,
+        nesterov=True,
+        lr=0.7,
+        overlap=True,
+    ),
+    "sparseloco-offload": lambda m, ex: SparseLoCo(
+        m.named_parameters(), ex, codec={"topk": 8}, momentum=0.5, offload=True, overlap=True
+    ),
+    "diloco": lambda m, ex: DiLoCo(m.named_parameters(), ex, overlap=True),
+}
 
 
 class Scripted:
-    """This peer's exchange: records published bytes; gather returns ``others`` or raises."""
+    """This peer's exchange: records published bytes; gather returns ``others`` or raises.
+
+    ``by_window`` (what gather returns per window) and ``fail_windows`` pin what a gather
+    running on a background thread sees, whenever it runs.
+    """
 
     def __init__(self) -> None:
         self.peer_id = "me"
         self.others: dict = {}
+        self.by_window: dict[int, dict] = {}
         self.fail: Exception | None = None
+        self.fail_windows: set[int] = set()
+        self.fail_publish = False
         self.published: list[tuple[int, bytes]] = []
 
     def publish(self, window, payload):
+        if self.fail_publish:
+            raise ExchangeError("storage refused the upload (injected)")
         self.published.append((window, dump_safetensors(*payload.to_tensors())))
         return payload.nbytes
 
     def gather(self, window):
         if self.fail is not None:
             raise self.fail
-        statuses = {p: PeerStatus(p, "ok") for p in self.others}
-        return GatherResult(window=window, updates=dict(self.others), statuses=statuses)
+        if window in self.fail_windows:
+            raise ExchangeError(f"storage unreachable in window {window} (injected)")
+        others = self.by_window.get(window, self.others)
+        statuses = {p: PeerStatus(p, "ok") for p in others}
+        return GatherResult(window=window, updates=dict(others), statuses=statuses)
 
 
 def _model():
@@ -207,3 +238,137 @@ def test_apply_with_a_bad_tensor_raises_before_changing_anything(method, positio
     _assert_identical(_snapshot(model, outer), before)
     outer.apply({"b": good})
     assert outer.window == before["window"] + 1
+
+
+def _overlapped_setup(method, others=("b",), fail=(), corrupt=None, poison=None):
+    """An overlapped peer at its third boundary: window 0 applied, window 1 in flight.
+
+    Window 1's background round fails if 1 is in ``fail`` (the gather); ``corrupt`` names
+    a tensor spoilt in peer c's payload, ``poison`` one whose aggregate raises.
+    """
+    model, ex = _model(), Scripted()
+    outer = OVERLAPPED[method](model, ex)
+    ex.fail_windows = set(fail)
+    ex.by_window = {
+        0: {"b": _peer_payload(method, model, 1)},
+        1: {p: _peer_payload(method, model, 2 + i) for i, p in enumerate(others)},
+        2: {},
+    }
+    if corrupt is not None:
+        ex.by_window[1]["c"] = _corrupt(ex.by_window[1]["c"], corrupt)
+    if poison is not None:
+        real, theirs = outer._aggregate_tensor, ex.by_window[1]["b"]
+
+        def failing(name, updates, device):
+            if name == poison and updates.get("b") is theirs:  # window 1's aggregate only
+                raise RuntimeError("out of memory (injected)")
+            return real(name, updates, device)
+
+        outer._aggregate_tensor = failing
+    for seed in (10, 11, 12):
+        if seed > 10:
+            outer.step()
+        _perturb(model, outer, seed)
+    return model, outer, ex
+
+
+def _overlapped_snapshot(model, outer):
+    snap = _snapshot(model, outer)  # θ, θ₀, s, error and momentum buffers, window
+    flight = outer.state_dict()["outer"].get("in_flight")
+    snap["in_flight"] = None if flight is None else flight["window"]
+    if flight is not None:
+        snap["in_flight_payload"] = dump_safetensors(flight["tensors"], flight["meta"])
+    return snap
+
+
+def _published(outer, ex, window):
+    """The bytes published for ``window``, once its background round is done."""
+    outer.finish()
+    return [blob for w, blob in ex.published if w == window]
+
+
+def _overlapped_reference(method):
+    model, outer, ex = _overlapped_setup(method)
+    outer.step()
+    return _overlapped_snapshot(model, outer), _published(outer, ex, 2)
+
+
+def _retry_is_clean(method, model, outer, ex):
+    outer.step()
+    expected, published = _overlapped_reference(method)
+    _assert_identical(_overlapped_snapshot(model, outer), expected)
+    assert set(_published(outer, ex, 2)) == set(published)
+
+
+@pytest.mark.parametrize("method", sorted(OVERLAPPED))
+@pytest.mark.parametrize("position", range(len(NAMES)))
+def test_overlapped_failing_aggregate_changes_nothing_and_retry_is_clean(method, position):
+    model, outer, ex = _overlapped_setup(method, poison=NAMES[position])
+    before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError, match="injected") as info:
+        outer.step()  # the background aggregate of window 1 failed
+    assert (info.value.window, info.value.phase) == (1, "aggregate")
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    with pytest.raises(BackgroundRoundError, match="at the boundary"):  # now in the foreground
+        outer.step()
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    assert not [w for w, _ in ex.published if w == 2]  # a failed boundary publishes nothing
+    del outer._aggregate_tensor
+    _retry_is_clean(method, model, outer, ex)
+
+
+@pytest.mark.parametrize("method", sorted(OVERLAPPED))
+def test_background_gather_failure_raises_at_the_next_boundary_and_changes_nothing(method):
+    model, outer, ex = _overlapped_setup(method, fail=[1])  # window 1's gather fails
+    before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError, match="injected") as info:
+        outer.step()
+    assert (info.value.window, info.value.phase) == (1, "gather")
+    assert isinstance(info.value.__cause__, ExchangeError)
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    ex.fail_windows.clear()
+    _retry_is_clean(method, model, outer, ex)
+
+
+def test_background_publish_failure_is_raised_and_the_retry_publishes_again():
+    model, outer, ex = _overlapped_setup("sparseloco")
+    outer.finish()
+    ex.fail_publish = True
+    _perturb(model, outer, 13)
+    outer.step()  # window 2 is encoded; its publish fails in the background
+    before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError, match="publish") as info:
+        outer.finish()
+    assert (info.value.window, info.value.phase) == (2, "publish")
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    ex.fail_publish = False
+    outer.finish()
+    assert [w for w, _ in ex.published] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", sorted(OVERLAPPED))
+def test_failing_finish_changes_nothing_and_retry_is_clean(method):
+    model, outer, ex = _overlapped_setup(method, fail=[1])
+    before = _overlapped_snapshot(model, outer)
+    with pytest.raises(BackgroundRoundError):
+        outer.finish()
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    ex.fail_windows.clear()
+    outer.finish()
+    assert outer.in_flight is None and outer.window == before["window"]
+    clean_model, clean, _ = _overlapped_setup(method)
+    clean.finish()
+    _assert_identical(_overlapped_snapshot(model, outer), _overlapped_snapshot(clean_model, clean))
+
+
+@pytest.mark.parametrize("method", sorted(OVERLAPPED))
+@pytest.mark.parametrize("position", range(len(NAMES)))
+def test_overlapped_bad_tensor_in_a_gathered_payload_excludes_that_peer_only(method, position):
+    model, outer, _ = _overlapped_setup(method, others=("b", "c"), corrupt=NAMES[position])
+    report = outer.step()
+    assert report.applied_window == 1
+    assert report.statuses["c"].status == "invalid"
+    assert NAMES[position] in report.statuses["c"].reason
+    assert report.peers == ["b", "me"]
+    expected, _ = _overlapped_reference(method)  # the same round with peer b alone
+    _assert_identical(_overlapped_snapshot(model, outer), expected)

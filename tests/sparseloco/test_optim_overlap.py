@@ -1,0 +1,331 @@
+"""Overlapped rounds: the one-round-delayed outer step keeps every peer on one global model.
+
+Peers run as threads on an :class:`InProcessHub`; a scripted exchange pins the update rule
+and error feedback to hand-computed values, and a gated exchange shows that ``step()``
+returns while the gather is still running.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+import torch
+
+from sparseloco import (
+    ConfigError,
+    DenseUpdate,
+    DiLoCo,
+    ErrorFeedback,
+    GatherResult,
+    InProcessHub,
+    OuterLoop,
+    PeerStatus,
+    SparseLoCo,
+    encode,
+)
+from sparseloco.serialization import dump_safetensors
+
+N_PEERS = 3
+METHODS = {
+    "sparseloco": lambda m, ex, **kw: SparseLoCo(
+        m.named_parameters(), ex, codec={"topk": 32}, **kw
+    ),
+    "sparseloco-nesterov": lambda m, ex, **kw: SparseLoCo(
+        m.named_parameters(), ex, codec={"topk": 32}, momentum=0.5, nesterov=True, lr=0.7, **kw
+    ),
+    "sparseloco-torch-sgd": lambda m, ex, **kw: SparseLoCo(
+        m.named_parameters(),
+        ex,
+        codec={"topk": 32},
+        outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.8, momentum=0.3),
+        **kw,
+    ),
+    "diloco": lambda m, ex, **kw: DiLoCo(m.named_parameters(), ex, lr=0.7, **kw),
+}
+
+
+def _model(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.Tanh(), torch.nn.Linear(48, 6))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def _batches(seed, n, size=16):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 6, generator=torch.Generator().manual_seed(99))
+    for _ in range(n):
+        x = torch.randn(size, 24, generator=g)
+        yield x, x @ w
+
+
+def _flat(tensors):
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _swarm(method, *, overlap, steps=20, sync_every=5, apply_after=None):
+    """N peers on different data; returns models, per-peer θ₀ after every round, reports."""
+    hub = InProcessHub([f"peer{i}" for i in range(N_PEERS)], timeout=30, keep_windows=16)
+    models = [_model() for _ in range(N_PEERS)]
+    theta0s: dict[int, list[torch.Tensor]] = {}
+    reports: dict[int, list] = {}
+
+    def peer(i):
+        outer = METHODS[method](models[i], hub.connect(f"peer{i}"), overlap=overlap)
+        inner = torch.optim.AdamW(models[i].parameters(), lr=1e-2)
+        seen = theta0s.setdefault(i, [])
+
+        def on_round(report):
+            seen.append(_flat(outer.state[p]["theta0"] for p in models[i].parameters()))
+
+        loop = OuterLoop(
+            inner, outer, sync_every=sync_every, on_round=on_round, apply_after=apply_after
+        )
+        with loop:
+            for x, y in _batches(100 + i, steps):
+                ((models[i](x) - y) ** 2).mean().backward()
+                inner.step()
+                inner.zero_grad()
+        reports[i] = loop.reports
+
+    threads = [threading.Thread(target=peer, args=(i,)) for i in range(N_PEERS)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return hub, models, theta0s, reports
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_overlapped_peers_share_the_global_model_and_end_bit_identical(method):
+    hub, models, theta0s, reports = _swarm(method, overlap=True)
+    _check_swarm(method, hub, models, theta0s)
+    for rs in reports.values():
+        assert [r.window for r in rs] == [0, 1, 2, 3, 3]  # the last is finish()
+        assert [r.applied_window for r in rs] == [None, 0, 1, 2, 3]
+        assert all(r.peers == ["peer0", "peer1", "peer2"] for r in rs[1:])
+        assert {"wait", "step", "publish", "gather", "aggregate"} <= set(rs[1].timings)
+
+
+@pytest.mark.parametrize("method", ["sparseloco-nesterov", "diloco"])
+def test_streaming_overlap_applies_each_aggregate_tau_steps_into_the_next_window(method):
+    hub, models, theta0s, reports = _swarm(method, overlap=True, apply_after=2)
+    _check_swarm(method, hub, models, theta0s)
+    for rs in reports.values():  # boundaries and finish() calls, in order
+        assert [r.applied_window for r in rs] == [None, 0, None, 1, None, 2, None, 3]
+        assert [r.window for r in rs] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _check_swarm(method, hub, models, theta0s):
+    flats = [_flat(m.parameters()) for m in models]
+    assert all(torch.equal(flats[0], f) for f in flats[1:])  # after finish(): one model
+    for i in range(1, N_PEERS):  # θ₀ after every boundary, not only at the end
+        assert all(torch.equal(a, b) for a, b in zip(theta0s[0], theta0s[i], strict=True))
+    assert torch.equal(theta0s[0][-1], flats[0])
+
+    # a follower applying g₀, g₁, … in order holds the same model, bit for bit
+    follower = _model()
+    outer = METHODS[method](follower, hub.observer())
+    observer = hub.observer()
+    for window in range(4):
+        outer.apply(observer.gather(window).updates)
+    assert torch.equal(_flat(follower.parameters()), flats[0])
+
+
+def test_overlapped_sparseloco_learns_as_well_as_blocking_at_equal_steps():
+    x, y = next(_batches(999, 1, size=256))  # held out
+    loss = {}
+    for overlap in (False, True):
+        _, models, _, _ = _swarm("sparseloco", overlap=overlap, steps=40)
+        with torch.no_grad():
+            loss[overlap] = float(((models[0](x) - y) ** 2).mean())
+    with torch.no_grad():
+        start = float(((_model()(x) - y) ** 2).mean())
+    assert loss[True] != loss[False]  # another trajectory (the delay) ...
+    assert loss[True] < 0.3 * start and loss[True] < 1.1 * loss[False]  # ... as good
+
+
+class Scripted:
+    """This peer's exchange; gather(w) returns ``by_window[w]`` (other peers' payloads)."""
+
+    def __init__(self, by_window):
+        self.peer_id = "me"
+        self.by_window = by_window
+        self.published: list[tuple[int, object]] = []
+
+    def publish(self, window, payload):
+        self.published.append((window, payload))
+        return payload.nbytes
+
+    def gather(self, window):
+        others = self.by_window[window]
+        statuses = {p: PeerStatus(p, "ok") for p in others}
+        return GatherResult(window=window, updates=dict(others), statuses=statuses)
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.05)
+
+
+def _dense(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return DenseUpdate(
+        {n: 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    )
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_overlapped_diloco_follows_the_delayed_update_rule():
+    model = _model()
+    others = {w: {"b": _dense(model, 50 + w)} for w in range(2)}
+    outer = DiLoCo(
+        model.named_parameters(),
+        Scripted(others),
+        lr=0.5,
+        momentum=0.0,
+        nesterov=False,
+        overlap=True,
+    )
+    theta0 = _params(model)  # Θ₀ = s₀
+    _perturb(model, 1)
+    d0 = {n: theta0[n] - p for n, p in _params(model).items()}  # Δ₀ = s₀ − θ
+    s1 = _params(model)
+    outer.step()  # publishes Δ₀, nothing to apply: θ stays
+    assert all(torch.equal(p, s1[n]) for n, p in _params(model).items())
+    _perturb(model, 2)
+    d1 = {n: s1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
+    outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ − Δ₁
+    theta1 = {n: theta0[n] - 0.5 * (d0[n] + others[0]["b"].tensors[n]) / 2 for n in theta0}
+    for n, p in _params(model).items():
+        torch.testing.assert_close(p, theta1[n] - d1[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            outer.state[dict(model.named_parameters())[n]]["theta0"], theta1[n], rtol=0, atol=1e-6
+        )
+    assert outer.in_flight == 1
+    outer.finish()  # Θ₂ = Θ₁ − α·mean(Δ₁, B₁);  θ ← Θ₂ (no inner steps since the boundary)
+    named = dict(model.named_parameters())
+    for n, p in _params(model).items():
+        theta2 = theta1[n] - 0.5 * (d1[n] + others[1]["b"].tensors[n]) / 2
+        torch.testing.assert_close(p, theta2, rtol=0, atol=1e-6)
+        assert torch.equal(p, outer.state[named[n]]["theta0"])
+        assert torch.equal(p, outer.state[named[n]]["start"])
+    assert outer.in_flight is None and outer.finish() is None
+
+
+def test_error_feedback_under_the_delay_sees_each_window_once():
+    """Published messages and error buffers equal a standalone ErrorFeedback run over
+    Δ₀, Δ₁, … (each window's own progress from its start point), bit for bit."""
+    model = _model()
+    others = {w: {"b": _dense(model, 60 + w)} for w in range(4)}
+    ex = Scripted({})
+    outer = SparseLoCo(model.named_parameters(), ex, codec={"topk": 8}, overlap=True)
+    for w in range(4):
+        ex.by_window[w] = {"b": encode(others[w]["b"].tensors, ErrorFeedback(outer.config.codec))}
+    ef = ErrorFeedback(outer.config.codec)
+    named = dict(model.named_parameters())
+    expected = []
+    for w in range(4):
+        _perturb(model, 10 + w)
+        delta = {n: outer.state[p]["start"] - p.detach() for n, p in named.items()}
+        expected.append(encode(delta, ef))
+        outer.step()
+        for n, p in named.items():
+            assert torch.equal(outer.state[p]["error"], ef.buffers[n])
+    outer.finish()  # the last publish is done
+    assert [w for w, _ in sorted(ex.published, key=lambda x: x[0])] == [0, 1, 2, 3]
+    for (_, sent), exp in zip(sorted(ex.published, key=lambda x: x[0]), expected, strict=True):
+        assert dump_safetensors(*sent.to_tensors()) == dump_safetensors(*exp.to_tensors())
+
+
+class Gated(Scripted):
+    """gather(w) blocks until ``release`` is set."""
+
+    def __init__(self, by_window):
+        super().__init__(by_window)
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def gather(self, window):
+        self.started.set()
+        assert self.release.wait(10)
+        return super().gather(window)
+
+
+def test_step_returns_while_the_gather_runs_and_applies_it_at_the_next_boundary():
+    model = _model()
+    ex = Gated({0: {"b": _dense(model, 7)}})
+    outer = DiLoCo(model.named_parameters(), ex, overlap=True)
+    _perturb(model, 1)
+    report = outer.step()
+    assert report.applied_window is None and outer.in_flight == 0
+    assert ex.started.wait(10) and not ex.release.is_set()  # gather running, step returned
+    _perturb(model, 2)
+    threading.Timer(0.2, ex.release.set).start()
+    ex.by_window[1] = {"b": _dense(model, 8)}
+    report = outer.step()
+    assert report.applied_window == 0 and report.peers == ["b", "me"]
+    assert report.timings["wait"] >= 0.1  # this boundary waited for the gather
+    ex.release.set()
+
+
+def test_state_dict_carries_the_in_flight_round():
+    def build():
+        model = _model()
+        others = {w: {"b": _dense(model, 70 + w)} for w in range(3)}
+        outer = DiLoCo(model.named_parameters(), Scripted(others), momentum=0.9, overlap=True)
+        return model, outer
+
+    def boundary(model, outer, seed):
+        _perturb(model, seed)
+        outer.step()
+
+    model, outer = build()
+    boundary(model, outer, 1)
+    boundary(model, outer, 2)  # window 1 in flight
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "outer": outer.state_dict()}, buf)
+    assert outer.state_dict()["outer"]["in_flight"]["window"] == 1
+    boundary(model, outer, 3)
+    outer.finish()
+
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed, other = build()
+    resumed.load_state_dict(saved["model"])
+    other.load_state_dict(saved["outer"])
+    assert other.in_flight == 1 and other.window == 2
+    boundary(resumed, other, 3)  # gathers window 1 in the foreground, then as before
+    other.finish()
+    assert torch.equal(_flat(resumed.parameters()), _flat(model.parameters()))
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        for key, value in outer.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key
+
+
+def test_mode_checks():
+    inner = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="overlap=True"):
+        OuterLoop(inner, DiLoCo(_model().named_parameters(), Scripted({})), apply_after=2)
+    overlapped = DiLoCo(_model().named_parameters(), Scripted({}), overlap=True)
+    with pytest.raises(ConfigError, match="apply_after"):
+        OuterLoop(inner, overlapped, sync_every=5, apply_after=6)
+    model = _model()
+    blocking = DiLoCo(model.named_parameters(), Scripted({}))
+    overlapped = DiLoCo(_model().named_parameters(), Scripted({0: {}}), overlap=True)
+    with pytest.raises(ConfigError, match="overlap"):
+        overlapped.load_state_dict(blocking.state_dict())
+    with pytest.raises(ConfigError, match="overlap"):
+        blocking.load_state_dict(overlapped.state_dict())
+    overlapped.step()
+    with pytest.raises(ConfigError, match="finish"):
+        overlapped.apply({})
+    overlapped.finish()
+    overlapped.apply({})
+    assert overlapped.window == 2
