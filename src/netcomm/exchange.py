@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 from netcomm.directory import PeerDirectory, PeerRecord, check_peer_id, update_key
@@ -171,6 +171,7 @@ class _PeerState:
     nbytes: int = 0
     started: float | None = None
     last_error: str = ""
+    stored_at: float | None = None
 
 
 class _Pools(NamedTuple):
@@ -330,6 +331,8 @@ class StorageExchange:
         for name in names:
             st = states[name]
             status = st.status or self._unfinished(st)
+            if st.stored_at is not None:
+                status = replace(status, stored_at=st.stored_at)
             result.statuses[name] = status
             if status.status == "ok" and st.payload is not None:
                 result.updates[name] = st.payload
@@ -427,6 +430,7 @@ class StorageExchange:
         except StorageError as exc:
             st.status = PeerStatus(st.peer, "missing", f"cannot read storage: {exc}")
             return
+        st.stored_at = info.mtime
         if cached is not None and cached[0] == info.etag:
             _, status, payload = cached
             st.status = PeerStatus(st.peer, status.status, status.reason or "already verified")

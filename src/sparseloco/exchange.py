@@ -41,6 +41,8 @@ class PeerStatus:
     reason: str = ""
     nbytes: int = 0
     latency_s: float = 0.0
+    #: when the storage server stored the object (epoch seconds), if the exchange saw it
+    stored_at: float | None = None
 
 
 @dataclass

@@ -34,12 +34,8 @@ from netcomm import (
     LocalStorage,
     ModelSpec,
     NetcommError,
-    ObjectNotFoundError,
     StorageExchange,
-    open_envelope,
-    update_key,
 )
-from netcomm.signing import default_verifiers
 from sparseloco.exchange import GatherResult
 from sparseloco.optim import RoundReport, SparseLoCo
 from sparseloco.payload import Payload
@@ -350,18 +346,11 @@ class Miner(Node):
         return sorted(updates)
 
     def _own_update(self, window: int) -> Payload | None:
-        """This miner's own published update (it crashed between publishing and stepping)."""
+        """This miner's own published update (it crashed between publishing and stepping);
+        ``None`` when it published none or the stored one does not verify."""
         try:
-            blob = self.storage.get(update_key(UPDATES, window, self.hotkey))
-            return open_envelope(
-                blob,
-                expected_peer=self.hotkey,
-                public_key=self.signer.public_key,
-                verifiers=default_verifiers(),
-                window=window,
-                codec=self.protocol.codec,
-            ).payload
-        except (ObjectNotFoundError, NetcommError):
+            return self.exchange.published(window)
+        except NetcommError:
             return None
 
     def catch_up(self, current: int) -> None:

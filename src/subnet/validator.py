@@ -37,7 +37,7 @@ from gauntlet import (
     WindowInputs,
     WindowReport,
 )
-from netcomm import CheckpointStore, ModelSpec, NetcommError, update_key
+from netcomm import CheckpointStore, ModelSpec
 from sparseloco.aggregate import aggregate
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
@@ -142,19 +142,6 @@ class Validator(Node):
             self.heldout
         )
 
-    def _stored_times(self, window: int, peers: list[str]) -> dict[str, float]:
-        """The storage server's times of the updates (the tie-breaker of copy blame)."""
-        times = {}
-        for peer in peers:
-            entry = self.directory.entry(peer)
-            if entry is None:
-                continue
-            try:
-                times[peer] = entry.storage.head(update_key(UPDATES, window, peer)).mtime
-            except NetcommError:
-                continue
-        return times
-
     def run_window(self, window: int) -> WindowReport:
         """Score ``window``, publish its aggregation set, step, set weights, checkpoint."""
         started = time.monotonic()
@@ -180,7 +167,11 @@ class Validator(Node):
                 eval_seed=self.chain.block_hash(self.clock.first_block(window + 1)),
                 digests=digests,
                 sync_values=sync,
-                publish_times=self._stored_times(window, sorted(gathered.updates)),
+                publish_times={
+                    p: st.stored_at
+                    for p, st in gathered.statuses.items()
+                    if st.stored_at is not None and p in gathered.updates
+                },
             )
         )
         accepted = report.accepted

@@ -93,6 +93,10 @@ def test_publish_then_gather_ok_with_exact_payloads(storage, model, spec, kit):
     for p in ("p1", "p2"):
         assert kit.payload_bytes(result.updates[p]) == kit.payload_bytes(updates[p])
     assert storage.head(update_key("", 3, "p1")).size == sent["p1"]
+    # the storage server's own time of each object, from the gather's probe
+    for p in ("p1", "p2"):
+        assert result.statuses[p].stored_at == storage.head(update_key("", 3, p)).mtime
+    assert ex["p0"].gather(4, deadline=0.05).statuses["p1"].stored_at is None
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
