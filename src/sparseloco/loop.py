@@ -76,7 +76,7 @@ class OuterLoop:
             raise ConfigError(f"sync_every must be >= 1, got {self.sync_every}")
         if outer.hook == "pre" and self.sync_every != 1:
             raise ConfigError(f"{type(outer).__name__} averages gradients every step: sync_every=1")
-        if apply_after is not None and not getattr(outer, "overlap", False):
+        if apply_after is not None and not outer.overlap:
             raise ConfigError("apply_after needs an overlapped outer optimizer (overlap=True)")
         if apply_after is not None and not 1 <= apply_after <= self.sync_every:
             raise ConfigError(

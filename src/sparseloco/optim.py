@@ -169,7 +169,7 @@ class _Round:
     this model and aggregated (every tensor's g on its parameter's device)."""
 
     window: int
-    updates: dict[str, Payload]
+    peers: list[str]
     statuses: dict[str, PeerStatus]
     bytes_sent: int
     bytes_received: int
@@ -471,9 +471,11 @@ class OuterOptimizer(Optimizer):
             with timer("wait"):
                 done = self._collect(self._inflight, params)
         with timer("step"):
-            progress = {n: self._store(self._own_delta(p)) for n, p, _ in params}  # Δ_k
-            self._commit_own(params, own)
+            progress = None  # Δ_k, needed only when an aggregate is applied here
             if done is not None:
+                progress = {n: self._store(self._own_delta(p)) for n, p, _ in params}
+            self._commit_own(params, own)
+            if done is not None and progress is not None:
                 self._outer_step(params, done.aggregates)
                 for name, p, _ in params:  # θ ← Θ_k − Δ_k
                     theta0 = self.state[p]["theta0"].to(p.device, torch.float32)
@@ -529,7 +531,7 @@ class OuterOptimizer(Optimizer):
             backend_reason=choice.reason,
             bytes_sent=0 if done is None else done.bytes_sent,
             bytes_received=0 if done is None else done.bytes_received,
-            peers=[] if done is None else sorted(done.updates),
+            peers=[] if done is None else done.peers,
             statuses={} if done is None else done.statuses,
             pseudo_grad_norm=source_norm,
             update_norm=0.0 if done is None else done.update_norm,
@@ -569,7 +571,14 @@ class OuterOptimizer(Optimizer):
         except Exception as exc:
             raise _PhaseFailed(phase) from exc
         return _Round(
-            window, updates, statuses, sent, gathered.bytes_received, aggregates, norm, timer.times
+            window,
+            sorted(updates),
+            statuses,
+            sent,
+            gathered.bytes_received,
+            aggregates,
+            norm,
+            timer.times,
         )
 
     def _launch(self, window: int, own: Payload, params: list[NamedParam]) -> Future[_Round]:
@@ -593,9 +602,9 @@ class OuterOptimizer(Optimizer):
         where = "in the background" if future is not None else "at the boundary"
         try:
             if future is None:
-                future = Future()
-                future.set_result(self._background_round(flight.window, flight.own, params))
-            done = future.result()
+                done = self._background_round(flight.window, flight.own, params)
+            else:
+                done = future.result()
         except _PhaseFailed as exc:
             cause = exc.__cause__
             raise BackgroundRoundError(
@@ -896,10 +905,6 @@ class SparseLoCo(OuterOptimizer):
         codec = self.config.codec
         return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
-    def _delta(self, p: torch.Tensor) -> torch.Tensor:
-        """Δ = θ₀ − θ (s − θ when overlapping) in float32 on ``p``'s device."""
-        return self._own_delta(p)
-
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
         """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
         each error buffer: the buffers themselves change only in :meth:`_commit_own`.
@@ -914,7 +919,7 @@ class SparseLoCo(OuterOptimizer):
         tensors = {}
         pg_sq = 0.0
         for name, p, _ in params:
-            delta = sharded.full(self._delta(p))
+            delta = sharded.full(self._own_delta(p))
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
             if name in owner:
                 check_finite(name, delta)  # on every rank: they all hold the same Δ
@@ -967,7 +972,7 @@ class SparseLoCo(OuterOptimizer):
                 continue
             error = self._error_buffer(p)
             work = error.to(p.device, non_blocking=True) if self.offload else error
-            again = encode_tensor(name, self._delta(p), work, codec)
+            again = encode_tensor(name, self._own_delta(p), work, codec)
             if work is not error:
                 error.copy_(work)
             if not _same_message(again, own.tensors[name]):
