@@ -616,13 +616,20 @@ class OuterOptimizer(Optimizer):
         return done
 
     @torch.no_grad()
-    def apply(self, updates: Mapping[str, Payload]) -> float:
+    def apply(
+        self,
+        updates: Mapping[str, Payload],
+        *,
+        on_aggregate: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    ) -> float:
         """Take the outer step of already-gathered payloads without publishing anything.
 
         For a window this peer missed (catching up), and for followers that never train
         (a validator's copy of the model): θ ← θ₀ − α·aggregate(updates), θ₀ ← θ, exactly the
         step the peers took. Raises a typed error, before changing anything, if a payload
-        does not fit this model or is not decodable. Returns the norm of the aggregate.
+        does not fit this model or is not decodable. Returns the norm of the aggregate;
+        ``on_aggregate`` receives the aggregate (name → g) before the step, for callers
+        that also need it (a validator remembering it for replay checks).
 
         With ``overlap=True`` nothing may be in flight (call :meth:`finish` first) and inner
         steps taken since the last boundary stay local: θ ← θ₀ + (θ − s).
@@ -637,6 +644,8 @@ class OuterOptimizer(Optimizer):
             self._check(payload, shapes)
             validate_payload(payload)
         aggregates, norm = self._aggregate_all(dict(updates), params)
+        if on_aggregate is not None and updates:
+            on_aggregate(aggregates)
         if self.overlap:
             self._keep_local_progress(params, aggregates)
             self.window += 1

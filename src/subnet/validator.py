@@ -38,7 +38,6 @@ from gauntlet import (
     WindowReport,
 )
 from netcomm import CheckpointStore, ModelSpec
-from sparseloco.aggregate import aggregate
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
 from subnet.clock import Stopped
@@ -179,19 +178,11 @@ class Validator(Node):
         if self.cfg.validator.aggregate == "valid":
             chosen = [p for p in sorted(gathered.updates) if _valid(report, p)]
         selected = {p: gathered.updates[p] for p in chosen}
-        self.follower.apply(selected)
+        # a later update that resends this aggregate is a replay
+        self.follower.apply(
+            selected, on_aggregate=lambda agg: self.scorer.record_aggregate(window, agg)
+        )
         write_selection(self.storage, window, chosen, state_digest(self.model))
-        if selected:  # a later update that resends this aggregate is a replay
-            outer = self.protocol.outer
-            self.scorer.record_aggregate(
-                window,
-                aggregate(
-                    selected,  # type: ignore[arg-type]
-                    reducer=outer.reducer,
-                    clip_to_median=outer.clip_to_median,
-                    backend=outer.codec.backend,
-                ),
-            )
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()

@@ -254,3 +254,28 @@ def test_outer_optimizer_must_hold_the_same_parameters():
             InProcessHub().connect("x"),
             outer_optimizer=torch.optim.SGD(m[0].parameters(), lr=0.1),
         )
+
+
+def test_apply_hands_the_aggregate_it_steps_on_to_on_aggregate():
+    from sparseloco.aggregate import aggregate
+    from sparseloco.codec import ErrorFeedback, encode
+    from sparseloco.config import preset
+
+    cfg = preset("covenant-72b")
+    m = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 64))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    ups = {
+        f"p{i}": encode(
+            {n: torch.randn(p.shape, generator=g) for n, p in m.named_parameters()},
+            ErrorFeedback(cfg.codec),
+        )
+        for i, g in enumerate(gens)
+    }
+    got: dict[str, torch.Tensor] = {}
+    SparseLoCo(m.named_parameters(), InProcessHub().connect("v"), cfg).apply(
+        ups, on_aggregate=got.update
+    )
+    ref = aggregate(
+        ups, reducer=cfg.reducer, clip_to_median=cfg.clip_to_median, backend=cfg.codec.backend
+    )
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
