@@ -339,24 +339,34 @@ def start_server() -> tuple[subprocess.Popen, str]:
 
 def start_link(upstream: str, spec: str) -> tuple[subprocess.Popen, str]:
     """A :class:`netcomm.LinkProxy` in a child process (so it takes no GIL from the client)."""
-    proxy = subprocess.Popen(
-        [sys.executable, "-c", _LINK_SCRIPT, upstream, spec],
+    proxy, urls = start_links(upstream, spec, 1)
+    return proxy, urls[0]
+
+
+def start_links(
+    upstream: str, spec: str, n: int, burst_bytes: float | None = None
+) -> tuple[subprocess.Popen, list[str]]:
+    """``n`` LinkProxies (one :class:`netcomm.Link` each) in a child process; it and their
+    URLs. ``burst_bytes``: see :class:`netcomm.Link`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LINK_SCRIPT, upstream, spec, str(n), repr(burst_bytes)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    url = proxy.stdout.readline().strip()
-    if not url:
-        proxy.kill()
-        raise RuntimeError("the link proxy did not start")
-    return proxy, url
+    urls = proc.stdout.readline().split()  # type: ignore[union-attr]
+    if len(urls) != n:
+        proc.kill()
+        raise RuntimeError("the link proxies did not start")
+    return proc, urls
 
 
 _LINK_SCRIPT = """
-import sys
-from netcomm import LinkProxy, parse_link
-proxy = LinkProxy(sys.argv[1], parse_link(sys.argv[2])).start()
-print(proxy.url, flush=True)
+import ast, sys
+from netcomm import Link, LinkProxy, parse_link
+spec, burst = parse_link(sys.argv[2]), ast.literal_eval(sys.argv[4])
+proxies = [LinkProxy(sys.argv[1], Link(spec, burst)).start() for _ in range(int(sys.argv[3]))]
+print(" ".join(p.url for p in proxies), flush=True)
 sys.stdin.read()  # serve until the parent closes stdin
 """
 

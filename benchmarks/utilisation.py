@@ -51,7 +51,6 @@ import math
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -65,12 +64,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.exchange import s3_config, start_links  # noqa: E402
 from netcomm import (  # noqa: E402
     Ed25519Signer,
     ExchangeConfig,
     ModelSpec,
     PeerRecord,
-    S3Config,
     S3Storage,
     StaticDirectory,
     StorageExchange,
@@ -89,15 +88,7 @@ MODES = ("blocking", "overlap", "overlap-tau")
 
 
 def _storage(bucket: str, endpoint: str) -> S3Storage:
-    return S3Storage(
-        S3Config(
-            bucket=bucket,
-            endpoint_url=endpoint,
-            access_key_id="bench",
-            secret_access_key="bench",
-            read_timeout_s=120,
-        )
-    )
+    return S3Storage(s3_config(endpoint, bucket, concurrency=8))
 
 
 def _split(report: Any, mode: str) -> dict[str, float]:
@@ -219,38 +210,6 @@ def worker(index: int, inbox: Any, outbox: Any, barrier: Any) -> None:
 # -- the swarm (main process) --------------------------------------------------------------
 
 
-_PROXIES = """
-import sys
-from netcomm.link import Link, TokenBucket
-from netcomm import LinkProxy, parse_link
-spec = parse_link(sys.argv[2])
-proxies = []
-for _ in range(int(sys.argv[3])):
-    link = Link(spec)
-    for direction, bit_s in ((link.up, spec.up_bit_s), (link.down, spec.down_bit_s)):
-        if bit_s is not None:  # 10 ms of traffic, at least one packet (not >= 64 KiB)
-            direction.bucket = TokenBucket(bit_s / 8, burst=max(1500, bit_s / 8 / 100))
-    proxies.append(LinkProxy(sys.argv[1], link).start())
-print(" ".join(p.url for p in proxies), flush=True)
-sys.stdin.read()
-"""
-
-
-def start_links(upstream: str, spec: str, n: int) -> tuple[subprocess.Popen, list[str]]:
-    """``n`` LinkProxies (one link each) in a child process; returns it and their URLs."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PROXIES, upstream, spec, str(n)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    urls = proc.stdout.readline().split()  # type: ignore[union-attr]
-    if len(urls) != n:
-        proc.kill()
-        raise RuntimeError("the link proxies did not start")
-    return proc, urls
-
-
 class Swarm:
     """``peers`` worker processes that run one job at a time, all together."""
 
@@ -285,10 +244,17 @@ class Swarm:
 _buckets = itertools.count()
 
 
+def _burst(link: str) -> float | None:
+    """10 ms of traffic, at least one packet: the library's 64 KiB default would let a
+    6 KB update through unpaced."""
+    bit_s = parse_link(link).down_bit_s
+    return None if bit_s is None else max(1500.0, bit_s / 8 / 100)
+
+
 def one_run(swarm: Swarm, endpoint: str, link: str, mode: str, seed: int, args) -> dict[str, Any]:
     bucket = f"util-{os.getpid()}-{next(_buckets)}"
     _storage(bucket, endpoint).create_bucket()
-    proxy, urls = start_links(endpoint, link, args.peers)
+    proxy, urls = start_links(endpoint, link, args.peers, _burst(link))
     job = {
         "mode": mode,
         "seed": seed,

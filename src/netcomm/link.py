@@ -168,13 +168,15 @@ class Link:
 
     ``up`` and ``down`` are its two directions: call one with a byte count to wait until
     those bytes may pass; ``sent`` and ``received`` count the bytes that went each way.
+    ``burst_bytes`` overrides the buckets' default burst (:class:`TokenBucket`), e.g. one
+    packet for messages much smaller than 64 KiB that should still be paced.
     """
 
-    def __init__(self, spec: LinkSpec) -> None:
+    def __init__(self, spec: LinkSpec, burst_bytes: float | None = None) -> None:
         self.spec = spec
         self.delay_s = spec.rtt_s / 2
-        self.up = Direction(spec.up_bit_s)
-        self.down = Direction(spec.down_bit_s)
+        self.up = Direction(spec.up_bit_s, burst_bytes)
+        self.down = Direction(spec.down_bit_s, burst_bytes)
 
     def __repr__(self) -> str:
         return f"Link({str(self.spec)!r})"
@@ -194,8 +196,8 @@ class Direction:
     ``chunk`` is how much a proxy reads at once: 2 ms of traffic within [16 KiB, 256 KiB].
     """
 
-    def __init__(self, bit_s: float | None) -> None:
-        self.bucket = None if bit_s is None else TokenBucket(bit_s / 8)
+    def __init__(self, bit_s: float | None, burst_bytes: float | None = None) -> None:
+        self.bucket = None if bit_s is None else TokenBucket(bit_s / 8, burst_bytes)
         self.chunk = (
             MAX_CHUNK if bit_s is None else int(min(MAX_CHUNK, max(MIN_CHUNK, bit_s / 4000)))
         )

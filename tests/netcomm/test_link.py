@@ -199,3 +199,12 @@ def test_shaped_directory_reads_every_peer_through_one_link(tmp_path):
         assert isinstance(record.storage, ShapedStorage) and record.storage.link is link
         assert record.storage.get("a") == b"1" * 1000
     assert link.received == 2000
+
+
+def test_a_link_can_pace_messages_smaller_than_the_default_burst():
+    default, small = Link(parse_link("8mbit")), Link(parse_link("8mbit"), burst_bytes=1500)
+    assert default.up.bucket.burst >= 64 * 1024
+    assert small.up.bucket.burst == small.down.bucket.burst == 1500
+    start = time.monotonic()
+    small.up(1500 + 100_000)  # 0.1 MB past the burst at 1 MB/s
+    assert time.monotonic() - start > 0.08
