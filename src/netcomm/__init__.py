@@ -42,7 +42,7 @@ from netcomm.errors import (
 )
 from netcomm.exchange import ExchangeConfig, StorageExchange
 from netcomm.faults import FaultPlan, FaultProxy, FaultyStorage
-from netcomm.joining import JoinReport, join
+from netcomm.joining import JoinReport, join, window_updates
 from netcomm.link import (
     Link,
     LinkProxy,
@@ -112,4 +112,5 @@ __all__ = [
     "seal_envelope",
     "update_key",
     "validate_key",
+    "window_updates",
 ]

@@ -104,7 +104,8 @@ def join(
         report.checkpoint = ck.step
     while until is None or outer.window < until:
         window = outer.window
-        updates = _updates(exchange, window, select, deadline_s)  # type: ignore[arg-type]
+        chosen = None if select is None else select(window)
+        updates = window_updates(exchange, window, chosen, deadline_s)  # type: ignore[arg-type]
         if not updates and until is None:
             break
         outer.apply(updates)
@@ -163,15 +164,19 @@ def _shared_state(outer: OuterOptimizer, state: dict[str, Any]) -> dict[str, Any
     return {**state, "state": kept}
 
 
-def _updates(
+def window_updates(
     exchange: StorageExchange,
     window: int,
-    select: Callable[[int], Sequence[str]] | None,
-    deadline_s: float,
+    chosen: Sequence[str] | None,
+    deadline_s: float | None = None,
 ) -> dict[str, Payload]:
-    """The updates ``window`` aggregated: the (selected) others' and this peer's own."""
+    """The updates ``window`` aggregated, to replay it: the ``chosen`` peers' (every valid
+    one when ``None``), this peer's own read back from its storage among them.
+
+    Raises :class:`~netcomm.errors.EnvelopeError` when this peer's own stored update no
+    longer verifies (leaving it out would silently step on a different set).
+    """
     me = exchange.peer_id
-    chosen = None if select is None else list(select(window))
     others = None if chosen is None else [p for p in chosen if p != me]
     updates: dict[str, Payload] = {}
     if others is None or others:

@@ -35,6 +35,7 @@ from netcomm import (
     ModelSpec,
     NetcommError,
     StorageExchange,
+    window_updates,
 )
 from sparseloco.exchange import GatherResult
 from sparseloco.optim import RoundReport, SparseLoCo
@@ -324,14 +325,11 @@ class Miner(Node):
         took; θ₀ follows θ so the next round's pseudo-gradient starts from here.
         """
         chosen = self.aggregation_set(window, wait=wait)
-        others = None if chosen is None else [p for p in chosen if p != self.hotkey]
-        updates: dict[str, Payload] = {}
-        if others is None or others:
-            updates.update(self.exchange.gather(window, peers=others).updates)
-        if chosen is not None and self.hotkey in chosen:
-            own = self._own_update(window)
-            if own is not None:
-                updates[self.hotkey] = own
+        try:
+            updates = window_updates(self.exchange, window, chosen)
+        except NetcommError as exc:  # its own stored update is damaged: the sync check tells
+            log.warning("%s: cannot replay window %d: %s", self.hotkey, window, exc)
+            updates = {}
         self.outer.apply(updates)  # advances the window even when nothing is aggregated
         # A window without a published set (the validator skipped it) moved nobody.
         out_of_sync, next_window = None, window + 1
@@ -344,14 +342,6 @@ class Miner(Node):
         self.record(record)
         log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
         return sorted(updates)
-
-    def _own_update(self, window: int) -> Payload | None:
-        """This miner's own published update (it crashed between publishing and stepping);
-        ``None`` when it published none or the stored one does not verify."""
-        try:
-            return self.exchange.published(window)
-        except NetcommError:
-            return None
 
     def catch_up(self, current: int) -> None:
         """Replay every window between the next one to run and ``current`` (exclusive)."""
