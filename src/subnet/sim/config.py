@@ -13,10 +13,10 @@ from sparseloco.models.gpt import GPTConfig
 from subnet.config import ADVERSARY_KINDS
 
 #: default window length per miner process. A window holds the validator's scoring of the
-#: previous one (about 0.6 s with 4 miners) and then the miners' H = 10 inner steps (about
-#: 1.2 s for 4 miners on 2 cores); an update that misses the window's end (plus a quarter
-#: window of grace) counts as missing for that window. 0.5 s fits on an idle machine; 0.6 s
-#: keeps every update in time at a load of about 3.5 on 2 cores (benchmarks/simulate.py).
+#: previous one and then every miner's H inner steps, on cores the processes share; an update
+#: that misses the window's end (plus a quarter window of grace) counts as missing for that
+#: window. In hand-timed runs on 2 cores, 0.5 s lost updates at a load near 4 and 0.6 s did
+#: not at 3.5; benchmarks/simulate.py times the default run.
 SECONDS_PER_MINER = 0.6
 
 
