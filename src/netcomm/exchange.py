@@ -282,18 +282,7 @@ class StorageExchange:
             blob = self.storage.get(update_key(self.prefix, window, self._peer_id))
         except ObjectNotFoundError:
             return None
-        return open_envelope(
-            blob,
-            expected_peer=self._peer_id,
-            public_key=self.signer.public_key,
-            verifiers=self.verifiers,
-            window=window,
-            fingerprint=self._fingerprint,
-            shapes=self._shapes,
-            codec=self.config.codec,
-            kind=self.config.kind,
-            limits=self.limits,
-        ).payload
+        return self._open(blob, self._peer_id, self.signer.public_key, window).payload
 
     def gather(
         self,
@@ -518,6 +507,21 @@ class StorageExchange:
             )
         return len(blob), blob
 
+    def _open(self, blob: bytes, peer: str, public_key: bytes, window: int) -> Envelope:
+        """``peer``'s envelope for ``window`` on this channel, every check of the reader."""
+        return open_envelope(
+            blob,
+            expected_peer=peer,
+            public_key=public_key,
+            verifiers=self.verifiers,
+            window=window,
+            fingerprint=self._fingerprint,
+            shapes=self._shapes,
+            codec=self.config.codec,
+            kind=self.config.kind,
+            limits=self.limits,
+        )
+
     def _verify(
         self, window: int, record: PeerRecord, blob: bytes
     ) -> tuple[int, Envelope | Exception]:
@@ -527,18 +531,7 @@ class StorageExchange:
         traceback, and returned so that only this peer is marked ``invalid``.
         """
         try:
-            return len(blob), open_envelope(
-                blob,
-                expected_peer=record.peer_id,
-                public_key=record.public_key,
-                verifiers=self.verifiers,
-                window=window,
-                fingerprint=self._fingerprint,
-                shapes=self._shapes,
-                codec=self.config.codec,
-                kind=self.config.kind,
-                limits=self.limits,
-            )
+            return len(blob), self._open(blob, record.peer_id, record.public_key, window)
         except EnvelopeError as exc:
             return len(blob), exc
         except Exception as exc:
