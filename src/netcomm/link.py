@@ -12,7 +12,7 @@ they would on one network interface. Two ways to put a peer behind its link:
   their connections open).
 * :class:`ShapedStorage`, for a backend without sockets (:class:`~netcomm.storage.LocalStorage`):
   each call takes one round trip plus the time its bytes need on the link, holding the
-  caller until then; :class:`ShapedDirectory` reads the other peers through it.
+  caller until then (a node wraps its own and every peer's storage in one).
 
 "up" is from the peer to the storage (publish), "down" from the storage to the peer (gather).
 """
@@ -27,10 +27,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from netcomm.directory import PeerDirectory, PeerRecord
 from netcomm.errors import NetcommConfigError
 from netcomm.storage import ObjectInfo, Storage
 
@@ -436,19 +435,3 @@ class ShapedStorage:
         if self.link.spec.rtt_s:
             time.sleep(self.link.spec.rtt_s)
 
-
-class ShapedDirectory:
-    """One peer's view of ``inner``: every record's storage is read through ``link``."""
-
-    def __init__(self, inner: PeerDirectory, link: Link | LinkSpec) -> None:
-        self.inner = inner
-        self.link = link if isinstance(link, Link) else Link(link)
-
-    def peers(self) -> list[str]:
-        return self.inner.peers()
-
-    def lookup(self, peer_id: str) -> PeerRecord | None:
-        record = self.inner.lookup(peer_id)
-        if record is None:
-            return None
-        return replace(record, storage=ShapedStorage(record.storage, self.link))

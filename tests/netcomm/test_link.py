@@ -15,10 +15,7 @@ from netcomm import (
     LinkSpec,
     LocalStorage,
     NetcommConfigError,
-    PeerRecord,
-    ShapedDirectory,
     ShapedStorage,
-    StaticDirectory,
     TokenBucket,
     TransientStorageError,
     parse_link,
@@ -184,21 +181,6 @@ def test_shaped_storage_paces_a_local_folder(tmp_path):
     assert expected * 0.95 <= get_s <= expected + 0.3
     assert 0.1 <= head_s <= 0.3
     assert (shaped.link.sent, shaped.link.received) == (len(data), len(data))
-
-
-def test_shaped_directory_reads_every_peer_through_one_link(tmp_path):
-    local = LocalStorage(tmp_path)
-    local.put("a", b"1" * 1000)
-    directory = StaticDirectory([PeerRecord("p1", local, b"k"), PeerRecord("p2", local, b"k")])
-    link = Link(LinkSpec())
-    view = ShapedDirectory(directory, link)
-    assert view.peers() == ["p1", "p2"]
-    assert view.lookup("nobody") is None
-    for peer in view.peers():
-        record = view.lookup(peer)
-        assert isinstance(record.storage, ShapedStorage) and record.storage.link is link
-        assert record.storage.get("a") == b"1" * 1000
-    assert link.received == 2000
 
 
 def test_a_link_can_pace_messages_smaller_than_the_default_burst():

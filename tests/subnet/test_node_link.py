@@ -5,8 +5,9 @@ import time
 import pytest
 
 from netcomm import LocalStorage, S3Config, S3Storage
+from subnet.commitments import Locator, key_digest
 from subnet.config import ExchangeSettings, NodeConfigError, Secret, StorageConfig
-from subnet.storage import NodeLink, open_own_storage
+from subnet.storage import NodeLink, open_own_storage, open_peer_storage
 
 
 def test_s3_bytes_go_through_the_link_proxy(moto_url):
@@ -43,6 +44,11 @@ def test_a_local_folder_is_timed_by_the_link(tmp_path):
     storage.put("x", bytes(800_000))
     assert time.monotonic() - start > 0.6  # 0.8 MB at 1 MB/s
     assert isinstance(open_own_storage(StorageConfig(root=str(tmp_path)), "m"), LocalStorage)
+    # the other peers' storage goes over the same link
+    loc = Locator(kind="local", role="miner", key_digest=key_digest(b"k" * 32), prefix="m")
+    peer = open_peer_storage(loc, tmp_path, None, link)
+    assert peer.get("x") == bytes(800_000)
+    assert (link.link.sent, link.link.received) == (800_000, 800_000)
 
 
 def test_bad_links_are_config_errors():
