@@ -20,11 +20,8 @@ from netcomm import CheckpointStore, LocalStorage
 from subnet.base import HISTORY_FILE
 from subnet.config import ChainConfig, NodeConfig, NodeConfigError
 from subnet.sim.launch import START_BLOCK, NodeProcesses, NodeSpec
-from subnet.sim.runner import read_events
+from subnet.sim.runner import STARTUP_TIMEOUT_S, read_events
 from subnet.storage import open_own_storage
-
-#: how long the nodes may take to start (imports, data).
-STARTUP_TIMEOUT_S = 300.0
 
 
 @dataclass
