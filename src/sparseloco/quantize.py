@@ -101,8 +101,8 @@ def signmag_quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
         ranks = torch.arange(1, m_bins, device=values.device) * n // m_bins
         edges = torch.sort(mag).values[ranks]
         mbin = torch.searchsorted(edges, mag, right=True)
-    else:
-        edges = mag.new_zeros(0)
+    else:  # one magnitude bin, or no values: every edge at 0 (the table needs M − 1)
+        edges = mag.new_zeros(m_bins - 1)
         mbin = torch.zeros(n, dtype=torch.int64, device=values.device)
     codes = (values < 0).to(torch.int64) * m_bins + mbin
     sums, counts = bin_sums(values.to(torch.float64), codes, 2 * m_bins)

@@ -40,6 +40,14 @@ def test_equal_magnitudes_share_a_bin_and_empty_bins_get_edges():
     assert table[:7].tolist() == [0.0] + [2.0] * 6 and table[7] == 2.0 and table[15] == -2.0
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_an_empty_tensor_encodes_with_every_edge_at_zero(bits):
+    cfg = CodecConfig(value_bits=bits, value_coding="signmag")
+    update = encode({"w": torch.zeros(0, 5)}, ErrorFeedback(cfg))
+    assert update.tensors["w"].table.abs().tolist() == [0.0] * cfg.levels
+    assert decode(update)["w"].shape == (0, 5)
+
+
 def test_one_bit_is_a_mean_per_sign():
     v = torch.tensor([1.0, 3.0, -2.0, 0.0])
     codes, table = signmag_quantize(v, 1)
