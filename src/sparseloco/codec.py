@@ -9,7 +9,9 @@ For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §
 
 The message carries the packed indices (or Rice-coded gaps), the packed codes and the
 L-entry table. :func:`encode` works tensor by tensor and mutates the error buffers in place;
-:func:`decode` turns a message back into dense tensors.
+:func:`decode` turns a message back into dense tensors. :func:`commit_tensor` makes the same
+buffer update from a message already sent (e ← β·e + Δ − decode(sent)), for callers that
+encode on a copy of the buffer and change the buffer itself only once the round succeeded.
 """
 
 from __future__ import annotations
@@ -265,6 +267,40 @@ def encode_tensor(
     from sparseloco.kernels import compress
 
     check_finite(name, delta)
+    return compress(delta, error, _buffer_layout(name, delta, error, config), config)
+
+
+def commit_tensor(
+    name: str,
+    delta: torch.Tensor,
+    error: torch.Tensor,
+    sent: CompressedTensor,
+    config: CodecConfig,
+) -> None:
+    """e ← β·e + Δ − D(sent) in place: error feedback with the decoding of a sent message.
+
+    ``sent`` is the message :func:`encode_tensor` made from the same ``delta`` and buffer;
+    the buffer then comes out bit-identical to the one ``encode_tensor`` leaves, and the
+    residual matches ``sent`` by construction, whatever backend encoded it (decoded by
+    :func:`decode_sparse`, as every receiver decodes it). Raises like :func:`encode_tensor`
+    on a wrong shape or device, before touching ``error``; Δ is not checked for NaN/Inf (the
+    encoder did).
+    """
+    from sparseloco.kernels.reference import subtract_decoded
+
+    layout = _buffer_layout(name, delta, error, config)
+    if tuple(sent.shape) != layout.shape:
+        raise ShapeMismatchError(
+            f"message has shape {tuple(sent.shape)}, expected {layout.shape}", tensor=name
+        )
+    _, idx, values = decode_sparse(name, sent.to(error.device), config)
+    subtract_decoded(delta, error, layout, config, idx, values)
+
+
+def _buffer_layout(
+    name: str, delta: torch.Tensor, error: torch.Tensor, config: CodecConfig
+) -> ChunkLayout:
+    """``delta``'s chunk layout, once ``error`` is checked to be its buffer (shape, device)."""
     layout = ChunkLayout.for_shape(delta.shape, config.chunk_size)
     if tuple(error.shape) != layout.buffer_shape:
         raise ShapeMismatchError(
@@ -276,7 +312,7 @@ def encode_tensor(
         raise UpdateError(
             f"error buffer on {error.device} but delta on {delta.device}", tensor=name
         )
-    return compress(delta, error, layout, config)
+    return layout
 
 
 def encode(

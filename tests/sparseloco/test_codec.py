@@ -20,9 +20,12 @@ from sparseloco import (
     decode,
     decode_tensor,
     encode,
+    encode_tensor,
     preset,
 )
 from sparseloco.chunking import ChunkLayout
+from sparseloco.codec import commit_tensor
+from sparseloco.config import PRESETS
 from sparseloco.kernels.reference import topk_exact
 
 
@@ -124,6 +127,60 @@ def test_error_feedback_identity_bf16_buffer_and_half_inputs():
         assert ef.buffers["w"].dtype == torch.bfloat16
         e_new = ef.dense("w", shape).float()
         torch.testing.assert_close(e_old * 0.95 + delta.float(), e_new + sent, rtol=1e-2, atol=2e-2)
+
+
+# Every value coding and width, both index codings, 16-bit indices, and sparse 1-D chunks.
+COMMIT_CODECS = {
+    **{name: cfg.codec for name, cfg in sorted(PRESETS.items())},
+    **{
+        f"{coding}-{b}": CodecConfig(value_bits=b, topk=8, value_coding=coding)
+        for coding, widths in (("uniform", (2, 4, 8)), ("signmag", (1, 2, 4)))
+        for b in widths
+    },
+    "rice-signmag-4": CodecConfig(value_bits=4, value_coding="signmag", index_coding="rice"),
+    "index16": CodecConfig(chunk_size=100, topk=50, error_decay=0.9),
+}
+# Not multiples of the chunk (29x64, 26x36, 50x30 tiles), 1-D (11-entry chunks: dense at
+# topk=64, sparse at 8), 0-D, N-D, empty.
+COMMIT_SHAPES = [(128, 256), (87, 64), (130, 72), (100, 30), (77,), (), (8, 4, 3, 3), (0, 5)]
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.mark.parametrize("error_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("codec", sorted(COMMIT_CODECS))
+def test_commit_tensor_leaves_the_encoders_own_error_buffer(codec, error_dtype):
+    """e ← β·e + Δ − D(sent) gives, bit for bit, the buffer encode_tensor leaves, over
+    rounds that carry the buffer (with ties, zeros and −0.0 in some rounds)."""
+    cfg = COMMIT_CODECS[codec]
+    g = torch.Generator().manual_seed(len(codec))
+    for shape in COMMIT_SHAPES:
+        layout = ChunkLayout.for_shape(shape, cfg.chunk_size)
+        error = layout.to_chunks(torch.randn(shape, generator=g)).to(error_dtype)
+        for rnd in range(4):
+            delta = torch.randn(shape, generator=g)
+            flat = delta.view(-1)
+            flat[: flat.numel() // 3] = (0.25, -0.0, 0.0, 1e-30)[rnd]
+            encoded = error.clone()
+            sent = encode_tensor("w", delta, encoded, cfg)
+            committed = error.clone()
+            commit_tensor("w", delta, committed, sent, cfg)
+            assert torch.equal(_bits(committed), _bits(encoded)), (shape, rnd)
+            error = encoded
+        assert layout.numel < 2 or bool(error.ne(0).any())  # the buffer carries state
+
+
+def test_commit_tensor_rejects_a_wrong_buffer_or_message_before_changing_it():
+    cfg, update = _one()
+    delta = torch.randn(64, 64)
+    error = torch.zeros(1, 4096)
+    with pytest.raises(ShapeMismatchError, match="error buffer"):
+        commit_tensor("w", delta, torch.zeros(2, 4096), update.tensors["w"], cfg)
+    with pytest.raises(ShapeMismatchError, match="message"):
+        commit_tensor("w", delta, error, _with(update, shape=(64, 32)), cfg)
+    assert not bool(error.any())
 
 
 def _stable_topk(x, k):

@@ -6,6 +6,10 @@ grads, θ₀, error and momentum buffers and the window are compared byte for by
 rounds (``overlap=True``) are held to the same, with the in-flight round (its window and
 payload) and the start point s compared too, and a failure of the background gather raised
 at the next boundary.
+
+The error-feedback commit after publishing decodes the published message (e ← β·e + Δ −
+D(sent)) and so cannot fail or mismatch there: it is checked to leave the encoder's own
+buffers bit for bit, and to keep committing when the encoder is not deterministic.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import dataclasses
 import pytest
 import torch
 
+import sparseloco.optim
 from sparseloco import (
     BackgroundRoundError,
+    CompressedUpdate,
     CorruptUpdateError,
     DataParallel,
     DenseUpdate,
@@ -27,9 +33,14 @@ from sparseloco import (
     NonFiniteError,
     PeerStatus,
     SparseLoCo,
+    decode_tensor,
     encode,
+    encode_tensor,
+    payload_from_tensors,
 )
-from sparseloco.serialization import dump_safetensors
+from sparseloco.chunking import ChunkLayout
+from sparseloco.config import PRESETS
+from sparseloco.serialization import dump_safetensors, load_safetensors
 
 NAMES = ["0.bias", "0.weight", "2.bias", "2.weight"]  # sorted: the aggregation order
 METHODS = {
@@ -372,3 +383,89 @@ def test_overlapped_bad_tensor_in_a_gathered_payload_excludes_that_peer_only(met
     assert report.peers == ["b", "me"]
     expected, _ = _overlapped_reference(method)  # the same round with peer b alone
     _assert_identical(_overlapped_snapshot(model, outer), expected)
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def _delta(outer, p):
+    return outer.state[p]["start" if outer.overlap else "theta0"].float() - p.detach().float()
+
+
+@pytest.mark.parametrize("options", ["", "bf16-error-offload", "overlap"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_commit_leaves_the_error_buffers_the_encoder_made(preset, options):
+    """After every round each error buffer equals, bit for bit, the one encode_tensor leaves
+    on a copy of it, and the published message is that encode's."""
+    model, ex = _model(), Scripted()
+    kwargs = {
+        "": {},
+        "bf16-error-offload": {"error_dtype": "bfloat16", "offload": True},
+        "overlap": {"overlap": True},
+    }[options]
+    outer = SparseLoCo(model.named_parameters(), ex, preset, **kwargs)
+    codec = outer.config.codec
+    named = dict(model.named_parameters())
+    expected_messages = []
+    for rnd in range(3):
+        _perturb(model, outer, 20 + rnd)
+        expected, tensors = {}, {}
+        for name, p in named.items():
+            error = outer.state[p].get("error")
+            work = outer._zero_error(p) if error is None else error.clone()
+            tensors[name] = encode_tensor(name, _delta(outer, p), work, codec)
+            expected[name] = work
+        expected_messages.append(CompressedUpdate(codec=codec, tensors=tensors))
+        outer.step()
+        for name, p in named.items():
+            got = outer.state[p]["error"]
+            assert got.dtype == expected[name].dtype and got.device == expected[name].device
+            assert torch.equal(_bits(got), _bits(expected[name])), (name, rnd)
+    outer.finish()
+    published = [blob for _, blob in sorted(ex.published, key=lambda wb: wb[0])]
+    assert published == [dump_safetensors(*m.to_tensors()) for m in expected_messages]
+
+
+def _noisy_encoder(monkeypatch):
+    """Make the optimizer's encoder nondeterministic: each call encodes Δ plus fresh noise,
+    so no two calls on the same input give the same message."""
+    real, noise = encode_tensor, torch.Generator().manual_seed(7)
+
+    def noisy(name, delta, error, config):
+        return real(name, delta + 1e-3 * torch.randn(delta.shape, generator=noise), error, config)
+
+    monkeypatch.setattr(sparseloco.optim, "encode_tensor", noisy)
+    return noisy
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
+@pytest.mark.parametrize("method", ["sparseloco", "sparseloco-offload"])
+def test_nondeterministic_encoder_commits_what_was_published(monkeypatch, method, overlap):
+    """The old commit re-encoded and raised after publishing when the second encode
+    differed, with earlier tensors' buffers already changed. Now every buffer becomes
+    β·e + Δ − D(sent) for the message actually published, and the round completes."""
+    model, ex = _model(), Scripted()
+    outer = (OVERLAPPED if overlap else METHODS)[method](model, ex)
+    _perturb(model, outer, 10)
+    outer.step()
+    noisy = _noisy_encoder(monkeypatch)
+    codec = outer.config.codec
+    probe = torch.randn(64, 64)
+    first, second = (noisy("w", probe, torch.zeros(1, 4096), codec) for _ in range(2))
+    assert not torch.equal(first.codes, second.codes) or not torch.equal(first.table, second.table)
+
+    _perturb(model, outer, 11)
+    named = dict(model.named_parameters())
+    before = {n: outer.state[p]["error"].clone() for n, p in named.items()}
+    deltas = {n: _delta(outer, p) for n, p in named.items()}
+    report = outer.step()  # no UpdateError after publishing
+    assert report.window == 1
+    outer.finish()
+    (blob,) = [blob for w, blob in ex.published if w == 1]
+    sent = payload_from_tensors(*load_safetensors(blob))
+    for name, p in named.items():
+        layout = ChunkLayout.for_shape(p.shape, codec.chunk_size)
+        acc = layout.from_chunks(before[name]) * codec.error_decay + deltas[name]
+        want = acc - decode_tensor(name, sent.tensors[name], codec)
+        assert torch.equal(_bits(layout.from_chunks(outer.state[p]["error"])), _bits(want)), name

@@ -95,6 +95,40 @@ def compress(
     )
 
 
+def subtract_decoded(
+    delta: torch.Tensor,
+    error: torch.Tensor,
+    layout: ChunkLayout,
+    config: CodecConfig,
+    idx: torch.Tensor | None,
+    values: torch.Tensor,
+) -> None:
+    """e ← β·e + Δ − D(m) in place, D(m) given as its decoded ``(indices or None, values)``.
+
+    The roundings are :func:`compress`'s own: β·e + Δ as two float32 operations, v − v̂ at
+    the kept entries in float32, one rounding to the buffer's dtype. D(m) is zero off the
+    kept entries, so they keep β·e + Δ as it is. For the message ``compress`` returned, the
+    buffer is therefore bit-identical to the one ``compress`` leaves (on every backend,
+    since the Triton kernels match the reference's error buffer bit for bit).
+    """
+    beta = float(config.error_decay)
+    for start, stop in layout.blocks(BLOCK_ELEMENTS):
+        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
+        block = error[c0:c1]
+        # A bfloat16 buffer is widened per block: the sum and the residual must be rounded
+        # once, as compress rounds them, and the float32 scratch stays bounded.
+        work = block if block.dtype == torch.float32 else block.float()
+        tiles = work.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
+        tiles.mul_(beta).add_(layout.tile_view(delta, start, stop).to(torch.float32))
+        if idx is None:
+            work.sub_(values[c0:c1])
+        else:
+            kept = idx[c0:c1]
+            work.scatter_(1, kept, work.gather(1, kept).sub_(values[c0:c1]))
+        if work is not block:
+            block.copy_(work)
+
+
 def median(values: Sequence[float]) -> float:
     """Median with the mean of the two middle values for an even count."""
     s = sorted(values)
