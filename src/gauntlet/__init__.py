@@ -57,12 +57,19 @@ from gauntlet.evaluate import (
     EvalResult,
     Evaluator,
     LossFn,
+    assigned_indicator,
     mean_loss,
     relative_gain,
 )
 from gauntlet.ratings import ordinal, rate_match, rating_factor
 from gauntlet.scoreboard import PeerRecord, Scoreboard
-from gauntlet.scorer import PeerOutcome, Scorer, WindowInputs, WindowReport
+from gauntlet.scorer import (
+    PeerOutcome,
+    Scorer,
+    WindowInputs,
+    WindowReport,
+    is_void,
+)
 from gauntlet.signals import (
     CopyVerdict,
     PairSimilarity,
@@ -129,6 +136,7 @@ __all__ = [
     "YumaResult",
     "accepted_reference",
     "assign_samples",
+    "assigned_indicator",
     "blame_copies",
     "cap_weights",
     "content_digest",
@@ -139,6 +147,7 @@ __all__ = [
     "effective_bma",
     "eval_assigned_samples",
     "index_overlap",
+    "is_void",
     "mean_loss",
     "normalize_scores",
     "ordinal",

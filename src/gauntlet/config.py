@@ -122,11 +122,17 @@ class SignalConfig:
             near-duplicate (default 0.95); identical updates are always duplicates.
         bma_decay: EMA decay of the assigned-data indicator, BMA ← d·BMA + (1−d)·b
             (default 0.95).
-        bma_threshold: BMA below this counts as 0 once a peer has ``bma_warmup``
-            evaluations (default 0.10).
+        bma_threshold: the (debiased) BMA below this counts as 0 once a peer has
+            ``bma_warmup`` evaluations (default 0.10).
         bma_warmup: evaluations before the threshold applies (default 3).
-        assigned_margin: b = +1 only when gain_assigned − gain_random exceeds this
-            (default 0.0, Gauntlet's strict comparison).
+        bma_debias: divide the BMA by 1 − dᵐ after m updates, as Adam debiases its moments
+            (default True; False is Gauntlet's raw moving average).
+        bma_full: the debiased BMA at which the score's factor reaches 1, factor =
+            min(1, BMA / bma_full) (default 0.5; 1.0 is Gauntlet's factor = BMA).
+        assigned_margin: subtracted from the indicator's relative advantage (default 0.0).
+        assigned_scale: relative advantage (own-data gain minus random-set gain, as a
+            fraction of the larger of the two) that earns b = +1; the indicator is linear
+            from −scale to +scale (default 0.1; 0 is Gauntlet's b = ±1).
         replay_windows: content digests of updates and aggregates are remembered for this
             many windows; an update with the content of one of them is a ``replay``
             (default 64; memory ≤ replay_windows × (peers + 1) digests).
@@ -144,7 +150,10 @@ class SignalConfig:
     bma_decay: float = 0.95
     bma_threshold: float = 0.10
     bma_warmup: int = 3
+    bma_debias: bool = True
+    bma_full: float = 0.5
     assigned_margin: float = 0.0
+    assigned_scale: float = 0.1
     replay_windows: int = 64
     provenance_margin: float = 0.25
 
@@ -164,6 +173,12 @@ class SignalConfig:
             f"bma_warmup must be an integer >= 0, got {self.bma_warmup!r}",
         )
         _finite("assigned_margin", self.assigned_margin, -1.0, 1.0)
+        _finite("assigned_scale", self.assigned_scale, 0.0, 100.0)
+        _finite("bma_full", self.bma_full, 0.0, 1.0, open_lo=True)
+        _require(
+            isinstance(self.bma_debias, bool),
+            f"bma_debias must be a bool, got {self.bma_debias!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -234,7 +249,9 @@ class WeightsConfig:
 
     Args:
         scheme: ``"power"``: w ∝ s^power (default); ``"rank"``: a fixed profile by rank.
-        power: exponent of the power scheme (default 2.0, early Templar).
+        power: exponent of the power scheme (default 1.0, weights in proportion to scores;
+            early Templar used 2.0, which squares the rating noise between equally good
+            peers: in 8–12 windows their weights then often differ more than 3×).
         rank_top: peers in the top band of the rank profile (default 20).
         rank_top_share: total weight of the top band (default 0.75).
         rank_ramp: first-to-last weight ratio on the top band's linear ramp (default 2.0).
@@ -246,7 +263,7 @@ class WeightsConfig:
     """
 
     scheme: WeightScheme = "power"
-    power: float = 2.0
+    power: float = 1.0
     rank_top: int = 20
     rank_top_share: float = 0.75
     rank_ramp: float = 2.0

@@ -95,7 +95,8 @@ class Scoreboard:
         if rec is None:
             return 0.0
         rating = rating_factor(rec.mu, rec.sigma, self.config.rating)
-        bma = effective_bma(rec.bma, rec.evaluations, self.config.signals)
+        updates = rec.evaluations + sum(rec.failures.values())  # each moved the BMA once
+        bma = effective_bma(rec.bma, rec.evaluations, updates, self.config.signals)
         return rating * bma * rec.sync
 
     def final_scores(self) -> dict[str, float]:

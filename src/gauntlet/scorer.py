@@ -27,7 +27,8 @@ float64 reductions, seeds from public values):
 7. **sync** from the published sampled values (:meth:`Scorer._syncs`);
 8. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
    ``min(0, lowest valid) − penalty`` (:func:`match_scores`); BMA gets b for evaluated
-   peers and −1 for failed ones (:meth:`Scorer._record`);
+   peers and −1 for failed ones (:meth:`Scorer._record`); a window in which no peer's
+   bytes arrived is void: nobody is rated (:func:`is_void`);
 9. **scores and weights** from the :class:`~gauntlet.scoreboard.Scoreboard`, which also
    keeps the next window's clip reference (the accepted set's norms) and the window's
    content digests (:meth:`Scorer._remember`).
@@ -126,7 +127,8 @@ class PeerOutcome:
 @dataclass
 class WindowReport:
     """Everything :meth:`Scorer.score_window` decided, for logs and for aggregation
-    (``clip_reference``: the length r per tensor every evaluated update was applied at)."""
+    (``clip_reference``: the length r per tensor every evaluated update was applied at;
+    ``void``: no peer's bytes arrived, so nobody was rated, see :meth:`Scorer.score_window`)."""
 
     window: int
     outcomes: dict[str, PeerOutcome]
@@ -136,6 +138,7 @@ class WindowReport:
     weights: dict[str, float]
     timings: dict[str, float]
     clip_reference: dict[str, float] = field(default_factory=dict)
+    void: bool = False
 
     @property
     def accepted(self) -> list[str]:
@@ -267,7 +270,9 @@ class Scorer:
         syncs = self._syncs(window, peers, inputs.sync_values)
         evaluated = {p: r for p, r in results.items() if p not in status}
         match = match_scores(evaluated, status, self.config.rating)
-        self._record(window, peers, match, evaluated, status, syncs)
+        void = is_void(peers, status)
+        if not void:
+            self._record(window, peers, match, evaluated, status, syncs)
         scores = self.scoreboard.final_scores()
         outcomes = {}
         for peer in peers:
@@ -290,6 +295,7 @@ class Scorer:
             weights=self.scoreboard.weights(),
             timings=timings,
             clip_reference=reference,
+            void=void,
         )
         self._remember(window, digests, norms, reference, report.accepted)
         timings["total"] = time.perf_counter() - t0
@@ -389,6 +395,7 @@ class Scorer:
             random_batches,
             assigned,
             margin=self.config.signals.assigned_margin,
+            scale=self.config.signals.assigned_scale,
         )
         timings["evaluate"] = time.perf_counter() - t1
         return results
@@ -467,7 +474,7 @@ class Scorer:
                 rec.sync = syncs[peer].score
             elif peer in status:
                 kind = status[peer][0]
-                rec.bma = update_bma(rec.bma, -1, sig)
+                rec.bma = update_bma(rec.bma, -1.0, sig)
                 rec.failures[kind] = rec.failures.get(kind, 0) + 1
                 rec.last_status = kind
             else:
@@ -503,6 +510,15 @@ def decode_all(
         except InvalidUpdate as exc:
             status[peer] = ("invalid", str(exc))
     return peers, decoded, status
+
+
+def is_void(peers: Sequence[str], status: Statuses) -> bool:
+    """True when no peer's bytes arrived at all (every one ``missing``, ``late`` or
+    ``timeout``). Such a window says nothing about any peer: it is the validator's own
+    connectivity or clock that failed far more often than every miner at once, and rating
+    it would lower every honest peer's standing alike and zero short runs."""
+    transport = ("missing", "late", "timeout")
+    return bool(peers) and all(p in status and status[p][0] in transport for p in peers)
 
 
 def copy_failures(copies: Mapping[str, CopyVerdict]) -> Statuses:

@@ -29,8 +29,14 @@ only then, the storage server's clock decides: the later of the two stored objec
 supplies) is blamed, and when those tie (same second on S3) the larger m. A copier that
 backdates or races therefore only wins where the fits are too close to tell.
 
-**Assigned-data indicator.** BMA ← d·BMA + (1−d)·b with b = ±1, then BMA ← max(0, BMA); the
-value used for scoring is 0 when BMA < threshold once the peer has ``warmup`` evaluations.
+**Assigned-data indicator.** BMA ← max(0, d·BMA + (1−d)·b) with b ∈ [−1, 1]
+(:func:`gauntlet.evaluate.assigned_indicator`), from BMA = 0. After m updates the moving
+average is debiased as Adam's moments are, B = BMA / (1 − dᵐ) (``bma_debias``; without it a
+peer needs ~1/(1−d) = 20 windows before B can reach its real level, and the threshold zeroes
+honest peers of short runs); B counts as 0 when B < threshold once the peer has ``warmup``
+evaluations; the score's factor is min(1, B / ``bma_full``), so every peer whose indicator
+is clearly positive gets the full factor and the weights of equal peers are not spread by
+the indicator's noise.
 """
 
 from __future__ import annotations
@@ -238,14 +244,18 @@ def _copier(
     return by_margin
 
 
-def update_bma(bma: float, indicator: int, config: SignalConfig) -> float:
+def update_bma(bma: float, indicator: float, config: SignalConfig) -> float:
     """BMA ← max(0, d·BMA + (1 − d)·b)."""
     d = config.bma_decay
     return max(0.0, d * bma + (1.0 - d) * float(indicator))
 
 
-def effective_bma(bma: float, evaluations: int, config: SignalConfig) -> float:
-    """BMA as used in the final score: 0 below the threshold once past warm-up."""
-    if evaluations >= config.bma_warmup and bma < config.bma_threshold:
+def effective_bma(bma: float, evaluations: int, updates: int, config: SignalConfig) -> float:
+    """The score's factor: B = BMA / (1 − dᵐ) over m = ``updates`` (debiased), 0 below the
+    threshold once past ``warmup`` evaluations, then min(1, B / bma_full)."""
+    value = max(0.0, bma)
+    if config.bma_debias and updates > 0:
+        value = min(1.0, value / (1.0 - config.bma_decay**updates))
+    if evaluations >= config.bma_warmup and value < config.bma_threshold:
         return 0.0
-    return max(0.0, bma)
+    return min(1.0, value / config.bma_full)

@@ -327,7 +327,10 @@ class ValidatorSettings:
     Args:
         weights_every: set weights on chain every K windows.
         eval_assigned / eval_random: samples evaluated per peer on its own data and on the
-            shared random set.
+            shared random set (64 each: with 16 the assigned-data indicator is close to a
+            coin flip for honest peers in short runs).
+        eval_batch_size: sequences per forward pass when evaluating (one pass per set by
+            default: the validator's scoring is on every miner's critical path).
         heldout_batches: held-out batches for the logged global loss (0 = none).
         keep_checkpoints: model checkpoints kept in the bucket.
         aggregate: the aggregation set it publishes for the miners and steps on itself:
@@ -336,8 +339,9 @@ class ValidatorSettings:
     """
 
     weights_every: int = 5
-    eval_assigned: int = 16
-    eval_random: int = 16
+    eval_assigned: int = 64
+    eval_random: int = 64
+    eval_batch_size: int = 64
     heldout_batches: int = 4
     keep_checkpoints: int = 2
     aggregate: Literal["accepted", "valid"] = "accepted"
@@ -347,7 +351,8 @@ class ValidatorSettings:
             self.aggregate in ("accepted", "valid"),
             "validator.aggregate must be 'accepted' or 'valid'",
         )
-        for name in ("weights_every", "eval_assigned", "eval_random", "keep_checkpoints"):
+        names = ("weights_every", "eval_assigned", "eval_random", "eval_batch_size")
+        for name in (*names, "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"validator.{name} must be >= 1")
         _check(self.heldout_batches >= 0, "validator.heldout_batches must be >= 0")
 

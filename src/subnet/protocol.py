@@ -57,6 +57,7 @@ class Protocol:
         self, run: RunConfig, task: Task, validator: ValidatorSettings | None = None
     ) -> None:
         v = validator or ValidatorSettings()
+        self.eval_batch_size = v.eval_batch_size
         self.run = run
         self.task = task
         samples = run.inner_steps * run.batch_size
@@ -108,6 +109,11 @@ class Protocol:
     def batches(self, ids: Sequence[int]) -> list[Any]:
         """``ids`` cut into batches of ``run.batch_size``."""
         b = self.run.batch_size
+        return [self.task.batch(ids[i : i + b]) for i in range(0, len(ids), b)]
+
+    def eval_batches(self, ids: Sequence[int]) -> list[Any]:
+        """``ids`` cut into the validator's evaluation batches (``eval_batch_size``)."""
+        b = self.eval_batch_size
         return [self.task.batch(ids[i : i + b]) for i in range(0, len(ids), b)]
 
     def digest(self, hotkey: str, window: int, ids: Sequence[int]) -> str:

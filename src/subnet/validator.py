@@ -70,6 +70,7 @@ def peer_rows(report: WindowReport) -> dict[str, dict[str, Any]]:
             "reason": o.reason,
             "gain_random": o.evaluation.gain_random if o.evaluation else None,
             "gain_assigned": o.evaluation.gain_assigned if o.evaluation else None,
+            "indicator": o.evaluation.indicator if o.evaluation else None,
             "sync": o.sync.score if o.sync else None,
             "score": report.scores.get(peer, 0.0),
             "weight": report.weights.get(peer, 0.0),
@@ -112,7 +113,7 @@ class Validator(Node):
         self.scorer = Scorer(
             self.model,
             task.loss_fn,
-            self.protocol.batches,
+            self.protocol.eval_batches,
             seed=self.protocol.seed,
             config=self.protocol.gauntlet,
             scoreboard=scoreboard,
@@ -203,6 +204,7 @@ class Validator(Node):
             "weights": report.weights,
             "weights_set": weights_set,
             "heldout_loss": self.heldout_loss(),
+            "scoring_seconds": {k: round(v, 4) for k, v in sorted(report.timings.items())},
             "seconds": time.monotonic() - started,
         }
         self.record(record)

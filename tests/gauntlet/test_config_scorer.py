@@ -137,9 +137,7 @@ def test_max_evaluations_rotates_least_recently_evaluated():
         # fresh content every window: the same update twice would be a replay
         peers = {p: payload(10 * w + i) for i, p in enumerate(["a", "b", "c", "d"])}
         digests = {p: sc.expected_digest(p, w) for p in peers}
-        rep = sc.score_window(
-            WindowInputs(w, gather(w, peers), f"e{w}", digests)
-        )
+        rep = sc.score_window(WindowInputs(w, gather(w, peers), f"e{w}", digests))
         seen.append(sorted(p for p, o in rep.outcomes.items() if o.status == "evaluated"))
         assert sum(o.status == "skipped" for o in rep.outcomes.values()) == 2
     assert sorted(seen[0] + seen[1]) == ["a", "b", "c", "d"]

@@ -453,3 +453,62 @@ def test_copies_are_blamed_by_provenance_whatever_their_timestamps():
             want = clean.scoreboard.final_score(victim)
             assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
     torch.set_num_threads(threads)
+
+
+# -- fuzzy copies (item 4) -------------------------------------------------------------------
+
+FUZZY_FROM = HONEST[:3]
+FUZZY_WINDOWS = 8
+
+
+def fuzzy_copy(setup: Setup, window: int, share: float = 0.35) -> dict[str, torch.Tensor]:
+    """A copier's Δ built from three honest peers' decoded updates of ``window``: a random
+    ``share`` of each one's kept entries (so at most about 35 % of any chunk's indices come
+    from any one peer, under the 0.4 overlap rule), plus Gaussian noise of 10 % of the values'
+    spread on every kept entry."""
+    out: dict[str, torch.Tensor] = {}
+    for victim in FUZZY_FROM:
+        dense = decode(send(setup.delta(victim, window)))
+        for name, v in dense.items():
+            kept = v.flatten().nonzero().flatten()
+            pick = kept[torch.rand(kept.numel(), generator=setup.rng) < share]
+            acc = out.setdefault(name, torch.zeros_like(v)).view(-1)
+            acc[pick] = v.flatten()[pick]
+    for v in out.values():
+        nz = v != 0
+        if nz.any():
+            spread = float(v[nz].std()) if int(nz.sum()) > 1 else float(v[nz].abs().mean())
+            v[nz] += 0.1 * spread * torch.randn(int(nz.sum()), generator=setup.rng)
+    return out
+
+
+def fuzzy_run(seed: int, attack: bool) -> tuple[Scorer, list]:
+    """``FUZZY_WINDOWS`` windows of the honest peers, with or without the fuzzy copier."""
+    setup = Setup(seed)
+    scorer = setup.scorer()
+    reports = []
+    for t in range(FUZZY_WINDOWS):
+        payloads = {p: send(setup.delta(p, t)) for p in HONEST}
+        if attack:
+            payloads["fuzzy"] = send(fuzzy_copy(setup, t))
+        inputs = setup.inputs(t, payloads)
+        reports.append(scorer.score_window(inputs))
+        setup.step(inputs, reports[-1].accepted)
+        scorer.model.load_state_dict(setup.model.state_dict())
+    return scorer, reports
+
+
+def test_a_fuzzy_copy_earns_nothing_and_frames_nobody():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for seed in range(3):
+        attacked, reports = fuzzy_run(seed, attack=True)
+        clean, _ = fuzzy_run(seed, attack=False)
+        statuses = [rep.outcomes["fuzzy"].status for rep in reports]
+        scores = attacked.scoreboard.final_scores()
+        assert scores["fuzzy"] == 0.0, (seed, statuses, attacked.scoreboard.peers["fuzzy"])
+        for victim in HONEST:
+            assert attacked.scoreboard.peers[victim].failures == {}, (seed, victim)
+            want = clean.scoreboard.final_score(victim)
+            assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
+    torch.set_num_threads(threads)

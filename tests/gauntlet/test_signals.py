@@ -11,6 +11,7 @@ import torch
 from gauntlet import (
     RatingConfig,
     SignalConfig,
+    assigned_indicator,
     blame_copies,
     decode_update,
     effective_bma,
@@ -122,13 +123,48 @@ def test_index_overlap_value():
 
 
 def test_bma_update_clip_and_warmup():
+    raw = SignalConfig(bma_debias=False, bma_full=1.0)  # Gauntlet's moving average as is
     bma = 0.0
     for _ in range(2):
-        bma = update_bma(bma, 1, SIG)
+        bma = update_bma(bma, 1, raw)
     assert bma == pytest.approx(0.0975)
-    assert effective_bma(bma, 2, SIG) == pytest.approx(0.0975)  # still warming up
-    assert effective_bma(bma, 3, SIG) == 0.0  # below threshold after warm-up
-    assert update_bma(0.01, -1, SIG) == 0.0
+    assert effective_bma(bma, 2, 2, raw) == pytest.approx(0.0975)  # still warming up
+    assert effective_bma(bma, 3, 3, raw) == 0.0  # below threshold after warm-up
+    assert update_bma(0.01, -1, raw) == 0.0
+
+
+def test_debiased_bma_is_the_mean_indicator_and_saturates():
+    # two +1: the raw average 0.0975 is the mean (1.0) debiased; it is far past bma_full
+    bma = update_bma(update_bma(0.0, 1.0, SIG), 1.0, SIG)
+    assert effective_bma(bma, 2, 2, SIG) == 1.0
+    # +1, +1, −1 after warm-up: raw 0.0426 would be zeroed, the debiased mean 0.30 is not
+    third = update_bma(bma, -1.0, SIG)
+    assert 0.0426 < third < 0.0427
+    assert effective_bma(third, 3, 3, SIG) == pytest.approx(third / (1 - 0.95**3) / 0.5)
+    # a coin flip's mean (b = ±0.05) is zeroed once past warm-up
+    coin = 0.0
+    for b in (0.05, -0.05, 0.05, -0.05):
+        coin = update_bma(coin, b, SIG)
+    assert effective_bma(coin, 4, 4, SIG) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("g_rand", "g_own", "scale", "want"),
+    [
+        (0.010, 0.011, 0.1, pytest.approx(1 / 1.1)),  # 9% advantage of the own effect
+        (0.010, 0.0105, 0.1, pytest.approx(0.5 / 1.05)),
+        (0.011, 0.010, 0.1, pytest.approx(-1 / 1.1)),
+        (0.010, 0.009, 0.0, -1.0),  # Gauntlet's sign rule
+        (0.010, 0.012, 0.0, 1.0),
+        (0.010, 0.010, 0.0, -1.0),  # a tie shows nothing
+        (-0.004, 0.023, 0.1, 1.0),  # hurts random data but fits its own: trained on it
+        (0.0, 0.0, 0.1, -1.0),  # changes nothing
+        (float("nan"), 0.01, 0.1, -1.0),
+        (0.01, float("inf"), 0.1, -1.0),
+    ],
+)
+def test_assigned_indicator(g_rand, g_own, scale, want):
+    assert assigned_indicator(g_rand, g_own, 0.0, scale) == want
 
 
 def test_ratings_match_and_fresh_pitfall():

@@ -18,7 +18,10 @@ from gauntlet import (
 
 
 def test_power_normalization():
-    w = normalize_scores({"a": 3.0, "b": 1.0, "c": 0.0, "d": -2.0}, WeightsConfig())
+    scores = {"a": 3.0, "b": 1.0, "c": 0.0, "d": -2.0}
+    w = normalize_scores(scores, WeightsConfig())
+    assert w == {"a": pytest.approx(0.75), "b": pytest.approx(0.25), "c": 0.0, "d": 0.0}
+    w = normalize_scores(scores, WeightsConfig(power=2.0))
     assert w == {"a": pytest.approx(0.9), "b": pytest.approx(0.1), "c": 0.0, "d": 0.0}
     assert normalize_scores({"a": 0.0}, WeightsConfig()) == {"a": 0.0}
 

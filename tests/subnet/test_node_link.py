@@ -12,9 +12,7 @@ from subnet.storage import NodeLink, open_own_storage, open_peer_storage
 
 def test_s3_bytes_go_through_the_link_proxy(moto_url):
     S3Storage(
-        S3Config(
-            bucket="linked", endpoint_url=moto_url, access_key_id="k", secret_access_key="s"
-        )
+        S3Config(bucket="linked", endpoint_url=moto_url, access_key_id="k", secret_access_key="s")
     ).create_bucket()
     link = NodeLink("8mbit,20ms")
     cfg = StorageConfig(
