@@ -10,6 +10,10 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
   run, kinds rotated over three runs so each of the six kinds appears once) against the same
   run honest-only, for ``aggregate="all"`` and ``"top"``: final held-out loss difference, the
   adversaries' total weight and the fraction of (honest, adversary) pairs ranked correctly.
+* ``attacks``: every scorer attack of issue 11 (framing copies, a fuzzy copy, an amplifier
+  with huge-norm sybils, a predictor of the evaluation set, replays, a dense update) × 3
+  seeds, the attacker's final weight against the honest peers' smallest and largest
+  (``benchmarks/reliability_attacks.py``).
 * ``faults``: the real roles (``sparseloco miner|validator``), one process per node on a
   local SQLite chain and local-folder storage (``benchmarks/reliability_faults.py``): an
   uninterrupted reference, a run whose nodes are SIGKILLed at random points and restarted at
@@ -235,6 +239,19 @@ def table(results: dict[str, Any]) -> list[tuple[str, str]]:
                     f">= {v['min_ranking_accuracy']:.2f}",
                 )
             )
+    at = results.get("attacks")
+    if at:
+        for name, v in at["summary"].items():
+            verdict = "target met" if v["target_met_in_every_seed"] else "target NOT met"
+            rows.append(
+                (
+                    f"attack: {name}",
+                    f"{len(at['seeds'])} seeds: attacker weight "
+                    f"<= {v['max_adversary_weight']:.3f}, "
+                    f"honest >= {v['min_honest_weight']:.3f} ({v['honest_peers_at_zero']} honest "
+                    f"peer-runs at 0), {verdict}",
+                )
+            )
     ft = results.get("faults")
     if ft:
         for key in ("reference", "sigkill", "outage"):
@@ -280,7 +297,7 @@ def _commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", choices=("fuzz", "byzantine", "faults"))
+    ap.add_argument("--only", nargs="+", choices=("fuzz", "byzantine", "attacks", "faults"))
     ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     ap.add_argument("--fuzz-cases", type=int, default=100_000)
     ap.add_argument("--bomb-mb", type=int, default=1024)
@@ -297,7 +314,7 @@ def main() -> None:
         args.fuzz_cases, args.bomb_mb = 5_000, 256
         args.honest, args.windows = 3, 4
         args.fault_peers, args.fault_windows, args.kills = 2, 5, 3
-    sections = args.only or ["fuzz", "byzantine", "faults"]
+    sections = args.only or ["fuzz", "byzantine", "attacks", "faults"]
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="reliability-"))
     path = RESULTS / "reliability.json"
     results: dict[str, Any] = json.loads(path.read_text()) if args.only and path.exists() else {}
@@ -307,6 +324,10 @@ def main() -> None:
         results["fuzz"] = run_fuzz(args.fuzz_cases, args.seed, args.bomb_mb)
     if "byzantine" in sections:
         results["byzantine"] = run_byzantine(args.honest, args.windows, out_dir / "sim", args.seed)
+    if "attacks" in sections:
+        from benchmarks.reliability_attacks import run_attacks
+
+        results["attacks"] = run_attacks([args.seed, args.seed + 1, args.seed + 2])
     if "faults" in sections:
         results["faults"] = run_faults(args, out_dir / "faults")
     for section in sections:  # sections may come from different runs: say which code ran

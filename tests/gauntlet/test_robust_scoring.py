@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -411,27 +412,37 @@ def test_training_on_any_set_known_before_the_deadline_gains_nothing():
 COPIERS = {"copy-early": HONEST[0], "copy-same": HONEST[1], "clone": HONEST[2]}
 
 
-def framing_run(seed: int, attack: bool) -> tuple[Scorer, list]:
-    """Four windows of the honest peers, with or without the three copiers: an exact copy
-    stamped a second before its victim, an exact copy stamped the same second, and a clone
-    that trains on its victim's (public) assignment. Returns the scorer and the reports."""
+def run_windows(seed: int, windows: int, attack: Callable | None) -> tuple[Scorer, list]:
+    """``windows`` windows of the honest peers, each step on the accepted set; ``attack(setup,
+    t, payloads, times)`` adds the attackers' payloads and publish times in place."""
     setup = Setup(seed)
     scorer = setup.scorer()
     reports = []
-    for t in range(4):
+    for t in range(windows):
         payloads = {p: send(setup.delta(p, t)) for p in HONEST}
         times = {p: 100.0 * t + 10 * i for i, p in enumerate(HONEST)}
-        if attack:
-            payloads["copy-early"] = payloads[HONEST[0]]
-            payloads["copy-same"] = payloads[HONEST[1]]
-            payloads["clone"] = send(setup.delta(HONEST[2], t))
-            times |= {"copy-early": times[HONEST[0]] - 1.0, "copy-same": times[HONEST[1]]}
-            times["clone"] = times[HONEST[2]] - 1.0
+        if attack is not None:
+            attack(setup, t, payloads, times)
         inputs = setup.inputs(t, payloads, times=times)
         reports.append(scorer.score_window(inputs))
         setup.step(inputs, reports[-1].accepted)
         scorer.model.load_state_dict(setup.model.state_dict())
     return scorer, reports
+
+
+def _copiers(setup: Setup, t: int, payloads: dict, times: dict) -> None:
+    payloads["copy-early"] = payloads[HONEST[0]]
+    payloads["copy-same"] = payloads[HONEST[1]]
+    payloads["clone"] = send(setup.delta(HONEST[2], t))
+    times |= {"copy-early": times[HONEST[0]] - 1.0, "copy-same": times[HONEST[1]]}
+    times["clone"] = times[HONEST[2]] - 1.0
+
+
+def framing_run(seed: int, attack: bool) -> tuple[Scorer, list]:
+    """Four windows of the honest peers, with or without the three copiers: an exact copy
+    stamped a second before its victim, an exact copy stamped the same second, and a clone
+    that trains on its victim's (public) assignment. Returns the scorer and the reports."""
+    return run_windows(seed, 4, _copiers if attack else None)
 
 
 def test_copies_are_blamed_by_provenance_whatever_their_timestamps():
@@ -484,18 +495,11 @@ def fuzzy_copy(setup: Setup, window: int, share: float = 0.35) -> dict[str, torc
 
 def fuzzy_run(seed: int, attack: bool) -> tuple[Scorer, list]:
     """``FUZZY_WINDOWS`` windows of the honest peers, with or without the fuzzy copier."""
-    setup = Setup(seed)
-    scorer = setup.scorer()
-    reports = []
-    for t in range(FUZZY_WINDOWS):
-        payloads = {p: send(setup.delta(p, t)) for p in HONEST}
-        if attack:
-            payloads["fuzzy"] = send(fuzzy_copy(setup, t))
-        inputs = setup.inputs(t, payloads)
-        reports.append(scorer.score_window(inputs))
-        setup.step(inputs, reports[-1].accepted)
-        scorer.model.load_state_dict(setup.model.state_dict())
-    return scorer, reports
+
+    def fuzzy(setup: Setup, t: int, payloads: dict, times: dict) -> None:
+        payloads["fuzzy"] = send(fuzzy_copy(setup, t))
+
+    return run_windows(seed, FUZZY_WINDOWS, fuzzy if attack else None)
 
 
 def test_a_fuzzy_copy_earns_nothing_and_frames_nobody():
@@ -512,3 +516,24 @@ def test_a_fuzzy_copy_earns_nothing_and_frames_nobody():
             want = clean.scoreboard.final_score(victim)
             assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
     torch.set_num_threads(threads)
+
+
+def test_a_window_without_any_update_rates_nobody():
+    setup = Setup(0)
+    sc = setup.scorer()
+    payloads = {p: send(setup.delta(p, 0)) for p in HONEST}
+    sc.score_window(setup.inputs(0, payloads))
+    before = json.loads(json.dumps(sc.scoreboard.state_dict()))["peers"]
+    empty = GatherResult(window=1)
+    for p in HONEST:
+        empty.statuses[p] = PeerStatus(p, "missing" if p != HONEST[0] else "late")
+    rep = sc.score_window(WindowInputs(1, empty, "hash-1"))
+    assert rep.void and all(rep.outcomes[p].status in ("missing", "late") for p in HONEST)
+    assert json.loads(json.dumps(sc.scoreboard.state_dict()))["peers"] == before
+    # one peer's bytes arriving is enough for the others' absence to count against them
+    one = setup.inputs(1, {HONEST[0]: send(setup.delta(HONEST[0], 1))})
+    for p in HONEST[1:]:
+        one.gather.statuses[p] = PeerStatus(p, "missing")
+    rep = sc.score_window(one)
+    assert not rep.void
+    assert all(sc.scoreboard.peers[p].failures == {"missing": 1} for p in HONEST[1:])

@@ -7,7 +7,7 @@ stay bounded (``BLOCK_ELEMENTS`` entries) whatever the tensor's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -45,6 +45,23 @@ def topk_exact(x: torch.Tensor, k: int) -> torch.Tensor:
     return out.sort(dim=1).values.to(torch.int64)
 
 
+def _accumulated_blocks(
+    delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, beta: float
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Per block of chunks: (c0, c1, the buffer's rows, float32 β·e + Δ of them).
+
+    A bfloat16 buffer is widened per block: the sum and the residual must each be rounded
+    once, and the float32 scratch stays bounded. The caller writes the scratch back.
+    """
+    for start, stop in layout.blocks(BLOCK_ELEMENTS):
+        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
+        block = error[c0:c1]
+        work = block if block.dtype == torch.float32 else block.float()
+        tiles = work.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
+        tiles.mul_(beta).add_(layout.tile_view(delta, start, stop).to(torch.float32))
+        yield c0, c1, block, work
+
+
 def compress(
     delta: torch.Tensor, error: torch.Tensor, layout: ChunkLayout, config: CodecConfig
 ) -> CompressedTensor:
@@ -55,14 +72,8 @@ def compress(
     multiply-add), Δ converted to float32 first.
     """
     k = layout.k(config.topk)
-    beta = float(config.error_decay)
     idx_blocks, val_blocks = [], []
-    for start, stop in layout.blocks(BLOCK_ELEMENTS):
-        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
-        block = error[c0:c1]
-        work = block if block.dtype == torch.float32 else block.float()
-        tiles = work.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
-        tiles.mul_(beta).add_(layout.tile_view(delta, start, stop).to(torch.float32))
+    for _, _, block, work in _accumulated_blocks(delta, error, layout, float(config.error_decay)):
         idx = topk_exact(work, k)
         idx_blocks.append(idx)
         val_blocks.append(work.gather(1, idx))
@@ -111,15 +122,7 @@ def subtract_decoded(
     buffer is therefore bit-identical to the one ``compress`` leaves (on every backend,
     since the Triton kernels match the reference's error buffer bit for bit).
     """
-    beta = float(config.error_decay)
-    for start, stop in layout.blocks(BLOCK_ELEMENTS):
-        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
-        block = error[c0:c1]
-        # A bfloat16 buffer is widened per block: the sum and the residual must be rounded
-        # once, as compress rounds them, and the float32 scratch stays bounded.
-        work = block if block.dtype == torch.float32 else block.float()
-        tiles = work.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
-        tiles.mul_(beta).add_(layout.tile_view(delta, start, stop).to(torch.float32))
+    for c0, c1, block, work in _accumulated_blocks(delta, error, layout, float(config.error_decay)):
         if idx is None:
             work.sub_(values[c0:c1])
         else:
