@@ -14,6 +14,12 @@ every match, so peers gain rating by helping, not only by beating each other: eq
 honest peers all rise; a free-rider (score exactly 0) and a harmful peer lose to it. The
 anchor's score is the smallest positive float, not 0: a draw would shrink the free-rider's
 σ and so raise its ordinal μ − z·σ.
+
+With ``null_anchor`` and ``anchor_matches`` (both default) every rated peer then also plays
+a fresh anchor one-on-one (two-player matches, peers in sorted order, each from its rating
+after the free-for-all): the free-for-all orders peers by quality, the one-on-one credits
+each for beating doing-nothing whatever the others did, so equally good honest peers rise
+together instead of the weakest of them sinking below an ordinal of 0 in a short run.
 """
 
 from __future__ import annotations
@@ -58,9 +64,16 @@ def rate_match(
     teams = [[model.rating(mu=mu, sigma=sigma)] for mu, sigma in players]
     result = model.rate(teams, scores=values)
     rated = result[: len(peers)]  # the anchor, if any, is last
-    return {
+    out = {
         p: (float(team[0].mu), float(team[0].sigma)) for p, team in zip(peers, rated, strict=True)
     }
+    if config.null_anchor and config.anchor_matches:
+        for p in peers:
+            me = model.rating(mu=out[p][0], sigma=out[p][1])
+            anchor = model.rating(mu=config.mu, sigma=config.sigma)
+            (mine,), _ = model.rate([[me], [anchor]], scores=[float(scores[p]), ANCHOR_SCORE])
+            out[p] = (float(mine.mu), float(mine.sigma))
+    return out
 
 
 def ordinal(mu: float, sigma: float, config: RatingConfig) -> float:

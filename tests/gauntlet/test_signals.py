@@ -167,6 +167,32 @@ def test_assigned_indicator(g_rand, g_own, scale, want):
     assert assigned_indicator(g_rand, g_own, 0.0, scale) == want
 
 
+def test_anchor_matches_keep_equal_helpers_together_beside_a_strong_one():
+    """The free-for-all alone sinks the weakest of equal helpers (and all of them beside a
+    peer twice as good); one-on-one matches against the anchor credit each helper itself."""
+    rng = np.random.default_rng(1)
+    peers = ["p0", "p1", "p2", "p3", "strong"]
+    spreads = {False: [], True: []}
+    for matches in (False, True):
+        cfg = RatingConfig(anchor_matches=matches)
+        for _ in range(20):
+            ratings: dict[str, tuple[float, float]] = {}
+            for _ in range(6):
+                noise = 1 + 0.25 * rng.standard_normal(len(peers))
+                scores = {
+                    p: float(n) * (2.0 if p == "strong" else 1.0)
+                    for p, n in zip(peers, noise, strict=True)
+                }
+                ratings.update(rate_match(ratings, scores, cfg))
+            f = {p: rating_factor(*ratings[p], cfg) for p in peers}
+            honest = [f[p] for p in peers[:4]]
+            spreads[matches].append(max(honest) / min(honest) if min(honest) > 0 else math.inf)
+            if matches:
+                assert f["strong"] > max(honest)  # quality still pays
+    assert sum(x > 3 for x in spreads[False]) >= 5  # the pitfall
+    assert max(spreads[True]) < 2.0
+
+
 def test_ratings_match_and_fresh_pitfall():
     cfg = RatingConfig()
     fresh = (cfg.mu, cfg.sigma)
