@@ -83,6 +83,7 @@ from gauntlet.signals import (
     sync_score,
     update_bma,
 )
+from gauntlet.sketches import sketch_cosine, update_sketch
 from gauntlet.sqlite_chain import SqliteChain, SqliteSubnet
 from gauntlet.weights import (
     U16_MAX,
@@ -159,11 +160,13 @@ __all__ = [
     "reference_factors",
     "relative_gain",
     "sample_values",
+    "sketch_cosine",
     "sync_positions",
     "sync_score",
     "to_u16",
     "update_bma",
     "update_norms",
+    "update_sketch",
     "window_reference",
     "yuma_consensus",
 ]

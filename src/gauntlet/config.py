@@ -136,6 +136,13 @@ class SignalConfig:
         replay_windows: content digests of updates and aggregates are remembered for this
             many windows; an update with the content of one of them is a ``replay``
             (default 64; memory ≤ replay_windows × (peers + 1) digests).
+        replay_cosine: an update whose sketch cosine (:mod:`gauntlet.sketches`) with an
+            update or aggregate of the last ``replay_sketch_windows`` windows reaches this is
+            a ``replay`` too: an old update sent again with values nudged (default 0.9; honest
+            peers' consecutive updates measured 0.09–0.26, a re-encoded old update with 1 %
+            noise 0.96).
+        replay_sketch_windows: windows of sketches kept (default 8; memory 256 floats per
+            update and aggregate kept).
         provenance_margin: how much better (relative to the pair's largest |gain|) one
             member's update must fit the other's data for provenance to decide a copy;
             below it the storage server's time order does (default 0.25).
@@ -155,11 +162,15 @@ class SignalConfig:
     assigned_margin: float = 0.0
     assigned_scale: float = 0.1
     replay_windows: int = 64
+    replay_cosine: float = 0.9
+    replay_sketch_windows: int = 8
     provenance_margin: float = 0.25
 
     def __post_init__(self) -> None:
         _positive_int("sync_samples", self.sync_samples)
         _positive_int("replay_windows", self.replay_windows)
+        _positive_int("replay_sketch_windows", self.replay_sketch_windows)
+        _finite("replay_cosine", self.replay_cosine, 0.0, 1.0, open_lo=True)
         _finite("sync_max", self.sync_max, 0.0, 1e6, open_lo=True)
         _finite("sync_power", self.sync_power, 0.0, 100.0, open_lo=True)
         _finite("sync_missing", self.sync_missing, 0.0, 1.0)

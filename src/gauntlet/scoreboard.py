@@ -9,7 +9,8 @@ score is
 with ``rating_factor`` from :mod:`gauntlet.ratings` and ``BMA_eff`` from
 :func:`gauntlet.signals.effective_bma`. Beside the peers it keeps the window-level state the
 next windows need: the sync reference, the clip reference (:mod:`gauntlet.clipping`) and the
-content digests of recent updates and aggregates (:meth:`Scoreboard.remember`).
+content digests of recent updates and aggregates (:meth:`Scoreboard.remember`) and their
+sketches (:meth:`Scoreboard.remember_sketches`).
 ``state_dict()`` holds only JSON values (floats round-trip exactly through ``json``), so a
 restarted validator loses nothing.
 """
@@ -25,6 +26,7 @@ from gauntlet.config import GauntletConfig
 from gauntlet.errors import GauntletError
 from gauntlet.ratings import rating_factor
 from gauntlet.signals import effective_bma
+from gauntlet.sketches import sketch_cosine
 from gauntlet.weights import ChainWeights, normalize_scores, to_u16
 
 STATE_VERSION = 1
@@ -57,6 +59,7 @@ class Scoreboard:
         self.sync_reference: dict[str, Any] | None = None
         self.clip_reference: dict[str, float] | None = None
         self.digests: dict[str, list[Any]] = {}
+        self.sketches: list[list[Any]] = []
 
     def record(self, peer: str) -> PeerRecord:
         """The peer's record, created fresh on first sight."""
@@ -81,6 +84,26 @@ class Scoreboard:
             self.digests.setdefault(digest, [int(window), source])
         oldest = int(window) - self.config.signals.replay_windows
         self.digests = {d: v for d, v in sorted(self.digests.items()) if v[0] > oldest}
+
+    def remember_sketches(self, window: int, sketches: list[tuple[str, list[float]]]) -> None:
+        """Keep (window, source, sketch) of the window's updates and aggregate; drop those
+        ``replay_sketch_windows`` or more windows before it."""
+        self.sketches += [[int(window), source, list(sk)] for source, sk in sketches]
+        oldest = int(window) - self.config.signals.replay_sketch_windows
+        self.sketches = [e for e in self.sketches if e[0] > oldest]
+
+    def closest_earlier(self, sketch: list[float] | None, window: int) -> tuple[float, int, str]:
+        """(cosine, window, source) of the remembered sketch of an earlier window closest to
+        ``sketch``; (0.0, -1, "") when there is none."""
+        best = (0.0, -1, "")
+        if sketch is None:
+            return best
+        for w, source, other in self.sketches:
+            if w < window and len(other) == len(sketch):
+                cos = sketch_cosine(sketch, other)
+                if cos > best[0]:
+                    best = (cos, int(w), str(source))
+        return best
 
     def first_seen(self, digest: str | None, window: int) -> tuple[int, str] | None:
         """(window, source) of an earlier window that had this content, else None."""
@@ -131,6 +154,7 @@ class Scoreboard:
             "sync_reference": self.sync_reference,
             "clip_reference": self.clip_reference,
             "digests": self.digests,
+            "sketches": self.sketches,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -147,3 +171,4 @@ class Scoreboard:
         # absent in states written before clip references and replay digests existed
         self.clip_reference = state.get("clip_reference")
         self.digests = {d: list(v) for d, v in state.get("digests", {}).items()}
+        self.sketches = [list(e) for e in state.get("sketches", [])]

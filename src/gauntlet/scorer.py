@@ -12,7 +12,9 @@ float64 reductions, seeds from public values):
    (:meth:`Scorer._proof_failures`);
 3. **replays**: an update whose content digest (:func:`gauntlet.decoding.content_digest`)
    was seen in an earlier window, as a peer's update or as the applied aggregate
-   (:meth:`Scorer.record_aggregate`), is ``replay`` (:meth:`Scorer._replay_failures`);
+   (:meth:`Scorer.record_aggregate`), or whose sketch (:mod:`gauntlet.sketches`) has a
+   cosine of at least ``replay_cosine`` with one of the last ``replay_sketch_windows``
+   windows', is ``replay`` (:meth:`Scorer._replay_failures`);
 4. **clip factors**: every non-zero tensor is evaluated at the reference length r of
    :mod:`gauntlet.clipping` (the median norm of the last accepted set; before any, the
    smallest norm of this window's remaining updates), so amplifying an update earns nothing
@@ -79,6 +81,7 @@ from gauntlet.signals import (
     sync_score,
     update_bma,
 )
+from gauntlet.sketches import update_sketch
 from sparseloco.codec import ErrorFeedback, encode
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult
@@ -251,9 +254,9 @@ class Scorer:
         timings["decode"] = time.perf_counter() - t0
         status.update(self._proof_failures(decoded, inputs))
         digests = {p: content_digest(decoded[p].dense) for p in sorted(decoded)}
-        status.update(
-            {p: v for p, v in self._replay_failures(digests, window).items() if p not in status}
-        )
+        sketches = {p: update_sketch(decoded[p].dense) for p in sorted(decoded)}
+        replays = self._replay_failures(digests, sketches, window)
+        status.update({p: v for p, v in replays.items() if p not in status})
         unfailed = {p: decoded[p] for p in sorted(decoded) if p not in status}
         norms = update_norms({p: d.dense for p, d in unfailed.items()})
         reference, factors = self._clip_factors(norms)
@@ -298,6 +301,9 @@ class Scorer:
             void=void,
         )
         self._remember(window, digests, norms, reference, report.accepted)
+        self.scoreboard.remember_sketches(
+            window, [("update", sk) for _, sk in sorted(sketches.items()) if sk is not None]
+        )
         timings["total"] = time.perf_counter() - t0
         return report
 
@@ -315,14 +321,31 @@ class Scorer:
         digest = content_digest(dense)
         if digest is not None:
             self.scoreboard.remember(window, {digest: "aggregate"})
+        sketch = update_sketch(dense)
+        if sketch is not None:
+            self.scoreboard.remember_sketches(window, [("aggregate", sketch)])
 
-    def _replay_failures(self, digests: Mapping[str, str | None], window: int) -> Statuses:
-        """``replay`` for every update whose content was seen in an earlier window."""
+    def _replay_failures(
+        self,
+        digests: Mapping[str, str | None],
+        sketches: Mapping[str, list[float] | None],
+        window: int,
+    ) -> Statuses:
+        """``replay`` for every update whose content was seen in an earlier window, or whose
+        sketch cosine with an earlier update or aggregate reaches ``replay_cosine``."""
         out: Statuses = {}
+        limit = self.config.signals.replay_cosine
         for peer, digest in sorted(digests.items()):
             seen = self.scoreboard.first_seen(digest, window)
             if seen is not None:
                 out[peer] = ("replay", f"same content as the {seen[1]} of window {seen[0]}")
+                continue
+            cos, w, source = self.scoreboard.closest_earlier(sketches.get(peer), window)
+            if cos >= limit:
+                out[peer] = (
+                    "replay",
+                    f"near copy (cosine {cos:.4f}) of the {source} of window {w}",
+                )
         return out
 
     def _clip_factors(self, norms: Norms) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

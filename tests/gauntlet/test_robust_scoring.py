@@ -302,12 +302,19 @@ def test_replayed_updates_and_aggregates_are_rejected():
     payloads[HONEST[3]] = send(d0[HONEST[0]])  # another peer's, re-encoded
     payloads["freeloader"] = encode(agg, ErrorFeedback(CODEC))  # the applied aggregate
     payloads["zero"] = send({n: torch.zeros_like(d) for n, d in d0[HONEST[0]].items()})
+    # an old update nudged: every value ×(1 + 1e-6) and 1 % noise, re-encoded
+    nudged = {
+        n: d * (1 + 1e-6) + 0.01 * d.std() * torch.randn_like(d) for n, d in d0[HONEST[1]].items()
+    }
+    payloads["nudger"] = send(nudged)
     rep1 = sc.score_window(setup.inputs(1, payloads))
     status = {p: (o.status, o.reason) for p, o in rep1.outcomes.items()}
     assert status[HONEST[2]] == ("replay", "same content as the update of window 0")
     assert status[HONEST[3]] == ("replay", "same content as the update of window 0")
     assert status["freeloader"] == ("replay", "same content as the aggregate of window 0")
     assert status["zero"][0] == "evaluated"  # nothing in it to replay
+    assert status["nudger"][0] == "replay" and "near copy" in status["nudger"][1], status
+    assert "of the update of window 0" in status["nudger"][1]
     assert all(status[p][0] == "evaluated" for p in HONEST[:2])
     assert rep1.outcomes["freeloader"].evaluation is None
     assert sc.scoreboard.peers["freeloader"].failures == {"replay": 1}

@@ -21,9 +21,11 @@ from gauntlet import (
     rate_match,
     rating_factor,
     sample_values,
+    sketch_cosine,
     sync_positions,
     sync_score,
     update_bma,
+    update_sketch,
 )
 from sparseloco import CodecConfig, ErrorFeedback, encode
 
@@ -236,3 +238,16 @@ def test_null_anchor_lets_equally_good_peers_all_rise():
     for _ in range(30):
         alone.update(rate_match(alone, {"freerider": 0.0}, cfg))
         assert rating_factor(*alone["freerider"], cfg) == 0.0
+
+
+def test_update_sketch_estimates_cosine():
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) < 0.05)}
+    b = {"w": torch.randn(64, 64, generator=g) * (torch.rand(64, 64, generator=g) < 0.05)}
+    sa = update_sketch(a)
+    assert sa == update_sketch({"w": a["w"].clone()})  # deterministic, public hash
+    assert sketch_cosine(sa, update_sketch({"w": 3.0 * a["w"]})) == pytest.approx(1.0)
+    assert abs(sketch_cosine(sa, update_sketch(b))) < 0.25  # unrelated: ~1/sqrt(256)
+    # the same values under another name hash elsewhere
+    assert abs(sketch_cosine(sa, update_sketch({"v": a["w"]}))) < 0.25
+    assert update_sketch({"w": torch.zeros(3)}) is None
