@@ -196,6 +196,28 @@ class Evaluator:
             assigned = {p: self._loss(assigned_batches[p]) for p in sorted(assigned_batches)}
         return Baseline(random=rand, assigned=assigned)
 
+    def losses(self, sets: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """Mean loss of each named batch set on the model as it is (sorted names)."""
+        with self._preserved():
+            return {name: self._loss(sets[name]) for name in sorted(sets)}
+
+    def gains_on(
+        self,
+        update: Mapping[str, torch.Tensor],
+        factors: Mapping[str, float],
+        sets: Mapping[str, Sequence[Any]],
+        before: Mapping[str, float],
+    ) -> dict[str, float]:
+        """Relative gain of one update (applied once, as in :meth:`evaluate_many`) on each
+        named batch set, from the before-losses ``before`` of :meth:`losses`."""
+        floor = self.config.loss_floor
+        with self._preserved():
+            self._apply(update, factors)
+            return {
+                name: relative_gain(before[name], self._loss(sets[name]), floor)
+                for name in sorted(sets)
+            }
+
     def _apply(self, update: Mapping[str, torch.Tensor], factors: Mapping[str, float]) -> None:
         step = self.config.step
         with torch.no_grad():

@@ -65,7 +65,7 @@ from gauntlet.clipping import (
 )
 from gauntlet.config import GauntletConfig, RatingConfig
 from gauntlet.decoding import DecodedUpdate, InvalidUpdate, content_digest, decode_update
-from gauntlet.evaluate import Baseline, EvalResult, Evaluator, LossFn
+from gauntlet.evaluate import EvalResult, Evaluator, LossFn
 from gauntlet.ratings import rate_match
 from gauntlet.scoreboard import Scoreboard
 from gauntlet.signals import (
@@ -431,7 +431,8 @@ class Scorer:
         inputs: WindowInputs,
     ) -> dict[tuple[str, str], float]:
         """fit(x, y) for both members x, y of every similar pair: the gain of x's update
-        (at the clip reference) on y's evaluated assigned samples, and on x's own."""
+        (at the clip reference) on y's evaluated assigned samples, and fit(x, x) on x's own;
+        each member's update is applied once, each set's before-loss computed once."""
         similar = [p for p in pairs if is_similar(p, self.config.signals)]
         if not similar:
             return {}
@@ -443,18 +444,13 @@ class Scorer:
             )
             for x in members
         }
-        before = self.evaluator.baseline(sets[members[0]], sets).assigned
+        before = self.evaluator.losses(sets)
         fits: dict[tuple[str, str], float] = {}
-        for x, y in sorted({(p.a, p.b) for p in similar} | {(p.b, p.a) for p in similar}):
-            # the "random" set of this evaluation is y's data, the assigned one x's own
-            res = self.evaluator.evaluate_many(
-                {x: decoded[x].dense},
-                {x: factors[x]},
-                Baseline(random=before[y], assigned=before),
-                sets[y],
-                {x: sets[x]},
-            )[x]
-            fits[(x, y)], fits[(x, x)] = res.gain_random, res.gain_assigned
+        for x in members:
+            partners = {p.b if p.a == x else p.a for p in similar if x in (p.a, p.b)}
+            on = {y: sets[y] for y in sorted(partners | {x})}
+            gains = self.evaluator.gains_on(decoded[x].dense, factors[x], on, before)
+            fits.update({(x, y): g for y, g in gains.items()})
         return fits
 
     def _syncs(
