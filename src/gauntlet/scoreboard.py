@@ -21,12 +21,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from gauntlet.chain import Metagraph, WeightLimits
 from gauntlet.config import GauntletConfig
 from gauntlet.errors import GauntletError
 from gauntlet.ratings import rating_factor
 from gauntlet.signals import effective_bma
-from gauntlet.sketches import sketch_cosine
 from gauntlet.weights import ChainWeights, normalize_scores, to_u16
 
 STATE_VERSION = 1
@@ -92,18 +93,31 @@ class Scoreboard:
         oldest = int(window) - self.config.signals.replay_sketch_windows
         self.sketches = [e for e in self.sketches if e[0] > oldest]
 
-    def closest_earlier(self, sketch: list[float] | None, window: int) -> tuple[float, int, str]:
-        """(cosine, window, source) of the remembered sketch of an earlier window closest to
-        ``sketch``; (0.0, -1, "") when there is none."""
-        best = (0.0, -1, "")
-        if sketch is None:
-            return best
-        for w, source, other in self.sketches:
-            if w < window and len(other) == len(sketch):
-                cos = sketch_cosine(sketch, other)
-                if cos > best[0]:
-                    best = (cos, int(w), str(source))
-        return best
+    def closest_earlier(
+        self, sketches: Mapping[str, list[float] | None], window: int
+    ) -> dict[str, tuple[float, int, str]]:
+        """Per peer, (cosine, window, source) of the remembered sketch of an earlier window
+        closest to its sketch, for peers with a sketch and something to compare with.
+
+        One float64 matrix product for the whole window (peers × remembered sketches); a
+        cosine is only compared with a threshold, so the last bits of its sum do not matter.
+        """
+        earlier = [e for e in self.sketches if e[0] < window]
+        present = {p: sk for p, sk in sorted(sketches.items()) if sk is not None}
+        peers = list(present)
+        if not earlier or not peers:
+            return {}
+        dims = {len(e[2]) for e in earlier} | {len(sk) for sk in present.values()}
+        if len(dims) != 1:
+            return {}  # sketches of another size (another release): nothing comparable
+        table = torch.tensor([e[2] for e in earlier], dtype=torch.float64)
+        mine = torch.tensor(list(present.values()), dtype=torch.float64)
+        cos = mine @ table.T
+        best = cos.argmax(dim=1).tolist()
+        return {
+            p: (float(cos[i, j]), int(earlier[j][0]), str(earlier[j][1]))
+            for i, (p, j) in enumerate(zip(peers, best, strict=True))
+        }
 
     def first_seen(self, digest: str | None, window: int) -> tuple[int, str] | None:
         """(window, source) of an earlier window that had this content, else None."""

@@ -335,12 +335,13 @@ class Scorer:
         sketch cosine with an earlier update or aggregate reaches ``replay_cosine``."""
         out: Statuses = {}
         limit = self.config.signals.replay_cosine
+        closest = self.scoreboard.closest_earlier(sketches, window)
         for peer, digest in sorted(digests.items()):
             seen = self.scoreboard.first_seen(digest, window)
             if seen is not None:
                 out[peer] = ("replay", f"same content as the {seen[1]} of window {seen[0]}")
                 continue
-            cos, w, source = self.scoreboard.closest_earlier(sketches.get(peer), window)
+            cos, w, source = closest.get(peer, (0.0, -1, ""))
             if cos >= limit:
                 out[peer] = (
                     "replay",
