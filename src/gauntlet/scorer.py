@@ -276,6 +276,11 @@ class Scorer:
         void = is_void(peers, status)
         if not void:
             self._record(window, peers, match, evaluated, status, syncs)
+        # every window, void or not: the next one's typical change is measured from here
+        self.scoreboard.sync_reference = {
+            "window": window + 1,
+            "values": [float(v) for v in self._own_values(window + 1)],
+        }
         scores = self.scoreboard.final_scores()
         outcomes = {}
         for peer in peers:
@@ -499,10 +504,6 @@ class Scorer:
                 rec.last_status = kind
             else:
                 rec.last_status = "skipped"
-        board.sync_reference = {
-            "window": window + 1,
-            "values": [float(v) for v in self._own_values(window + 1)],
-        }
 
 
 def decode_all(

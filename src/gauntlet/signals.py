@@ -254,8 +254,9 @@ def effective_bma(bma: float, evaluations: int, updates: int, config: SignalConf
     """The score's factor: B = BMA / (1 − dᵐ) over m = ``updates`` (debiased), 0 below the
     threshold once past ``warmup`` evaluations, then min(1, B / bma_full)."""
     value = max(0.0, bma)
-    if config.bma_debias and updates > 0:
-        value = min(1.0, value / (1.0 - config.bma_decay**updates))
+    weight = 1.0 - config.bma_decay**updates
+    if config.bma_debias and weight > 0.0:  # with d = 1 the average never moves: no debias
+        value = min(1.0, value / weight)
     if evaluations >= config.bma_warmup and value < config.bma_threshold:
         return 0.0
     return min(1.0, value / config.bma_full)

@@ -330,7 +330,9 @@ class ValidatorSettings:
             shared random set (64 each: with 16 the assigned-data indicator is close to a
             coin flip for honest peers in short runs).
         eval_batch_size: sequences per forward pass when evaluating (one pass per set by
-            default: the validator's scoring is on every miner's critical path).
+            default: the validator's scoring is on every miner's critical path). A set's
+            loss is the mean of its batches' means, so validators that must agree use the
+            same value, as they use the same evaluation sizes.
         heldout_batches: held-out batches for the logged global loss (0 = none).
         keep_checkpoints: model checkpoints kept in the bucket.
         aggregate: the aggregation set it publishes for the miners and steps on itself:
@@ -353,7 +355,9 @@ class ValidatorSettings:
         )
         names = ("weights_every", "eval_assigned", "eval_random", "eval_batch_size")
         for name in (*names, "keep_checkpoints"):
-            _check(getattr(self, name) >= 1, f"validator.{name} must be >= 1")
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            _check(ok, f"validator.{name} must be an integer >= 1")
         _check(self.heldout_batches >= 0, "validator.heldout_batches must be >= 0")
 
 

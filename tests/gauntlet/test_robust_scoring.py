@@ -537,6 +537,7 @@ def test_a_window_without_any_update_rates_nobody():
     rep = sc.score_window(WindowInputs(1, empty, "hash-1"))
     assert rep.void and all(rep.outcomes[p].status in ("missing", "late") for p in HONEST)
     assert json.loads(json.dumps(sc.scoreboard.state_dict()))["peers"] == before
+    assert sc.scoreboard.sync_reference["window"] == 2  # the next typical change is fresh
     # one peer's bytes arriving is enough for the others' absence to count against them
     one = setup.inputs(1, {HONEST[0]: send(setup.delta(HONEST[0], 1))})
     for p in HONEST[1:]:

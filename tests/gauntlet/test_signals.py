@@ -135,6 +135,18 @@ def test_bma_update_clip_and_warmup():
     assert update_bma(0.01, -1, raw) == 0.0
 
 
+def test_bma_decay_one_never_moves_and_does_not_divide_by_zero():
+    frozen = SignalConfig(bma_decay=1.0)
+    assert update_bma(0.0, 1.0, frozen) == 0.0
+    assert effective_bma(0.0, 5, 5, frozen) == 0.0
+
+
+def test_numeric_signal_fields_reject_bools():
+    for name in ("assigned_scale", "bma_full", "replay_cosine", "bma_decay"):
+        with pytest.raises(ValueError, match=name):
+            SignalConfig(**{name: True})
+
+
 def test_debiased_bma_is_the_mean_indicator_and_saturates():
     # two +1: the raw average 0.0975 is the mean (1.0) debiased; it is far past bma_full
     bma = update_bma(update_bma(0.0, 1.0, SIG), 1.0, SIG)
@@ -247,6 +259,10 @@ def test_update_sketch_estimates_cosine():
     sa = update_sketch(a)
     assert sa == update_sketch({"w": a["w"].clone()})  # deterministic, public hash
     assert sketch_cosine(sa, update_sketch({"w": 3.0 * a["w"]})) == pytest.approx(1.0)
+    # one tensor scaled up scores as before (each is evaluated at its own length): same sketch
+    two = {"w": a["w"], "v": b["w"]}
+    skewed = {"w": a["w"], "v": 1e3 * b["w"]}
+    assert sketch_cosine(update_sketch(two), update_sketch(skewed)) == pytest.approx(1.0)
     assert abs(sketch_cosine(sa, update_sketch(b))) < 0.25  # unrelated: ~1/sqrt(256)
     # the same values under another name hash elsewhere
     assert abs(sketch_cosine(sa, update_sketch({"v": a["w"]}))) < 0.25
