@@ -170,6 +170,15 @@ def old_median_gain(scorer: Scorer, inputs: WindowInputs, peer: str) -> float:
     return ev.evaluate(peer, dense[peer], factors[peer], base, rand, rand).gain_random
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the scores are compared across runs), then back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def amplified_runs():
     """One row per (seed, sybils, m, window): the amplifier's gain with its origin and with
@@ -353,15 +362,13 @@ BLOCKS_PER_WINDOW = 10
 PER_PEER = CONFIG.assignment.samples_per_peer
 
 
-def test_training_on_any_set_known_before_the_deadline_gains_nothing():
+def test_training_on_any_set_known_before_the_deadline_gains_nothing(one_thread):
     """Predictors train on the random set of seeds they can compute while they can still
     publish (the old public derivation, the newest block hash before the deadline). Two
     validators seed window w with the hash of window w+1's first block (what
     ``subnet.validator`` does), agree on it and on every score; the set it picks shares only
     chance ids with any set computable before the deadline, and the predictors gain no more
     than honest peers. Scored with the old public seed, the first predictor wins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     advantage: dict[str, list[float]] = {"new": [], "old": []}
     tops = {"new": 0, "old": 0}
     windows = 0
@@ -406,7 +413,6 @@ def test_training_on_any_set_known_before_the_deadline_gains_nothing():
             setup.step(setup.inputs(t, payloads, seeds[0]), reports[0].accepted)
             for v in (*validators, old_rule):
                 v.model.load_state_dict(setup.model.state_dict())
-    torch.set_num_threads(threads)
     new, old = (sum(v) / len(v) for v in (advantage["new"], advantage["old"]))
     assert tops["old"] >= 0.75 * windows and old > 0.004, (tops, old)  # the attack is real
     # unseen data: as good as an honest assignment, within noise (about ±0.003 here)
@@ -452,9 +458,7 @@ def framing_run(seed: int, attack: bool) -> tuple[Scorer, list]:
     return run_windows(seed, 4, _copiers if attack else None)
 
 
-def test_copies_are_blamed_by_provenance_whatever_their_timestamps():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_copies_are_blamed_by_provenance_whatever_their_timestamps(one_thread):
     for seed in range(3):
         attacked, reports = framing_run(seed, attack=True)
         clean, _ = framing_run(seed, attack=False)
@@ -470,7 +474,6 @@ def test_copies_are_blamed_by_provenance_whatever_their_timestamps():
             # the victim's standing is its honest one: same evaluations, rating within noise
             want = clean.scoreboard.final_score(victim)
             assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
-    torch.set_num_threads(threads)
 
 
 # -- fuzzy copies (item 4) -------------------------------------------------------------------
@@ -509,9 +512,7 @@ def fuzzy_run(seed: int, attack: bool) -> tuple[Scorer, list]:
     return run_windows(seed, FUZZY_WINDOWS, fuzzy if attack else None)
 
 
-def test_a_fuzzy_copy_earns_nothing_and_frames_nobody():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_a_fuzzy_copy_earns_nothing_and_frames_nobody(one_thread):
     for seed in range(3):
         attacked, reports = fuzzy_run(seed, attack=True)
         clean, _ = fuzzy_run(seed, attack=False)
@@ -522,7 +523,6 @@ def test_a_fuzzy_copy_earns_nothing_and_frames_nobody():
             assert attacked.scoreboard.peers[victim].failures == {}, (seed, victim)
             want = clean.scoreboard.final_score(victim)
             assert scores[victim] > 0 and scores[victim] >= 0.5 * want, (seed, victim, want)
-    torch.set_num_threads(threads)
 
 
 def test_a_window_without_any_update_rates_nobody():
