@@ -139,9 +139,9 @@ class SignalConfig:
         replay_cosine: an update whose sketch cosine (:mod:`gauntlet.sketches`) with an
             update or aggregate of the last ``replay_sketch_windows`` windows reaches this is
             a ``replay`` too: an old update sent again with values nudged or tensors rescaled
-            (default 0.9; in the scoring tests' MLP an honest peer's consecutive updates
-            measured 0.21–0.47, two peers of one window 0.03, an old update re-encoded
-            after 1 % noise 0.98).
+            (default 0.9: an unrelated update's estimate errs by ~1/16, and the scoring tests
+            check that a re-encoded old update with 1 % noise is caught and that honest
+            peers' consecutive updates are not).
         replay_sketch_windows: windows of sketches kept (default 8; memory 256 floats per
             update and aggregate kept).
         provenance_margin: how much better (relative to the pair's largest |gain|) one
@@ -220,9 +220,8 @@ class RatingConfig:
             free-for-all a helper ranked below the others still loses μ, so in short runs
             the weakest of several equal honest peers (or every honest peer beside one
             strong one) stayed at μ − 3σ ≤ 0; the one-on-one match credits usefulness on
-            its own. In a simulation of 4 equal peers over 8 windows the largest/smallest
-            rating factor fell from a median 2.0 (18 % of runs over 3×) to 1.3 (none), and a
-            peer twice as good still gets about 1.5× (``docs/gauntlet.md``).
+            its own; a better peer still rates higher (tested in
+            ``tests/gauntlet/test_signals.py``).
         penalty_missing: for ``missing`` and ``timeout`` statuses (default 1.0).
         penalty_late: for ``late`` (default 0.5).
         penalty_invalid: for ``invalid`` updates, non-finite or undecodable (default 2.0).

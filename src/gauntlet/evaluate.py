@@ -17,7 +17,7 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
   else −1), and −1 when a gain is not finite or both are 0 (:func:`assigned_indicator`).
 
 The soft indicator keeps the size of the evidence: an honest peer's x is small but steadily
-positive (about 0.09 ± 0.11 per window on the main job's model) while a peer that trained on
+positive while a peer that trained on
 other data has x centred on 0, so the moving average separates them in fewer windows than
 the sign does.
 

@@ -396,6 +396,14 @@ class Scorer:
                 )
         return out
 
+    def _assigned_batches(self, peers: Iterable[str], inputs: WindowInputs) -> dict[str, Any]:
+        """Each peer's evaluated assigned samples of the window, as batches."""
+        a_cfg, window, eval_seed = self.config.assignment, inputs.window, inputs.eval_seed
+        return {
+            p: self.batches_for(eval_assigned_samples(p, window, self.seed, eval_seed, a_cfg))
+            for p in peers
+        }
+
     def _evaluate(
         self,
         chosen: list[str],
@@ -408,12 +416,9 @@ class Scorer:
         if not chosen:
             return {}
         t0 = time.perf_counter()
-        window, eval_seed, a_cfg = inputs.window, inputs.eval_seed, self.config.assignment
-        random_batches = self.batches_for(random_samples(window, eval_seed, a_cfg))
-        assigned = {
-            p: self.batches_for(eval_assigned_samples(p, window, self.seed, eval_seed, a_cfg))
-            for p in chosen
-        }
+        a_cfg = self.config.assignment
+        random_batches = self.batches_for(random_samples(inputs.window, inputs.eval_seed, a_cfg))
+        assigned = self._assigned_batches(chosen, inputs)
         baseline = self.evaluator.baseline(random_batches, assigned)
         timings["baseline"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -443,13 +448,7 @@ class Scorer:
         if not similar:
             return {}
         members = sorted({x for pair in similar for x in (pair.a, pair.b)})
-        a_cfg = self.config.assignment
-        sets = {
-            x: self.batches_for(
-                eval_assigned_samples(x, inputs.window, self.seed, inputs.eval_seed, a_cfg)
-            )
-            for x in members
-        }
+        sets = self._assigned_batches(members, inputs)
         before = self.evaluator.losses(sets)
         fits: dict[tuple[str, str], float] = {}
         for x in members:
