@@ -4,8 +4,11 @@
 chain. The baseline is the thread simulation it replaced (every peer a thread of one
 process, GIL switch interval 0.5 ms), checked out from git at ``--thread-rev`` into a
 temporary worktree and run on the same machine in the same session, interleaved
-``--repeats`` times. Both run as child processes of this script; memory is the thread
-version's peak RSS and the process version's peak summed PSS of its process tree.
+``--repeats`` times. The process version runs twice per repeat: as ``sparseloco simulate``
+runs by default (the local chain skips ahead when every node waits) and with
+``--real-time`` (every window lasts its wall-clock length, as on a real chain). All run as
+child processes of this script; memory is the thread version's peak RSS and the process
+version's peak summed PSS of its process tree.
 
     python benchmarks/simulate.py                  # default run (4 peers, 12 windows), 2 repeats
     python benchmarks/simulate.py --thread-rev ''  # processes only
@@ -66,9 +69,9 @@ def _run_threads(tree: Path, out: Path, args: argparse.Namespace) -> dict:
     return {"wall": wall, "memory_mb": max(peak, before) / 1024, "summary": s}
 
 
-def _run_processes(out: Path, args: argparse.Namespace) -> dict:
+def _run_processes(out: Path, args: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "subnet.cli", "simulate", "--quiet", "--out", str(out)]
-    cmd += ["--peers", str(args.peers), "--windows", str(args.windows)]
+    cmd += ["--peers", str(args.peers), "--windows", str(args.windows), *extra]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - start
@@ -96,8 +99,18 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--thread-rev", default=THREAD_REV, help="'' to skip the thread baseline")
+    ap.add_argument(
+        "--no-real-time",
+        dest="real_time",
+        action="store_false",
+        help="skip the wall-clock (--real-time) process runs",
+    )
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {"threads (old)": [], "processes": []}
+    runs: dict[str, list[dict]] = {
+        "threads (old)": [],
+        "processes": [],
+        "processes, --real-time": [],
+    }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tree = _thread_tree(args.thread_rev, tmp) if args.thread_rev else None
@@ -106,6 +119,10 @@ def main() -> None:
                 if tree is not None:
                     runs["threads (old)"].append(_run_threads(tree, tmp / f"t{rep}", args))
                 runs["processes"].append(_run_processes(tmp / f"p{rep}", args))
+                if args.real_time:
+                    runs["processes, --real-time"].append(
+                        _run_processes(tmp / f"r{rep}", args, "--real-time")
+                    )
                 print(
                     " | ".join(f"{k}: {v[-1]['wall']:.1f} s" for k, v in runs.items() if v),
                     flush=True,

@@ -13,6 +13,15 @@ when ``block_time_s`` is ``None``). A produced block's hash is random 32 bytes, 
 the first process that reads it and stored with ``INSERT OR IGNORE`` in the same transaction
 as the read, so every process reads the one value that won.
 
+Skipping idle time (a simulation speed-up; a real chain keeps its block time): after
+:meth:`SqliteSubnet.skip_idle` names the run's nodes, a node that waits for a later block
+says so (:meth:`SqliteChain.idle_until`), and when every named node is waiting for a later
+block or has finished, the transaction that records the last wait moves the chain straight
+to the earliest block awaited. Nothing a node computes changes (it only ever reads block
+numbers, and nobody had work left before that block); the run takes as long as its
+work instead of its windows. A node that is running, or that died without saying it
+finished, keeps the wall-clock pace.
+
 Concurrency and crashes: WAL journal, a busy timeout, and every write in one
 ``BEGIN IMMEDIATE`` transaction that reads, checks and writes (so a rate limit cannot be
 raced). A process killed mid-write loses at most its own open transaction.
@@ -61,6 +70,9 @@ CREATE TABLE IF NOT EXISTS block_hashes (block INTEGER PRIMARY KEY, hash TEXT NO
 CREATE TABLE IF NOT EXISTS weights (
     hotkey TEXT PRIMARY KEY REFERENCES neurons(hotkey), block INTEGER NOT NULL,
     vector TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clock (
+    hotkey TEXT PRIMARY KEY, until_block INTEGER, finished INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -195,6 +207,41 @@ class SqliteSubnet:
             )
             return self._block(db)
 
+    def skip_idle(self, hotkeys: Sequence[str]) -> None:
+        """Skip idle time from now on: whenever every one of ``hotkeys`` waits for a later
+        block (or has finished), the chain moves to the earliest block awaited (see the
+        module docstring). Until each of them has said it waits, nothing is skipped."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO clock (hotkey, until_block) VALUES (?, NULL)",
+                [(h,) for h in hotkeys],
+            )
+            self._skip_if_idle(db)
+
+    def _skip_if_idle(self, db: sqlite3.Connection) -> None:
+        """Move to the earliest awaited block when every named node that has not finished
+        waits for a block after the current one."""
+        rows = db.execute("SELECT until_block FROM clock WHERE finished = 0").fetchall()
+        if not rows:
+            return
+        now = self._block(db)
+        awaited = [r[0] for r in rows]
+        if any(b is None or b <= now for b in awaited):
+            return  # someone is working, or about to wake up
+        db.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = 'block_offset'",
+            (min(awaited) - now,),
+        )
+
+    def _set_clock(self, hotkey: str, until_block: int | None, finished: bool) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE clock SET until_block = ?, finished = ? WHERE hotkey = ?",
+                (until_block, int(finished), hotkey),
+            )
+            if until_block is not None or finished:
+                self._skip_if_idle(db)
+
     def register(self, hotkey: str, stake: float = 0.0) -> int:
         """Register ``hotkey`` (idempotent) and set its stake; returns its uid."""
         with self._write() as db:
@@ -326,3 +373,16 @@ class SqliteChain:
         self, uids: Sequence[int], values: Sequence[int], version_key: int = 0
     ) -> SetWeightsResult:
         return self._subnet._set_weights(self._hotkey, list(uids), list(values), version_key)
+
+    def idle_until(self, block: int) -> None:
+        """This node has nothing to do before ``block`` (it waits for it); with idle
+        skipping on, the chain may move there at once (:meth:`SqliteSubnet.skip_idle`)."""
+        self._subnet._set_clock(self._hotkey, int(block), finished=False)
+
+    def busy(self) -> None:
+        """This node is working again (its wait is over)."""
+        self._subnet._set_clock(self._hotkey, None, finished=False)
+
+    def finished(self) -> None:
+        """This node has stopped: idle skipping no longer waits for it."""
+        self._subnet._set_clock(self._hotkey, None, finished=True)

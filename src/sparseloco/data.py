@@ -14,8 +14,9 @@ which tokens a peer trains on.
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,32 @@ from sparseloco.errors import ConfigError
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".csv", ".html", ".tex"}
 
 
+#: folders of the standard library left out of the corpus.
+_SKIPPED = ("site-packages", "test")
+
+
+def _sorted_sources(folder: str) -> Iterator[Path]:
+    """``sorted(Path(folder).rglob("*.py"))`` without ``_SKIPPED`` folders, walked lazily.
+
+    A depth-first walk over names sorted at each level yields paths in the order of their
+    parts, which is how paths sort, so a caller that needs the first few megabytes does
+    not list (and sort) the whole tree. Like ``rglob`` it does not enter linked folders.
+    """
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.endswith(".py"):
+            yield Path(entry.path)
+        if entry.name not in _SKIPPED and entry.is_dir(follow_symlinks=False):
+            yield from _sorted_sources(entry.path)
+
+
 def stdlib_corpus(max_bytes: int = 8_000_000) -> np.ndarray:
     """Bytes of the standard library's Python sources (sorted paths), at most ``max_bytes``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
+    skipped = any(part in _SKIPPED for part in root.parts)
+    for path in () if skipped else _sorted_sources(str(root)):
         try:
             data = path.read_bytes()
         except OSError:

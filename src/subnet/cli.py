@@ -60,6 +60,7 @@ def _simulate(args: argparse.Namespace) -> int:
         validators=args.validators,
         window_s=args.window_s,
         link=args.link or "",
+        skip_idle=not args.real_time,
     )
     _check_s3_credentials(cfg.storage)
     created = _make_run_folder(out)
@@ -200,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         "--link",
         help="each node's modelled network link, e.g. 100mbit,50ms or up=10mbit,down=1gbit "
         "(real socket bytes paced for loopback s3:// storage; call timing for a local folder)",
+    )
+    sim.add_argument(
+        "--real-time",
+        action="store_true",
+        help="windows last --window-s even when every node waits (default: the local chain "
+        "skips ahead as soon as every node waits for the next window)",
     )
     sim.add_argument("--out", help="run folder (default runs/sim-<time>)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar or tables")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from gauntlet import Chain, InMemorySubnet
+from gauntlet import Chain, InMemorySubnet, SqliteChain
 from subnet.config import WindowConfig
 
 
@@ -49,13 +49,29 @@ class WindowClock:
         return self.config.start_block + window * self.config.blocks_per_window
 
     def wait_for(self, window: int) -> int:
-        """Block until the current window is at least ``window``; returns the current one."""
-        while True:
-            now = self.window()
-            if now >= window:
-                return now
-            if self.stop.wait(self.config.poll_s):
-                raise Stopped
+        """Block until the current window is at least ``window``; returns the current one.
+
+        On the local chain the wait is announced (:meth:`gauntlet.SqliteChain.idle_until`),
+        so a run that skips idle time moves on as soon as every node waits."""
+        now = self.window()
+        if now >= window:
+            return now
+        local = self.chain if isinstance(self.chain, SqliteChain) else None
+        if local is not None:
+            local.idle_until(self.first_block(window))
+        try:
+            while (now := self.window()) < window:
+                if self.stop.wait(self.config.poll_s):
+                    raise Stopped
+            return now
+        finally:
+            if local is not None:
+                local.busy()
+
+    def finished(self) -> None:
+        """Tell the local chain this node has stopped (idle skipping stops waiting for it)."""
+        if isinstance(self.chain, SqliteChain):
+            self.chain.finished()
 
 
 class BlockTicker:

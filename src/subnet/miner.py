@@ -181,6 +181,8 @@ class Miner(Node):
         """
         if self.cfg.miner.aggregate == "all":
             return None
+        if wait:  # the validator scores a window only once it has closed
+            self.clock.wait_for(window + 1)
         deadline = time.monotonic() + (self.cfg.exchange.selection_timeout_s if wait else 0)
         while True:
             validator = self._validator()

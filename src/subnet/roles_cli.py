@@ -108,6 +108,8 @@ def _run_role(cfg: NodeConfig, windows: int | None, until: int | None = None) ->
         node.run(until_window=until)
     except KeyboardInterrupt:
         node.stop.set()
+    finally:
+        node.clock.finished()
     return 0
 
 

@@ -114,6 +114,35 @@ def test_wall_clock_blocks(tmp_path):
     assert net.advance(100) >= before + 100
 
 
+def test_idle_time_is_skipped_only_when_every_named_node_waits(tmp_path):
+    path = tmp_path / "c.sqlite"
+    net = SqliteSubnet(path, block_time_s=1000.0)  # the wall clock does not move here
+    a, b = net.connect("a"), SqliteSubnet(path, block_time_s=1000.0).connect("b")
+    a.idle_until(10)
+    b.idle_until(10)
+    assert net.block() == 0  # nothing skips before skip_idle names the nodes
+    net.skip_idle(["a", "b", "c"])
+    c = net.connect("c")
+    a.idle_until(10)
+    b.idle_until(20)
+    assert net.block() == 0  # c has not said it waits: it may still be working
+    c.idle_until(30)
+    assert net.block() == 10  # the earliest block awaited, moved by c's own transaction
+    a.busy()  # a woke up; b and c still wait
+    c.busy()
+    c.idle_until(30)
+    assert net.block() == 10
+    a.finished()  # a stopped: only b and c count now, and both wait
+    assert net.block() == 20
+    b.busy()
+    b.idle_until(20)  # a block already reached: b is about to wake, not idle
+    assert net.block() == 20
+    b.finished()
+    assert net.block() == 30
+    c.finished()
+    assert net.block() == 30  # nobody waits for anything: nothing moves
+
+
 def test_resume_keeps_history_and_refuses_other_parameters(tmp_path):
     path = tmp_path / "c.sqlite"
     net = SqliteSubnet(path, netuid=7, limits=LIMITS)

@@ -108,3 +108,23 @@ def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):
     assert any("/updates/000000000001/peer-1.nce" in k for k in keys)
     assert any(k.endswith("checkpoints/latest.json") for k in keys)
     assert not (tmp_path / "storage").exists()
+
+
+def test_skipping_idle_time_changes_nothing_the_nodes_compute(tmp_path):
+    """The default run (the chain skips ahead when every node waits) and a --real-time run
+    train the same models: only the waiting is gone."""
+    base = dict(
+        peers=2,
+        windows=3,
+        inner_steps=3,
+        model=GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32),
+        corpus_bytes=200_000,
+        aggregate="all",  # the set each miner steps on does not depend on the scores
+        window_s=2.5,
+    )
+    fast = run(SimConfig(**base, out=tmp_path / "skip"), progress=False, echo=False).summary
+    slow = run(
+        SimConfig(**base, skip_idle=False, out=tmp_path / "real"), progress=False, echo=False
+    ).summary
+    assert fast["heldout_curve"] == slow["heldout_curve"]
+    assert fast["honest_gathered_every_window"] and slow["honest_gathered_every_window"]

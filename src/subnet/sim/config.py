@@ -12,12 +12,17 @@ from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
 from subnet.config import ADVERSARY_KINDS
 
-#: default window length per miner process. A window holds the validator's scoring of the
-#: previous one and then every miner's H inner steps, on cores the processes share; an update
-#: that misses the window's end (plus a quarter window of grace) counts as missing for that
-#: window. In hand-timed runs on 2 cores, 0.5 s lost updates at a load near 4 and 0.6 s did
-#: not at 3.5; benchmarks/simulate.py times the default run.
+#: default window length per miner process on a real-time clock. A window holds the
+#: validator's scoring of the previous one and then every miner's H inner steps, on cores the
+#: processes share; an update that misses the window's end (plus a quarter window of grace)
+#: counts as missing for that window. In hand-timed runs on 2 cores, 0.5 s lost updates at a
+#: load near 4 and 0.6 s did not at 3.5; benchmarks/simulate.py times the default run.
 SECONDS_PER_MINER = 0.6
+
+#: the same when the chain skips idle time (the default): a window then ends as soon as every
+#: node waits, so its length is only the cap a straggler meets; a generous one keeps a loaded
+#: machine from making honest updates late.
+SECONDS_PER_MINER_SKIPPING = 2.5
 
 
 def default_model() -> GPTConfig:
@@ -52,12 +57,17 @@ class SimConfig:
         window_s: seconds per window on the local chain's clock: room for H inner steps,
             the exchange and the validator's scoring of the previous window; ``None`` =
             :data:`SECONDS_PER_MINER` per miner process (at least 1 s), since the processes
-            share the machine's cores.
+            share the machine's cores, or :data:`SECONDS_PER_MINER_SKIPPING` with
+            ``skip_idle``.
         blocks_per_window: blocks of ``window_s / blocks_per_window`` seconds per window.
         deadline_s: how long a miner waits for a window's aggregation set.
         link: every node's modelled network link (:func:`netcomm.parse_link`, e.g.
             ``"100mbit,50ms"``; ``""`` = none); see ``exchange.link`` of the node config.
         threads: torch intra-op threads per process.
+        skip_idle: the local chain moves to the next awaited block as soon as every node
+            waits for it (:meth:`gauntlet.SqliteSubnet.skip_idle`), so windows last as long as
+            their work rather than ``window_s``; ``False`` keeps the wall-clock block time, as
+            a real chain does.
     """
 
     peers: int = 4
@@ -83,6 +93,7 @@ class SimConfig:
     deadline_s: float = 120.0
     link: str = ""
     threads: int = 1
+    skip_idle: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -132,7 +143,8 @@ class SimConfig:
         """``window_s``, or its default for this many miners."""
         if self.window_s is not None:
             return self.window_s
-        return max(1.0, SECONDS_PER_MINER * (self.peers + len(self.adversaries)))
+        per_miner = SECONDS_PER_MINER_SKIPPING if self.skip_idle else SECONDS_PER_MINER
+        return max(1.0, per_miner * (self.peers + len(self.adversaries)))
 
     @property
     def validator_ids(self) -> list[str]:

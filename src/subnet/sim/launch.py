@@ -32,6 +32,13 @@ from subnet.config import NodeConfig, dump_config
 START_BLOCK = 1_000_000
 
 
+#: how often the launcher sums the nodes' proportional set sizes. The kernel walks every
+#: page of a process to answer (14–95 ms per node process on a loaded 2-core machine), so
+#: sampling five nodes every 0.25 s took a third of a core; the nodes' memory plateaus once
+#: they have loaded their data and model, which a few samples catch.
+PSS_EVERY_S = 5.0
+
+
 class ParticipantError(SparseLoCoError):
     """A node process failed (its exit code and the last line of its log say why)."""
 
@@ -180,11 +187,11 @@ class NodeProcesses:
 
     def _sample_pss(self) -> None:
         """Track the peak of the nodes' summed proportional set size (shared pages counted
-        once), sampled every 0.25 s."""
+        once), sampled every :data:`PSS_EVERY_S`."""
         now = time.monotonic()
         if now < self._pss_due:
             return
-        self._pss_due = now + 0.25
+        self._pss_due = now + PSS_EVERY_S
         total = sum(_pss_bytes(p.pid) or 0 for p in self.procs.values() if p.is_alive())
         self.peak_pss = max(self.peak_pss, total)
 

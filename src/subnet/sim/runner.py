@@ -1,7 +1,8 @@
 """Run a simulated swarm: the real miner and validator roles as processes on a local chain.
 
 :func:`run` writes the node configs (:mod:`subnet.sim.plan`), starts one process per node
-(:mod:`subnet.sim.launch`), opens window 0 once every node is up, and follows the first
+(:mod:`subnet.sim.launch`), opens window 0 once every node is up (with idle skipping, the
+chain itself does when every node waits for it), and follows the first
 validator's ``history.jsonl`` window by window: the console table, ``metrics.jsonl``, then
 ``peers.jsonl``, ``summary.json`` and the plots when every node has finished.
 """
@@ -112,7 +113,7 @@ def _follow(
             if not fresh:
                 if not nodes.procs[primary].is_alive():
                     break  # it finished (it skips windows it fell too far behind for)
-                time.sleep(0.02)
+                time.sleep(0.05)
                 continue
             for entry in fresh:
                 record = _metrics_record(cfg, entry)
@@ -148,10 +149,13 @@ def run(cfg: SimConfig, *, progress: bool = True, echo: bool = True) -> RunResul
     started = time.time()
     specs = node_specs(cfg)
     chain = SqliteSubnet(chain_path(cfg), netuid=1, block_time_s=block_time_s(cfg))
+    if cfg.skip_idle:  # window 0 then opens as soon as every node waits for it
+        chain.skip_idle([s.hotkey for s in specs])
     try:
         with NodeProcesses(specs, cfg.out, cfg.windows, cfg.threads) as nodes:
             nodes.wait_ready(chain, STARTUP_TIMEOUT_S)
-            nodes.open_window(chain, 0, cfg.blocks_per_window)
+            if not cfg.skip_idle:
+                nodes.open_window(chain, 0, cfg.blocks_per_window)
             records = _follow(cfg, specs, nodes, progress, echo)
             nodes.wait_exit(timeout_s=cfg.deadline_s + 4 * cfg.window_seconds)
         agree = _validators_agree(cfg, chain)
