@@ -9,12 +9,14 @@ node builds its own client of the real SDK from its config (wallet loaded from
 hotkeys there (what ``btcli subnets register`` and staking leave on chain) and produces the
 blocks; on the local chain ``open_chain`` registers with ``chain.stake`` and the test advances
 the file's block offset. Either way the test moves the chain one window once the miner has
-published, so the run is deterministic.
+published, so the run is deterministic. With ``SPARSELOCO_LOCALNET`` set, the same test runs
+the nodes on a real subtensor node (see :class:`LocalnetRig` and docs/miner.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ NETUID = 3
 WINDOWS = 3
 BLOCKS_PER_WINDOW = 10
 TIMEOUT_S = 60
+LOCALNET = os.environ.get("SPARSELOCO_LOCALNET", "")
 
 
 def with_chain(text: str, section: str) -> str:
@@ -118,15 +121,79 @@ class BittensorRig:
         return {dest for dest, value in self.substrate.weights(uid) if value}
 
 
-@pytest.fixture(params=["local", "bittensor"])
+class LocalnetRig:
+    """A real subtensor node at ``SPARSELOCO_LOCALNET`` (fast blocks): the validator's and the
+    miner's wallets were registered there beforehand (docs/miner.md) and the node makes the
+    blocks, so :meth:`advance` only lets time pass."""
+
+    kind, chain_type = "bittensor", BittensorChain
+
+    def __init__(self) -> None:
+        env = os.environ
+        self.bt = pytest.importorskip("bittensor", minversion="11")
+        self.netuid = int(env.get("SPARSELOCO_LOCALNET_NETUID", "2"))
+        self.path = env.get("SPARSELOCO_LOCALNET_WALLET_PATH", "~/.bittensor/wallets")
+        self.hotkey = env.get("SPARSELOCO_LOCALNET_HOTKEY", "default")
+        self.names = {
+            "val": env.get("SPARSELOCO_LOCALNET_WALLET", "default"),
+            "miner": env.get("SPARSELOCO_LOCALNET_MINER_WALLET", "miner"),
+        }
+        self.blocks_per_window = int(env.get("SPARSELOCO_LOCALNET_BLOCKS_PER_WINDOW", "20"))
+        self.client = self.bt.Subtensor(LOCALNET)
+
+    def window(self, window):
+        """Window 0 starts two windows from now (the nodes are built in between)."""
+        start = self.client.block + 2 * self.blocks_per_window
+        return dataclasses.replace(
+            window, start_block=start, blocks_per_window=self.blocks_per_window
+        )
+
+    def section(self, role: str, name: str) -> str:
+        return (
+            f'[chain]\nkind = "bittensor"\nnetuid = {self.netuid}\nnetwork = "{LOCALNET}"\n'
+            f'wallet_name = "{self.names[name]}"\nwallet_hotkey = "{self.hotkey}"\n'
+            f'wallet_path = "{self.path}"\n'
+        )
+
+    def open(self, cfg: NodeConfig):
+        return open_chain(cfg)
+
+    def advance(self, blocks: int) -> None:
+        pass  # the node makes its own blocks
+
+    def close(self) -> None:
+        self.client.close()
+
+    def weighted_uids(self, validator: str) -> set[int] | None:
+        """The applied row, or None on a commit-reveal subnet (applied only at the reveal)."""
+        st = self.bt.storage.SubtensorModule
+        if self.client.query(st.CommitRevealWeightsEnabled, [self.netuid]):
+            return None
+        uid = self.client.query(st.Uids, [self.netuid, validator])
+        return {int(d) for d, v in self.client.query(st.Weights, [self.netuid, uid]) or [] if v}
+
+
+@pytest.fixture(
+    params=[
+        "local",
+        "bittensor",
+        pytest.param(
+            "localnet",
+            marks=pytest.mark.skipif(not LOCALNET, reason="set SPARSELOCO_LOCALNET=ws://…"),
+        ),
+    ]
+)
 def rig(request, tmp_path, kit, one_thread):
     base = kit.node_config("miner", "m", tmp_path, StorageConfig(root=str(tmp_path / "storage")))
     # Blocks move only when the test advances them (on the local chain; bittensor ignores it).
     base = base.replace(window=dataclasses.replace(base.window, block_time_s=3600.0))
     if request.param == "local":
         made = LocalRig(tmp_path, base)
-    else:
+    elif request.param == "bittensor":
         made = BittensorRig(tmp_path, request.getfixturevalue("bt_seam"))
+    else:
+        made = LocalnetRig()
+        base = base.replace(window=made.window(base.window))
     yield made, base
     made.close()
 
@@ -218,7 +285,7 @@ def test_the_same_roles_run_when_only_the_chain_section_changes(rig, tmp_path, k
             assert decode_commitment(node.chain.get_commitment(node.hotkey)).role == role
         assert [r["weights_set"] for r in val.history] == [None, True, None]
         uids = val.chain.metagraph().hotkey_to_uid()
-        assert rig.weighted_uids(val.hotkey) == {uids[miner.hotkey]}
+        assert rig.weighted_uids(val.hotkey) in ({uids[miner.hotkey]}, None)
     finally:
         for node in (val, miner):
             getattr(node.chain, "close", lambda: None)()
