@@ -90,7 +90,8 @@ def commitment_info(data: str) -> dict[str, Any]:
         raise ChainError(
             f"commitment is {len(raw)} bytes; the chain takes at most {MAX_COMMITMENT_BYTES}"
         )
-    # Same shape the SDK's readers decode: info.fields is a list of Data variants.
+    # info.fields is a plain list of Data variants: the shape the SDK's readers decode and how
+    # it passes its own BoundedVec parameters (10.x's codec wanted the list wrapped, [[...]]).
     return {"fields": [{f"Raw{len(raw)}": raw}]}
 
 
