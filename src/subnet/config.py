@@ -227,6 +227,7 @@ class ChainConfig:
         network: bittensor only: ``finney``, ``test``, ``local`` or a websocket URL.
         wallet_name / wallet_hotkey: bittensor only: the wallet whose hotkey commits and
             sets weights (its ss58 address is this node's id).
+        wallet_path: bittensor only: the folder holding the wallets (``btcli``'s default).
         stake: memory and local: the stake this hotkey registers with (validators need > 0).
     """
 
@@ -236,6 +237,7 @@ class ChainConfig:
     network: str = "finney"
     wallet_name: str = "default"
     wallet_hotkey: str = "default"
+    wallet_path: str = "~/.bittensor/wallets"
     stake: float = 0.0
 
     def __post_init__(self) -> None:
@@ -244,6 +246,9 @@ class ChainConfig:
             "chain.kind must be 'memory', 'local' or 'bittensor'",
         )
         _check(self.kind != "local" or bool(self.path), "chain.path must name a file")
+        if self.kind == "bittensor":
+            for name in ("network", "wallet_name", "wallet_hotkey", "wallet_path"):
+                _check(bool(getattr(self, name)), f"chain.{name} must not be empty")
         _check(self.netuid >= 0, "chain.netuid must be >= 0")
         _check(self.stake >= 0, "chain.stake must be >= 0")
 

@@ -99,8 +99,8 @@ def _demo(miner_cfg: NodeConfig, validator_cfg: NodeConfig, miners: int, windows
 
 
 def _run_role(cfg: NodeConfig, windows: int | None, until: int | None = None) -> int:
+    chain = open_chain(cfg)  # first: a wrong wallet or endpoint fails before the data is built
     task = gpt_task(cfg.run)
-    chain = open_chain(cfg)
     node = make_node(cfg, task, chain)
     if windows is not None:
         until = max(node.clock.window(), node.next_window or 0, 0) + windows - 1
@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m subnet") -> i
     """Run the node command line; returns the exit code (2 for a user's mistake)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The SDK logs its connection lifecycle and RPC traffic at INFO (its `-v`); a node's log
+    # keeps the SDK's warnings, and a failed connect is this CLI's one error line.
+    logging.getLogger("bittensor").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except (SparseLoCoError, GauntletError) as exc:

@@ -1,176 +1,43 @@
 """The bittensor adapter driven through the real, installed SDK (11.x).
 
-No chain is reachable here, so the network layer is replaced at the seam the SDK documents
-for this: ``SyncClient(substrate=...)`` takes any implementation of its ``Substrate``
-protocol (``bittensor._substrate``), the interface its reads, intents and executor are
-written against. :class:`LocalSubstrate` implements it over a dict of decoded storage, so
-everything above it is the SDK's own code: the typed namespaces and metagraph decoding, the
-``SetWeights`` intent (preflight, u16 normalisation, commit-reveal timelock encryption),
-the executor, ``ExtrinsicResult``, and real sr25519 wallets written to a temporary folder.
-What this cannot check is SCALE encoding against a runtime; ``test_localnet`` does.
+The network layer is replaced at the SDK's own seam (``SyncClient(substrate=...)``, see
+``tests/_bittensor_seam.py``): every SDK layer above it runs. ``test_localnet`` runs against a
+real node when ``SPARSELOCO_LOCALNET`` is set.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 
 import pytest
 
 bt = pytest.importorskip("bittensor", minversion="11")
 
 from gauntlet import BittensorChain, Chain, ChainError, UnsupportedSDKError  # noqa: E402
-from gauntlet.bittensor_chain import commitment_info, load_sdk  # noqa: E402
+from gauntlet.bittensor_chain import SUPPORTED_SDK, commitment_info, load_sdk  # noqa: E402
 
 NETUID = 3
-RAO = 10**9
-
-
-class LocalSubstrate:
-    """``bittensor.Substrate`` over in-memory decoded storage: one subnet, applied writes."""
-
-    def __init__(self, block: int = 1000) -> None:
-        self.token_symbols: dict[int, str] = {}
-        self.block = block
-        self.storage: dict[tuple[str, str, tuple], object] = {}
-        self.neurons: list[dict] = []
-        self.submitted: list[tuple[str, str, dict, str]] = []
-        self.reject: str | None = None
-
-    # Test set-up -----------------------------------------------------------------------
-
-    def set(self, fn: str, params: list, value: object, module: str = "SubtensorModule"):
-        self.storage[(module, fn, tuple(params))] = value
-
-    def register(self, hotkey: str, stake_tao: float = 0.0, permit: bool = False) -> int:
-        uid = len(self.neurons)
-        self.neurons.append({"hotkey": hotkey, "stake": int(stake_tao * RAO), "permit": permit})
-        self.set("Uids", [NETUID, hotkey], uid)
-        self.set("ValidatorPermit", [NETUID], [n["permit"] for n in self.neurons])
-        self.set("LastUpdate", [NETUID], [0] * len(self.neurons))
-        return uid
-
-    # The Substrate protocol (what the SDK calls) ---------------------------------------
-
-    def balance(self, rao: int, netuid: int = 0):
-        return bt.Balance(int(rao), netuid)
-
-    async def connect(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def block_hash(self, block: int | None = None) -> str:
-        return f"0x{self.block if block is None else block:064x}"
-
-    async def block_number(self) -> int:
-        return self.block
-
-    async def get_block(self, block_number=None, block_hash=None):
-        """A produced block's header and its ``Timestamp.set`` inherent (None for one not
-        produced yet, as the node answers)."""
-        number = self.block if block_number is None else block_number
-        if number > self.block:
-            return None
-        stamp = {"call_module": "Timestamp", "call_function": "set"}
-        stamp["call_args"] = [{"name": "now", "value": 1_700_000_000_000 + 12_000 * number}]
-        header = {"number": number, "hash": await self.block_hash(number)}
-        return {"header": header, "extrinsics": [{"call": stamp}]}
-
-    async def finalized_block_number(self) -> int:
-        return self.block
-
-    async def block_time(self) -> float:
-        return 12.0
-
-    async def spec_version(self) -> int:
-        return 400
-
-    async def query(self, module, storage_function, params=None, block_hash=None):
-        return self.storage.get((module, storage_function, tuple(params or [])))
-
-    async def query_map(self, module, storage_function, params=None, block_hash=None):
-        prefix = tuple(params or [])
-        return [
-            (key[-1], value)
-            for (mod, fn, key), value in self.storage.items()
-            if (mod, fn) == (module, storage_function) and key[:-1] == prefix
-        ]
-
-    async def runtime_call(self, api, method, params, block_hash=None):
-        if (api, method) != ("SubnetInfoRuntimeApi", "get_metagraph") or params != [NETUID]:
-            return None
-        n = len(self.neurons)
-        return {
-            "netuid": NETUID,
-            "hotkeys": [x["hotkey"] for x in self.neurons],
-            "coldkeys": [f"cold-{x['hotkey']}" for x in self.neurons],
-            "validator_permit": [x["permit"] for x in self.neurons],
-            "total_stake": [x["stake"] for x in self.neurons],
-            "active": [True] * n,
-            "block": self.block,
-            "tempo": 360,
-            "last_step": self.block - 10,
-            "blocks_since_last_step": 10,
-            "owner_hotkey": self.neurons[0]["hotkey"],
-            "owner_coldkey": "owner",
-            "network_registered_at": 1,
-        }
-
-    async def compose(self, call):
-        return call
-
-    async def estimate_fee(self, call, keypair):
-        return bt.Balance(0)
-
-    async def submit(self, call, keypair, **_kwargs):
-        self.submitted.append((call.module, call.function, call.params, keypair.ss58_address))
-        if self.reject is not None:
-            return bt.ExtrinsicResult(success=False, message=self.reject)
-        self._apply(call, keypair.ss58_address)
-        return bt.ExtrinsicResult(success=True, message="Success")
-
-    def _apply(self, call, signer: str) -> None:
-        """The state change the runtime makes for the calls the adapter sends."""
-        if call.function == "set_commitment":
-            fields = [
-                {variant: "0x" + raw.hex()}
-                for entry in call.params["info"]["fields"]
-                for variant, raw in entry.items()
-            ]
-            record = {"block": self.block, "deposit": 0, "info": {"fields": fields}}
-            self.set("CommitmentOf", [call.params["netuid"], signer], record, "Commitments")
-        elif call.function in ("set_mechanism_weights", "commit_timelocked_mechanism_weights"):
-            last = list(self.storage[("SubtensorModule", "LastUpdate", (NETUID,))])
-            last[self.storage[("SubtensorModule", "Uids", (NETUID, signer))]] = self.block
-            self.set("LastUpdate", [NETUID], last)
-
-
-def make_wallet(tmp_path, name: str):
-    wallet = bt.Wallet(name=name, hotkey="hot", path=str(tmp_path))
-    wallet.create_new_coldkey(use_password=False, suppress=True)
-    wallet.create_new_hotkey(suppress=True)
-    return wallet
+RATE_LIMITED = "Invalid Transaction: Custom error: 6"  # the node's text for the pool's refusal
 
 
 @pytest.fixture
-def net(tmp_path):
+def net(bt_seam, tmp_path):
     """A subnet with two miners and a validator; returns (substrate, chain, wallets)."""
-    sub = LocalSubstrate()
-    wallets = [make_wallet(tmp_path, f"w{i}") for i in range(3)]
+    sub = bt_seam.LocalSubstrate(NETUID)
+    wallets = [bt_seam.make_wallet(tmp_path, f"w{i}") for i in range(3)]
     sub.register(wallets[0].hotkey.ss58_address, 0.0)
     sub.register(wallets[1].hotkey.ss58_address, 2.5)
     sub.register(wallets[2].hotkey.ss58_address, 1000.0, permit=True)
-    sub.set("NetworksAdded", [NETUID], True)
     sub.set("MaxWeightsLimit", [NETUID], 52428)  # 0.8
     sub.set("MinAllowedWeights", [NETUID], 2)
     sub.set("WeightsSetRateLimit", [NETUID], 100)
     sub.set("WeightsVersionKey", [NETUID], 7)
-    sub.set("CommitRevealWeightsEnabled", [NETUID], False)
-    sub.set("SubnetEpochConsensus", [NETUID], "Yuma")
     client = bt.SyncClient("local", substrate=sub)
-    yield sub, BittensorChain(client, wallets[2], NETUID), wallets
-    client.close()
+    chain = BittensorChain(client, wallets[2], NETUID)
+    yield sub, chain, wallets
+    chain.close()
 
 
 def test_metagraph_and_limits_through_the_sdk(net):
@@ -193,7 +60,7 @@ def test_block_hash_through_the_sdk(net):
     assert chain.block_hash(1000) == f"0x{1000:064x}"
     with pytest.raises(ChainError, match="has not been produced"):
         chain.block_hash(1001)
-    sub.block += 1
+    sub.produce()
     assert chain.block_hash(1001) == f"0x{1001:064x}"
     with pytest.raises(ChainError, match="does not exist"):
         chain.block_hash(-1)
@@ -207,20 +74,29 @@ def test_set_weights_sends_the_u16_values_then_hits_the_rate_limit(net):
     assert (module, function, signer) == ("SubtensorModule", "set_mechanism_weights", chain.hotkey)
     assert params["dests"] == [0, 1] and params["weights"] == [65535, 30000]
     assert (params["netuid"], params["version_key"]) == (NETUID, 7)
-    sub.block += 5
+    assert sub.weights(2) == [(0, 65535), (1, 30000)]
+    sub.produce(5)
     res = chain.set_weights([0, 1], [65535, 30000], version_key=7)
-    assert not res.success and "rate limit" in res.message
+    assert not res.success and "rate limit is 100 blocks" in res.message
     assert len(sub.submitted) == 1  # refused before signing
-    sub.block += 100
+    sub.produce(100)
     assert chain.set_weights([0, 1], [65535, 1000]).success  # over max_weight_limit 0.8
     weights = sub.submitted[-1][2]["weights"]
     assert max(weights) / sum(weights) <= 0.8 + 1e-4  # the SDK clipped it, not refused
 
 
-def test_set_weights_below_min_allowed_is_refused_with_the_reason(net):
-    _, chain, _ = net
+def test_weights_the_sdk_refuses_before_signing_come_back_as_results(net, bt_seam, tmp_path):
+    sub, chain, _ = net
     res = chain.set_weights([0], [65535])
-    assert not res.success and "at least 2" in res.message
+    assert not res.success and "at least 2" in res.message  # min_allowed_weights
+    res = chain.set_weights([0, 0], [1, 2])
+    assert not res.success and "Duplicate UIDs" in res.message
+    res = chain.set_weights([0, 1], [0, 0])
+    assert not res.success and "All weights are zero" in res.message
+    stranger = BittensorChain(chain._client, bt_seam.make_wallet(tmp_path, "stranger"), NETUID)
+    res = stranger.set_weights([0, 1], [1, 1])
+    assert not res.success and "not registered" in res.message
+    assert sub.submitted == []
 
 
 def test_commit_reveal_subnet_reports_committed_not_applied(net):
@@ -241,20 +117,33 @@ def test_commit_reveal_subnet_reports_committed_not_applied(net):
     _, function, params, _ = sub.submitted[-1]
     assert function == "commit_timelocked_mechanism_weights"
     assert params["reveal_round"] == res.reveal_round and len(params["commit"]) > 0
+    assert sub.weights(2) == []  # nothing applied until the reveal round
+    sub.produce(5)
+    res = chain.set_weights([0, 1], [65535, 30000], version_key=7)  # commits are rate limited
+    assert not res.success and "rate limit" in res.message
 
 
-def test_unregistered_hotkey_and_chain_rejection_come_back_with_messages(net, tmp_path):
+def test_rejections_by_the_pool_and_the_runtime_carry_the_chain_message(net):
     sub, chain, _ = net
-    stranger = make_wallet(tmp_path, "stranger")
-    other = BittensorChain(chain._client, stranger, NETUID)
-    res = other.set_weights([0, 1], [1, 1])
-    assert not res.success and "not registered" in res.message
-    sub.reject = "Custom error: SettingWeightsTooFast"
+    # The preflight read LastUpdate, but the pool saw a newer set (e.g. one still in it).
+    sub.rejections = [RATE_LIMITED]
     res = chain.set_weights([0, 1], [65535, 30000])
-    assert not res.success and res.message == sub.reject
-    sub.reject = ""  # a pool rejection can carry no text at all
+    assert not res.success and "rate limit blocked this extrinsic" in res.message
+    sub.rejections = [{"name": "NotEnoughStakeToSetWeights", "docs": ["Not enough stake."]}]
     res = chain.set_weights([0, 1], [65535, 30000])
-    assert not res.success and "without a message" in res.message
+    assert not res.success and res.message == "Not enough stake."
+    sub.rejections = [{"name": None, "docs": []}]  # a rejection with no text at all
+    res = chain.set_weights([0, 1], [65535, 30000])
+    assert not res.success and "without a message (UNKNOWN)" in res.message
+    assert sub.weights(2) == []
+
+
+def test_a_transient_pool_rejection_is_resubmitted(net):
+    sub, chain, _ = net
+    sub.seconds_per_block = 0.01  # the executor waits one block between submissions
+    sub.rejections = ["Invalid Transaction: Priority is too low"] * 2
+    assert chain.set_weights([0, 1], [65535, 30000]).success
+    assert len(sub.submitted) == 3 and sub.weights(2) == [(0, 65535), (1, 30000)]
 
 
 def test_commitment_round_trip_at_the_128_byte_limit(net):
@@ -269,9 +158,11 @@ def test_commitment_round_trip_at_the_128_byte_limit(net):
     assert chain.get_all_commitments() == {chain.hotkey: data}
     with pytest.raises(ChainError, match="129 bytes"):
         chain.commit("é" * 64 + "x")
-    sub.reject = "Commitments.TooManyFieldsInCommitmentInfo"
-    with pytest.raises(ChainError, match="TooManyFields"):
+    docs = "The commitment would push the account's byte quota over the cap."
+    sub.rejections = [{"name": "SpaceLimitExceeded", "docs": [docs]}]
+    with pytest.raises(ChainError, match="commitment rejected: The commitment would push"):
         chain.commit("short")
+    assert chain.get_commitment(chain.hotkey) == data
 
 
 def test_missing_subnet_and_failing_reads_are_chain_errors(net):
@@ -284,17 +175,56 @@ def test_missing_subnet_and_failing_reads_are_chain_errors(net):
     sub.runtime_call = broken_runtime_call
     with pytest.raises(ChainError, match=r"metagraph on netuid 3 failed: .*Runtime panic"):
         chain.metagraph()
+    sub.block_number = timed_out
+    with pytest.raises(ChainError, match="block on netuid 3 failed: no response"):
+        chain.block()
 
 
 async def broken_runtime_call(api, method, params, block_hash=None):
     raise bt.ChainError("Runtime panic: metagraph unavailable")
 
 
-def test_old_sdk_is_refused_with_its_version(monkeypatch):
+async def timed_out():
+    raise TimeoutError("no response")
+
+
+def test_connect_loads_the_wallet_and_checks_registration(bt_seam, tmp_path):
+    sub = bt_seam.LocalSubstrate(NETUID)
+    wallet = bt_seam.make_wallet(tmp_path, "val", "hot")
+    args = dict(network="local", wallet_name="val", wallet_hotkey="hot", substrate=sub)
+    with pytest.raises(ChainError, match=f"not registered on netuid {NETUID}"):
+        BittensorChain.connect(NETUID, wallet_path=str(tmp_path), **args)
+    sub.register(wallet.hotkey.ss58_address, 10.0, permit=True)
+    with pytest.raises(ChainError, match="subnet 4 does not exist"):
+        BittensorChain.connect(4, wallet_path=str(tmp_path), **args)
+    chain = BittensorChain.connect(NETUID, wallet_path=str(tmp_path), **args)
+    try:
+        assert chain.hotkey == wallet.hotkey.ss58_address and chain.metagraph().uids == [0]
+    finally:
+        chain.close()
+    with pytest.raises(ChainError, match=r"cannot load hotkey 'hot' of bittensor wallet 'val'"):
+        BittensorChain.connect(NETUID, wallet_path=str(tmp_path / "elsewhere"), **args)
+
+
+def test_connect_names_an_unreachable_or_unknown_network(bt_seam, tmp_path):
+    bt_seam.make_wallet(tmp_path, "val")
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ChainError, match=re.escape(f"cannot reach the bittensor network '{url}'")):
+        BittensorChain.connect(NETUID, network=url, wallet_name="val", wallet_path=str(tmp_path))
+    with pytest.raises(ChainError, match=r"chain\.network: Unknown network 'mainnet'"):
+        BittensorChain.connect(
+            NETUID, network="mainnet", wallet_name="val", wallet_path=str(tmp_path)
+        )
+
+
+def test_old_sdk_is_refused_with_its_version_and_the_supported_range(monkeypatch):
     monkeypatch.delattr(bt, "SetWeights")
-    monkeypatch.setattr(bt, "__version__", "10.0.1")
-    with pytest.raises(UnsupportedSDKError, match=r"bittensor 10\.0\.1 .*SetWeights"):
+    monkeypatch.setattr(bt, "__version__", "10.5.0")
+    with pytest.raises(UnsupportedSDKError, match=r"bittensor 10\.5\.0 .*SetWeights") as info:
         load_sdk()
+    assert SUPPORTED_SDK in str(info.value) and SUPPORTED_SDK == "bittensor>=11.3,<12"
 
 
 LOCALNET = os.environ.get("SPARSELOCO_LOCALNET", "")
@@ -303,20 +233,20 @@ LOCALNET = os.environ.get("SPARSELOCO_LOCALNET", "")
 @pytest.mark.skipif(not LOCALNET, reason="set SPARSELOCO_LOCALNET=ws://… to a local subtensor")
 def test_localnet():
     """Against a real node: see docs/miner.md for starting one and registering the wallet."""
-    netuid = int(os.environ.get("SPARSELOCO_LOCALNET_NETUID", "2"))
-    wallet = bt.Wallet(
-        name=os.environ.get("SPARSELOCO_LOCALNET_WALLET", "default"),
-        hotkey=os.environ.get("SPARSELOCO_LOCALNET_HOTKEY", "default"),
+    chain = BittensorChain.connect(
+        int(os.environ.get("SPARSELOCO_LOCALNET_NETUID", "2")),
+        network=LOCALNET,
+        wallet_name=os.environ.get("SPARSELOCO_LOCALNET_WALLET", "default"),
+        wallet_hotkey=os.environ.get("SPARSELOCO_LOCALNET_HOTKEY", "default"),
     )
-    chain = BittensorChain(bt.Subtensor(LOCALNET), wallet, netuid)
     mg = chain.metagraph()
     assert chain.hotkey in mg.hotkeys and chain.block() >= mg.block
     assert chain.block_hash(mg.block).startswith("0x") and len(chain.block_hash(mg.block)) == 66
-    chain.weight_limits()
+    limits = chain.weight_limits()
     data = f"sparseloco-localnet-{chain.block()}"
     chain.commit(data)
     assert chain.get_commitment(chain.hotkey) == data
     assert chain.get_all_commitments()[chain.hotkey] == data
     uid = mg.uid_of(chain.hotkey)
-    res = chain.set_weights([uid], [65535], version_key=chain.weight_limits().version_key)
+    res = chain.set_weights([uid], [65535], version_key=limits.version_key)
     assert res.success, res.message

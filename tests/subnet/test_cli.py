@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -141,3 +142,35 @@ def test_a_chain_file_of_another_subnet_is_refused(tmp_path):
     cfg = tmp_path / "miner.toml"
     cfg.write_text(f'role = "miner"\nhotkey = "a"\nstate_dir = "{tmp_path / "state"}"\n')
     _one_error_line(_cli("miner", "--config", str(cfg), "--chain", str(chain)), "netuid")
+
+
+def _closed_port_url() -> str:
+    """A loopback websocket URL nothing listens on (never a real network)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"ws://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _bittensor_miner(tmp_path, wallet_path) -> str:
+    cfg = tmp_path / "miner.toml"
+    cfg.write_text(
+        f'role = "miner"\nstate_dir = "{tmp_path / "state"}"\n[chain]\nkind = "bittensor"\n'
+        f'netuid = 3\nnetwork = "{_closed_port_url()}"\nwallet_name = "miner"\n'
+        f'wallet_path = "{wallet_path}"\n'
+    )
+    return str(cfg)
+
+
+def test_bittensor_without_a_wallet_or_a_node_is_one_line(tmp_path, capsys, monkeypatch):
+    bt = pytest.importorskip("bittensor", minversion="11")
+    monkeypatch.setenv("BTCLI_TOKEN_SYMBOLS_CACHE", str(tmp_path / "symbols.json"))
+    assert main(["miner", "--config", _bittensor_miner(tmp_path, tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load hotkey 'default' of bittensor wallet 'miner'")
+    assert "btcli wallet create" in err and len(err.splitlines()) == 1
+    wallet = bt.Wallet(name="miner", hotkey="default", path=str(tmp_path / "wallets"))
+    wallet.create_new_coldkey(use_password=False, suppress=True)
+    wallet.create_new_hotkey(suppress=True)
+    env = {"BTCLI_TOKEN_SYMBOLS_CACHE": str(tmp_path / "symbols.json")}
+    proc = _cli("miner", "--config", _bittensor_miner(tmp_path, tmp_path / "wallets"), env=env)
+    _one_error_line(proc, "cannot reach the bittensor network 'ws://127.0.0.1:")

@@ -11,7 +11,14 @@ import torch
 
 from gauntlet import InMemorySubnet
 from netcomm import CheckpointStore, LocalStorage
-from subnet import BlockTicker, Stopped, WindowClock, WindowConfig, config_from_dict
+from subnet import (
+    BlockTicker,
+    NodeConfigError,
+    Stopped,
+    WindowClock,
+    WindowConfig,
+    config_from_dict,
+)
 from subnet.chain import open_chain
 from subnet.state import load_or_create_signer, prune_checkpoints
 
@@ -71,22 +78,27 @@ def test_memory_chain_registers_the_hotkey_with_its_stake():
     assert chain.hotkey == "v" and subnet.stakes["v"] == 5.0
 
 
-def test_bittensor_chain_from_config():
-    """The real SDK's client is built cold (no socket until the first call), so this runs
-    with no chain reachable; the wallet's key files are only read when signing."""
-    pytest.importorskip("bittensor", minversion="11")
-    cfg = config_from_dict(
-        {
-            "role": "miner",
-            "chain": {
-                "kind": "bittensor",
-                "netuid": 3,
-                "network": "test",
-                "wallet_name": "cold",
-                "wallet_hotkey": "hot",
-            },
-        }
-    )
-    chain = open_chain(cfg)
-    assert chain.netuid == 3 and chain._client.network == "test"
-    assert (chain._wallet.name, chain._wallet.hotkey_str) == ("cold", "hot")
+def test_bittensor_chain_from_config(bt_seam, tmp_path):
+    """Every key of a ``kind = "bittensor"`` section reaches the SDK: the wallet is loaded from
+    ``wallet_path`` and the network replaced at the SDK's seam (a real user names a node)."""
+    wallet = bt_seam.make_wallet(tmp_path / "wallets", "cold", "hot")
+    sub = bt_seam.LocalSubstrate(netuid=3)
+    sub.register(wallet.hotkey.ss58_address)
+    section = {
+        "kind": "bittensor",
+        "netuid": 3,
+        "network": "test",
+        "wallet_name": "cold",
+        "wallet_hotkey": "hot",
+        "wallet_path": str(tmp_path / "wallets"),
+    }
+    cfg = config_from_dict({"role": "miner", "chain": section})
+    chain = open_chain(cfg, substrate=sub)
+    try:
+        assert chain.netuid == 3 and chain._client.network == "test"
+        assert (chain._wallet.name, chain._wallet.hotkey_str) == ("cold", "hot")
+        assert chain.hotkey == wallet.hotkey.ss58_address
+    finally:
+        chain.close()
+    with pytest.raises(NodeConfigError, match=r"chain\.wallet_path must not be empty"):
+        config_from_dict({"role": "miner", "chain": {**section, "wallet_path": ""}})

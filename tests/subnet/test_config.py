@@ -38,6 +38,22 @@ def test_example_miner_s3_alternative_loads_when_uncommented():
     assert cfg.storage.read_secret_access_key.reveal() == "r-secret"
 
 
+def test_example_miner_bittensor_alternative_loads_when_uncommented():
+    """Swapping miner.toml's [chain] for its commented-out lines gives a Bittensor config."""
+    text = (EXAMPLES / "miner.toml").read_text()
+    section = text[text.index("\n[chain]") : text.index("\n[exchange]")]
+    netuid = next(line for line in section.splitlines() if line.startswith("netuid"))
+    commented = [
+        line.removeprefix("# ").split("  #")[0]
+        for line in section.splitlines()
+        if line.startswith("# ") and "=" in line
+    ]
+    chain = "\n[chain]\n" + "\n".join([netuid, *commented]) + "\n"
+    cfg = config_from_dict(tomllib.loads(text.replace(section, chain)))
+    assert (cfg.chain.kind, cfg.chain.network, cfg.chain.netuid) == ("bittensor", "finney", 1)
+    assert (cfg.chain.wallet_name, cfg.chain.wallet_path) == ("default", "~/.bittensor/wallets")
+
+
 def _minimal(**sections):
     return {"role": "miner", "hotkey": "m", **sections}
 
