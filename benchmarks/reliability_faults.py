@@ -225,7 +225,7 @@ class Observer:
             return {"step": None, "model_sha": None}
         gpt = GPT(model)
         gpt.load_state_dict(self.checkpoints.load().model)
-        return {"step": step, "model_sha": state_digest(gpt)}
+        return {"step": step, "model_sha": state_digest(gpt.named_parameters())}
 
 
 # -- the supervisor ------------------------------------------------------------------------

@@ -344,6 +344,18 @@ class OuterOptimizer(Optimizer):
             for p in group["params"]:
                 yield self._names[p], p, group
 
+    def global_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, Θ) per parameter, in :meth:`named_params` order: the global model, which
+        every peer that applied the same aggregates holds bit for bit (θ₀).
+
+        In blocking rounds Θ equals the parameters right after ``step()`` or ``apply()``;
+        with ``overlap=True`` the parameters also carry this peer's own unapplied progress
+        (θ = Θ − Δ after a boundary), so Θ is what peers compare. Offloaded state stays on
+        the CPU. Do not modify the tensors.
+        """
+        for name, p, _ in self.named_params():
+            yield name, self.state[p]["theta0"]
+
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         if self.offload and sharded.is_sharded(p):
             raise ConfigError(f"{name}: offload=True is not supported for FSDP2 (DTensor) params")
@@ -1121,6 +1133,12 @@ class DataParallel(OuterOptimizer):
 
     def _init_state(self, name: str, p: torch.Tensor) -> None:
         del name, p
+
+    def global_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, parameter): with gradients averaged every step, the parameters themselves
+        are the global model."""
+        for name, p, _ in self.named_params():
+            yield name, p.detach()
 
     def _round_params(self) -> list[NamedParam]:
         return [(n, p, g) for n, p, g in self.named_params() if p.grad is not None]

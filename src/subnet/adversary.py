@@ -117,7 +117,9 @@ class AdversaryMiner(Miner):
             return
         ids = self.protocol.assignment(self.hotkey, window)
         digest = self.protocol.digest(self.hotkey, window, ids)
-        self.proofs.publish(window, self.protocol.proof(self.model, window, digest))
+        self.proofs.publish(
+            window, self.protocol.proof(self.model.named_parameters(), window, digest)
+        )
         update = self._update(window, ids)
         sent = 0 if update is None else self.exchange.publish(window, update)
         self.record({"window": window, "bytes_sent": sent, "seconds": time.monotonic() - started})

@@ -61,6 +61,8 @@ def _simulate(args: argparse.Namespace) -> int:
         window_s=args.window_s,
         link=args.link or "",
         skip_idle=not args.real_time,
+        overlap=args.overlap or args.apply_after is not None,
+        apply_after=args.apply_after or 0,
     )
     _check_s3_credentials(cfg.storage)
     created = _make_run_folder(out)
@@ -201,6 +203,20 @@ def main(argv: list[str] | None = None) -> int:
         "--link",
         help="each node's modelled network link, e.g. 100mbit,50ms or up=10mbit,down=1gbit "
         "(real socket bytes paced for loopback s3:// storage; call timing for a local folder)",
+    )
+    sim.add_argument(
+        "--overlap",
+        action="store_true",
+        help="miners train the next window while the last one is scored and aggregated; its "
+        "aggregate is applied one window late (miner.overlap)",
+    )
+    sim.add_argument(
+        "--apply-after",
+        type=int,
+        default=None,
+        metavar="TAU",
+        help="with --overlap (implied): apply the last window's aggregate TAU inner steps "
+        "into the next window instead of at its end",
     )
     sim.add_argument(
         "--real-time",

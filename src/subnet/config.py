@@ -299,6 +299,15 @@ class MinerSettings:
         behaviour: ``"honest"``, or one of the adversaries of :data:`ADVERSARY_KINDS`, for
             testing validators (``sparseloco simulate --adversaries``).
         victim: the copier's victim (the hotkey whose update it republishes).
+        overlap: publish window w's update and start training window w + 1 at once, while
+            w's aggregation set is scored, gathered and aggregated in the background;
+            w's aggregate is applied one window late with the delayed rule of
+            :class:`sparseloco.SparseLoCo` (``overlap=True``), so the miner does not wait
+            for the validator's scoring between windows.
+        apply_after: with ``overlap``: apply the previous window's aggregate after this many
+            inner steps of the next window (waiting there if it has not arrived: Streaming
+            DiLoCo's τ, a smaller loss cost than a whole window late); 0 = at the window's
+            end.
     """
 
     aggregate: Literal["validator", "all"] = "validator"
@@ -308,6 +317,8 @@ class MinerSettings:
         "honest", "free-rider", "noise", "copier", "stale", "wrong-data", "poisoner"
     ] = "honest"
     victim: str = ""
+    overlap: bool = False
+    apply_after: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -322,6 +333,11 @@ class MinerSettings:
         _check(
             self.behaviour != "copier" or bool(self.victim),
             "miner.victim must name the hotkey a copier copies",
+        )
+        _check(self.apply_after >= 0, "miner.apply_after must be >= 0 inner steps")
+        _check(
+            self.overlap or self.apply_after == 0,
+            "miner.apply_after needs miner.overlap = true",
         )
 
 
@@ -397,6 +413,10 @@ class NodeConfig:
                 f"hotkey {self.hotkey!r} must be 1-64 letters, digits, '.', '_' or '-' "
                 "(it names this node on the in-memory or local chain)",
             )
+        _check(
+            self.miner.apply_after < self.run.inner_steps,
+            f"miner.apply_after must be < run.inner_steps ({self.run.inner_steps})",
+        )
 
     def replace(self, **changes: Any) -> NodeConfig:
         """A copy with top-level fields or whole sections replaced."""

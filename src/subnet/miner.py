@@ -10,6 +10,13 @@ One window ``w`` (:meth:`Miner.run_window`):
    ``aggregate = "all"``), aggregate and step;
 4. checkpoint model, AdamW and SparseLoCo state (step ``w + 1``) to ``state_dir``.
 
+With ``miner.overlap`` the round of step 3 runs in the background (SparseLoCo's
+``overlap=True``): the miner publishes ``w``'s update and trains ``w + 1`` at once, and
+applies ``w``'s aggregate one window late (at ``w + 1``'s end, or ``miner.apply_after``
+inner steps into it). Its proof then carries the global model Θ (the optimizer's θ₀, what
+the validator holds when it scores the window) and is published at the window's end, and
+the sync check compares Θ with the validator's digest.
+
 :meth:`Miner.run` follows the chain's clock. A miner that falls behind, or restarts after
 missing windows, does not train the windows it missed: it *replays* them (applies the
 aggregate of each missed window's accepted updates, which are still in the peers' buckets),
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +189,9 @@ class Miner(Node):
         """
         if self.cfg.miner.aggregate == "all":
             return None
-        if wait:  # the validator scores a window only once it has closed
+        # The validator scores a window once it has closed. Overlapped rounds wait here on a
+        # background thread while the miner trains: they must not tell the chain it is idle.
+        if wait and not self.cfg.miner.overlap:
             self.clock.wait_for(window + 1)
         deadline = time.monotonic() + (self.cfg.exchange.selection_timeout_s if wait else 0)
         while True:
@@ -203,33 +213,39 @@ class Miner(Node):
 
     # --- staying in sync ---------------------------------------------------------------------
 
-    def check_sync(self, window: int, aggregated: list[str]) -> tuple[str | None, int]:
-        """After ``window``'s outer step: ``(None, window + 1)`` when this miner stepped on
-        the validator's set and holds the validator's model; otherwise why not and the
-        window it continues from after re-syncing (logged).
+    def check_sync(
+        self, window: int, aggregated: list[str], resume: int | None = None
+    ) -> tuple[str | None, int]:
+        """After ``window``'s aggregate was applied: ``(None, resume)`` when this miner
+        stepped on the validator's set and holds the validator's model; otherwise why not
+        and the window it continues from after re-syncing (logged). ``resume``: the next
+        window to train (default ``window + 1``; one more with overlapped rounds, where the
+        aggregate comes a window late).
 
         Out of sync means: no aggregation set arrived, an update of the set could not be
-        used, or the model's :func:`~subnet.protocol.state_digest` differs from the one the
-        validator published with the set. The miner then loads the validator's latest model
-        checkpoint (step ``window + 1`` or later) instead of training on a different model.
+        used, or the global model's :func:`~subnet.protocol.state_digest` differs from the
+        one the validator published with the set. The miner then loads the validator's
+        latest model checkpoint (step ``resume`` or later) instead of training on a
+        different model.
         """
+        resume = window + 1 if resume is None else resume
         if self.cfg.miner.aggregate == "all":
-            return None, window + 1
+            return None, resume
         chosen = self.selections.pop(window, None)
         if chosen is None:
             problem = "no aggregation set arrived"
         elif missing := sorted(set(chosen.peers) - set(aggregated)):
             problem = f"could not use the update(s) of {', '.join(missing)}"
-        elif state_digest(self.model) != chosen.state:
+        elif state_digest(self._global_model()) != chosen.state:
             problem = "its model differs from the validator's"
         else:
-            return None, window + 1
-        step = self._resync(window + 1)
+            return None, resume
+        step = self._resync(resume)
         if step is None:
             log.warning(
                 "%s: out of sync after window %d (%s); re-sync FAILED", self.hotkey, window, problem
             )
-            return f"{problem}; re-sync failed", window + 1
+            return f"{problem}; re-sync failed", resume
         log.warning(
             "%s: out of sync after window %d (%s); re-synced from the validator's checkpoint "
             "of window %d",
@@ -248,7 +264,8 @@ class Miner(Node):
         if loaded is None:
             return None
         # θ₀ = the loaded θ; the error buffer starts over (the presets have no outer
-        # momentum, so nothing else differs from the other miners).
+        # momentum, so nothing else differs from the other miners). An overlapped round in
+        # flight is dropped with the old optimizer: the loaded model already holds it.
         self.model.load_state_dict(loaded.model)
         self.outer = self._outer_optimizer()
         return loaded.step
@@ -277,6 +294,7 @@ class Miner(Node):
             self.model.named_parameters(),
             SelectedExchange(self, self.exchange),
             self.protocol.outer,
+            overlap=self.cfg.miner.overlap,
         )
 
     # --- windows ------------------------------------------------------------------------------
@@ -287,38 +305,70 @@ class Miner(Node):
         self.directory.refresh()
         ids = self.protocol.assignment(self.hotkey, window)
         digest = self.protocol.digest(self.hotkey, window, ids)
-        self.proofs.publish(window, self.protocol.proof(self.model, window, digest))
+        overlap = self.cfg.miner.overlap
+        if not overlap:
+            self._publish_proof(window, digest)
+        losses, applied = self._train(ids)
+        self.outer.window = window
+        report = self.outer.step()
+        if overlap:  # Θ now holds the last window's aggregate: what the validator scores on
+            self._publish_proof(window, digest)
+        applied = applied or report
+        out_of_sync, next_window = None, window + 1
+        if applied.applied_window is not None:
+            out_of_sync, next_window = self.check_sync(
+                applied.applied_window, applied.peers, resume=window + 1
+            )
+        self.save(next_window)
+        record: dict[str, Any] = {
+            "window": window,
+            "train_loss": sum(losses) / len(losses),
+            "aggregated": applied.peers,
+            "applied_window": applied.applied_window,
+            "out_of_sync": out_of_sync,
+            "seconds": time.monotonic() - started,
+        }
+        if applied.applied_window is not None:  # the round of the window applied here
+            record["bytes_sent"] = applied.bytes_sent
+            record["bytes_received"] = applied.bytes_received
+        self.record(record)
+        log.info(
+            "%s window %d: loss %.4f, applied window %s: sent %d B, aggregated %s",
+            self.hotkey,
+            window,
+            record["train_loss"],
+            applied.applied_window,
+            applied.bytes_sent,
+            applied.peers,
+        )
+        return report
+
+    def _publish_proof(self, window: int, digest: str) -> None:
+        self.proofs.publish(window, self.protocol.proof(self._global_model(), window, digest))
+
+    def _global_model(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model the validator holds after the same aggregates: the parameters in
+        blocking rounds; the optimizer's Θ in overlapped ones, where the parameters also
+        carry this miner's own unapplied progress."""
+        if self.cfg.miner.overlap:
+            return self.outer.global_parameters()
+        return self.model.named_parameters()
+
+    def _train(self, ids: list[int]) -> tuple[list[float], RoundReport | None]:
+        """The window's inner steps; with ``miner.apply_after``, the report of the previous
+        window's aggregate applied that many steps in (else ``None``)."""
         self.model.train()
-        losses = []
-        for batch in self.protocol.batches(ids):
+        losses, applied = [], None
+        tau = self.cfg.miner.apply_after
+        for step, batch in enumerate(self.protocol.batches(ids)):
+            if tau and step == tau and self.outer.in_flight is not None:
+                applied = self.outer.finish()
             loss = self.task.loss_fn(self.model, batch)
             loss.backward()
             self.inner.step()
             self.inner.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-        self.outer.window = window
-        report = self.outer.step()
-        out_of_sync, next_window = self.check_sync(window, report.peers)
-        self.save(next_window)
-        record = {
-            "window": window,
-            "train_loss": sum(losses) / len(losses),
-            "bytes_sent": report.bytes_sent,
-            "bytes_received": report.bytes_received,
-            "aggregated": report.peers,
-            "out_of_sync": out_of_sync,
-            "seconds": time.monotonic() - started,
-        }
-        self.record(record)
-        log.info(
-            "%s window %d: loss %.4f, sent %d B, aggregated %s",
-            self.hotkey,
-            window,
-            record["train_loss"],
-            report.bytes_sent,
-            report.peers,
-        )
-        return report
+        return losses, applied
 
     def replay(self, window: int, *, wait: bool = False) -> list[str]:
         """Apply ``window``'s aggregate without training (a window this miner missed).
@@ -345,11 +395,33 @@ class Miner(Node):
         log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
         return sorted(updates)
 
+    def drain(self) -> None:
+        """Overlapped rounds: apply the window still in flight (before replaying the
+        windows after it, and at the end of a run, which then ends on the global model);
+        sync-checked like any applied window. Nothing to do in blocking rounds."""
+        window = self.outer.in_flight
+        if window is None:
+            return
+        self.clock.wait_for(window + 1)  # its set exists only once the window has closed
+        report = self.outer.finish()
+        assert report is not None
+        out_of_sync, next_window = self.check_sync(window, report.peers)
+        self.save(next_window)
+        self.record(
+            {
+                "event": "drained",
+                "applied_window": window,
+                "aggregated": report.peers,
+                "out_of_sync": out_of_sync,
+            }
+        )
+
     def catch_up(self, current: int) -> None:
         """Replay every window between the next one to run and ``current`` (exclusive)."""
-        start = current if self.next_window is None else self.next_window
-        if start < current:
+        if self.next_window is not None and self.next_window < current:
             self.directory.refresh()  # the validator and miners of the missed windows
+            self.drain()  # a re-sync there may move next_window on
+        start = current if self.next_window is None else self.next_window
         for window in range(start, current):
             # Only the window that just closed may still be waiting for its selection.
             self.replay(window, wait=window == current - 1)
@@ -363,10 +435,12 @@ class Miner(Node):
                 window = self.clock.wait_for(self.next_window or 0)
                 if until_window is not None and window > until_window:
                     self.catch_up(until_window + 1)  # still end at the asked window
+                    self.drain()
                     return
                 self.catch_up(window)
                 self.run_window(window)
                 if until_window is not None and window >= until_window:
+                    self.drain()
                     return
         except Stopped:
             log.info("%s: stopped", self.hotkey)

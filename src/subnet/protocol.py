@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from gauntlet import (
     AssignmentConfig,
@@ -124,10 +123,14 @@ class Protocol:
     def sync_positions(self, window: int) -> list[tuple[str, int]]:
         return sync_positions(self.shapes, window, self.seed, self.gauntlet.signals.sync_samples)
 
-    def proof(self, model: nn.Module, window: int, digest: str) -> DenseUpdate:
-        """The proof payload: ``digest`` and the model's values at the window's sync positions."""
-        params = {canonical_name(n): p for n, p in model.named_parameters()}
-        values = sample_values(params, self.sync_positions(window))
+    def proof(
+        self, params: Iterable[tuple[str, torch.Tensor]], window: int, digest: str
+    ) -> DenseUpdate:
+        """The proof payload: ``digest`` and the values of ``params`` (the global model the
+        window's update starts from, e.g. ``outer.global_parameters()``) at the window's sync
+        positions."""
+        named = {canonical_name(n): p for n, p in params}
+        values = sample_values(named, self.sync_positions(window))
         digest_t = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.float32)
         return DenseUpdate({PROOF_DIGEST: digest_t, PROOF_SYNC: values.to(torch.float32)})
 
@@ -144,11 +147,12 @@ def selection_key(window: int) -> str:
     return f"selection/{window:012d}.json"
 
 
-def state_digest(model: nn.Module) -> str:
-    """SHA-256 of the model's parameters (names, dtypes, shapes and bytes, names sorted):
-    equal on two nodes exactly when their parameters are bit-identical."""
+def state_digest(params: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of named parameters (names, dtypes, shapes and bytes, names sorted; e.g.
+    ``outer.global_parameters()``): equal on two nodes exactly when those parameters are
+    bit-identical."""
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    for name, p in sorted(params, key=lambda item: item[0]):
         t = p.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

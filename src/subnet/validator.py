@@ -183,7 +183,7 @@ class Validator(Node):
         self.follower.apply(
             selected, on_aggregate=lambda agg: self.scorer.record_aggregate(window, agg)
         )
-        write_selection(self.storage, window, chosen, state_digest(self.model))
+        write_selection(self.storage, window, chosen, state_digest(self.model.named_parameters()))
         weights_set = None
         if (window + 1) % self.cfg.validator.weights_every == 0:
             weights_set = self.set_weights()

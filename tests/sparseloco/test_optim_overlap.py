@@ -309,6 +309,23 @@ def test_state_dict_carries_the_in_flight_round():
             assert torch.equal(value, other.state[q][key]), key
 
 
+def test_global_parameters_are_the_global_model_not_the_local_one():
+    model = _model()
+    others = {w: {"b": _dense(model, 7 + w)} for w in range(2)}
+    outer = DiLoCo(model.named_parameters(), Scripted(others), overlap=True)
+    for seed in (1, 2):  # window 0 applied at the second boundary, window 1 in flight
+        _perturb(model, seed)
+        outer.step()
+    theta = dict(model.named_parameters())
+    named = dict(outer.global_parameters())
+    assert list(named) == list(theta)
+    for name, p in theta.items():  # Θ = θ₀; the parameters carry window 1's own progress
+        assert named[name] is outer.state[p]["theta0"] and not torch.equal(named[name], p)
+    outer.finish()
+    for name, value in outer.global_parameters():  # nothing local left: θ = Θ
+        assert torch.equal(value, theta[name])
+
+
 def test_mode_checks():
     inner = torch.optim.SGD(_model().parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="overlap=True"):

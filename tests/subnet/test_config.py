@@ -73,6 +73,12 @@ def _minimal(**sections):
         (_minimal(hotkey="a/b"), "hotkey 'a/b' must be"),
         ({"hotkey": "m"}, "missing 1 required positional argument: 'role'"),
         (_minimal(storage="s3"), "storage must be a table"),
+        (_minimal(miner={"overlap": 1}), "miner.overlap must be true or false"),
+        (_minimal(miner={"apply_after": 2}), "miner.apply_after needs miner.overlap"),
+        (
+            _minimal(miner={"overlap": True, "apply_after": 10}),
+            "miner.apply_after must be < run.inner_steps",
+        ),
     ],
 )
 def test_bad_values_name_the_field(data, message):

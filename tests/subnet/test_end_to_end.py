@@ -24,6 +24,7 @@ from gauntlet import InMemorySubnet
 from netcomm import ObjectNotFoundError, S3Config, S3Storage, update_key
 from subnet import (
     Miner,
+    MinerSettings,
     Secret,
     StorageConfig,
     Validator,
@@ -150,8 +151,8 @@ def network(tmp_path, moto_url, kit, one_thread):
     subnet = InMemorySubnet(netuid=1)
     task = gpt_task(kit.run)
 
-    def make(hotkey: str):
-        cfg = configs[hotkey]
+    def make(hotkey: str, miner: MinerSettings | None = None):
+        cfg = configs[hotkey] if miner is None else configs[hotkey].replace(miner=miner)
         cls = Validator if cfg.role == "validator" else Miner
         return cls(cfg, task, open_chain(cfg, subnet), s3_options=kit.s3_options)
 
@@ -298,3 +299,59 @@ def test_a_miner_out_of_sync_knows_it_and_resyncs(network):
     for miner in (a, b):
         for name, p in miner.model.named_parameters():
             assert torch.equal(p, reference[name]), (miner.hotkey, name)
+
+
+def test_overlapped_miners_restart_catch_up_and_end_on_the_validators_model(network):
+    """Miners with ``miner.overlap``: A applies each aggregate at the next window's end, B
+    one inner step into it. A is stopped right after its window-1 boundary (its checkpoint
+    holds window 1's round in flight) and restarts; B stops after window 2, misses window 3
+    and comes back in window 4 (replaying 3). Every node ends on the validator's model and
+    no miner is ever out of sync."""
+    subnet, make = network
+    at_end, early = MinerSettings(overlap=True), MinerSettings(overlap=True, apply_after=1)
+    driver = Driver(subnet, 10)
+    driver.set_window(0)
+    val, a, b = make("val"), make("miner-a", at_end), make("miner-b", early)
+    driver.start(val, until=WINDOWS - 1)
+    driver.start(a, until=WINDOWS - 1)
+    driver.start(b, until=2)
+    live = {"miner-a": a, "miner-b": b}
+    miners = [a, b]
+    for w in range(WINDOWS):
+        driver.wait(
+            f"updates of window {w}", lambda w=w: all(_published(m, w) for m in live.values())
+        )
+        if w == 1:  # A waits for window 2 with window 1's round still in flight
+            a.stop.set()
+            driver.join("miner-a")
+            a = live["miner-a"] = make("miner-a", at_end)
+            assert (a.next_window, a.outer.in_flight) == (2, 1)
+            miners.append(a)
+            driver.start(a, until=WINDOWS - 1)
+        driver.set_window(w + 1)
+        driver.wait(f"validator on window {w}", lambda w=w, v=val: (v.next_window or 0) > w)
+        if w == 2:  # B applied window 2's aggregate and stopped
+            driver.join("miner-b")
+            del live["miner-b"]
+        if w == 3:  # window 4 has started: B is back
+            b = live["miner-b"] = make("miner-b", early)
+            assert (b.next_window, b.outer.in_flight) == (3, None)
+            miners.append(b)
+            driver.start(b, until=WINDOWS - 1)
+    for hotkey in ("val", "miner-a", "miner-b"):
+        driver.join(hotkey)
+
+    reference = dict(val.model.named_parameters())
+    for miner in (a, b):
+        assert miner.outer.in_flight is None  # the run ends on the last aggregate
+        for name, p in miner.model.named_parameters():
+            assert torch.equal(p, reference[name]), (miner.hotkey, name)
+    accepted = {r["window"]: r["accepted"] for r in val.history}
+    records = [r for m in miners for r in m.history]
+    assert all(r.get("out_of_sync") is None for r in records), records
+    applied = [r for r in records if r.get("applied_window") is not None]
+    for record in applied:  # each applied window's set is the one the validator accepted
+        assert record["aggregated"] == accepted[record["applied_window"]], record
+    assert {r["applied_window"] for r in applied if "train_loss" in r} == set(range(WINDOWS - 1))
+    assert a.history[0]["window"] == 2 and a.history[0]["applied_window"] == 1
+    assert b.history[0] == {"window": 3, "replayed": True, "aggregated": ["miner-a"]}

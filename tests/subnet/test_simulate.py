@@ -7,6 +7,7 @@ import pytest
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
 from subnet.sim import SimConfig, run
+from subnet.sim.plan import node_specs
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,15 @@ def test_bad_config_is_rejected(tmp_path):
         SimConfig(adversaries=("sybil",), out=tmp_path)
     with pytest.raises(ConfigError, match="preset"):
         SimConfig(preset="nope", out=tmp_path)
+    for bad in ({"apply_after": 3}, {"overlap": True, "apply_after": 10}):
+        with pytest.raises(ConfigError, match="apply_after"):
+            SimConfig(**bad, out=tmp_path)
+
+
+def test_overlap_reaches_every_miner(tmp_path):
+    cfg = SimConfig(adversaries=("noise",), overlap=True, apply_after=4, out=tmp_path)
+    miners = {s.hotkey: s.config.miner for s in node_specs(cfg) if s.config.role == "miner"}
+    assert all((m.overlap, m.apply_after) == (True, 4) for m in miners.values())
 
 
 def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):

@@ -68,6 +68,10 @@ class SimConfig:
             waits for it (:meth:`gauntlet.SqliteSubnet.skip_idle`), so windows last as long as
             their work rather than ``window_s``; ``False`` keeps the wall-clock block time, as
             a real chain does.
+        overlap: miners train window w + 1 while w's update is scored and aggregated
+            (``miner.overlap``); its aggregate is applied one window late.
+        apply_after: with ``overlap``, apply it this many inner steps into the next window
+            (``miner.apply_after``; 0 = at that window's end).
     """
 
     peers: int = 4
@@ -94,6 +98,8 @@ class SimConfig:
     link: str = ""
     threads: int = 1
     skip_idle: bool = True
+    overlap: bool = False
+    apply_after: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,6 +134,11 @@ class SimConfig:
                 raise ConfigError(f"--link: {exc}") from None
         if (self.window_s is not None and not self.window_s > 0) or not self.deadline_s > 0:
             raise ConfigError("window_s and deadline_s must be > 0 seconds")
+        if not 0 <= self.apply_after < self.inner_steps or (self.apply_after and not self.overlap):
+            raise ConfigError(
+                f"apply_after must be in [0, inner_steps) = [0, {self.inner_steps}) and needs "
+                f"overlap; got {self.apply_after}"
+            )
 
     @property
     def honest_ids(self) -> list[str]:

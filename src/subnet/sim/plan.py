@@ -117,6 +117,8 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
         settings = MinerSettings(
             behaviour=kind,  # type: ignore[arg-type]
             victim=cfg.honest_ids[0] if kind == "copier" else "",
+            overlap=cfg.overlap,
+            apply_after=cfg.apply_after,
         )
         chain = ChainConfig(kind="local", path=path)
         specs.append(
