@@ -6,9 +6,9 @@ number of tokens (``--rounds`` × H=``--inner-steps`` inner steps); only the rou
 the link differ:
 
 * ``blocking``: ``outer.step()`` publishes, gathers and applies before the next inner step;
-* ``overlap τ=H``: ``SparseLoCo(..., overlap=True)``; the boundary encodes window k, applies
-  window k−1's aggregate (published, gathered and aggregated in the background during
-  window k's inner steps) and returns;
+* ``overlap τ=H``: ``SparseLoCo(..., overlap=True)``; the boundary keeps window k's Δ,
+  applies window k−1's aggregate (encoded, published, gathered and aggregated in the
+  background during window k's inner steps) and returns;
 * ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
   the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does).
 
@@ -25,10 +25,11 @@ blocking 1 Gbit/s run (its fixed per-round costs included).
 Reported per run: per-peer compute utilisation (inner-step seconds ÷ wall seconds from the
 common start to the end of the last round, the final ``finish()`` included; "w/o drain"
 leaves that out), the time per round that holds up training ("exposed": wall minus
-compute) split into compute / publish (check + encode + upload; overlapped: the upload is
-in the background) / gather (overlapped: the wait for the background round) / apply
-(aggregate + outer step; overlapped: the aggregate is in the background), the background
-rounds' own duration (hidden), and the held-out loss after equal tokens. On a machine with
+compute) split into compute / publish (check + encode + upload; overlapped: the finite check
+and keeping Δ, the rest is in the background) / gather (overlapped: the wait for the
+background round) / apply (aggregate + outer step; overlapped: the aggregate is in the
+background), the background rounds' own duration (hidden), and the held-out loss after
+equal tokens. On a machine with
 spare cores the hidden work is free; on 2 shared cores it slows the inner steps (compare
 the modes' compute seconds per round), and wall times of different runs compare only while
 the machine's load stays the same. The loss depends only on the mode and the seed when
@@ -94,25 +95,26 @@ def _storage(bucket: str, endpoint: str) -> S3Storage:
 def _split(report: Any, mode: str) -> dict[str, float]:
     """One boundary's seconds that hold up training, and the overlapped round's hidden ones.
 
-    publish: check + encode + the upload (overlapped: the upload is in the background);
-    gather: the gather (overlapped: the wait for the background round); apply: aggregate
-    and outer step (overlapped: error-feedback commit and outer step; the aggregate is in
-    the background); hidden: the background round's publish + gather + aggregate.
+    publish: check + encode + the upload (overlapped: the finite check and keeping Δ; the
+    encode and upload are in the background); gather: the gather (overlapped: the wait for
+    the background round); apply: aggregate and outer step (overlapped: the outer step; the
+    aggregate is in the background); hidden: the background round's encode (with the
+    error-feedback commit) + publish + gather + aggregate.
     """
     t = report.timings
-    encode = t.get("check", 0.0) + t.get("encode", 0.0)
     if mode == "blocking":
         return {
-            "publish": encode + t.get("publish", 0.0),
+            "publish": t.get("check", 0.0) + t.get("encode", 0.0) + t.get("publish", 0.0),
             "gather": t.get("gather", 0.0),
             "apply": t.get("aggregate_step", 0.0),
             "hidden": 0.0,
         }
+    background = ("encode", "publish", "gather", "aggregate")
     return {
-        "publish": encode,
+        "publish": t.get("check", 0.0),
         "gather": t.get("wait", 0.0),
         "apply": t.get("step", 0.0),
-        "hidden": t.get("publish", 0.0) + t.get("gather", 0.0) + t.get("aggregate", 0.0),
+        "hidden": sum(t.get(k, 0.0) for k in background),
     }
 
 

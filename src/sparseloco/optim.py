@@ -26,10 +26,11 @@ parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's 
 of its error buffer. Rounds are atomic: everything that can fail runs before the commit
 (error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
 
-Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` encodes window k,
-applies window k−1's aggregate g_{k−1} (published, gathered, checked and aggregated on a
-background thread while window k's inner steps ran) and returns, while window k's round
-runs in the background in turn. With Θ the global model (``θ₀``), s the point window k's
+Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` keeps window k's
+progress Δ_k, applies window k−1's aggregate g_{k−1} (encoded with error feedback,
+published, gathered, checked and aggregated on a background thread while window k's inner
+steps ran) and returns, while window k's round runs in the background in turn; the
+boundary itself does only elementwise work. With Θ the global model (``θ₀``), s the point window k's
 inner steps started from (state ``"start"``) and Θ₀ the initial model (s₀ = Θ₀), the
 boundary after window k's inner steps is::
 
@@ -63,7 +64,9 @@ does not change it.
 
 Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
-CPU with ``offload``), and, during a boundary, Δ in float32.
+CPU with ``offload``), and Δ_k in float32 from the boundary until its round has encoded it
+(4 bytes per parameter, CPU with ``offload``). The error buffers belong to the round's
+thread until it has committed them: ``state_dict()`` waits for that.
 """
 
 from __future__ import annotations
@@ -123,9 +126,10 @@ class RoundReport:
     aggregate it applied: the same window in blocking rounds. In overlapped rounds it is
     the window before (``None`` at the first boundary; ``finish()`` reports the last window
     as both), and ``bytes_sent``, ``bytes_received``, ``statuses``, ``peers``,
-    ``update_norm`` and the timings ``publish``/``gather``/``aggregate`` are that applied
-    window's background round; ``check``/``encode``/``wait`` (blocked on the background
-    round) and ``step`` (error-feedback commit and outer step) are this boundary's.
+    ``pseudo_grad_norm``, ``update_norm`` and the timings
+    ``encode``/``publish``/``gather``/``aggregate`` are that applied window's background
+    round; ``check`` (finite check and keeping Δ), ``wait`` (blocked on the background
+    round) and ``step`` (outer step) are this boundary's.
     """
 
     window: int
@@ -180,6 +184,7 @@ class _Round:
     bytes_sent: int
     bytes_received: int
     aggregates: dict[str, torch.Tensor]
+    pseudo_grad_norm: float
     update_norm: float
     timings: dict[str, float]
 
@@ -196,13 +201,19 @@ class _PhaseFailed(Exception):
 class _InFlight:
     """The window whose round an overlapped optimizer started and has not applied yet.
 
+    Until the round has encoded it, the window holds its own progress ``deltas`` (Δ in
+    float32, by name) and no ``own`` payload; encoding (with the error-feedback commit)
+    replaces the first by the second and sets ``encoded``, also when it fails.
     ``future`` is its background round (``None`` after ``load_state_dict``, or once its
     failure was raised: the next boundary then runs it in the foreground).
     """
 
     window: int
-    own: Payload
+    own: Payload | None
     future: Future[_Round] | None
+    deltas: dict[str, torch.Tensor] | None = None
+    norm: float = 0.0
+    encoded: threading.Event = field(default_factory=threading.Event)
 
 
 class OuterOptimizer(Optimizer):
@@ -392,8 +403,12 @@ class OuterOptimizer(Optimizer):
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
 
-    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
-        """This round's payload and the norm of what it was made from; changes no state."""
+    def _encode(
+        self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Payload, float]:
+        """This round's payload and the norm of what it was made from; changes no state.
+        ``deltas``: this peer's progress by name (an overlapped round encodes the Δ taken at
+        its boundary), else computed from the parameters now."""
         raise NotImplementedError
 
     def _aggregate_tensor(
@@ -402,9 +417,14 @@ class OuterOptimizer(Optimizer):
         """The float32 aggregate of tensor ``name`` over the selected payloads, on ``device``."""
         raise NotImplementedError
 
-    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+    def _commit_own(
+        self,
+        params: list[NamedParam],
+        own: Payload,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Update the state that depends on what this peer sent (SparseLoCo's error buffers)."""
-        del params, own
+        del params, own, deltas
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         self._outer_update(p, group, agg)
@@ -469,12 +489,13 @@ class OuterOptimizer(Optimizer):
     def _step_overlapped(self) -> RoundReport:
         """An overlapped boundary: apply window k−1, start window k's round behind.
 
-        Atomic like a blocking round: the finite check, encoding, and waiting for window
-        k−1's background round (its failure raises :class:`BackgroundRoundError`) run before
-        θ, θ₀, s, the error and momentum buffers, the window or the in-flight round change;
-        a failed boundary publishes nothing. Window k's publish, gather, payload checks and
-        aggregate then run on a background thread; a retry after a failed one does them
-        again in the foreground (publishing the same bytes again).
+        Atomic like a blocking round: the finite check and waiting for window k−1's
+        background round (its failure raises :class:`BackgroundRoundError`) run before θ,
+        θ₀, s, the momentum buffers, the window or the in-flight round change. The boundary
+        keeps Δ_k and leaves everything else of window k's round to a background thread:
+        encoding with error feedback (the error buffers are committed there, once the
+        message exists), publish, gather, payload checks and aggregate; a retry after a
+        failed one does what is left of it in the foreground (publishing the same bytes).
         """
         timer = _Timer()
         window = self.window
@@ -482,28 +503,23 @@ class OuterOptimizer(Optimizer):
         choice = self._backend(params[0][1].device)
         with timer("check"):
             self._check_inputs(params)
-        with timer("encode"):
-            own, source_norm = self._encode(params)
+            deltas = {n: self._store(self._own_delta(p)) for n, p, _ in params}  # Δ_k
         done = None
         if self._inflight is not None:
             with timer("wait"):
                 done = self._collect(self._inflight, params)
         with timer("step"):
-            progress = None  # Δ_k, needed only when an aggregate is applied here
             if done is not None:
-                progress = {n: self._store(self._own_delta(p)) for n, p, _ in params}
-            self._commit_own(params, own)
-            if done is not None and progress is not None:
                 self._outer_step(params, done.aggregates)
                 for name, p, _ in params:  # θ ← Θ_k − Δ_k
                     theta0 = self.state[p]["theta0"].to(p.device, torch.float32)
-                    p.copy_(theta0 - progress[name].to(p.device))
+                    p.copy_(theta0 - deltas[name].to(p.device))
             for _, p, _ in params:  # s_{k+1} ← θ (nothing applied: s_k = Θ, so θ stays)
                 self.state[p]["start"].copy_(p)
-        self._inflight = _InFlight(window, own, None)  # if no thread starts: done later
+        self._inflight = _InFlight(window, None, None, deltas)  # if no thread starts: done later
         self.window = window + 1
-        self._inflight.future = self._launch(window, own, params)
-        report = self._overlapped_report(window, choice, done, source_norm, timer)
+        self._inflight.future = self._launch(self._inflight, params)
+        report = self._overlapped_report(window, choice, done, timer)
         self.last_report = report
         return report
 
@@ -528,19 +544,14 @@ class OuterOptimizer(Optimizer):
         with timer("step"):
             self._keep_local_progress(params, done.aggregates)
         self._inflight = None
-        report = self._overlapped_report(done.window, choice, done, 0.0, timer)
+        report = self._overlapped_report(done.window, choice, done, timer)
         self.last_report = report
         return report
 
     def _overlapped_report(
-        self,
-        window: int,
-        choice: BackendChoice,
-        done: _Round | None,
-        source_norm: float,
-        timer: _Timer,
+        self, window: int, choice: BackendChoice, done: _Round | None, timer: _Timer
     ) -> RoundReport:
-        """This boundary's timings and Δ norm, the applied window's round for the rest."""
+        """This boundary's timings, the applied window's round for the rest."""
         return RoundReport(
             window=window,
             peer_id=self.exchange.peer_id,
@@ -551,7 +562,7 @@ class OuterOptimizer(Optimizer):
             bytes_received=0 if done is None else done.bytes_received,
             peers=[] if done is None else done.peers,
             statuses={} if done is None else done.statuses,
-            pseudo_grad_norm=source_norm,
+            pseudo_grad_norm=0.0 if done is None else done.pseudo_grad_norm,
             update_norm=0.0 if done is None else done.update_norm,
             timings=timer.times | ({} if done is None else done.timings),
             applied_window=None if done is None else done.window,
@@ -572,45 +583,63 @@ class OuterOptimizer(Optimizer):
         """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""
         return self._origin(p).to(p.device, torch.float32) - p.to(torch.float32)
 
-    def _background_round(self, window: int, own: Payload, params: list[NamedParam]) -> _Round:
-        """Publish ``own``, gather, check the payloads and aggregate them; changes no state
-        (the aggregates depend on the parameters' names, shapes and devices only)."""
-        timer, phase = _Timer(), "publish"
+    def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
+        """Encode the in-flight window's Δ with error feedback and commit the error buffers
+        (only the round's thread touches them until it is collected)."""
         try:
+            if flight.own is None:
+                assert flight.deltas is not None
+                own, flight.norm = self._encode(params, flight.deltas)
+                self._commit_own(params, own, flight.deltas)
+                flight.own, flight.deltas = own, None
+        finally:
+            flight.encoded.set()
+
+    def _background_round(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
+        """Encode (if not yet), publish, gather, check the payloads and aggregate them;
+        changes no state but the error buffers' commit (the aggregates depend on the
+        parameters' names, shapes and devices only)."""
+        timer, phase = _Timer(), "encode"
+        try:
+            with timer("encode"):
+                self._encode_flight(flight, params)
+            assert flight.own is not None
+            phase = "publish"
             with timer("publish"):
-                sent = self.exchange.publish(window, own)
+                sent = self.exchange.publish(flight.window, flight.own)
             phase = "gather"
             with timer("gather"):
-                gathered = self.exchange.gather(window)
-                updates, statuses = self._usable(gathered, own, self._shapes(params))
+                gathered = self.exchange.gather(flight.window)
+                updates, statuses = self._usable(gathered, flight.own, self._shapes(params))
             phase = "aggregate"
             with timer("aggregate"):
                 aggregates, norm = self._aggregate_all(updates, params)
         except Exception as exc:
             raise _PhaseFailed(phase) from exc
         return _Round(
-            window,
+            flight.window,
             sorted(updates),
             statuses,
             sent,
             gathered.bytes_received,
             aggregates,
+            flight.norm,
             norm,
             timer.times,
         )
 
-    def _launch(self, window: int, own: Payload, params: list[NamedParam]) -> Future[_Round]:
-        """Start window ``window``'s background round on a daemon thread."""
+    def _launch(self, flight: _InFlight, params: list[NamedParam]) -> Future[_Round]:
+        """Start ``flight``'s background round on a daemon thread."""
         future: Future[_Round] = Future()
 
         def run() -> None:
             future.set_running_or_notify_cancel()
             try:
-                future.set_result(self._background_round(window, own, params))
+                future.set_result(self._background_round(flight, params))
             except BaseException as exc:  # handed to the next boundary
                 future.set_exception(exc)
 
-        threading.Thread(target=run, name=f"sparseloco-round-{window}", daemon=True).start()
+        threading.Thread(target=run, name=f"sparseloco-round-{flight.window}", daemon=True).start()
         return future
 
     def _collect(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
@@ -619,10 +648,7 @@ class OuterOptimizer(Optimizer):
         future, flight.future = flight.future, None  # a failure is raised once
         where = "in the background" if future is not None else "at the boundary"
         try:
-            if future is None:
-                done = self._background_round(flight.window, flight.own, params)
-            else:
-                done = future.result()
+            done = self._background_round(flight, params) if future is None else future.result()
         except _PhaseFailed as exc:
             cause = exc.__cause__
             raise BackgroundRoundError(
@@ -781,15 +807,20 @@ class OuterOptimizer(Optimizer):
             sd["outer"]["outer_optimizer"] = self.outer_optimizer.state_dict()
         if self.overlap:
             sd["outer"]["overlap"] = True
-            flight = self._inflight
-            if flight is not None:
-                tensors, meta = flight.own.to_tensors()
-                sd["outer"]["in_flight"] = {
-                    "window": flight.window,
-                    "tensors": tensors,
-                    "meta": dict(meta),
-                }
+            if self._inflight is not None:
+                sd["outer"]["in_flight"] = self._flight_state(self._inflight)
         return sd
+
+    @staticmethod
+    def _flight_state(flight: _InFlight) -> dict[str, Any]:
+        """The in-flight window and its payload, or its Δ when encoding it failed."""
+        if flight.future is not None:
+            flight.encoded.wait()  # the error buffers are final once it has encoded
+        if flight.own is None:
+            assert flight.deltas is not None
+            return {"window": flight.window, "deltas": dict(flight.deltas)}
+        tensors, meta = flight.own.to_tensors()
+        return {"window": flight.window, "tensors": tensors, "meta": dict(meta)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore groups' hyperparameters and every state tensor in place.
@@ -854,8 +885,15 @@ class OuterOptimizer(Optimizer):
         """The in-flight round of a state dict, checked against this model."""
         if saved is None:
             return None
+        shapes = self._shapes(self._round_params())
+        if "deltas" in saved:  # its round had not encoded it
+            deltas = saved["deltas"]
+            if {n: tuple(d.shape) for n, d in deltas.items()} != shapes:
+                raise ConfigError("state_dict's in-flight progress does not fit this model")
+            stored = {n: self._store(d.to(torch.float32, copy=True)) for n, d in deltas.items()}
+            return _InFlight(int(saved["window"]), None, None, stored)
         own = payload_from_tensors(saved["tensors"], saved["meta"])
-        self._check(own, self._shapes(self._round_params()))
+        self._check(own, shapes)
         validate_payload(own)
         return _InFlight(int(saved["window"]), own, None)
 
@@ -932,7 +970,9 @@ class SparseLoCo(OuterOptimizer):
         codec = self.config.codec
         return resolve_backend(codec.backend, device, codec.chunk_size**2, codec.value_coding)
 
-    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+    def _encode(
+        self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Payload, float]:
         """Δ through error feedback and the codec, one tensor at a time, on a scratch copy of
         each error buffer: the buffers themselves change only in :meth:`_commit_own`.
 
@@ -946,7 +986,7 @@ class SparseLoCo(OuterOptimizer):
         tensors = {}
         pg_sq = 0.0
         for name, p, _ in params:
-            delta = sharded.full(self._own_delta(p))
+            delta = self._delta(name, p, deltas)
             pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
             if name in owner:
                 check_finite(name, delta)  # on every rank: they all hold the same Δ
@@ -955,6 +995,15 @@ class SparseLoCo(OuterOptimizer):
                 tensors[name] = encode_tensor(name, delta, self._scratch(p), codec)
             del delta
         return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
+
+    def _delta(
+        self, name: str, p: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Δ of ``p`` in float32 on its device: the one kept in ``deltas``, else computed
+        (all-gathered whole for a DTensor)."""
+        if deltas is not None:
+            return deltas[name].to(p.device)
+        return sharded.full(self._own_delta(p))
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
         """A copy of ``p``'s error buffer (zeros before the first round) on ``p``'s device."""
@@ -981,7 +1030,12 @@ class SparseLoCo(OuterOptimizer):
             raise UpdateError(f"encoding failed on its owner rank {owner}", tensor=name)
         return got
 
-    def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
+    def _commit_own(
+        self,
+        params: list[NamedParam],
+        own: Payload,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """e ← β·e + Δ − D(sent) per tensor, with D(sent) the decoding of the message that was
         published (:func:`~sparseloco.codec.commit_tensor`, the receivers' decode).
 
@@ -1004,7 +1058,8 @@ class SparseLoCo(OuterOptimizer):
                 continue
             error = self._error_buffer(p)
             work = error.to(p.device, non_blocking=True) if self.offload else error
-            commit_tensor(name, self._own_delta(p), work, own.tensors[name], codec)
+            delta = self._own_delta(p) if deltas is None else deltas[name].to(p.device)
+            commit_tensor(name, delta, work, own.tensors[name], codec)
             if work is not error:
                 error.copy_(work)
 
@@ -1076,15 +1131,20 @@ class DiLoCo(OuterOptimizer):
             overlap=overlap,
         )
 
-    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
-        deltas = {
-            name: sharded.full(self._origin(p).to(p.device) - p).to(self._wire)
-            for name, p, _ in params
-        }
+    def _encode(
+        self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Payload, float]:
+        if deltas is None:  # in the parameters' dtype, then the wire's
+            wire = {
+                name: sharded.full(self._origin(p).to(p.device) - p).to(self._wire)
+                for name, p, _ in params
+            }
+        else:  # an overlapped round's float32 Δ
+            wire = {name: deltas[name].to(self._wire) for name, _, _ in params}
         norm_sq = sum(
-            float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
+            float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in wire.values()
         )
-        return DenseUpdate(tensors=deltas), norm_sq**0.5
+        return DenseUpdate(tensors=wire), norm_sq**0.5
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device
@@ -1148,7 +1208,10 @@ class DataParallel(OuterOptimizer):
             grads = [(name, p.grad) for name, p, _ in params]
             _check_all_finite(grads, sharded.mesh_group(params))  # type: ignore[arg-type]
 
-    def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
+    def _encode(
+        self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[Payload, float]:
+        del deltas  # gradient averaging publishes gradients, not progress
         # a copy: the payload must stay unchanged after publishing while .grad is overwritten
         grads = {name: sharded.full(p.grad).to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
         if self.nonfinite == "propagate" and not all(_finite(g) for g in grads.values()):

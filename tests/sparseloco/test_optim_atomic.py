@@ -284,8 +284,9 @@ def _overlapped_setup(method, others=("b",), fail=(), corrupt=None, poison=None)
 
 
 def _overlapped_snapshot(model, outer):
-    snap = _snapshot(model, outer)  # θ, θ₀, s, error and momentum buffers, window
+    # state_dict() first: it waits until the round in flight has committed the error buffers
     flight = outer.state_dict()["outer"].get("in_flight")
+    snap = _snapshot(model, outer)  # θ, θ₀, s, error and momentum buffers, window
     snap["in_flight"] = None if flight is None else flight["window"]
     if flight is not None:
         snap["in_flight_payload"] = dump_safetensors(flight["tensors"], flight["meta"])
@@ -418,6 +419,7 @@ def test_commit_leaves_the_error_buffers_the_encoder_made(preset, options):
             expected[name] = work
         expected_messages.append(CompressedUpdate(codec=codec, tensors=tensors))
         outer.step()
+        outer.state_dict()  # an overlapped round commits the buffers in the background
         for name, p in named.items():
             got = outer.state[p]["error"]
             assert got.dtype == expected[name].dtype and got.device == expected[name].device
@@ -457,6 +459,7 @@ def test_nondeterministic_encoder_commits_what_was_published(monkeypatch, method
 
     _perturb(model, outer, 11)
     named = dict(model.named_parameters())
+    outer.state_dict()  # window 0's error buffers are committed (in the background if overlapped)
     before = {n: outer.state[p]["error"].clone() for n, p in named.items()}
     deltas = {n: _delta(outer, p) for n, p in named.items()}
     report = outer.step()  # no UpdateError after publishing

@@ -236,9 +236,10 @@ def test_error_feedback_under_the_delay_sees_each_window_once():
         _perturb(model, 10 + w)
         delta = {n: outer.state[p]["start"] - p.detach() for n, p in named.items()}
         expected.append(encode(delta, ef))
-        outer.step()
-        for n, p in named.items():
-            assert torch.equal(outer.state[p]["error"], ef.buffers[n])
+        outer.step()  # the round encodes and commits the buffers in the background
+        state = outer.state_dict()["state"]  # ... which state_dict() waits for
+        for i, n in enumerate(named):
+            assert torch.equal(state[i]["error"], ef.buffers[n])
     outer.finish()  # the last publish is done
     assert [w for w, _ in sorted(ex.published, key=lambda x: x[0])] == [0, 1, 2, 3]
     for (_, sent), exp in zip(sorted(ex.published, key=lambda x: x[0]), expected, strict=True):
