@@ -866,6 +866,9 @@ class OuterOptimizer(Optimizer):
                             f"expected {tuple(current.shape)}"
                         )
                     plan.append((p, key, value))
+        current_flight = self._inflight
+        if current_flight is not None and current_flight.future is not None:
+            current_flight.encoded.wait()  # its thread may still be committing error buffers
         for saved, group in zip(groups, self.param_groups, strict=True):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):

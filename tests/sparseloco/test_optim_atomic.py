@@ -358,6 +358,44 @@ def test_background_publish_failure_is_raised_and_the_retry_publishes_again():
     assert [w for w, _ in ex.published] == [0, 1, 2]
 
 
+def _window_2(model, outer, monkeypatch=None):
+    """Finish the set-up's window 1, then train and step window 2 (its encode failing in
+    the background when ``monkeypatch`` is given)."""
+    outer.finish()
+    if monkeypatch is not None:
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("out of memory (injected)")
+
+        monkeypatch.setattr(sparseloco.optim, "encode_tensor", failing)
+    _perturb(model, outer, 13)
+    outer.step()
+
+
+def test_failed_background_encode_is_kept_as_progress_and_encoded_again(monkeypatch):
+    """A window whose encode failed in the background is saved as its Δ; the retry (here,
+    and in a peer restarted from that state) encodes it with the same error buffers and
+    publishes what a clean run publishes."""
+    model, outer, ex = _overlapped_setup("sparseloco")
+    _window_2(model, outer, monkeypatch)
+    saved = outer.state_dict()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    assert saved["outer"]["in_flight"]["window"] == 2 and "deltas" in saved["outer"]["in_flight"]
+    with pytest.raises(BackgroundRoundError, match="injected") as info:
+        outer.finish()
+    assert (info.value.window, info.value.phase) == (2, "encode")
+    monkeypatch.undo()
+    clean_model, clean, clean_ex = _overlapped_setup("sparseloco")
+    _window_2(clean_model, clean)
+    expected = _published(clean, clean_ex, 2)
+    restarted_model, restarted, restarted_ex = _overlapped_setup("sparseloco")
+    restarted_model.load_state_dict(params)
+    restarted.load_state_dict(saved)
+    for m, o, e in ((model, outer, ex), (restarted_model, restarted, restarted_ex)):
+        assert _published(o, e, 2) == expected  # encoded at the boundary this time
+        _assert_identical(_overlapped_snapshot(m, o), _overlapped_snapshot(clean_model, clean))
+
+
 @pytest.mark.parametrize("method", sorted(OVERLAPPED))
 def test_failing_finish_changes_nothing_and_retry_is_clean(method):
     model, outer, ex = _overlapped_setup(method, fail=[1])
