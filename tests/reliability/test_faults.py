@@ -47,16 +47,27 @@ def test_positions_come_from_storage_checkpoints_and_the_chain(tmp_path, faultli
     assert miner.position() == (0, "published") and miner.reached(0, "train")
     mine = CheckpointStore(LocalStorage(tmp_path / "nodes" / "peer-0"), "checkpoints")
     mine.save(1, {"w": torch.zeros(1)})
+    assert miner.position() == (0, "published")  # done once the window is logged too
+    _log(tmp_path, "peer-0", {"window": 0, "train_loss": 3.0})
     assert miner.position() == (0, "done") and not miner.reached(1, "train")
     clock.window = 1  # window 0 closed: the validator is scoring it
     assert validator.position() == (0, "scoring")
     CheckpointStore(validator.storage, "checkpoints").save(1, {"w": torch.zeros(1)})
+    clock.window = 0
+    assert validator.position() == (0, "scoring")
+    _log(tmp_path, "validator", {"window": 0, "statuses": {}})
     assert validator.position() == (0, "done") and not validator.reached(1, "scoring")
     assert miner.recovered({"window": 2, "train_loss": 3.0, "out_of_sync": None})
     assert not miner.recovered({"window": 2, "replayed": True, "aggregated": []})
     assert not miner.recovered({"window": 2, "train_loss": 3.0, "out_of_sync": "differs"})
     assert validator.recovered({"window": 2, "statuses": {}})
     assert not validator.recovered({"event": "start", "next_window": 2})
+
+
+def _log(out, node, event):
+    (out / "nodes" / node).mkdir(parents=True, exist_ok=True)
+    with (out / "nodes" / node / "history.jsonl").open("a") as f:
+        f.write(json.dumps(event) + "\n")
 
 
 def test_kill_plan_is_seeded_and_within_the_run(tmp_path, faultlib):
