@@ -295,8 +295,11 @@ def _storage_figures(r: dict[str, Any]) -> str:
     audit = r["audit"]
     return (
         f"; {r['faults_injected']} storage faults injected, {r['updates_lost']} published "
-        f"updates not aggregated, {len(audit['sets_not_reproduced'])} of "
-        f"{audit['sets_checked']} published sets not reproduced from the stored updates"
+        f"updates not aggregated, corrupt payloads accepted: "
+        f"{len(audit['sets_not_reproduced']) + r['models_differed']} "
+        f"({audit['sets_checked'] - len(audit['sets_not_reproduced'])} of "
+        f"{audit['sets_checked']} published sets reproduced from the stored bytes, "
+        f"{r['models_differed']} miner models differing from the validator's)"
     )
 
 

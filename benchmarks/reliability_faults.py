@@ -253,11 +253,12 @@ def kill_plan(sc: FaultScenario, specs: list[NodeSpec]) -> list[KillPoint]:
     delay of up to 0.3 s into it.
 
     Random windows stop two before the last, so a killed node has a window left to recover
-    in.
+    in. The plan depends on the seed and the run's shape only, so scenarios that differ in
+    downtime or storage faults kill the same nodes at the same points.
     """
     if sc.points:
         return list(sc.points)
-    rng = random.Random(f"kills/{sc.seed}/{sc.name}")
+    rng = random.Random(f"kills/{sc.seed}")
     plan = []
     for _ in range(sc.kills):
         spec = rng.choice(specs)
@@ -643,6 +644,7 @@ class Figures:
         replays = [e for m in self.miners for e in self.histories[m] if e.get("replayed")]
         return {
             "out_of_sync": problems,
+            "models_differed": sum("model differs" in str(p["problem"]) for p in problems),
             "resyncs_failed": sum("re-sync failed" in str(p["problem"]) for p in problems),
             "replays": len(replays),
             "replays_in_sync": sum(e.get("out_of_sync") is None for e in replays),
