@@ -422,6 +422,7 @@ class Supervisor:
             for hotkey in self.watch:  # also after the last exit: recovery in the last window
                 self._watch_recovery(hotkey)
             if not self.down and all(p.exitcode == 0 for p in self.nodes.procs.values()):
+                self._skip_the_rest()
                 return
             if self.elapsed() > SCENARIO_TIMEOUT_S:
                 raise TimeoutError(f"{self.sc.name}: not done in {SCENARIO_TIMEOUT_S:.0f} s")
@@ -429,6 +430,13 @@ class Supervisor:
             for hotkey in self.watch:
                 stepping |= self._maybe_kill(hotkey)
             time.sleep(STEP_S if stepping else self.poll_s)
+
+    def _skip_the_rest(self) -> None:
+        """Kills still planned when the run ends (their node never got back to work)."""
+        for queue in self.queue.values():
+            reason = "the run ended before the node was back at work"
+            self.skipped += [{**asdict(k.target), "reason": reason} for k in queue]
+            queue.clear()
 
     @contextmanager
     def _stopped(self, hotkey: str) -> Iterator[None]:
