@@ -17,7 +17,9 @@ Sections (all by default; ``--only`` picks some and merges them into the existin
 * ``faults``: the real roles (``sparseloco miner|validator``), one process per node on a
   local SQLite chain and local-folder storage (``benchmarks/reliability_faults.py``): an
   uninterrupted reference, a run whose nodes are SIGKILLed at random points and restarted at
-  once from their state folders, and the same with each killed node down for 1.5 windows.
+  once from their state folders, the same with each killed node down for 1.5 windows, and
+  the same kills restarted at once with the nodes' storage on a loopback S3 server behind a
+  fault proxy that breaks ``--storage-faults`` (default 20 %) of their storage requests.
 
     python benchmarks/reliability.py                      # everything, full sizes
     python benchmarks/reliability.py --quick              # small sizes, a few minutes
@@ -196,6 +198,12 @@ def run_faults(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         "outage": FaultScenario(
             name="sigkill+outage", kills=args.kills, down_s=1.5 * args.fault_window_s, **common
         ),
+        "storage": FaultScenario(
+            name="storage faults+sigkill",
+            kills=args.kills,
+            storage_faults=args.storage_faults,
+            **common,
+        ),
     }
     results = {}
     for key, sc in runs.items():
@@ -203,7 +211,7 @@ def run_faults(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         shutil.rmtree(out_dir / key, ignore_errors=True)  # this section's own run folder
         results[key] = run_scenario(sc, out_dir / key)
     reference = {f["model_sha"] for f in results["reference"]["final"].values()}
-    for key in ("sigkill", "outage"):
+    for key in ("sigkill", "outage", "storage"):
         final = {f["model_sha"] for f in results[key]["final"].values()}
         # true when no kill changed what was trained: every killed node redid its window
         results[key]["same_model_as_reference"] = final == reference
@@ -254,7 +262,7 @@ def table(results: dict[str, Any]) -> list[tuple[str, str]]:
             )
     ft = results.get("faults")
     if ft:
-        for key in ("reference", "sigkill", "outage"):
+        for key in ("reference", "sigkill", "outage", "storage"):
             r = ft.get(key)
             if r is not None:
                 rows.append((r["scenario"]["name"], _fault_figures(r)))
@@ -278,6 +286,20 @@ def _fault_figures(r: dict[str, Any]) -> str:
             if "same_model_as_reference" in r
             else ""
         )
+        + (_storage_figures(r) if r.get("storage") == "s3" else "")
+    )
+
+
+def _storage_figures(r: dict[str, Any]) -> str:
+    """The storage-fault part of a table cell: faults, updates lost, the audit."""
+    audit = r["audit"]
+    return (
+        f"; {r['faults_injected']} storage faults injected, {r['updates_lost']} published "
+        f"updates not aggregated, corrupt payloads accepted: "
+        f"{len(audit['sets_not_reproduced']) + r['models_differed']} "
+        f"({audit['sets_checked'] - len(audit['sets_not_reproduced'])} of "
+        f"{audit['sets_checked']} published sets reproduced from the stored bytes, "
+        f"{r['models_differed']} miner models differing from the validator's)"
     )
 
 
@@ -307,6 +329,9 @@ def main() -> None:
     ap.add_argument("--fault-windows", type=int, default=8)
     ap.add_argument("--fault-window-s", type=float, default=4.0)
     ap.add_argument("--kills", type=int, default=6)
+    ap.add_argument(
+        "--storage-faults", type=float, default=0.2, help="share of storage requests broken"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
     args = ap.parse_args()

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import http.client
 import random
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from netcomm.errors import NetcommConfigError, TransientStorageError
@@ -145,6 +147,15 @@ class FaultyStorage:
         self.inner.delete(key)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client went away (a killed process, a reset keep-alive connection)
+        super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 that forwards to ``upstream`` and injects faults.
 
@@ -159,8 +170,7 @@ class FaultProxy:
         self.plan = plan
         self._upstream = (parts.hostname, parts.port)
         self._dice = _Dice(plan)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property

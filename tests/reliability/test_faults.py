@@ -9,12 +9,13 @@ killed (slow).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from netcomm import CheckpointStore, LocalStorage, update_key
+from netcomm import CheckpointStore, LocalStorage, StorageError, update_key
 from subnet.protocol import PROOFS, UPDATES
 from subnet.sim import SimConfig
 from subnet.sim.launch import START_BLOCK
@@ -47,10 +48,15 @@ def test_positions_come_from_storage_checkpoints_and_the_chain(tmp_path, faultli
     assert miner.position() == (0, "published") and miner.reached(0, "train")
     mine = CheckpointStore(LocalStorage(tmp_path / "nodes" / "peer-0"), "checkpoints")
     mine.save(1, {"w": torch.zeros(1)})
+    assert miner.position() == (0, "published")  # done once the window is logged too
+    _log(tmp_path, "peer-0", {"window": 0, "train_loss": 3.0})
     assert miner.position() == (0, "done") and not miner.reached(1, "train")
     clock.window = 1  # window 0 closed: the validator is scoring it
     assert validator.position() == (0, "scoring")
     CheckpointStore(validator.storage, "checkpoints").save(1, {"w": torch.zeros(1)})
+    clock.window = 0
+    assert validator.position() == (0, "scoring")
+    _log(tmp_path, "validator", {"window": 0, "statuses": {}})
     assert validator.position() == (0, "done") and not validator.reached(1, "scoring")
     assert miner.recovered({"window": 2, "train_loss": 3.0, "out_of_sync": None})
     assert not miner.recovered({"window": 2, "replayed": True, "aggregated": []})
@@ -59,11 +65,40 @@ def test_positions_come_from_storage_checkpoints_and_the_chain(tmp_path, faultli
     assert not validator.recovered({"event": "start", "next_window": 2})
 
 
+def test_nodes_store_through_the_fault_proxy_and_the_supervisor_reads_past_it(
+    tmp_path, faultlib
+):
+    sc = faultlib.FaultScenario("s3", peers=1, windows=2, storage_faults=1.0)
+    with faultlib.loopback_s3(faultlib.FaultPlan(drop=1.0, methods=_EVERY)) as s3:
+        specs = {s.hotkey: s for s in node_specs(faultlib.sim_config(sc, tmp_path, s3))}
+        cfg = specs["peer-0"].config.storage
+        assert cfg.kind == "s3" and cfg.endpoint_url == s3.proxy.url
+        through_proxy = open_own_storage(cfg, "peer-0", {"max_attempts": 1})
+        with pytest.raises(StorageError):
+            through_proxy.put(update_key(PROOFS, 0, "peer-0"), b"proof")
+        miner = faultlib.Observer(specs["peer-0"], _Clock(), s3)
+        miner.storage.put(update_key(PROOFS, 0, "peer-0"), b"proof")
+        assert miner.position() == (0, "train")
+        assert s3.proxy.injected["drop"] == 1
+
+
+_EVERY = frozenset({"GET", "HEAD", "PUT"})
+
+
+def _log(out, node, event):
+    (out / "nodes" / node).mkdir(parents=True, exist_ok=True)
+    with (out / "nodes" / node / "history.jsonl").open("a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
 def test_kill_plan_is_seeded_and_within_the_run(tmp_path, faultlib):
     sc = faultlib.FaultScenario("x", peers=3, windows=6, kills=8, seed=4)
     specs = node_specs(SimConfig(peers=3, windows=6, out=tmp_path))
     plan = faultlib.kill_plan(sc, specs)
     assert plan == faultlib.kill_plan(sc, specs) and len(plan) == 8
+    # scenarios that differ in downtime or storage faults kill at the same points
+    other = dataclasses.replace(sc, name="z", storage_faults=0.2)
+    assert faultlib.kill_plan(other, specs) == plan
     assert [k.window for k in plan] == sorted(k.window for k in plan)
     roles = {s.hotkey: s.config.role for s in specs}
     for k in plan:
