@@ -53,7 +53,8 @@ ROTATIONS = (("free-rider", "noise"), ("copier", "stale"), ("wrong-data", "poiso
 
 def default_limits_bomb(mb: int) -> dict[str, Any]:
     """One signed ~KB object whose header honestly declares ``mb`` MiB: what a reader with
-    the default ``EnvelopeLimits`` (4 GiB decompressed) allocates before rejecting it."""
+    the default ``EnvelopeLimits`` (4 GiB decompressed, tightened to one dense copy of the
+    model whose shapes it expects) allocates before rejecting it."""
     import resource
 
     import zstandard

@@ -762,6 +762,9 @@ def audit_published_states(
         updates = exchange.gather(w, peers=chosen.peers).updates
         SparseLoCo(model.named_parameters(), exchange, protocol.outer).apply(updates)
         checked += 1
-        if sorted(updates) != chosen.peers or state_digest(model) != chosen.state:
+        if (
+            sorted(updates) != chosen.peers
+            or state_digest(model.named_parameters()) != chosen.state
+        ):
             differ.append(w)
     return {"sets_checked": checked, "sets_not_reproduced": differ}

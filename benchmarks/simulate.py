@@ -4,11 +4,12 @@
 chain. The baseline is the thread simulation it replaced (every peer a thread of one
 process, GIL switch interval 0.5 ms), checked out from git at ``--thread-rev`` into a
 temporary worktree and run on the same machine in the same session, interleaved
-``--repeats`` times. The process version runs twice per repeat: as ``sparseloco simulate``
-runs by default (the local chain skips ahead when every node waits) and with
-``--real-time`` (every window lasts its wall-clock length, as on a real chain). All run as
-child processes of this script; memory is the thread version's peak RSS and the process
-version's peak summed PSS of its process tree.
+``--repeats`` times. The process version runs in each of :data:`VARIANTS` per repeat: as
+``sparseloco simulate`` runs by default (the local chain skips ahead when every node
+waits), with ``--real-time`` (every window lasts its wall-clock length, as on a real chain)
+and with overlapped rounds in the miners. All run as child processes of this script;
+memory is the thread version's peak RSS and the process version's peak summed PSS of its
+process tree.
 
     python benchmarks/simulate.py                  # default run (4 peers, 12 windows), 2 repeats
     python benchmarks/simulate.py --thread-rev ''  # processes only
@@ -93,6 +94,14 @@ def _row(label: str, runs: list[dict], base: float | None) -> dict:
     }
 
 
+#: the process runs of each repeat: label and extra ``sparseloco simulate`` arguments.
+VARIANTS = {
+    "processes": [],
+    "processes, --real-time": ["--real-time"],
+    "processes, --overlap --apply-after 5": ["--overlap", "--apply-after", "5"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", type=int, default=4)
@@ -100,17 +109,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--thread-rev", default=THREAD_REV, help="'' to skip the thread baseline")
     ap.add_argument(
-        "--no-real-time",
-        dest="real_time",
-        action="store_false",
-        help="skip the wall-clock (--real-time) process runs",
+        "--only",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="process variants to run (default: all)",
     )
     args = ap.parse_args()
-    runs: dict[str, list[dict]] = {
-        "threads (old)": [],
-        "processes": [],
-        "processes, --real-time": [],
-    }
+    runs: dict[str, list[dict]] = {"threads (old)": [], **{v: [] for v in args.only}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tree = _thread_tree(args.thread_rev, tmp) if args.thread_rev else None
@@ -118,11 +124,9 @@ def main() -> None:
             for rep in range(args.repeats):
                 if tree is not None:
                     runs["threads (old)"].append(_run_threads(tree, tmp / f"t{rep}", args))
-                runs["processes"].append(_run_processes(tmp / f"p{rep}", args))
-                if args.real_time:
-                    runs["processes, --real-time"].append(
-                        _run_processes(tmp / f"r{rep}", args, "--real-time")
-                    )
+                for i, label in enumerate(args.only):
+                    out = tmp / f"p{rep}-{i}"
+                    runs[label].append(_run_processes(out, args, *VARIANTS[label]))
                 print(
                     " | ".join(f"{k}: {v[-1]['wall']:.1f} s" for k, v in runs.items() if v),
                     flush=True,
@@ -136,9 +140,7 @@ def main() -> None:
     base = statistics.median(r["wall"] for r in runs["threads (old)"]) if tree else None
     rows = [_row(label, r, base) for label, r in runs.items() if r]
     print_table(rows, list(rows[0]))
-    path = write_json(
-        "simulate", {"args": vars(args), "rows": rows, "environment": environment()}
-    )
+    path = write_json("simulate", {"args": vars(args), "rows": rows, "environment": environment()})
     print(f"wrote {path}")
 
 

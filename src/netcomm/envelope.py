@@ -150,12 +150,17 @@ class EnvelopeLimits:
         headers per tensor keeps a hostile length field from making a reader allocate more
         than one dense copy of the model.
         """
-        n_params = sum(math.prod(shape) for _, shape, _ in spec.entries)
-        body = 4 * n_params + 4096 * (len(spec.entries) + 1)
+        return cls.for_shapes({name: shape for name, shape, _ in spec.entries})
+
+    @classmethod
+    def for_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> EnvelopeLimits:
+        """:meth:`for_model` from the tensors' shapes alone."""
+        n_params = sum(math.prod(shape) for shape in shapes.values())
+        body = 4 * n_params + 4096 * (len(shapes) + 1)
         return cls(
             max_object_bytes=body + (1 << 16),
             max_decompressed_bytes=body,
-            max_tensors=4 * len(spec.entries) + 8,
+            max_tensors=4 * len(shapes) + 8,
         )
 
     def tighten(self, other: EnvelopeLimits) -> EnvelopeLimits:
@@ -395,8 +400,9 @@ def open_envelope(
             corresponding check. A window other than ``window`` is rejected as ``replay``.
         kind: the update kind the channel carries; a ``codec`` implies ``"sparse"``, so a
             dense update cannot bypass the codec check on a sparse channel.
-        limits: size caps (defaults of :class:`EnvelopeLimits`; a gatherer passes
-            :meth:`EnvelopeLimits.for_model`, as :class:`~netcomm.exchange.StorageExchange` does).
+        limits: size caps (defaults of :class:`EnvelopeLimits`), always tightened to
+            :meth:`EnvelopeLimits.for_shapes` when ``shapes`` is given, so no envelope of
+            that model can make the reader hold more than one dense float32 copy of it.
 
     Memory: besides ``blob``, the reader holds at most the decompressed body, which is
     never more than the bytes the frame really yields, capped at ``max_decompressed_bytes``
@@ -405,6 +411,8 @@ def open_envelope(
     """
     kind = _channel_kind(kind, codec)
     limits = limits or EnvelopeLimits()
+    if shapes is not None:
+        limits = limits.tighten(EnvelopeLimits.for_shapes(shapes))
     view = memoryview(blob)
     header, header_len = read_header(view, limits)
     if header["publisher"] != expected_peer:

@@ -51,8 +51,7 @@ def stdlib_corpus(max_bytes: int = 8_000_000) -> np.ndarray:
     """Bytes of the standard library's Python sources (sorted paths), at most ``max_bytes``."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks, total = [], 0
-    skipped = any(part in _SKIPPED for part in root.parts)
-    for path in () if skipped else _sorted_sources(str(root)):
+    for path in _sorted_sources(str(root)):
         try:
             data = path.read_bytes()
         except OSError:

@@ -23,8 +23,11 @@ State per parameter (bytes per parameter of a model stored in ``dtype_bytes`` by
 
 During a round (released when it ends): every tensor's float32 aggregate (4 bytes per
 parameter, in CPU memory with ``offload=True``), the payloads, and one tensor's scratch copy
-of its error buffer. Rounds are atomic: everything that can fail runs before the commit
-(error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
+of its error buffer. Blocking rounds are atomic: everything that can fail runs before the
+commit (error buffers, θ, θ₀, momentum, window), so a failed ``step()`` changes nothing.
+Overlapped boundaries are atomic in θ, θ₀, s, momentum and window; their background round
+commits the error buffers once its message exists and before its upload, and a retry after
+a failure finishes exactly what is left (the same message, each buffer committed once).
 
 Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` keeps window k's
 progress Δ_k, applies window k−1's aggregate g_{k−1} (encoded with error feedback,
@@ -201,9 +204,11 @@ class _PhaseFailed(Exception):
 class _InFlight:
     """The window whose round an overlapped optimizer started and has not applied yet.
 
-    Until the round has encoded it, the window holds its own progress ``deltas`` (Δ in
-    float32, by name) and no ``own`` payload; encoding (with the error-feedback commit)
-    replaces the first by the second and sets ``encoded``, also when it fails.
+    It starts with its own progress ``deltas`` (Δ in float32, by name) and no ``own``
+    payload. The round encodes ``own`` (``norm``: ‖Δ‖), then commits the error buffers
+    tensor by tensor, naming each in ``committed``, and drops ``deltas`` once all are: a
+    retry after a failure encodes nothing twice and commits only the rest. ``encoded`` is
+    set when that part ends (also by failing), ``published`` when the publish does.
     ``future`` is its background round (``None`` after ``load_state_dict``, or once its
     failure was raised: the next boundary then runs it in the foreground).
     """
@@ -213,7 +218,9 @@ class _InFlight:
     future: Future[_Round] | None
     deltas: dict[str, torch.Tensor] | None = None
     norm: float = 0.0
+    committed: set[str] = field(default_factory=set)
     encoded: threading.Event = field(default_factory=threading.Event)
+    published: threading.Event = field(default_factory=threading.Event)
 
 
 class OuterOptimizer(Optimizer):
@@ -233,7 +240,7 @@ class OuterOptimizer(Optimizer):
     ``momentum`` and ``nesterov`` are then unused.
 
     ``overlap=True`` overlaps each round's communication with the next window's inner steps
-    (see the module docstring for the update rule): ``step()`` encodes, applies the previous
+    (see the module docstring for the update rule): ``step()`` keeps Δ, applies the previous
     window's aggregate and returns while this window's publish, gather and aggregation run
     on a background thread; :meth:`finish` applies the last one. It needs an exchange whose
     ``publish`` and ``gather`` may run on another thread beside training (not
@@ -385,6 +392,16 @@ class OuterOptimizer(Optimizer):
         """The window published and not yet applied (overlapped rounds), else ``None``."""
         return None if self._inflight is None else self._inflight.window
 
+    def wait_published(self, timeout: float | None = None) -> bool:
+        """Overlapped rounds: block until the window in flight has been published (or its
+        background round failed trying); ``True`` unless ``timeout`` seconds passed first.
+        A peer that waits for the next window calls it first: its work on this one is
+        done only when the upload is."""
+        flight = self._inflight
+        if flight is None or flight.future is None:
+            return True
+        return flight.published.wait(timeout)
+
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         """Where long-lived state lives: with the parameter, or pinned CPU when offloading."""
         if not self.offload:
@@ -422,9 +439,11 @@ class OuterOptimizer(Optimizer):
         params: list[NamedParam],
         own: Payload,
         deltas: Mapping[str, torch.Tensor] | None = None,
+        committed: set[str] | None = None,
     ) -> None:
-        """Update the state that depends on what this peer sent (SparseLoCo's error buffers)."""
-        del params, own, deltas
+        """Update the state that depends on what this peer sent (SparseLoCo's error buffers);
+        with ``committed``, skip the tensors named there and name each one done."""
+        del params, own, deltas, committed
 
     def _apply(self, p: torch.Tensor, group: dict[str, Any], agg: torch.Tensor) -> None:
         self._outer_update(p, group, agg)
@@ -587,11 +606,12 @@ class OuterOptimizer(Optimizer):
         """Encode the in-flight window's Δ with error feedback and commit the error buffers
         (only the round's thread touches them until it is collected)."""
         try:
+            if flight.deltas is None:
+                return  # encoded and committed before
             if flight.own is None:
-                assert flight.deltas is not None
-                own, flight.norm = self._encode(params, flight.deltas)
-                self._commit_own(params, own, flight.deltas)
-                flight.own, flight.deltas = own, None
+                flight.own, flight.norm = self._encode(params, flight.deltas)
+            self._commit_own(params, flight.own, flight.deltas, flight.committed)
+            flight.deltas = None
         finally:
             flight.encoded.set()
 
@@ -605,8 +625,11 @@ class OuterOptimizer(Optimizer):
                 self._encode_flight(flight, params)
             assert flight.own is not None
             phase = "publish"
-            with timer("publish"):
-                sent = self.exchange.publish(flight.window, flight.own)
+            try:
+                with timer("publish"):
+                    sent = self.exchange.publish(flight.window, flight.own)
+            finally:
+                flight.published.set()
             phase = "gather"
             with timer("gather"):
                 gathered = self.exchange.gather(flight.window)
@@ -797,30 +820,37 @@ class OuterOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus ``"outer"``: window, method, the outer
-        optimizer's state and, when overlapping, the in-flight round (its window and this
-        peer's payload as flat tensors): after :meth:`load_state_dict` the next boundary
-        publishes that payload again (the same bytes), gathers and aggregates it.
+        optimizer's state and, when overlapping, the in-flight round (its window, this
+        peer's payload as flat tensors once encoded, and the Δ of every tensor whose error
+        buffer its round has not committed yet): after :meth:`load_state_dict` the next
+        boundary finishes that round (the same bytes), gathers and aggregates it. With a
+        round in flight in the background it first waits for the round's encode.
         """
+        flight = self._inflight
+        if flight is not None and flight.future is not None:
+            flight.encoded.wait()  # the error buffers are final once its round has encoded
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
         if self.outer_optimizer is not None:
             sd["outer"]["outer_optimizer"] = self.outer_optimizer.state_dict()
         if self.overlap:
             sd["outer"]["overlap"] = True
-            if self._inflight is not None:
-                sd["outer"]["in_flight"] = self._flight_state(self._inflight)
+            if flight is not None:
+                sd["outer"]["in_flight"] = self._flight_state(flight)
         return sd
 
     @staticmethod
     def _flight_state(flight: _InFlight) -> dict[str, Any]:
-        """The in-flight window and its payload, or its Δ when encoding it failed."""
-        if flight.future is not None:
-            flight.encoded.wait()  # the error buffers are final once it has encoded
-        if flight.own is None:
-            assert flight.deltas is not None
-            return {"window": flight.window, "deltas": dict(flight.deltas)}
-        tensors, meta = flight.own.to_tensors()
-        return {"window": flight.window, "tensors": tensors, "meta": dict(meta)}
+        """The in-flight window, its payload once encoded, and its Δ of the tensors whose
+        error buffers are not committed yet (all of them before the encode)."""
+        out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
+        if flight.own is not None:
+            tensors, meta = flight.own.to_tensors()
+            out.update(tensors=tensors, meta=dict(meta))
+        if flight.deltas is not None:
+            out["deltas"] = {n: d for n, d in flight.deltas.items() if n not in flight.committed}
+            out["committed"] = sorted(flight.committed)
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore groups' hyperparameters and every state tensor in place.
@@ -829,6 +859,12 @@ class OuterOptimizer(Optimizer):
         device (a float32 error buffer of a bfloat16 model stays float32; offloaded state
         stays on the CPU). Shapes are checked; nothing changes if any check fails.
         """
+        running = self._inflight is not None and self._inflight.future is not None
+        if running and not self._inflight.future.done():  # type: ignore[union-attr]
+            raise ConfigError(
+                f"window {self.in_flight}'s round is still running in the background; call "
+                "finish() (or wait for it) before load_state_dict()"
+            )
         outer = state_dict.get("outer", {})
         if outer.get("method") != self.method:
             raise ConfigError(
@@ -866,9 +902,6 @@ class OuterOptimizer(Optimizer):
                             f"expected {tuple(current.shape)}"
                         )
                     plan.append((p, key, value))
-        current_flight = self._inflight
-        if current_flight is not None and current_flight.future is not None:
-            current_flight.encoded.wait()  # its thread may still be committing error buffers
         for saved, group in zip(groups, self.param_groups, strict=True):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
@@ -889,16 +922,27 @@ class OuterOptimizer(Optimizer):
         if saved is None:
             return None
         shapes = self._shapes(self._round_params())
-        if "deltas" in saved:  # its round had not encoded it
+        own = None
+        if "tensors" in saved:
+            own = payload_from_tensors(saved["tensors"], saved["meta"])
+            self._check(own, shapes)
+            validate_payload(own)
+        flight = _InFlight(int(saved["window"]), own, None, norm=float(saved.get("norm", 0.0)))
+        if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
+            committed = set(saved.get("committed", ()))
             deltas = saved["deltas"]
-            if {n: tuple(d.shape) for n, d in deltas.items()} != shapes:
+            expected = {n: shape for n, shape in shapes.items() if n not in committed}
+            if {n: tuple(d.shape) for n, d in deltas.items()} != expected or (
+                own is None and committed
+            ):
                 raise ConfigError("state_dict's in-flight progress does not fit this model")
-            stored = {n: self._store(d.to(torch.float32, copy=True)) for n, d in deltas.items()}
-            return _InFlight(int(saved["window"]), None, None, stored)
-        own = payload_from_tensors(saved["tensors"], saved["meta"])
-        self._check(own, shapes)
-        validate_payload(own)
-        return _InFlight(int(saved["window"]), own, None)
+            flight.deltas = {
+                n: self._store(d.to(torch.float32, copy=True)) for n, d in deltas.items()
+            }
+            flight.committed = committed
+        elif own is None:
+            raise ConfigError("state_dict's in-flight round has neither payload nor progress")
+        return flight
 
 
 class SparseLoCo(OuterOptimizer):
@@ -918,9 +962,10 @@ class SparseLoCo(OuterOptimizer):
             ``codec={"topk": 128}``.
 
     ``step()`` runs one round (see the module docstring) and returns a :class:`RoundReport`.
-    It is atomic: a round that raises (NaN/Inf in θ, the exchange, out of memory while
-    aggregating) leaves θ, θ₀, the error and momentum buffers and the window bit-identical,
-    and a retry publishes the same bytes again.
+    A blocking round is atomic: one that raises (NaN/Inf in θ, the exchange, out of memory
+    while aggregating) leaves θ, θ₀, the error and momentum buffers and the window
+    bit-identical, and a retry publishes the same bytes again (overlapped rounds: see the
+    module docstring).
     """
 
     method = "sparseloco"
@@ -1038,6 +1083,7 @@ class SparseLoCo(OuterOptimizer):
         params: list[NamedParam],
         own: Payload,
         deltas: Mapping[str, torch.Tensor] | None = None,
+        committed: set[str] | None = None,
     ) -> None:
         """e ← β·e + Δ − D(sent) per tensor, with D(sent) the decoding of the message that was
         published (:func:`~sparseloco.codec.commit_tensor`, the receivers' decode).
@@ -1055,6 +1101,8 @@ class SparseLoCo(OuterOptimizer):
         codec = self.config.codec
         assert isinstance(own, CompressedUpdate)
         for name, p, _ in params:
+            if committed is not None and name in committed:
+                continue
             if sharded.is_sharded(p):
                 if name in self._pending:
                     self.state[p]["error"] = self._pending.pop(name)
@@ -1065,6 +1113,8 @@ class SparseLoCo(OuterOptimizer):
             commit_tensor(name, delta, work, own.tensors[name], codec)
             if work is not error:
                 error.copy_(work)
+            if committed is not None:
+                committed.add(name)
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device

@@ -48,15 +48,17 @@ class WindowClock:
         """The first block of ``window``."""
         return self.config.start_block + window * self.config.blocks_per_window
 
-    def wait_for(self, window: int) -> int:
+    def wait_for(self, window: int, *, idle: bool = True) -> int:
         """Block until the current window is at least ``window``; returns the current one.
 
         On the local chain the wait is announced (:meth:`gauntlet.SqliteChain.idle_until`),
-        so a run that skips idle time moves on as soon as every node waits."""
+        so a run that skips idle time moves on as soon as every node waits. Only a node
+        with nothing else to do for the windows before may announce it: a thread that
+        waits beside the node's work passes ``idle=False``."""
         now = self.window()
         if now >= window:
             return now
-        local = self.chain if isinstance(self.chain, SqliteChain) else None
+        local = self.chain if idle and isinstance(self.chain, SqliteChain) else None
         if local is not None:
             local.idle_until(self.first_block(window))
         try:

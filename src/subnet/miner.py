@@ -45,6 +45,7 @@ from netcomm import (
     StorageExchange,
     window_updates,
 )
+from sparseloco.errors import BackgroundRoundError
 from sparseloco.exchange import GatherResult
 from sparseloco.optim import RoundReport, SparseLoCo
 from sparseloco.payload import Payload
@@ -130,8 +131,10 @@ class Miner(Node):
 
     # --- state -----------------------------------------------------------------------------
 
-    def _load_weights(self) -> int | None:
-        """Model weights from the own checkpoint, else the validator's; the next window."""
+    def _load_weights(self) -> int:
+        """Model weights from the own checkpoint, else the validator's, else the run's
+        initial ones (the global model of window 0: windows since then are replayed); the
+        next window."""
         if self.checkpoints.latest_step() is not None:
             ck = self.checkpoints.load()
             self.model.load_state_dict(ck.model)
@@ -141,10 +144,10 @@ class Miner(Node):
         self.directory.refresh()
         validator = self._validator()
         if validator is None:
-            return None
+            return 0
         store = CheckpointStore(self.directory.entry(validator).storage, "checkpoints")
         if store.latest_step() is None:
-            return None
+            return 0
         ck = store.load()
         self.model.load_state_dict(ck.model)
         log.info("%s: joined from %s's checkpoint of window %d", self.hotkey, validator, ck.step)
@@ -189,10 +192,11 @@ class Miner(Node):
         """
         if self.cfg.miner.aggregate == "all":
             return None
-        # The validator scores a window once it has closed. Overlapped rounds wait here on a
-        # background thread while the miner trains: they must not tell the chain it is idle.
-        if wait and not self.cfg.miner.overlap:
-            self.clock.wait_for(window + 1)
+        # The validator scores a window once it has closed, so the timeout counts from there.
+        # Overlapped rounds wait here on a background thread while the miner trains: they
+        # must not tell the chain the node is idle.
+        if wait:
+            self.clock.wait_for(window + 1, idle=not self.cfg.miner.overlap)
         deadline = time.monotonic() + (self.cfg.exchange.selection_timeout_s if wait else 0)
         while True:
             validator = self._validator()
@@ -232,6 +236,8 @@ class Miner(Node):
         if self.cfg.miner.aggregate == "all":
             return None, resume
         chosen = self.selections.pop(window, None)
+        for old in [w for w in self.selections if w < window]:  # a dropped round's set
+            del self.selections[old]
         if chosen is None:
             problem = "no aggregation set arrived"
         elif missing := sorted(set(chosen.peers) - set(aggregated)):
@@ -274,6 +280,7 @@ class Miner(Node):
         """The followed validator's model checkpoint ``step`` (or, with ``latest``, its newest
         once that is at least ``step``), waited for up to ``exchange.selection_timeout_s``
         while unpublished, pruned or half-written; ``None`` when it does not come."""
+        self.wait_for_window(step)  # checkpoint ``step`` comes once window step - 1 is scored
         deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
         while time.monotonic() < deadline:
             validator = self._validator()
@@ -395,6 +402,14 @@ class Miner(Node):
         log.info("%s: replayed window %d (%d updates)", self.hotkey, window, len(updates))
         return sorted(updates)
 
+    def wait_for_window(self, window: int) -> int:
+        """Wait for ``window`` on the clock (see :meth:`~subnet.clock.WindowClock.wait_for`);
+        with overlapped rounds, first for the upload of the window in flight: a node that
+        lets the chain know it is idle must have no work left for the window it waits out."""
+        if self.clock.window() < window:
+            self.outer.wait_published()
+        return self.clock.wait_for(window)
+
     def drain(self) -> None:
         """Overlapped rounds: apply the window still in flight (before replaying the
         windows after it, and at the end of a run, which then ends on the global model);
@@ -402,7 +417,7 @@ class Miner(Node):
         window = self.outer.in_flight
         if window is None:
             return
-        self.clock.wait_for(window + 1)  # its set exists only once the window has closed
+        self.wait_for_window(window + 1)  # its set exists only once the window has closed
         report = self.outer.finish()
         assert report is not None
         out_of_sync, next_window = self.check_sync(window, report.peers)
@@ -418,13 +433,13 @@ class Miner(Node):
 
     def catch_up(self, current: int) -> None:
         """Replay every window between the next one to run and ``current`` (exclusive)."""
-        if self.next_window is not None and self.next_window < current:
+        if self.next_window < current:
             self.directory.refresh()  # the validator and miners of the missed windows
             self.drain()  # a re-sync there may move next_window on
-        start = current if self.next_window is None else self.next_window
-        for window in range(start, current):
-            # Only the window that just closed may still be waiting for its selection.
-            self.replay(window, wait=window == current - 1)
+        for window in range(self.next_window, current):
+            # A set not published yet may still come (a validator behind the clock); one
+            # that has not come SKIPPED_AFTER windows on was skipped, and is not waited for.
+            self.replay(window, wait=True)
         self.next_window = current
 
     def run(self, until_window: int | None = None) -> None:
@@ -432,7 +447,7 @@ class Miner(Node):
         self.announce()
         try:
             while True:
-                window = self.clock.wait_for(self.next_window or 0)
+                window = self.wait_for_window(self.next_window)
                 if until_window is not None and window > until_window:
                     self.catch_up(until_window + 1)  # still end at the asked window
                     self.drain()
@@ -442,5 +457,9 @@ class Miner(Node):
                 if until_window is not None and window >= until_window:
                     self.drain()
                     return
-        except Stopped:
+        except (Stopped, BackgroundRoundError) as exc:
+            # A stop also ends an overlapped round waiting in the background, which the
+            # boundary reports as that round's failure.
+            if isinstance(exc, BackgroundRoundError) and not isinstance(exc.__cause__, Stopped):
+                raise
             log.info("%s: stopped", self.hotkey)

@@ -148,11 +148,12 @@ def selection_key(window: int) -> str:
 
 
 def state_digest(params: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 of named parameters (names, dtypes, shapes and bytes, names sorted; e.g.
-    ``outer.global_parameters()``): equal on two nodes exactly when those parameters are
-    bit-identical."""
+    """SHA-256 of named parameters (canonical names, dtypes, shapes and bytes, names sorted;
+    e.g. ``model.named_parameters()`` or ``outer.global_parameters()``): equal on two nodes
+    exactly when those parameters are bit-identical, whatever wraps their models."""
     h = hashlib.sha256()
-    for name, p in sorted(params, key=lambda item: item[0]):
+    named = ((canonical_name(n), p) for n, p in params)
+    for name, p in sorted(named, key=lambda item: item[0]):
         t = p.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -37,7 +37,7 @@ from gauntlet import (
     WindowInputs,
     WindowReport,
 )
-from netcomm import CheckpointStore, ModelSpec
+from netcomm import Checkpoint, CheckpointStore, ModelSpec, NetcommError
 from sparseloco.optim import SparseLoCo
 from subnet.base import Node
 from subnet.clock import Stopped
@@ -54,6 +54,9 @@ from subnet.state import prune_checkpoints
 from subnet.task import Task
 
 log = logging.getLogger("subnet.validator")
+
+#: reads of the own checkpoint at start-up before a damaged one ends the node.
+RESUME_ATTEMPTS = 5
 
 
 def _valid(report: WindowReport, peer: str) -> bool:
@@ -104,8 +107,8 @@ class Validator(Node):
         self.model = task.make_model()
         scoreboard = Scoreboard(self.protocol.gauntlet)
         self.next_window: int | None = None
-        if self.checkpoints.latest_step() is not None:
-            ck = self.checkpoints.load()
+        ck = self._own_checkpoint()
+        if ck is not None:
             self.model.load_state_dict(ck.model)
             scoreboard.load_state_dict(ck.meta["scoreboard"])
             self.next_window = ck.step
@@ -127,6 +130,23 @@ class Validator(Node):
         self.proofs = self._channel(PROOFS, self.protocol.proof_spec)
         n = cfg.validator.heldout_batches
         self.heldout = task.heldout(n) if task.heldout is not None and n else []
+
+    def _own_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint in the own storage (``None`` before the first), read again
+        up to :data:`RESUME_ATTEMPTS` times when a read comes back damaged: a restart must
+        not die of one faulty transfer."""
+        attempt = 1
+        while True:
+            try:
+                if self.checkpoints.latest_step() is None:
+                    return None
+                return self.checkpoints.load()
+            except NetcommError as exc:
+                if attempt == RESUME_ATTEMPTS:
+                    raise
+                log.warning("%s: own checkpoint not readable (%s); again", self.hotkey, exc)
+                self._wait(self.cfg.exchange.poll_interval_s * attempt)
+                attempt += 1
 
     @property
     def scoreboard(self) -> Scoreboard:

@@ -141,6 +141,9 @@ def test_idle_time_is_skipped_only_when_every_named_node_waits(tmp_path):
     assert net.block() == 30
     c.finished()
     assert net.block() == 30  # nobody waits for anything: nothing moves
+    net.skip_idle(["a", "b", "c"])  # a new run in the same file: every node starts over
+    a.idle_until(40)
+    assert net.block() == 30
 
 
 def test_resume_keeps_history_and_refuses_other_parameters(tmp_path):

@@ -177,7 +177,8 @@ def test_auto_compression_keeps_zstd_only_when_it_pays(model, spec, signer, kit)
         ({"window": 8}, "replay"),
         ({"fingerprint": "0" * 64}, "fingerprint"),
         ({"codec": CodecConfig(topk=32)}, "codec"),
-        ({"shapes": {"0.weight": (128, 64)}}, "shape"),
+        # a model with fewer parameters: the update is larger than any honest one of it
+        ({"shapes": {"0.weight": (128, 64)}}, "too_large"),
         ({"limits": EnvelopeLimits(max_object_bytes=100)}, "too_large"),
         ({"limits": EnvelopeLimits(max_decompressed_bytes=1000)}, "too_large"),
         ({"limits": EnvelopeLimits(max_tensors=3)}, "too_large"),
@@ -187,6 +188,13 @@ def test_auto_compression_keeps_zstd_only_when_it_pays(model, spec, signer, kit)
 def test_expectation_mismatch_reasons(model, spec, signer, kit, changes, reason):
     blob = seal(kit.sparse_update(model), signer, spec)
     assert reason_of(lambda: open_(blob, signer, spec, **changes)) == reason
+
+
+def test_same_size_other_shapes_are_a_shape_error(model, spec, signer, kit):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    name = next(n for n, shape in spec.shapes.items() if len(shape) == 2)
+    shapes = {**spec.shapes, name: tuple(reversed(spec.shapes[name]))}
+    assert reason_of(lambda: open_(blob, signer, spec, shapes=shapes)) == "shape"
 
 
 def test_wrong_shape_from_other_model(spec, signer, kit):

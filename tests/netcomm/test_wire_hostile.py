@@ -18,6 +18,7 @@ from gauntlet.decoding import InvalidUpdate, decode_update
 from netcomm import (
     Ed25519Signer,
     EnvelopeError,
+    EnvelopeLimits,
     ExchangeConfig,
     LocalStorage,
     PeerRecord,
@@ -237,6 +238,33 @@ def test_small_envelope_claiming_1_gib_allocates_little(spec, signer):
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+
+
+def test_default_limits_follow_the_expected_shapes(spec, signer):
+    """A real 32 MiB zstd bomb (honest sizes, a few KB signed) against the default limits:
+    with the model's shapes given, the reader stops at one dense copy of the model."""
+    raw_len = 32 << 20
+    frame = zstandard.ZstdCompressor(level=3).compress(bytes(raw_len))
+    header = header_for(spec, b"", frame, compression="zstd", raw_len=raw_len, tensors=4)
+    blob = sign(signer, header, frame, version=1)
+    cap = EnvelopeLimits.for_shapes(spec.shapes).max_decompressed_bytes
+    assert len(blob) < 64 << 10 and cap < 1 << 20
+    tracemalloc.start()
+    try:
+        got = reason(
+            lambda: open_envelope(
+                blob,
+                expected_peer="alice",
+                public_key=signer.public_key,
+                verifiers=default_verifiers(),
+                shapes=spec.shapes,
+            )
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got in ("too_large", "decompress"), got
+    assert peak < len(blob) + 4 * cap + (4 << 20), peak
 
 
 # -- gather: replays and no exceptions -----------------------------------------------------

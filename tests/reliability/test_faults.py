@@ -65,9 +65,7 @@ def test_positions_come_from_storage_checkpoints_and_the_chain(tmp_path, faultli
     assert not validator.recovered({"event": "start", "next_window": 2})
 
 
-def test_nodes_store_through_the_fault_proxy_and_the_supervisor_reads_past_it(
-    tmp_path, faultlib
-):
+def test_nodes_store_through_the_fault_proxy_and_the_supervisor_reads_past_it(tmp_path, faultlib):
     sc = faultlib.FaultScenario("s3", peers=1, windows=2, storage_faults=1.0)
     with faultlib.loopback_s3(faultlib.FaultPlan(drop=1.0, methods=_EVERY)) as s3:
         specs = {s.hotkey: s for s in node_specs(faultlib.sim_config(sc, tmp_path, s3))}

@@ -15,6 +15,7 @@ buffers bit for bit, and to keep committing when the encoder is not deterministi
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ import sparseloco.optim
 from sparseloco import (
     BackgroundRoundError,
     CompressedUpdate,
+    ConfigError,
     CorruptUpdateError,
     DataParallel,
     DenseUpdate,
@@ -358,29 +360,37 @@ def test_background_publish_failure_is_raised_and_the_retry_publishes_again():
     assert [w for w, _ in ex.published] == [0, 1, 2]
 
 
-def _window_2(model, outer, monkeypatch=None):
-    """Finish the set-up's window 1, then train and step window 2 (its encode failing in
-    the background when ``monkeypatch`` is given)."""
+def _window_2(model, outer, monkeypatch=None, failing="encode_tensor"):
+    """Finish the set-up's window 1, then train and step window 2 (with ``monkeypatch``,
+    ``failing`` raises on the second tensor it sees, in the background round)."""
     outer.finish()
     if monkeypatch is not None:
+        real, seen = getattr(sparseloco.optim, failing), []
 
-        def failing(*args, **kwargs):
-            raise RuntimeError("out of memory (injected)")
+        def fail_second(name, *args, **kwargs):
+            seen.append(name)
+            if len(seen) == 2:
+                raise RuntimeError("out of memory (injected)")
+            return real(name, *args, **kwargs)
 
-        monkeypatch.setattr(sparseloco.optim, "encode_tensor", failing)
+        monkeypatch.setattr(sparseloco.optim, failing, fail_second)
     _perturb(model, outer, 13)
     outer.step()
 
 
-def test_failed_background_encode_is_kept_as_progress_and_encoded_again(monkeypatch):
-    """A window whose encode failed in the background is saved as its Δ; the retry (here,
-    and in a peer restarted from that state) encodes it with the same error buffers and
-    publishes what a clean run publishes."""
+@pytest.mark.parametrize("failing", ["encode_tensor", "commit_tensor"])
+def test_failed_background_encode_or_commit_is_finished_exactly_once(monkeypatch, failing):
+    """A window whose encode (or error-buffer commit) failed in the background keeps its Δ
+    for what is not done; the retry (here, and in a peer restarted from that state)
+    encodes nothing twice, commits only the rest and publishes what a clean run does."""
     model, outer, ex = _overlapped_setup("sparseloco")
-    _window_2(model, outer, monkeypatch)
+    _window_2(model, outer, monkeypatch, failing)
     saved = outer.state_dict()
     params = {k: v.clone() for k, v in model.state_dict().items()}
-    assert saved["outer"]["in_flight"]["window"] == 2 and "deltas" in saved["outer"]["in_flight"]
+    flight = saved["outer"]["in_flight"]
+    done_before = 0 if failing == "encode_tensor" else 1  # the commit failed on the second
+    assert flight["window"] == 2 and len(flight["deltas"]) == len(NAMES) - done_before
+    assert ("tensors" in flight) == (failing == "commit_tensor")
     with pytest.raises(BackgroundRoundError, match="injected") as info:
         outer.finish()
     assert (info.value.window, info.value.phase) == (2, "encode")
@@ -389,11 +399,25 @@ def test_failed_background_encode_is_kept_as_progress_and_encoded_again(monkeypa
     _window_2(clean_model, clean)
     expected = _published(clean, clean_ex, 2)
     restarted_model, restarted, restarted_ex = _overlapped_setup("sparseloco")
+    restarted.finish()
     restarted_model.load_state_dict(params)
     restarted.load_state_dict(saved)
     for m, o, e in ((model, outer, ex), (restarted_model, restarted, restarted_ex)):
-        assert _published(o, e, 2) == expected  # encoded at the boundary this time
+        assert _published(o, e, 2) == expected  # finished at the boundary this time
         _assert_identical(_overlapped_snapshot(m, o), _overlapped_snapshot(clean_model, clean))
+
+
+def test_load_state_dict_refuses_while_a_round_runs_in_the_background():
+    model, outer, _ = _overlapped_setup("sparseloco")
+    outer.finish()
+    gate = threading.Event()
+    outer.exchange.gather = lambda window: gate.wait(10) and None
+    saved = outer.state_dict()
+    _perturb(model, outer, 13)
+    outer.step()  # window 2's round now waits in gather
+    with pytest.raises(ConfigError, match="still running"):
+        outer.load_state_dict(saved)
+    gate.set()
 
 
 @pytest.mark.parametrize("method", sorted(OVERLAPPED))

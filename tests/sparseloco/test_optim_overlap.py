@@ -310,6 +310,31 @@ def test_state_dict_carries_the_in_flight_round():
             assert torch.equal(value, other.state[q][key]), key
 
 
+class SlowPublish(Scripted):
+    """publish blocks until ``release`` is set."""
+
+    def __init__(self, by_window):
+        super().__init__(by_window)
+        self.release = threading.Event()
+
+    def publish(self, window, payload):
+        assert self.release.wait(10)
+        return super().publish(window, payload)
+
+
+def test_wait_published_returns_once_the_upload_is_done():
+    model = _model()
+    ex = SlowPublish({0: {"b": _dense(model, 7)}})
+    outer = DiLoCo(model.named_parameters(), ex, overlap=True)
+    assert outer.wait_published(timeout=0)  # nothing in flight
+    _perturb(model, 1)
+    outer.step()
+    assert not outer.wait_published(timeout=0.2)  # still uploading
+    ex.release.set()
+    assert outer.wait_published(timeout=10) and [w for w, _ in ex.published] == [0]
+    outer.finish()
+
+
 def test_global_parameters_are_the_global_model_not_the_local_one():
     model = _model()
     others = {w: {"b": _dense(model, 7 + w)} for w in range(2)}

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gauntlet import InMemorySubnet
-from netcomm import ObjectNotFoundError, S3Config, S3Storage, update_key
+from netcomm import CheckpointError, ObjectNotFoundError, S3Config, S3Storage, update_key
 from subnet import (
     Miner,
     MinerSettings,
@@ -151,8 +151,9 @@ def network(tmp_path, moto_url, kit, one_thread):
     subnet = InMemorySubnet(netuid=1)
     task = gpt_task(kit.run)
 
-    def make(hotkey: str, miner: MinerSettings | None = None):
-        cfg = configs[hotkey] if miner is None else configs[hotkey].replace(miner=miner)
+    def make(hotkey: str, miner: MinerSettings | None = None, **sections: object):
+        cfg = configs[hotkey].replace(**sections)
+        cfg = cfg if miner is None else cfg.replace(miner=miner)
         cls = Validator if cfg.role == "validator" else Miner
         return cls(cfg, task, open_chain(cfg, subnet), s3_options=kit.s3_options)
 
@@ -355,3 +356,89 @@ def test_overlapped_miners_restart_catch_up_and_end_on_the_validators_model(netw
     assert {r["applied_window"] for r in applied if "train_loss" in r} == set(range(WINDOWS - 1))
     assert a.history[0]["window"] == 2 and a.history[0]["applied_window"] == 1
     assert b.history[0] == {"window": 3, "replayed": True, "aggregated": ["miner-a"]}
+
+
+def test_a_miner_starting_late_from_the_initial_weights_replays_window_0(network):
+    """B is built during window 0, before the validator has any checkpoint, and starts only
+    after window 0 closed: it replays window 0 from the run's initial weights instead of
+    training window 1 on a stale model."""
+    subnet, make = network
+    driver = Driver(subnet, 10)
+    driver.set_window(0)
+    val, a = make("val"), make("miner-a")
+    b = make("miner-b")
+    assert b.next_window == 0
+    driver.start(val, until=2)
+    driver.start(a, until=2)
+    for w in range(3):
+        waiting = (a,) if w == 0 else (a, b)
+        driver.wait(f"updates of {w}", lambda w=w, ms=waiting: all(_published(m, w) for m in ms))
+        driver.set_window(w + 1)
+        driver.wait(f"validator on window {w}", lambda w=w: (val.next_window or 0) > w)
+        if w == 0:
+            driver.start(b, until=2)
+    for hotkey in ("val", "miner-a", "miner-b"):
+        driver.join(hotkey)
+    assert b.history[0] == {"window": 0, "replayed": True, "aggregated": ["miner-a"]}
+    assert all(r.get("out_of_sync") is None for r in b.history), b.history
+    reference = dict(val.model.named_parameters())
+    for name, p in b.model.named_parameters():
+        assert torch.equal(p, reference[name]), name
+
+
+def test_a_validator_reads_a_damaged_checkpoint_pointer_again(network, monkeypatch):
+    _, make = network
+    val = make("val")
+    val.checkpoints.save(
+        3, val.model.state_dict(), meta={"window": 3, "scoreboard": val.scoreboard.state_dict()}
+    )
+    real, damaged = S3Storage.get, []
+
+    def flaky(self, key):
+        if key.endswith("checkpoints/latest.json") and len(damaged) < 2:
+            damaged.append(key)
+            return b"{not json"
+        return real(self, key)
+
+    monkeypatch.setattr(S3Storage, "get", flaky)
+    assert make("val").next_window == 3 and len(damaged) == 2
+    damaged.clear()
+    monkeypatch.setattr("subnet.validator.RESUME_ATTEMPTS", 2)
+    with pytest.raises(CheckpointError, match="latest pointer"):
+        make("val")
+
+
+def test_overlapped_miners_count_the_set_timeout_from_the_window_close(network, kit):
+    """The aggregation set of window w exists only after w closes; an overlapped miner's
+    background round starts waiting at its boundary, long before. A 1 s timeout and windows
+    that close 2 s after every update is out must still leave every miner in sync."""
+    _, make = network
+    driver = Driver(network[0], 10)
+    driver.set_window(0)
+    quick = dataclasses.replace(kit.exchange, selection_timeout_s=1.0)
+    val, a = make("val"), make("miner-a", MinerSettings(overlap=True), exchange=quick)
+    driver.start(val, until=2)
+    driver.start(a, until=2)
+    for w in range(3):
+        driver.wait(f"update of {w}", lambda w=w: _published(a, w))
+        time.sleep(2.0)
+        driver.set_window(w + 1)
+        driver.wait(f"validator on window {w}", lambda w=w: (val.next_window or 0) > w)
+    driver.join("val")
+    driver.join("miner-a")
+    assert all(r.get("out_of_sync") is None for r in a.history), a.history
+
+
+def test_a_stopped_overlapped_miner_returns_while_it_waits_for_an_aggregate(network):
+    """Stopping a miner whose aggregate never comes (no validator) ends its run quietly,
+    also while it waits for that aggregate at its ``apply_after`` step."""
+    _, make = network
+    driver = Driver(network[0], 10)
+    driver.set_window(0)
+    a = make("miner-a", MinerSettings(overlap=True, apply_after=1))
+    driver.start(a, until=5)
+    driver.wait("update of 0", lambda: _published(a, 0))
+    driver.set_window(1)  # a trains window 1 and waits for window 0's set at step 1
+    time.sleep(1.0)
+    a.stop.set()
+    driver.join("miner-a")  # raises the thread's error, if any
