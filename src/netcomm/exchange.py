@@ -316,7 +316,8 @@ class StorageExchange:
             self._run(window, states, end, cutoff, pools)
         finally:
             pools.shutdown()
-        result = GatherResult(window=window)
+        # open_envelope validated every accepted payload's contents
+        result = GatherResult(window=window, contents_validated=True)
         for name in names:
             st = states[name]
             status = st.status or self._unfinished(st)

@@ -49,8 +49,12 @@ class Storage(Protocol):
         """The whole object; raises :class:`ObjectNotFoundError` if absent."""
         ...
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object (fewer if it is shorter)."""
+    def get_range(self, key: str, start: int, end: int) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of the object (fewer if it is shorter).
+
+        The built-in backends return a ``bytearray`` the caller owns, so a reader can build
+        writable tensors on it without copying it.
+        """
         ...
 
     def head(self, key: str) -> ObjectInfo:
@@ -158,14 +162,16 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
+    def get_range(self, key: str, start: int, end: int) -> bytearray:
         _check_range(start, end)
         try:
             with self._path(key).open("rb") as f:
+                out = bytearray(max(0, min(end, os.fstat(f.fileno()).st_size) - start))
                 f.seek(start)
-                return f.read(end - start)
+                got = f.readinto(out)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
+        return out if got == len(out) else out[:got]  # the file shrank meanwhile
 
     def head(self, key: str) -> ObjectInfo:
         path = self._path(key)
