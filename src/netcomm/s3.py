@@ -26,7 +26,7 @@ from netcomm.errors import (
     StorageError,
     TransientStorageError,
 )
-from netcomm.storage import ObjectInfo, join_key, validate_key
+from netcomm.storage import ObjectInfo, Progress, join_key, validate_key
 
 T = TypeVar("T")
 _SESSION: Any = None
@@ -224,26 +224,39 @@ class S3Storage:
         """Bytes ``[start, end)`` (fewer if the object is shorter), read straight into one
         writable buffer (ranges longer than ``download_part_size`` as parallel ranged GETs,
         each into its own slice), so a reader can build tensors on it without a copy."""
+        return self._read_range(key, start, end, None)
+
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> bytearray:
+        """:meth:`get_range`, telling ``progress`` of the bytes as they arrive
+        (:class:`~netcomm.storage.StreamingStorage`): the first part chunk by chunk, the parts
+        fetched beside it once all are in."""
+        return self._read_range(key, start, end, progress)
+
+    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> bytearray:
         if start < 0 or end < start:
             raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
         out = bytearray(end - start)
         if end == start:
             return out
         step = self.config.download_part_size
-        bounds = [(s, min(s + step, end)) for s in range(start, end, step)]
+        bounds = [(lo - start, min(lo + step, end) - start) for lo in range(start, end, step)]
         with memoryview(out) as view:
 
             def read(part: tuple[int, int]) -> tuple[int, int]:
                 lo, hi = part
-                data, total = self._get_part(key, lo, hi, view[lo - start : hi - start])
+                # only the first part can stream: the others arrive beside it, out of order
+                told = progress if lo == 0 else None
+                data, total = self._get_part(key, start + lo, start + hi, view[lo:hi], told)
                 return len(data), total
 
             parts = [read(bounds[0])] if len(bounds) == 1 else list(self._pool.map(read, bounds))
-        got = 0
-        for (lo, hi), (n, _) in zip(bounds, parts, strict=True):
-            got += n
-            if n < hi - lo:  # the object ends inside this part
-                break
+            got = 0
+            for i, ((lo, hi), (n, _)) in enumerate(zip(bounds, parts, strict=True)):
+                if i and progress is not None and n:
+                    progress(lo, view[lo : lo + n])
+                got += n
+                if n < hi - lo:  # the object ends inside this part
+                    break
         if got != min(end, parts[0][1]) - start:
             raise TransientStorageError(f"{key}: object changed size during a ranged download")
         return out if got == len(out) else out[:got]
@@ -302,10 +315,16 @@ class S3Storage:
         return join_key(self.config.prefix, validate_key(key))
 
     def _get_part(
-        self, key: str, start: int, end: int, out: memoryview | None = None
+        self,
+        key: str,
+        start: int,
+        end: int,
+        out: memoryview | None = None,
+        progress: Progress | None = None,
     ) -> tuple[bytes | memoryview, int]:
         """Bytes [start, end) (fewer where the object ends) and the object's total size,
-        retried as one unit; read into ``out`` (``end - start`` long) when given."""
+        retried as one unit; read into ``out`` (``end - start`` long) when given, telling
+        ``progress`` of each chunk (offsets from ``start``; a retry starts over at 0)."""
 
         def fetch() -> tuple[bytes | memoryview, int]:
             try:
@@ -326,7 +345,10 @@ class S3Storage:
                         f"{key}: the server sent bytes {first}-{last}, not {start}-{end - 1}"
                     )
                 body = resp["Body"]
-                data = body.read() if out is None else out[: _read_into(body, out[:expected])]
+                if out is None:
+                    data = body.read()
+                else:
+                    data = out[: _read_into(body, out[:expected], progress)]
             else:  # a server that ignores Range sends the whole object
                 total = int(resp["ContentLength"])
                 data = resp["Body"].read()
@@ -335,6 +357,8 @@ class S3Storage:
                 if out is not None and len(data) == expected:
                     out[:expected] = data
                     data = out[:expected]
+                    if progress is not None:
+                        progress(0, data)
             if len(data) != expected:
                 raise TransientStorageError(
                     f"{key}: truncated body ({len(data)} of {expected} bytes)"
@@ -419,14 +443,16 @@ class S3Storage:
         return StorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
 
 
-def _read_into(body: Any, out: memoryview) -> int:
-    """Read a response body into ``out``; returns the bytes read, or raises
-    :class:`TransientStorageError` if the body holds more than ``out`` takes."""
+def _read_into(body: Any, out: memoryview, progress: Progress | None) -> int:
+    """Read a response body into ``out``, telling ``progress`` of each chunk; returns the bytes
+    read, or raises :class:`TransientStorageError` if the body holds more than ``out`` takes."""
     got = 0
     while got < len(out):
         n = body.readinto(out[got : got + _READ_STEP])
         if not n:
             return got
+        if progress is not None:
+            progress(got, out[got : got + n])
         got += n
     if body.read(1):
         raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
