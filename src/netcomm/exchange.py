@@ -24,9 +24,13 @@ An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat
 same window reuses the result as long as the object's etag is unchanged.
 
 Pipelining: probes (``head``) and downloads each run on up to ``max_concurrency`` threads of
-their own, and each finished download is verified on one of ``verify_threads`` others (one
-per core by default) while the next downloads proceed, so verification overlaps transfer
-instead of holding a download thread, and no download waits behind another peer's probe.
+their own. A download thread hashes the body as its bytes arrive
+(:func:`~netcomm.storage.read_range` with a :class:`~netcomm.envelope.BodyHasher`), so the
+checksum is known by the last byte, and each finished download is verified on one of
+``verify_threads`` others (one per core by default) while the next downloads proceed: the
+verification overlaps transfer instead of holding a download thread, and no download waits
+behind another peer's probe. The result says ``contents_validated``, so the optimizer does
+not read every byte of the payloads a second time.
 
 Memory: at most ``max_concurrency`` objects are held at once (being downloaded, waiting for
 verification or being verified), each of at most

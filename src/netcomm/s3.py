@@ -32,7 +32,8 @@ T = TypeVar("T")
 _SESSION: Any = None
 _SESSION_LOCK = threading.Lock()
 _MIB = 1 << 20
-# Bytes read from a response per call: a bounded, cache-sized bounce buffer in urllib3.
+# Bytes read from a response per call: urllib3 reads each into a temporary object that is
+# then copied into the caller's buffer, so this bounds the temporary and keeps calls few.
 _READ_STEP = 4 * _MIB
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _TRANSIENT_CODES = {
