@@ -23,6 +23,8 @@ from netcomm.checkpoint import Checkpoint, CheckpointStore
 from netcomm.directory import PeerDirectory, PeerRecord, StaticDirectory, update_key
 from netcomm.envelope import (
     FORMAT_VERSION,
+    BodyDigest,
+    BodyHasher,
     Envelope,
     EnvelopeLimits,
     open_envelope,
@@ -60,10 +62,20 @@ from netcomm.signing import (
     default_verifiers,
 )
 from netcomm.spec import ModelSpec
-from netcomm.storage import LocalStorage, ObjectInfo, Storage, join_key, validate_key
+from netcomm.storage import (
+    LocalStorage,
+    ObjectInfo,
+    Storage,
+    StreamingStorage,
+    join_key,
+    read_range,
+    validate_key,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "BodyDigest",
+    "BodyHasher",
     "Checkpoint",
     "CheckpointError",
     "CheckpointStore",
@@ -98,6 +110,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "StorageExchange",
+    "StreamingStorage",
     "TokenBucket",
     "TransientStorageError",
     "Verifier",
@@ -107,6 +120,7 @@ __all__ = [
     "open_envelope",
     "parse_link",
     "read_header",
+    "read_range",
     "seal_envelope",
     "update_key",
     "validate_key",

@@ -192,6 +192,61 @@ class Envelope:
         return int(self.header["window"])
 
 
+@dataclass(frozen=True)
+class BodyDigest:
+    """The SHA-256 (hex) of ``blob[start:end]`` of a ``size``-byte blob, as a
+    :class:`BodyHasher` computed it while the blob arrived."""
+
+    start: int
+    end: int
+    size: int
+    sha256: str
+
+
+class BodyHasher:
+    """Hashes an envelope's body while the envelope's bytes arrive, so that
+    :func:`open_envelope` need not read the whole body again after the last one.
+
+    Give :meth:`update` (a :data:`~netcomm.storage.Progress`) every chunk of the download in
+    order; the prefix's length fields say where the body lies. Nothing is checked here: the
+    prefix is untrusted, and :func:`open_envelope` uses the digest only where its own parse
+    puts the body exactly where this one did.
+    """
+
+    def __init__(self) -> None:
+        self._restart()
+
+    def _restart(self) -> None:
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._prefix = bytearray()
+        self._body: tuple[int, int] | None = None
+
+    def update(self, offset: int, chunk: memoryview) -> None:
+        """Take the download's bytes ``[offset, offset + len(chunk))``; offset 0 again means
+        the download started over."""
+        if offset == 0 and self._size:
+            self._restart()
+        if offset != self._size:
+            raise ValueError(f"chunk at byte {offset}, expected {self._size}: chunks come in order")
+        lo, self._size = self._size, self._size + len(chunk)
+        if self._body is None:
+            self._prefix += chunk[: PREFIX_SIZE - len(self._prefix)]
+            if len(self._prefix) < PREFIX_SIZE:
+                return
+            header_len, body_len = _PREFIX.unpack(self._prefix)[3:]
+            self._body = (PREFIX_SIZE + header_len, PREFIX_SIZE + header_len + body_len)
+        start, end = self._body
+        if max(start, lo) < min(end, self._size):
+            self._sha.update(chunk[max(start, lo) - lo : min(end, self._size) - lo])
+
+    def digest(self) -> BodyDigest | None:
+        """The body's digest, or ``None`` while the bytes so far do not hold the whole body."""
+        if self._body is None or self._size < self._body[1]:
+            return None
+        return BodyDigest(*self._body, size=self._size, sha256=self._sha.hexdigest())
+
+
 def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
@@ -389,6 +444,7 @@ def open_envelope(
     codec: CodecConfig | None = None,
     kind: Literal["sparse", "dense"] | None = None,
     limits: EnvelopeLimits | None = None,
+    body_digest: BodyDigest | None = None,
 ) -> Envelope:
     """Verify ``blob`` completely and return the payload; raise :class:`EnvelopeError` if not.
 
@@ -403,6 +459,10 @@ def open_envelope(
         limits: size caps (defaults of :class:`EnvelopeLimits`), always tightened to
             :meth:`EnvelopeLimits.for_shapes` when ``shapes`` is given, so no envelope of
             that model can make the reader hold more than one dense float32 copy of it.
+        body_digest: the body's SHA-256 as the caller's own :class:`BodyHasher` computed it
+            from these very bytes while they arrived; used instead of hashing the body again
+            when it covers the body's span of a blob this long. It vouches for the bytes:
+            never pass one that did not come from hashing ``blob`` itself.
 
     Memory: besides ``blob``, the reader holds at most the decompressed body, which is
     never more than the bytes the frame really yields, capped at ``max_decompressed_bytes``
@@ -448,7 +508,7 @@ def open_envelope(
     if header["tensors"] > limits.max_tensors:
         raise EnvelopeError("too_large", f"{header['tensors']} tensors exceed the cap")
     body = view[body_start:body_end]
-    if hashlib.sha256(body).hexdigest() != header["body_sha256"]:
+    if _body_sha256(view, body_start, body_end, body_digest) != header["body_sha256"]:
         raise EnvelopeError("checksum", "body SHA-256 does not match the header")
     raw = body if header["compression"] == "none" else _decompress(body, header["raw_len"], limits)
     try:
@@ -473,6 +533,13 @@ def open_envelope(
     _check_contents(payload, shapes, codec)
     digest = header["body_sha256"] if raw is body else hashlib.sha256(raw).hexdigest()
     return Envelope(header=header, payload=payload, payload_sha256=digest)
+
+
+def _body_sha256(view: memoryview, start: int, end: int, known: BodyDigest | None) -> str:
+    """SHA-256 of ``view[start:end]``: ``known`` when it is that span's of a blob this long."""
+    if known is not None and (known.start, known.end, known.size) == (start, end, len(view)):
+        return known.sha256
+    return hashlib.sha256(view[start:end]).hexdigest()
 
 
 def _channel_kind(kind: str | None, codec: CodecConfig | None) -> str | None:

@@ -24,9 +24,13 @@ An object that reached ``ok`` or ``invalid`` is never downloaded again: a repeat
 same window reuses the result as long as the object's etag is unchanged.
 
 Pipelining: probes (``head``) and downloads each run on up to ``max_concurrency`` threads of
-their own, and each finished download is verified on one of ``verify_threads`` others (one
-per core by default) while the next downloads proceed, so verification overlaps transfer
-instead of holding a download thread, and no download waits behind another peer's probe.
+their own. A download thread hashes the body as its bytes arrive
+(:func:`~netcomm.storage.read_range` with a :class:`~netcomm.envelope.BodyHasher`), so the
+checksum is known by the last byte, and each finished download is verified on one of
+``verify_threads`` others (one per core by default) while the next downloads proceed: the
+verification overlaps transfer instead of holding a download thread, and no download waits
+behind another peer's probe. The result says ``contents_validated``, so the optimizer does
+not read every byte of the payloads a second time.
 
 Memory: at most ``max_concurrency`` objects are held at once (being downloaded, waiting for
 verification or being verified), each of at most
@@ -51,7 +55,14 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 from netcomm.directory import PeerDirectory, PeerRecord, check_peer_id, update_key
-from netcomm.envelope import Envelope, EnvelopeLimits, open_envelope, seal_envelope
+from netcomm.envelope import (
+    BodyDigest,
+    BodyHasher,
+    Envelope,
+    EnvelopeLimits,
+    open_envelope,
+    seal_envelope,
+)
 from netcomm.errors import (
     EnvelopeError,
     NetcommConfigError,
@@ -62,7 +73,7 @@ from netcomm.errors import (
 )
 from netcomm.signing import Signer, Verifier, default_verifiers
 from netcomm.spec import ModelSpec
-from netcomm.storage import ObjectInfo, Storage
+from netcomm.storage import ObjectInfo, Storage, read_range
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult, PeerStatus
 from sparseloco.payload import Payload
@@ -172,6 +183,13 @@ class _PeerState:
     started: float | None = None
     last_error: str = ""
     stored_at: float | None = None
+
+
+class _Download(NamedTuple):
+    """A whole object, and its body's SHA-256 as hashed while it arrived."""
+
+    blob: bytes | bytearray
+    body_digest: BodyDigest | None
 
 
 class _Pools(NamedTuple):
@@ -316,7 +334,8 @@ class StorageExchange:
             self._run(window, states, end, cutoff, pools)
         finally:
             pools.shutdown()
-        result = GatherResult(window=window)
+        # open_envelope validated every accepted payload's contents
+        result = GatherResult(window=window, contents_validated=True)
         for name in names:
             st = states[name]
             status = st.status or self._unfinished(st)
@@ -372,8 +391,8 @@ class StorageExchange:
                         self._on_probe(st, future, cutoff, cached.get(st.peer))
                     elif st.stage == "download" and _complete(future):
                         st.stage = "verify"
-                        blob = future.result()[1]
-                        st.future = pools.verify.submit(self._verify, window, st.record, blob)
+                        got = future.result()[1]
+                        st.future = pools.verify.submit(self._verify, window, st.record, got)
                     else:
                         self._on_fetch(st, future, window, end)
 
@@ -498,16 +517,27 @@ class StorageExchange:
         st.next_try = min(end, now + self._backoff(st.tries - 1))
 
     @staticmethod
-    def _download(record: PeerRecord, info: ObjectInfo) -> tuple[int, bytes | Exception]:
-        """(bytes received, the object or why it is incomplete); storage errors propagate."""
-        blob = record.storage.get_range(info.key, 0, info.size)
+    def _download(record: PeerRecord, info: ObjectInfo) -> tuple[int, _Download | Exception]:
+        """(bytes received, the object or why it is incomplete); storage errors propagate.
+
+        The body is hashed as the bytes arrive, so its checksum is known by the last one.
+        """
+        hasher = BodyHasher()
+        blob = read_range(record.storage, info.key, 0, info.size, hasher.update)
         if len(blob) != info.size:
             return len(blob), TransientStorageError(
                 f"truncated download: {len(blob)} of {info.size} bytes"
             )
-        return len(blob), blob
+        return len(blob), _Download(blob, hasher.digest())
 
-    def _open(self, blob: bytes, peer: str, public_key: bytes, window: int) -> Envelope:
+    def _open(
+        self,
+        blob: bytes | bytearray,
+        peer: str,
+        public_key: bytes,
+        window: int,
+        body_digest: BodyDigest | None = None,
+    ) -> Envelope:
         """``peer``'s envelope for ``window`` on this channel, every check of the reader."""
         return open_envelope(
             blob,
@@ -520,23 +550,27 @@ class StorageExchange:
             codec=self.config.codec,
             kind=self.config.kind,
             limits=self.limits,
+            body_digest=body_digest,
         )
 
     def _verify(
-        self, window: int, record: PeerRecord, blob: bytes
+        self, window: int, record: PeerRecord, got: _Download
     ) -> tuple[int, Envelope | Exception]:
         """(bytes received, the verified envelope or why the bytes were rejected).
 
         Any exception but the typed ones is a reader bug; it is logged here, with its
         traceback, and returned so that only this peer is marked ``invalid``.
         """
+        size = len(got.blob)
         try:
-            return len(blob), self._open(blob, record.peer_id, record.public_key, window)
+            return size, self._open(
+                got.blob, record.peer_id, record.public_key, window, got.body_digest
+            )
         except EnvelopeError as exc:
-            return len(blob), exc
+            return size, exc
         except Exception as exc:
             log.exception("opening %s's envelope raised an untyped error", record.peer_id)
-            return len(blob), exc
+            return size, exc
 
     @staticmethod
     def _unfinished(st: _PeerState) -> PeerStatus:

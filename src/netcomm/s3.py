@@ -26,12 +26,15 @@ from netcomm.errors import (
     StorageError,
     TransientStorageError,
 )
-from netcomm.storage import ObjectInfo, join_key, validate_key
+from netcomm.storage import ObjectInfo, Progress, join_key, validate_key
 
 T = TypeVar("T")
 _SESSION: Any = None
 _SESSION_LOCK = threading.Lock()
 _MIB = 1 << 20
+# Bytes read from a response per call: urllib3 reads each into a temporary object that is
+# then copied into the caller's buffer, so this bounds the temporary and keeps calls few.
+_READ_STEP = 4 * _MIB
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -215,29 +218,49 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         first, total = self._get_part(key, 0, self.config.download_part_size)
         if total <= len(first):
-            return first
-        return first + self.get_range(key, len(first), total)
+            return bytes(first)
+        return bytes(first) + self.get_range(key, len(first), total)
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
+    def get_range(self, key: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` (fewer if the object is shorter), read straight into one
+        writable buffer (ranges longer than ``download_part_size`` as parallel ranged GETs,
+        each into its own slice), so a reader can build tensors on it without a copy."""
+        return self._read_range(key, start, end, None)
+
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> bytearray:
+        """:meth:`get_range`, telling ``progress`` of the bytes as they arrive
+        (:class:`~netcomm.storage.StreamingStorage`): the first part chunk by chunk, the parts
+        fetched beside it once all are in."""
+        return self._read_range(key, start, end, progress)
+
+    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> bytearray:
         if start < 0 or end < start:
             raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
+        out = bytearray(end - start)
         if end == start:
-            return b""
+            return out
         step = self.config.download_part_size
-        if end - start <= step:
-            return self._get_part(key, start, end)[0]
-        bounds = [(s, min(s + step, end)) for s in range(start, end, step)]
-        parts = list(self._pool.map(lambda b: self._get_part(key, *b), bounds))
-        total = parts[0][1]
-        chunks = []
-        for (s, e), (chunk, _) in zip(bounds, parts, strict=True):
-            chunks.append(chunk)
-            if len(chunk) < e - s:  # the object ends inside this part
-                break
-        out = b"".join(chunks)
-        if len(out) != min(end, total) - start:
+        bounds = [(lo - start, min(lo + step, end) - start) for lo in range(start, end, step)]
+        with memoryview(out) as view:
+
+            def read(part: tuple[int, int]) -> tuple[int, int]:
+                lo, hi = part
+                # only the first part can stream: the others arrive beside it, out of order
+                told = progress if lo == 0 else None
+                data, total = self._get_part(key, start + lo, start + hi, view[lo:hi], told)
+                return len(data), total
+
+            parts = [read(bounds[0])] if len(bounds) == 1 else list(self._pool.map(read, bounds))
+            got = 0
+            for i, ((lo, hi), (n, _)) in enumerate(zip(bounds, parts, strict=True)):
+                if i and progress is not None and n:
+                    progress(lo, view[lo : lo + n])
+                got += n
+                if n < hi - lo:  # the object ends inside this part
+                    break
+        if got != min(end, parts[0][1]) - start:
             raise TransientStorageError(f"{key}: object changed size during a ranged download")
-        return out
+        return out if got == len(out) else out[:got]
 
     def head(self, key: str) -> ObjectInfo:
         resp = self._retry(
@@ -292,10 +315,19 @@ class S3Storage:
     def _full(self, key: str) -> str:
         return join_key(self.config.prefix, validate_key(key))
 
-    def _get_part(self, key: str, start: int, end: int) -> tuple[bytes, int]:
-        """Bytes [start, end) and the object's total size, retried as one unit."""
+    def _get_part(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        out: memoryview | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[bytes | memoryview, int]:
+        """Bytes [start, end) (fewer where the object ends) and the object's total size,
+        retried as one unit; read into ``out`` (``end - start`` long) when given, telling
+        ``progress`` of each chunk (offsets from ``start``; a retry starts over at 0)."""
 
-        def fetch() -> tuple[bytes, int]:
+        def fetch() -> tuple[bytes | memoryview, int]:
             try:
                 resp = self._client.get_object(
                     Bucket=self.config.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
@@ -304,20 +336,35 @@ class S3Storage:
                 if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                     return b"", start  # start is at or past the end of the object
                 raise
-            body = resp["Body"].read()
             match = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange", "")))
+            data: bytes | memoryview
             if match:
-                total = int(match.group(3))
-                expected = int(match.group(2)) - int(match.group(1)) + 1
+                first, last, total = (int(g) for g in match.groups())
+                expected = last - first + 1
+                if first != start or expected > end - start:
+                    raise TransientStorageError(
+                        f"{key}: the server sent bytes {first}-{last}, not {start}-{end - 1}"
+                    )
+                body = resp["Body"]
+                if out is None:
+                    data = body.read()
+                else:
+                    data = out[: _read_into(body, out[:expected], progress)]
             else:  # a server that ignores Range sends the whole object
-                total = expected = int(resp["ContentLength"])
-                body = body[start:end] if len(body) == total else body
+                total = int(resp["ContentLength"])
+                data = resp["Body"].read()
+                data = data[start:end] if len(data) == total else data
                 expected = min(end, total) - start
-            if len(body) != expected:
+                if out is not None and len(data) == expected:
+                    out[:expected] = data
+                    data = out[:expected]
+                    if progress is not None:
+                        progress(0, data)
+            if len(data) != expected:
                 raise TransientStorageError(
-                    f"{key}: truncated body ({len(body)} of {expected} bytes)"
+                    f"{key}: truncated body ({len(data)} of {expected} bytes)"
                 )
-            return body, total
+            return data, total
 
         return self._retry("get", key, fetch)
 
@@ -395,3 +442,19 @@ class S3Storage:
         if isinstance(exc, transient) or type(exc).__module__.startswith("urllib3"):
             return TransientStorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
         return StorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
+
+
+def _read_into(body: Any, out: memoryview, progress: Progress | None) -> int:
+    """Read a response body into ``out``, telling ``progress`` of each chunk; returns the bytes
+    read, or raises :class:`TransientStorageError` if the body holds more than ``out`` takes."""
+    got = 0
+    while got < len(out):
+        n = body.readinto(out[got : got + _READ_STEP])
+        if not n:
+            return got
+        if progress is not None:
+            progress(got, out[got : got + n])
+        got += n
+    if body.read(1):
+        raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
+    return got

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from netcomm.errors import InvalidKeyError, ObjectNotFoundError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 MAX_KEY_LENGTH = 1024
+_CHUNK = 4 << 20  # bytes a local ranged read reads (and reports) at a time
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,12 @@ class Storage(Protocol):
         """The whole object; raises :class:`ObjectNotFoundError` if absent."""
         ...
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the object (fewer if it is shorter)."""
+    def get_range(self, key: str, start: int, end: int) -> bytes | bytearray:
+        """Bytes ``[start, end)`` of the object (fewer if it is shorter).
+
+        The built-in backends return a ``bytearray`` the caller owns, so a reader can build
+        writable tensors on it without copying it.
+        """
         ...
 
     def head(self, key: str) -> ObjectInfo:
@@ -64,6 +70,53 @@ class Storage(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; deleting a missing key is not an error."""
         ...
+
+
+#: ``progress(offset, chunk)``: bytes ``[offset, offset + len(chunk))`` of a ranged read's
+#: result are ``chunk``'s, final unless the read starts over. Chunks come in order, each where
+#: the last one ended, except that a read which starts over (a retried transfer) says so
+#: with offset 0, which withdraws everything told before.
+Progress = Callable[[int, memoryview], None]
+
+
+class StreamingStorage(Storage, Protocol):
+    """A :class:`Storage` whose ranged reads tell a caller of the bytes as they arrive (the
+    built-in backends), so that a reader can, say, hash a download while it is on the wire.
+
+    :func:`read_range` streams from a storage only if its class defines
+    ``get_range_streamed`` next to ``get_range``: a subclass that overrides ``get_range``
+    alone, or a wrapper that forwards unknown attributes to another storage, would otherwise
+    have its own reads bypassed.
+    """
+
+    def get_range_streamed(
+        self, key: str, start: int, end: int, progress: Progress
+    ) -> bytes | bytearray:
+        """:meth:`Storage.get_range`, telling ``progress`` of the result's bytes as they
+        arrive, all of them, before it returns."""
+        ...
+
+
+def read_range(
+    storage: Storage, key: str, start: int, end: int, progress: Progress
+) -> bytes | bytearray:
+    """``storage.get_range(key, start, end)``, telling ``progress`` of the bytes: as they
+    arrive from a :class:`StreamingStorage`, else in one chunk once the read has returned."""
+    if _streams(storage):
+        return storage.get_range_streamed(key, start, end, progress)  # type: ignore[attr-defined]
+    data = storage.get_range(key, start, end)
+    progress(0, memoryview(data))
+    return data
+
+
+def _streams(storage: Storage) -> bool:
+    """Whether ``storage``'s class defines ``get_range_streamed`` where it defines
+    ``get_range`` (see :class:`StreamingStorage`)."""
+    mro = type(storage).__mro__
+    streamed = next((c for c in mro if "get_range_streamed" in c.__dict__), None)
+    return streamed is not None and streamed is next(
+        (c for c in mro if "get_range" in c.__dict__), None
+    )
 
 
 def validate_key(key: str) -> str:
@@ -89,6 +142,19 @@ def join_key(*parts: str) -> str:
 def _check_range(start: int, end: int) -> None:
     if start < 0 or end < start:
         raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
+
+
+def _read_chunks(f: BinaryIO, out: memoryview, progress: Progress | None) -> int:
+    """Fill ``out`` from ``f`` (fewer bytes at its end), telling ``progress`` of each chunk."""
+    got = 0
+    while got < len(out):
+        n = f.readinto(out[got : got + _CHUNK])
+        if not n:
+            break
+        if progress is not None:
+            progress(got, out[got : got + n])
+        got += n
+    return got
 
 
 def _after_previous_version(tmp: str, path: Path) -> None:
@@ -158,14 +224,22 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
+    def get_range(self, key: str, start: int, end: int) -> bytearray:
+        return self._read_range(key, start, end, None)
+
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> bytearray:
+        return self._read_range(key, start, end, progress)
+
+    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> bytearray:
         _check_range(start, end)
         try:
             with self._path(key).open("rb") as f:
+                out = bytearray(max(0, min(end, os.fstat(f.fileno()).st_size) - start))
                 f.seek(start)
-                return f.read(end - start)
+                got = _read_chunks(f, memoryview(out), progress)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
+        return out if got == len(out) else out[:got]  # the file shrank meanwhile
 
     def head(self, key: str) -> ObjectInfo:
         path = self._path(key)

@@ -53,12 +53,19 @@ class GatherResult:
     an exchange that aggregates only a selected set of peers (e.g. the validators'
     top-rated) sets it to False when this peer is not among them, so every peer aggregates
     the same set and stays in sync.
+
+    ``contents_validated`` says the exchange has run :func:`~sparseloco.payload.validate_payload`
+    on every payload in ``updates`` (each is decodable, its values finite), so the optimizer
+    checks only that each fits its model (kind, codec, names, shapes) instead of reading
+    every byte a second time; an exchange that leaves it False has its payloads validated
+    by the optimizer.
     """
 
     window: int
     updates: dict[str, Payload] = field(default_factory=dict)
     statuses: dict[str, PeerStatus] = field(default_factory=dict)
     self_selected: bool = True
+    contents_validated: bool = False
 
     @property
     def bytes_received(self) -> int:
@@ -169,7 +176,7 @@ class InProcessHub:
                     break
                 self._cond.wait(remaining)
             box = dict(self._mail.get(window, {}))
-        result = GatherResult(window=window)
+        result = GatherResult(window=window, contents_validated=self.validate)
         elapsed = time.monotonic() - start
         for peer in sorted(expected):
             if peer not in box:
@@ -301,7 +308,7 @@ class DistributedExchange:
             buf = buf.to(self.device)
             bufs = [torch.empty_like(buf) for _ in range(self._world)]
             self._dist.all_gather(bufs, buf, group=self._group)
-        result = GatherResult(window=window)
+        result = GatherResult(window=window, contents_validated=True)
         for rank, (_, _, n) in enumerate(rows):
             peer = f"rank{rank}"
             if rank == self._rank:

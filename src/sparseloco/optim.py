@@ -730,14 +730,16 @@ class OuterOptimizer(Optimizer):
         """Own payload (if selected) plus gathered ones that match this model.
 
         Gathered payloads of the wrong kind, codec, names or shapes, or whose contents are
-        not decodable (:func:`validate_payload`), become ``invalid``.
+        not decodable (:func:`validate_payload`, unless the exchange already ran it:
+        ``gathered.contents_validated``), become ``invalid``.
         """
         statuses = dict(gathered.statuses)
         updates: dict[str, Payload] = {self.exchange.peer_id: own} if gathered.self_selected else {}
         for peer, payload in gathered.updates.items():
             try:
                 self._check(payload, shapes)
-                validate_payload(payload)
+                if not gathered.contents_validated:
+                    validate_payload(payload)
             except SparseLoCoError as exc:
                 old = statuses.get(peer, PeerStatus(peer, "ok"))
                 statuses[peer] = PeerStatus(peer, "invalid", str(exc), old.nbytes, old.latency_s)

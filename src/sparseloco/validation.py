@@ -61,18 +61,17 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
         return
     raw = ct.indices.detach().cpu().contiguous().numpy()
     if codec.index_bits == 12 and k % 2 == 0:
-        first, second = _pair_views(raw, n_chunks, k // 2)
+        first, second = _pair_views(raw)
         _check_range((first, second), layout.chunk_numel, codec.index_bits)
-        # Within a chunk: a < b inside every pair, and each pair's a > the previous pair's b.
-        if not (np.greater(second, first).all() and np.greater(first[:, 1:], second[:, :-1]).all()):
+        if not _pairs_ascend(first, second, k // 2):
             raise CorruptUpdateError("indices are not strictly ascending within a chunk")
         return
     unpacked = _unpack(raw, codec.index_bits)
     if count % 2 and codec.index_bits == 12 and unpacked[count]:
         raise CorruptUpdateError("index buffer has a nonzero pad index")
-    idx = unpacked[:count].reshape(n_chunks, k)
+    idx = unpacked[:count]
     _check_range((idx,), layout.chunk_numel, codec.index_bits)
-    if k > 1 and not np.greater(idx[:, 1:], idx[:, :-1]).all():
+    if not _ascends(idx, k):
         raise CorruptUpdateError("indices are not strictly ascending within a chunk")
 
 
@@ -96,15 +95,38 @@ def _check_range(parts: tuple[np.ndarray, ...], chunk_numel: int, bits: int) -> 
         raise CorruptUpdateError(f"index {top} out of range for chunks of {chunk_numel}")
 
 
-def _pair_views(raw: np.ndarray, rows: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and second 12-bit index of every 3-byte pair, shaped (rows, pairs).
+def _pairs_ascend(first: np.ndarray, second: np.ndarray, pairs: int) -> bool:
+    """Whether every chunk's indices a₀ < b₀ < a₁ < b₁ < … ascend strictly, given each pair's
+    a and b in flat arrays (``pairs`` pairs per chunk): b_j > a_j, and a_{j+1} > b_j within
+    a chunk."""
+    return bool(np.greater(second, first).all()) and _steps_up(first[1:], second[:-1], pairs)
+
+
+def _ascends(idx: np.ndarray, k: int) -> bool:
+    """Whether every chunk of ``k`` consecutive indices ascends strictly."""
+    return _steps_up(idx[1:], idx[:-1], k)
+
+
+def _steps_up(later: np.ndarray, earlier: np.ndarray, per_chunk: int) -> bool:
+    """Whether ``later > earlier`` everywhere except at each chunk's last position, where
+    ``later`` is already the next chunk's (no order across chunks).
+
+    Flat comparisons of contiguous arrays are cheaper than a (chunks, k) layout's strided ones.
+    """
+    steps = np.greater(later, earlier)
+    steps[per_chunk - 1 :: per_chunk] = True
+    return bool(steps.all())
+
+
+def _pair_views(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and second 12-bit index of every 3-byte pair, in order.
 
     Each is read as a strided little-endian uint16 straight from the packed bytes (the low 12
     bits of bytes 0-1, the high 12 bits of bytes 1-2), so the only arrays made are the results.
     """
-    strides = (3 * pairs, 3)
-    first = np.ndarray((rows, pairs), dtype="<u2", buffer=raw, offset=0, strides=strides)
-    second = np.ndarray((rows, pairs), dtype="<u2", buffer=raw, offset=1, strides=strides)
+    pairs = raw.size // 3
+    first = np.ndarray((pairs,), dtype="<u2", buffer=raw, offset=0, strides=(3,))
+    second = np.ndarray((pairs,), dtype="<u2", buffer=raw, offset=1, strides=(3,))
     return first & 0x0FFF, second >> 4
 
 
@@ -112,7 +134,7 @@ def _unpack(raw: np.ndarray, bits: int) -> np.ndarray:
     """Every packed index as uint16, in order (an odd 12-bit count keeps its zero pad)."""
     if bits == 16:
         return raw.view("<u2")
-    first, second = _pair_views(raw, 1, raw.size // 3)
+    first, second = _pair_views(raw)
     out = np.empty(2 * first.size, dtype=np.uint16)
-    out[0::2], out[1::2] = first.reshape(-1), second.reshape(-1)
+    out[0::2], out[1::2] = first, second
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -14,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netcomm import (
+    BodyDigest,
+    BodyHasher,
     Ed25519Signer,
     EnvelopeError,
     EnvelopeLimits,
@@ -392,3 +395,51 @@ def test_ed25519_signer_seed_length():
 def test_compressed_tensor_type_is_rebuilt(model, spec, signer, kit):
     env = open_(seal(kit.sparse_update(model), signer, spec), signer, spec)
     assert all(isinstance(t, CompressedTensor) for t in env.payload.tensors.values())
+
+
+def _hashed(blob: bytes, cuts: list[int]) -> BodyHasher:
+    """A BodyHasher fed ``blob`` in chunks ending at the given offsets (then the rest)."""
+    hasher, view, at = BodyHasher(), memoryview(blob), 0
+    for end in [*sorted(cuts), len(blob)]:
+        hasher.update(at, view[at:end])
+        at = end
+    return hasher
+
+
+@given(cuts=st.lists(st.integers(0, 400), max_size=6))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_body_hasher_digest_equals_the_body_checksum_wherever_chunks_split(
+    model, spec, signer, kit, cuts
+):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    header, header_len = read_header(blob, EnvelopeLimits())
+    start = PREFIX_SIZE + header_len
+    digest = _hashed(blob, cuts).digest()
+    assert digest == BodyDigest(start, start + header["body_len"], len(blob), header["body_sha256"])
+    assert open_(bytearray(blob), signer, spec, body_digest=digest).payload_sha256
+
+
+def test_body_hasher_starts_over_and_rejects_chunks_out_of_order(model, spec, signer, kit):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    hasher = BodyHasher()
+    hasher.update(0, memoryview(b"\xff" * 100))  # a first attempt's bytes, then a retry
+    hasher.update(0, memoryview(blob)[:50])
+    hasher.update(50, memoryview(blob)[50:])
+    assert hasher.digest() == _hashed(blob, []).digest()
+    # one byte short of the signature the body is all there; inside the prefix, nothing is known
+    assert _hashed(blob[:-1], []).digest().sha256 == hasher.digest().sha256
+    assert _hashed(blob[: PREFIX_SIZE + 10], []).digest() is None
+    with pytest.raises(ValueError, match="in order"):
+        hasher.update(7, memoryview(b"x"))
+
+
+def test_a_digest_is_used_only_for_the_span_and_size_it_was_made_for(model, spec, signer, kit):
+    blob = seal(kit.sparse_update(model), signer, spec)
+    good = _hashed(blob, []).digest()
+    wrong = dataclasses.replace(good, sha256="0" * 64)
+    # it vouches for the bytes: a wrong digest for this very span and size fails the checksum
+    assert reason_of(lambda: open_(blob, signer, spec, body_digest=wrong)) == "checksum"
+    for other in ({"size": good.size + 1}, {"start": good.start + 1}, {"end": good.end - 1}):
+        assert open_(blob, signer, spec, body_digest=dataclasses.replace(wrong, **other))

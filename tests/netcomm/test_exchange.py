@@ -468,6 +468,31 @@ def test_sparseloco_over_storage_matches_in_process_hub(storage, kit):
         assert torch.equal(a, b)
 
 
+def test_the_optimizer_does_not_validate_again_what_the_exchange_validated(
+    tmp_path, kit, monkeypatch
+):
+    names = ["p0", "p1"]
+    spec = ModelSpec.from_module(kit.tiny_model(0))
+    _, _, ex = make_net(LocalStorage(tmp_path), spec, names, codec=kit.codec)
+    calls = Counter()
+    validate = sparseloco.optim.validate_payload
+
+    def counted(payload):
+        calls[payload.kind] += 1
+        validate(payload)
+
+    monkeypatch.setattr(sparseloco.optim, "validate_payload", counted)
+    reports = _train_round(ex, {n: kit.tiny_model(0) for n in names}, window_steps=1)
+    assert [r.peers for r in reports["p0"]] == [names]
+    assert ex["p0"].gather(0).contents_validated  # open_envelope read every byte once
+    assert not calls
+    # an exchange that does not say so has its payloads validated by the optimizer
+    hub = sparseloco.InProcessHub(timeout=10, validate=False)
+    models = {n: kit.tiny_model(0) for n in names}
+    _train_round({n: hub.connect(n) for n in names}, models, window_steps=1)
+    assert calls == {"sparse": 2}
+
+
 def test_receive_caps_follow_the_model():
     from netcomm import EnvelopeLimits, ModelSpec
 

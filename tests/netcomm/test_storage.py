@@ -8,11 +8,14 @@ import threading
 import pytest
 
 from netcomm import (
+    FaultPlan,
+    FaultProxy,
     InvalidKeyError,
     LocalStorage,
     ObjectNotFoundError,
     S3Storage,
     Storage,
+    read_range,
     validate_key,
 )
 
@@ -219,3 +222,75 @@ def test_s3_permanent_error_is_not_retried(s3_factory, kit, moto_url):
     assert isinstance(info.value, StorageError)
     assert not isinstance(info.value, TransientStorageError)
     assert "NoSuchBucket" in str(info.value)
+
+
+def _streamed(storage, key: str, start: int, end: int) -> tuple[bytes | bytearray, bytes, int]:
+    """read_range with a ``progress`` that rebuilds the result from what it is told:
+    (result, the bytes told, how many times the read started over)."""
+    told, restarts = bytearray(), 0
+
+    def progress(offset: int, chunk: memoryview) -> None:
+        nonlocal restarts
+        if offset == 0 and told:
+            told.clear()
+            restarts += 1
+        assert offset == len(told)
+        told.extend(chunk)
+
+    return read_range(storage, key, start, end, progress), bytes(told), restarts
+
+
+def test_ranged_reads_fill_a_writable_buffer_and_tell_its_bytes_as_they_arrive(storage):
+    data = os.urandom(9 << 20)  # more than two chunks
+    storage.put("big", data)
+    got, told, restarts = _streamed(storage, "big", 5, len(data) - 3)
+    assert isinstance(got, bytearray)  # a reader builds tensors on it without a copy
+    assert got == told == data[5:-3]
+    assert restarts == 0
+    assert isinstance(storage.get_range("big", 0, 10), bytearray)
+
+
+def test_parts_fetched_side_by_side_are_told_in_order(s3_factory):
+    storage = s3_factory(download_part_size=1 << 20, max_concurrency=4)
+    data = os.urandom((5 << 20) + 77)
+    storage.put("k", data)
+    got, told, _ = _streamed(storage, "k", 0, len(data) + 100)
+    assert got == told == data
+
+
+def test_a_retried_transfer_is_told_again_from_offset_zero(s3_factory):
+    direct = s3_factory()
+    data = os.urandom(9 << 20)  # cut in half: the first chunk was told before the cut
+    direct.put("k", data)
+    with FaultProxy(direct.config.endpoint_url, FaultPlan(truncate=0.5, seed=1)) as proxy:
+        through = s3_factory(endpoint=proxy.url, max_attempts=12)
+        got, told, restarts = _streamed(through, "k", 0, len(data))
+    assert got == told == data
+    assert restarts == proxy.injected["truncate"] > 0
+
+
+class _Shouting(LocalStorage):
+    """Changes what get_range returns, and defines no streamed read of its own."""
+
+    def get_range(self, key, start, end):
+        return bytes(super().get_range(key, start, end)).upper()
+
+
+class _Forwarding:
+    """Changes what get_range returns and forwards everything else to another storage."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get_range(self, key, start, end):
+        return b"#" + self.inner.get_range(key, start + 1, end)
+
+
+def test_a_storage_that_changes_get_range_is_read_through_it_not_around_it(tmp_path):
+    for storage in (_Shouting(tmp_path), _Forwarding(LocalStorage(tmp_path))):
+        LocalStorage(tmp_path).put("k", b"abcdef")
+        got, told, _ = _streamed(storage, "k", 0, 6)
+        assert got == told == storage.get_range("k", 0, 6) != b"abcdef"

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
 from sparseloco.codec import CompressedTensor, decode_sparse
 from sparseloco.errors import CorruptUpdateError, NonFiniteError, SparseLoCoError
+from sparseloco.packing import pack_codes, pack_indices
 from sparseloco.payload import DenseUpdate, validate_payload
 
 SHAPES = {"w": (128, 192), "odd": (10, 7), "v": (130,), "t": (3, 5, 8)}
@@ -109,3 +110,30 @@ def test_dense_payload_must_be_finite():
     with pytest.raises(NonFiniteError) as info:
         validate_payload(dense)
     assert info.value.tensor == "b"
+
+
+def _two_chunks(idx: torch.Tensor) -> CompressedUpdate:
+    """A (64, 128) tensor, two 64x64 chunks of k = 64, with these 128 in-chunk indices."""
+    codec = CodecConfig()
+    ct = CompressedTensor(
+        shape=(64, 128),
+        indices=pack_indices(idx, codec.index_bits),
+        gaps=torch.empty(0, dtype=torch.uint8),
+        codes=pack_codes(torch.zeros(idx.numel(), dtype=torch.uint8), codec.value_bits),
+        table=torch.tensor([-1.5, -0.5, 0.5, 1.5]),
+    )
+    return CompressedUpdate(codec=codec, tensors={"w": ct})
+
+
+@pytest.mark.parametrize(
+    ("repeat", "accepted"),
+    [(None, True), (1, False), (2, False), (62, False), (63, False), (65, False), (127, False)],
+)
+def test_each_chunk_ascends_to_its_last_index_and_not_into_the_next(repeat, accepted):
+    # chunk 1 starts at chunk 0's last index: no order holds across chunks
+    idx = torch.cat([torch.arange(0, 128, 2), torch.arange(126, 190)])
+    if repeat is not None:
+        idx[repeat] = idx[repeat - 1]
+    update = _two_chunks(idx)
+    assert outcome(validate_payload, update) == outcome(decode_all, update)
+    assert (outcome(validate_payload, update) is None) == accepted
