@@ -28,9 +28,10 @@ def _rel(v: torch.Tensor, codes: torch.Tensor, table: torch.Tensor) -> float:
 def test_two_bit_rule_on_known_values():
     v = torch.tensor([-4.0, -1.0, -3.0, 1.0, 2.0, 5.0, -2.0, 3.0])
     codes, table = signmag_quantize(v, 2)
-    # |v| sorted = 1 1 2 2 3 3 4 5, median split t_1 = a_(4) = 3: {1, 2} low, {3, 4, 5} high.
-    assert codes.tolist() == [3, 2, 3, 0, 0, 1, 2, 1]
-    assert table.tolist() == [1.5, 4.0, -1.5, -3.5]
+    # Best split of each sign's magnitudes: + {1, 2, 3 | 5} (SSE 2, where the median split
+    # {1, 2 | 3, 5} has 2.5), − {1, 2 | 3, 4} (SSE 1).
+    assert codes.tolist() == [3, 2, 3, 0, 0, 1, 2, 0]
+    assert table.tolist() == [2.0, 5.0, -1.5, -3.5]
 
 
 def test_equal_magnitudes_share_a_bin_and_empty_bins_get_edges():
