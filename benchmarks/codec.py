@@ -12,10 +12,14 @@ pseudo-gradient is encoded with error feedback, then decoded. Reported:
   timings per tensor;
 * decode + aggregate of ``--agg-peers`` peers' updates of one 4096×4096 tensor on CPU, the
   library's reference path against the previous per-peer ``index_add_`` version (kept here as
-  :func:`index_add_aggregate`), same run, best of ``--repeats``; results must be bit-equal;
+  :func:`index_add_aggregate`), same run, best of ``--repeats`` interleaved timings in wall
+  time and in CPU time on one thread (the steadier figure on a shared machine); results must
+  be bit-equal;
 * reconstruction of the kept values per value coding: relative error ‖v̂ − v‖/‖v‖ and cosine
   of the decoded vs exact top-k values, for Gaussian and Student-t(3) tensors and for real
-  pseudo-gradients θ₀ − θ of the small GPT after a few AdamW steps on the stdlib text;
+  pseudo-gradients θ₀ − θ of the small GPT after a few AdamW steps on the stdlib text, beside
+  the best any per-tensor sign + 1 magnitude bit code can do (``benchmarks/value_coding.py``),
+  and the compress time of each coding on one 4096×4096 tensor;
 * optimizer state in bytes per parameter for the memory options.
 
 Run: ``python benchmarks/codec.py`` (full, ~1.24e9 parameters) or ``--layers 2`` (quick).
@@ -38,11 +42,17 @@ import torch  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    cpu_seconds,
     environment,
     llama_shapes,
     print_table,
     timed,
     write_json,
+)
+from benchmarks.value_coding import (  # noqa: E402
+    coding_cost,
+    reconstruction,
+    target_verdict,
 )
 from sparseloco import (  # noqa: E402
     CodecConfig,
@@ -53,17 +63,11 @@ from sparseloco import (  # noqa: E402
 )
 from sparseloco.chunking import ChunkLayout  # noqa: E402
 from sparseloco.codec import decode_sparse  # noqa: E402
-from sparseloco.data import TokenDataset, stdlib_corpus  # noqa: E402
 from sparseloco.kernels.reference import (  # noqa: E402
     aggregate_sparse,
     clip_factors,
     compress,
-    topk_exact,
 )
-from sparseloco.models.gpt import GPT, GPTConfig  # noqa: E402
-from sparseloco.quantize import encode_values  # noqa: E402
-
-CODINGS = [("uniform", 2), ("signmag", 1), ("signmag", 2), ("uniform", 4), ("signmag", 4)]
 
 
 def torch_op_encode(
@@ -129,83 +133,34 @@ def aggregate_throughput(peers: int, topk: int, repeats: int, seed: int) -> list
         records = [decode_sparse("w", m, cfg)[1:] for m in messages]
         return agg(layout, records, reducer="mean_selected", clip_to_median=True)
 
-    best: dict[str, float] = {}
+    best: dict[str, list[float]] = {}
     outs = {}
     for _ in range(repeats):
         for label, agg in (
             ("index_add_ (before)", index_add_aggregate),
             ("library", aggregate_sparse),
         ):
-            t, outs[label] = timed(partial(run, agg))
-            best[label] = min(best.get(label, t), t)
+            wall, outs[label] = timed(partial(run, agg))
+            cpu, _ = cpu_seconds(partial(run, agg))
+            old = best.get(label, [wall, cpu])
+            best[label] = [min(old[0], wall), min(old[1], cpu)]
     equal = torch.equal(outs["index_add_ (before)"], outs["library"])
     if not equal:
         raise AssertionError("aggregate results differ from the index_add_ baseline")
-    base = best["index_add_ (before)"]
+    base_wall, base_cpu = best["index_add_ (before)"]
     return [
         {
             "path": label,
             "peers": peers,
-            "decode+aggregate s": t,
-            "Melem/s": peers * layout.numel / t / 1e6,
-            "speed vs index_add_": base / t,
+            "wall s": wall,
+            "1-thread CPU s": cpu,
+            "Melem/s (wall)": peers * layout.numel / wall / 1e6,
+            "speed vs index_add_ (wall)": base_wall / wall,
+            "speed vs index_add_ (CPU)": base_cpu / cpu,
             "bit-equal": equal,
         }
-        for label, t in best.items()
+        for label, (wall, cpu) in best.items()
     ]
-
-
-def gpt_pseudo_gradients(steps: int, seed: int) -> dict[str, torch.Tensor]:
-    """θ₀ − θ of the 2-D weights of the small GPT after ``steps`` AdamW steps (lr 1e-3)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig())
-    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data = TokenDataset(stdlib_corpus(max_bytes=1_000_000), model.cfg.block_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step in range(steps):
-        x, y = data.train_batch(range(step * 16, step * 16 + 16))
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {n: theta0[n] - p.detach() for n, p in model.named_parameters() if p.dim() == 2}
-
-
-def kept_values(tensors: dict[str, torch.Tensor], topk: int) -> list[torch.Tensor]:
-    """Per tensor, the exact top-k values of each 64×64 chunk (1-D, chunk-major)."""
-    out = []
-    for t in tensors.values():
-        layout = ChunkLayout.for_shape(t.shape, 64)
-        chunks = layout.to_chunks(t.float())
-        out.append(chunks.gather(1, topk_exact(chunks, layout.k(topk))).reshape(-1))
-    return out
-
-
-def reconstruction(topk: int, seed: int, gpt_steps: int) -> list[dict]:
-    """Relative error and cosine of decoded vs exact kept values, per input and coding."""
-    g = torch.Generator().manual_seed(seed)
-    gauss = torch.randn(1024, 4096, generator=g)
-    chi2 = torch.randn(1024, 4096, 3, generator=g).pow(2).sum(-1)
-    inputs = {
-        "gaussian": {"w": gauss},
-        "student-t(3)": {"w": torch.randn(1024, 4096, generator=g) / (chi2 / 3).sqrt()},
-        f"GPT pseudo-gradient ({gpt_steps} steps)": gpt_pseudo_gradients(gpt_steps, seed),
-    }
-    rows = []
-    for label, tensors in inputs.items():
-        kept = kept_values(tensors, topk)
-        exact = torch.cat(kept)
-        for coding, bits in CODINGS:
-            decoded = torch.cat([t[c] for c, t in (encode_values(v, bits, coding) for v in kept)])
-            rows.append(
-                {
-                    "input": label,
-                    "coding": f"{coding}-{bits}bit",
-                    "rel error": float((decoded - exact).norm() / exact.norm()),
-                    "cosine": float(torch.nn.functional.cosine_similarity(decoded, exact, dim=0)),
-                }
-            )
-    return rows
 
 
 def state_bytes_per_param(layers: int) -> list[dict]:
@@ -329,6 +284,7 @@ def main() -> None:
         )
     agg_rows = aggregate_throughput(args.agg_peers, args.topk, args.repeats, args.seed)
     rec_rows = reconstruction(args.topk, args.seed, args.gpt_steps)
+    cost_rows = coding_cost(args.repeats, args.seed)
     mem_rows = state_bytes_per_param(layers=min(args.layers, 2))
     print(f"\nsizes: {n_params / 1e9:.3f}e9 parameters, k={args.topk} of 4096")
     print_table(size_rows, list(size_rows[0]))
@@ -338,6 +294,16 @@ def main() -> None:
     print_table(agg_rows, list(agg_rows[0]))
     print(f"\nkept-value reconstruction, k={args.topk} of 4096 per chunk")
     print_table(rec_rows, list(rec_rows[0]))
+    verdict = target_verdict(rec_rows)
+    print("\nrelative error / uniform-2bit's (target for signmag-2bit: <= 0.5):")
+    for label, v in verdict.items():
+        print(
+            f"  {label}: signmag-2bit {v['signmag-2bit']:.3f}x, best possible 2-bit sign + "
+            f"magnitude code {v['bound']:.3f}x, with a free per-chunk scale "
+            f"{v['bound with per-chunk scale']:.3f}x; met: {v['target <= 0.5 met']}"
+        )
+    print("\nvalue coding cost: reference compress of one 4096x4096 tensor, k=64")
+    print_table(cost_rows, list(cost_rows[0]))
     print("\noptimizer state, bytes per parameter")
     print_table(mem_rows, list(mem_rows[0]))
     results |= {
@@ -345,6 +311,8 @@ def main() -> None:
         "throughput": speed_rows,
         "aggregate": agg_rows,
         "reconstruction": rec_rows,
+        "reconstruction_target": verdict,
+        "value_coding_cost": cost_rows,
         "state_memory": mem_rows,
     }
     print(f"\nwrote {write_json('codec', results)}")

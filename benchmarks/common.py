@@ -50,6 +50,20 @@ def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     return best, out
 
 
+def cpu_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """CPU seconds of one call on one torch thread (``time.thread_time``) and its result. On a
+    shared machine this is the steadier figure: it leaves out the time other processes held
+    the core (and the spin-waits of idle worker threads, which process time would count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.thread_time()
+        out = fn()
+        return time.thread_time() - start, out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),

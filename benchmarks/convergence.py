@@ -6,22 +6,29 @@ the synchronisation differs:
 
 * ``sparseloco``: the ``covenant-72b`` preset (k=64/4096, 2-bit, β=0.95, α=1), with both
   reducers (``mean_selected`` as Templar runs it, ``mean`` as the paper writes it), and
-  with the paper's 512M density (k=128/4096);
+  with the paper's 512M density (k=128/4096); the same preset with the sign + Lloyd–Max
+  magnitude value coding (``value_coding="signmag"``) at 2 and 1 bits, at k=64 and k=128;
 * ``diloco``: dense fp32 pseudo-gradients, outer Nesterov SGD (momentum 0.9) at several
   outer learning rates;
 * ``dp``: dense gradient averaging every step (the data-parallel reference).
 
 Each method's inner learning rate is chosen from a small grid by mean final held-out loss
 over the seeds; every tried value is reported. Prints tables, writes
-``results/convergence.json`` and ``results/convergence.png``.
+``results/convergence.json``, ``results/convergence.png`` (held-out loss against tokens) and
+``results/convergence-frontier.png`` (final held-out loss against bytes sent per peer per
+round, one point per configuration and seed).
 
 Two stages on CPU (the numbers in the README):
 
 1. tuning, 12 rounds, every inner lr of the grid:
-   ``python benchmarks/convergence.py --name convergence-tuning`` (~25 min on 2 cores);
+   ``python benchmarks/convergence.py --name convergence-tuning`` (~25 min on 2 cores); the
+   value codings were tuned the same way on their own:
+   ``python benchmarks/convergence.py --name convergence-tuning-codings --methods
+   sparseloco/signmag``;
 2. the comparison, 36 rounds, each method at its tuned inner lr:
    ``python benchmarks/convergence.py --rounds 36 --inner-lr-from
-   benchmarks/results/convergence-tuning.json`` (~14 min).
+   benchmarks/results/convergence-tuning.json
+   benchmarks/results/convergence-tuning-codings.json``.
 
 ``--preset gpu`` sizes the model and run for a CUDA device.
 """
@@ -88,6 +95,10 @@ def methods(diloco_lrs: tuple[float, ...]) -> list[Method]:
         Method("sparseloco/mean", "sparseloco", {"reducer": "mean"}),
         Method("sparseloco/k128", "sparseloco", {"codec": {"topk": 128}}),
     ]
+    for bits, topk in ((2, 64), (1, 64), (1, 128), (2, 128)):
+        suffix = f"-{bits}bit" + ("" if topk == 64 else f"-k{topk}")
+        codec = {"value_coding": "signmag", "value_bits": bits, "topk": topk}
+        out.append(Method(f"sparseloco/signmag{suffix}", "sparseloco", {"codec": codec}))
     out += [Method(f"diloco/lr={lr}", "diloco", {"lr": lr}) for lr in diloco_lrs]
     out.append(Method("dp-adamw", "dp", {}))
     return out
@@ -160,7 +171,69 @@ def train(
     return {"curve": curve, "final": curve[-1], "bytes_per_peer": statistics.mean(sent)}
 
 
+COVENANT = "sparseloco/mean_selected"  # the covenant-72b preset as it is
+DENSE = "dp-adamw"
+
+
 def main() -> None:
+    args, size, tuned, chosen = parse_args()
+    torch.set_num_threads(1 if size["device"] == "cpu" else torch.get_num_threads())
+    data = TokenDataset(stdlib_corpus(size["corpus"]), size["model"].block_size)
+    start = time.time()
+    runs: dict[str, dict[float, dict[int, dict]]] = {}
+    for method in chosen:
+        for lr in (tuned[method.name],) if method.name in tuned else size["inner_lrs"]:
+            for seed in size["seeds"]:
+                res = train(method, data, size, lr, seed)
+                runs.setdefault(method.name, {}).setdefault(lr, {})[seed] = res
+                print(f"{method.name:30s} inner_lr={lr:<7} seed={seed}  final {res['final']:.4f}")
+    tried, best = tried_and_best(runs)
+    rows = best_rows(best)
+    verdict = diloco_verdict(best, size["seeds"])
+    front = frontier_rows(best, size)
+    tokens = size["rounds"] * size["inner_steps"] * size["batch"] * size["model"].block_size
+    print(
+        f"\n{size['peers']} peers, {tokens:,} tokens per peer, seeds {list(size['seeds'])}, "
+        f"{time.time() - start:.0f} s\n\nevery configuration tried:"
+    )
+    print_table(tried, list(tried[0]))
+    print("\nbest inner lr per method:")
+    print_table(rows, list(rows[0]))
+    if verdict:
+        print("\nSparseLoCo vs the best DiLoCo (per seed) and bytes per round:")
+        for n, v in verdict.items():
+            print(
+                f"  {n}: beats best DiLoCo in every seed: {v['beats_best_diloco_every_seed']}, "
+                f"{v['fewer_bytes_than_diloco']:.0f}x fewer bytes than DiLoCo"
+            )
+    print("\nbytes per peer per round against final held-out loss (gap to dense AdamW):")
+    print_table(front, list(front[0]))
+    png, frontier_png = plot(best, size, args.name), plot_frontier(best, size, args.name)
+    path = write_json(
+        args.name,
+        {
+            "preset": args.preset,
+            "size": {k: str(v) for k, v in size.items()},
+            "tokens_per_peer": tokens,
+            "tried": tried,
+            "best": rows,
+            "verdict": verdict,
+            "frontier": front,
+            "curves": {
+                n: {str(s): r["curve"] for s, r in by_seed.items()}
+                for n, (_, by_seed) in best.items()
+            },
+            "environment": environment(),
+            "seconds": time.time() - start,
+            "plot": png.name,
+            "frontier_plot": frontier_png.name,
+        },
+    )
+    print(f"\nwrote {path}, {png} and {frontier_png}")
+
+
+def parse_args() -> tuple[argparse.Namespace, dict, dict[str, float], list[Method]]:
+    """(arguments, run size, tuned inner lr per method name, methods to run)."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -171,7 +244,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="override the preset's number of outer rounds")
     ap.add_argument(
         "--inner-lr-from",
-        help="a previous run's JSON: run each method only at the inner lr tuned there",
+        nargs="+",
+        default=[],
+        help="previous runs' JSON: run each method only at the inner lr tuned there",
+    )
+    ap.add_argument(
+        "--methods", nargs="+", help="run only the methods whose names start with one of these"
     )
     ap.add_argument("--name", default="convergence", help="results/<name>.json and .png")
     args = ap.parse_args()
@@ -183,19 +261,21 @@ def main() -> None:
     if args.rounds:
         size["rounds"] = args.rounds
     tuned: dict[str, float] = {}
-    if args.inner_lr_from:
-        rows = json.loads(Path(args.inner_lr_from).read_text())["best"]
-        tuned = {r["method"]: r["inner lr"] for r in rows}
-    torch.set_num_threads(1 if size["device"] == "cpu" else torch.get_num_threads())
-    data = TokenDataset(stdlib_corpus(size["corpus"]), size["model"].block_size)
-    start = time.time()
-    runs: dict[str, dict[float, dict[int, dict]]] = {}
-    for method in methods(tuple(args.diloco_lrs)):
-        for lr in (tuned[method.name],) if method.name in tuned else size["inner_lrs"]:
-            for seed in size["seeds"]:
-                res = train(method, data, size, lr, seed)
-                runs.setdefault(method.name, {}).setdefault(lr, {})[seed] = res
-                print(f"{method.name:26s} inner_lr={lr:<7} seed={seed}  final {res['final']:.4f}")
+    for previous in args.inner_lr_from:
+        rows = json.loads(Path(previous).read_text())["best"]
+        tuned |= {r["method"]: r["inner lr"] for r in rows}
+    chosen = [
+        m
+        for m in methods(tuple(args.diloco_lrs))
+        if not args.methods or m.name.startswith(tuple(args.methods))
+    ]
+    if not chosen:
+        ap.error(f"no method name starts with any of {args.methods}")
+    return args, size, tuned, chosen
+
+
+def tried_and_best(runs: dict) -> tuple[list[dict], dict[str, tuple[float, dict]]]:
+    """Every (method, inner lr) tried, and per method the inner lr with the lowest mean."""
     tried, best = [], {}
     for name, by_lr in runs.items():
         for lr, by_seed in by_lr.items():
@@ -210,12 +290,18 @@ def main() -> None:
             )
         lr_best = min(by_lr, key=lambda lr: statistics.mean(r["final"] for r in by_lr[lr].values()))
         best[name] = (lr_best, by_lr[lr_best])
-    tokens = size["rounds"] * size["inner_steps"] * size["batch"] * size["model"].block_size
-    dense = next(iter(best["dp-adamw"][1].values()))["bytes_per_peer"]
+    return tried, best
+
+
+def _sent(by_seed: dict) -> float:
+    return statistics.mean(r["bytes_per_peer"] for r in by_seed.values())
+
+
+def best_rows(best: dict) -> list[dict]:
+    dense = _sent(best[DENSE][1]) if DENSE in best else None
     rows = []
     for name, (lr, by_seed) in best.items():
         finals = [r["final"] for r in by_seed.values()]
-        sent = statistics.mean(r["bytes_per_peer"] for r in by_seed.values())
         rows.append(
             {
                 "method": name,
@@ -223,69 +309,69 @@ def main() -> None:
                 "held-out mean": statistics.mean(finals),
                 "spread (max-min)": max(finals) - min(finals),
                 "per seed": " ".join(f"{f:.4f}" for f in finals),
-                "MB sent/peer": sent / 1e6,
-                "bytes vs dp": dense / sent,
+                "MB sent/peer": _sent(by_seed) / 1e6,
+                "bytes vs dp": dense / _sent(by_seed) if dense else None,
             }
         )
+    return rows
+
+
+def diloco_verdict(best: dict, seeds: tuple[int, ...]) -> dict[str, dict]:
+    """Per SparseLoCo method: below the best DiLoCo of every seed? how many fewer bytes?"""
     diloco = [n for n in best if n.startswith("diloco")]
-    seeds = size["seeds"]
+    if not diloco:
+        return {}
     best_diloco_per_seed = {s: min(best[n][1][s]["final"] for n in diloco) for s in seeds}
-    sparse_names = [n for n in best if n.startswith("sparseloco")]
-    verdict = {
+    return {
         n: {
             "beats_best_diloco_every_seed": all(
                 best[n][1][s]["final"] <= best_diloco_per_seed[s] for s in seeds
             ),
-            "fewer_bytes_than_diloco": min(
-                statistics.mean(r["bytes_per_peer"] for r in best[d][1].values()) for d in diloco
-            )
-            / statistics.mean(r["bytes_per_peer"] for r in best[n][1].values()),
+            "fewer_bytes_than_diloco": min(_sent(best[d][1]) for d in diloco) / _sent(best[n][1]),
         }
-        for n in sparse_names
+        for n in best
+        if n.startswith("sparseloco")
     }
-    print(
-        f"\n{size['peers']} peers, {tokens:,} tokens per peer, seeds {list(seeds)}, "
-        f"{time.time() - start:.0f} s\n\nevery configuration tried:"
-    )
-    print_table(tried, list(tried[0]))
-    print("\nbest inner lr per method:")
-    print_table(rows, list(rows[0]))
-    print("\nSparseLoCo vs the best DiLoCo (per seed) and bytes per round:")
-    for n, v in verdict.items():
-        print(
-            f"  {n}: beats best DiLoCo in every seed: {v['beats_best_diloco_every_seed']}, "
-            f"{v['fewer_bytes_than_diloco']:.0f}x fewer bytes than DiLoCo"
-        )
-    png = plot(best, size, args.name)
-    path = write_json(
-        args.name,
-        {
-            "preset": args.preset,
-            "size": {k: str(v) for k, v in size.items()},
-            "tokens_per_peer": tokens,
-            "tried": tried,
-            "best": rows,
-            "verdict": verdict,
-            "curves": {
-                n: {str(s): r["curve"] for s, r in by_seed.items()}
-                for n, (_, by_seed) in best.items()
-            },
-            "environment": environment(),
-            "seconds": time.time() - start,
-            "plot": png.name,
-        },
-    )
-    print(f"\nwrote {path} and {png}")
 
 
-def plot(best: dict, size: dict, name: str) -> Path:
+def frontier_rows(best: dict, size: dict) -> list[dict]:
+    """Bytes per peer per round and final loss per seed; the gap to dense AdamW per seed and
+    the share of covenant-72b's gap each method closes, (gap_cov − gap) / gap_cov."""
+    seeds = size["seeds"]
+    dense = {s: best[DENSE][1][s]["final"] for s in seeds} if DENSE in best else None
+    cov = {s: best[COVENANT][1][s]["final"] for s in seeds} if COVENANT in best else None
+    rows = []
+    for name, (_, by_seed) in sorted(best.items(), key=lambda kv: _sent(kv[1][1])):
+        row: dict[str, Any] = {
+            "method": name,
+            "kB/peer/round": _sent(by_seed) / size["rounds"] / 1e3,
+            "final per seed": " ".join(f"{by_seed[s]['final']:.4f}" for s in seeds),
+        }
+        if dense:
+            gaps = [by_seed[s]["final"] - dense[s] for s in seeds]
+            row["gap to dp per seed"] = " ".join(f"{g:.4f}" for g in gaps)
+            if cov and name != DENSE:
+                closed = [(cov[s] - by_seed[s]["final"]) / (cov[s] - dense[s]) for s in seeds]
+                row["closes of covenant gap"] = " ".join(f"{c:+.1%}" for c in closed)
+        if cov:
+            row["at or below covenant-72b every seed"] = all(
+                by_seed[s]["final"] <= cov[s] for s in seeds
+            )
+        rows.append(row)
+    return rows
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common import RESULTS
+    return plt
 
+
+def plot(best: dict, size: dict, name: str) -> Path:
+    plt = _plt()
     per_round = size["inner_steps"] * size["batch"] * size["model"].block_size
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, (lr, by_seed) in best.items():
@@ -298,10 +384,46 @@ def plot(best: dict, size: dict, name: str) -> Path:
     ax.set_title(f"{size['peers']} peers, mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, name)
+
+
+def plot_frontier(best: dict, size: dict, name: str) -> Path:
+    """Final held-out loss against bytes per peer per round: a marker per seed, a line
+    between a configuration's seeds, log-scaled bytes."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = "os^Dv<>pP*Xh"
+    placed: list[float] = []
+    for i, (method, (lr, by_seed)) in enumerate(best.items()):
+        x = _sent(by_seed) / size["rounds"]
+        placed.append(x)
+        x *= 1 + 0.04 * (placed.count(x) - 1)  # equal bytes side by side, not on top
+        finals = [by_seed[s]["final"] for s in size["seeds"]]
+        ax.plot(
+            [x] * len(finals),
+            finals,
+            marker=markers[i % len(markers)],
+            ms=6,
+            lw=1,
+            label=f"{method}{' (covenant-72b)' if method == COVENANT else ''}, inner lr {lr}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per peer per round")
+    ax.set_ylabel(f"held-out loss after {size['rounds']} rounds (nats/byte)")
+    ax.set_title(f"{size['peers']} peers, one marker per seed {list(size['seeds'])}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5)
+    return _save(fig, f"{name}-frontier")
+
+
+def _save(fig, stem: str) -> Path:
+    from benchmarks.common import RESULTS
+
     fig.tight_layout()
-    path = RESULTS / f"{name}.png"
+    path = RESULTS / f"{stem}.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.clf()
+    _plt().close(fig)
     return path
 
 

@@ -9,8 +9,10 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   paper's plain mean over R peers.
 * ``"covenant-72b-rice"``: Covenant's settings with sorted, Rice-coded index gaps instead of
   fixed 12-bit indices (same selection and values, fewer bits on the wire).
-* ``"covenant-72b-signmag"``: Covenant's settings with 2-bit sign + magnitude codes (sign,
-  and |v| above or below the tensor's median |kept value|; see :mod:`sparseloco.quantize`).
+* ``"covenant-72b-signmag"``: Covenant's settings with 2-bit sign + magnitude codes: the
+  sign, and |v| above or below a per-tensor, per-sign threshold placed where the squared
+  error of the two bin means is smallest (the Lloyd–Max optimum for one magnitude bit; see
+  :mod:`sparseloco.quantize`).
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class CodecConfig:
         value_bits: bits per kept value (2^bits quantization bins): 2, 4 or 8 for
             ``"uniform"``, 1, 2 or 4 for ``"signmag"``.
         value_coding: ``"uniform"`` (Templar's bins 6σ/2^bits wide around the mean) or
-            ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| quantile bins; runs on the
-            torch reference, the Triton kernels implement only ``"uniform"``).
+            ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| in Lloyd–Max bins fitted
+            per tensor and sign; runs on the torch reference, the Triton compress kernel
+            implements only ``"uniform"`` and decode + aggregate takes either).
         index_coding: ``"packed"`` stores each in-chunk index in a fixed ⌈log2 S²⌉-bit field
             (12 bits for S=64, two per three bytes); ``"rice"`` stores the gaps between sorted
             indices with a Rice code whose parameter is chosen per tensor.

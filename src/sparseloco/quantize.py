@@ -15,18 +15,27 @@ L-entry float32 table and the codes.
 
 ``value_coding="signmag"`` (:func:`signmag_quantize`) fits the bins to the kept values
 instead: they are the largest magnitudes of their chunks, so |v| is far from 0 and a grid
-centred on μ wastes its middle levels. With B bits and M = 2^(B−1) magnitude bins:
+centred on μ wastes its middle levels. With B bits and M = 2^(B−1) magnitude bins, each
+sign s ∈ {+, −} gets its own Lloyd–Max quantizer of the magnitudes a = |v| of its values:
 
-    a = |v|,  a₍₀₎ ≤ … ≤ a₍ₙ₋₁₎ sorted              (float32)
-    t_j = a₍⌊j·n/M⌋₎  for j = 1..M−1                (lower order statistic: no interpolation)
-    m = #{j : t_j ≤ a}                               (magnitude bin, 0..M−1)
-    q = M·[v < 0] + m                                (sign bit above the magnitude bits)
-    table[q] = mean{v : code q}                      (float64 sums in a fixed order;
-                                                      empty bin: ±t_m, with t_0 = 0)
-    v̂ = table[q]
+    q = M·[v < 0] + m,   m = #{j : t_j^s ≤ a}        (sign bit above the magnitude bits)
+    v̂ = table[q],        table[q] = mean{v : code q}  (float64 sums, stored as float32;
+                                                      empty bin: ±t_m^s, with t_0^s = 0)
 
-B = 1 keeps only the sign (one centroid per sign), B = 2 splits |v| at its median, B = 4 at
-its octiles. Equal magnitudes always share a bin, so the codes depend on the values only.
+and the M − 1 edges t^s of each sign are fitted to its magnitudes a₍₀₎ ≤ … ≤ a₍ₙ₋₁₎:
+
+    start: the magnitudes split in two where Σ(a − bin mean)² is smallest (an exact search
+           over every split between distinct magnitudes), then each half likewise, until
+           there are M bins; t_j = a₍ₚ₎ at cut j (the lowest magnitude above it)
+    repeat at most LLOYD_ITERATIONS times, until the bins stop changing:
+        c_j ← mean{a : t_j ≤ a < t_{j+1}}     (t_0 = 0, t_M = ∞; empty bin: c_j = t_j)
+        t_j ← (c_{j−1} + c_j) / 2             (float64)
+
+For M = 2 the start is already the best 2-level quantizer of each sign's magnitudes (the
+Lloyd–Max optimum), so B = 2 is the best a sign + 1 magnitude bit per-tensor code can do;
+for M > 2 each Lloyd step keeps or lowers Σ(v − v̂)². Sums are differences of float64
+running sums over the sorted magnitudes, an order set by the values alone, so the codes and
+table depend on the values only. B = 1 keeps only the sign (one centroid per sign).
 """
 
 from __future__ import annotations
@@ -89,27 +98,97 @@ def bin_sums(
     return sums, counts_i.to(torch.float64)
 
 
-def signmag_quantize(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign + magnitude-quantile codes of 1-D float32 ``values``: (int64 codes, float32 table).
+LLOYD_ITERATIONS = 128
 
-    See the module docstring for the rule.
+
+def signmag_quantize(
+    values: torch.Tensor, bits: int, iterations: int = LLOYD_ITERATIONS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign + Lloyd–Max magnitude codes of 1-D float32 ``values``: (int64 codes, float32 table).
+
+    See the module docstring for the rule; ``iterations`` caps the Lloyd steps (0: the
+    split start alone).
     """
     m_bins = 1 << (bits - 1)
+    neg = values < 0
     mag = values.abs()
-    n = values.numel()
-    if n and m_bins > 1:
-        ranks = torch.arange(1, m_bins, device=values.device) * n // m_bins
-        edges = torch.sort(mag).values[ranks]
-        mbin = torch.searchsorted(edges, mag, right=True)
-    else:  # one magnitude bin, or no values: every edge at 0 (the table needs M − 1)
-        edges = mag.new_zeros(m_bins - 1)
-        mbin = torch.zeros(n, dtype=torch.int64, device=values.device)
-    codes = (values < 0).to(torch.int64) * m_bins + mbin
-    sums, counts = bin_sums(values.to(torch.float64), codes, 2 * m_bins)
-    lower = torch.cat([edges.new_zeros(1), edges]).to(torch.float64)
-    empty = torch.cat([lower, -lower])
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), empty)
-    return codes, means.to(torch.float32)
+    mag64 = mag.to(torch.float64)
+    codes = neg.to(torch.int64) * m_bins
+    table = []
+    for side in (~neg, neg):
+        sorted_mag = torch.sort(mag[side]).values.to(torch.float64)
+        edges, means = lloyd_max(sorted_mag, m_bins, iterations)
+        codes += side * torch.searchsorted(edges, mag64, right=True)
+        table.append(means)
+    return codes, torch.cat([table[0], -table[1]]).to(torch.float32)
+
+
+def lloyd_max(
+    sorted_mag: torch.Tensor, m_bins: int, iterations: int = LLOYD_ITERATIONS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M − 1 edges, M bin means) of ascending float64 magnitudes: best splits, then Lloyd.
+
+    The bins start as repeated best splits (:func:`_split_bins`, exact for M = 2); Lloyd steps
+    then refine them and stop early once a step leaves the bins as they were (a fixed point:
+    every later step would too). The edges returned are those that made the bins. See the
+    module docstring.
+    """
+    n = sorted_mag.numel()
+    zero = sorted_mag.new_zeros(1)
+    running = torch.cat([zero, torch.cumsum(sorted_mag, 0)])
+    squares = torch.cat([zero, torch.cumsum(sorted_mag * sorted_mag, 0)])
+    bounds = torch.tensor([0, n], device=sorted_mag.device)
+    while bounds.numel() <= m_bins:
+        bounds = _split_bins(sorted_mag, running, squares, bounds)
+    edges = sorted_mag[bounds[1:-1]] if n else sorted_mag.new_zeros(m_bins - 1)
+    means = _bin_means(running, bounds, edges)
+    for _ in range(iterations if n else 0):
+        new_edges = (means[1:] + means[:-1]) / 2
+        new_bounds = _bin_bounds(sorted_mag, new_edges)
+        if torch.equal(new_bounds, bounds):
+            break
+        edges, bounds = new_edges, new_bounds
+        means = _bin_means(running, bounds, edges)
+    return edges, means
+
+
+def _split_bins(
+    sorted_mag: torch.Tensor, running: torch.Tensor, squares: torch.Tensor, bounds: torch.Tensor
+) -> torch.Tensor:
+    """Each bin [i, j) of ``sorted_mag`` cut in two at the p that minimises
+
+        SSE(i, p) + SSE(p, j),   SSE(i, j) = Σ a² − (Σ a)² / (j − i)   over a₍ᵢ₎ … a₍ⱼ₋₁₎,
+
+    among the p with a₍ₚ₋₁₎ < a₍ₚ₎ (equal magnitudes stay together; the lowest p on a tie).
+    A bin with no such p keeps all its values above the cut (p = i, an empty lower half).
+    """
+
+    def sse(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        total = running[j] - running[i]
+        return squares[j] - squares[i] - total * total / (j - i).clamp_min(1)
+
+    out = [bounds[:1]]
+    for i, j in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        cut = torch.arange(i + 1, max(i + 1, j), device=sorted_mag.device)
+        cut = cut[sorted_mag[cut - 1] < sorted_mag[cut]]
+        best = cut[torch.argmin(sse(i, cut) + sse(cut, j))] if cut.numel() else cut.new_tensor(i)
+        out += [best.view(1), cut.new_tensor([j])]
+    return torch.cat(out)
+
+
+def _bin_bounds(sorted_mag: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """[0, #{a < t_1}, …, #{a < t_{M−1}}, n]: where each bin starts and ends in ``sorted_mag``."""
+    inner = torch.searchsorted(sorted_mag, edges)
+    n = inner.new_full((1,), sorted_mag.numel())
+    return torch.cat([inner.new_zeros(1), inner, n])
+
+
+def _bin_means(running: torch.Tensor, bounds: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Mean of each bin from the running sum; an empty bin's mean is its lower edge."""
+    counts = bounds[1:] - bounds[:-1]
+    sums = running[bounds[1:]] - running[bounds[:-1]]
+    lower = torch.cat([edges.new_zeros(1), edges])
+    return torch.where(counts > 0, sums / counts.clamp_min(1), lower)
 
 
 def encode_values(

@@ -128,14 +128,25 @@ def _index_add_aggregate(layout, peers, *, reducer, clip_to_median):
 
 @pytest.mark.parametrize(
     ("shape", "topk", "peers"),
-    [((96, 200), 17, 5), ((256, 192), 64, 9), ((130,), 64, 3), ((64, 64), 4096, 4)],
+    [
+        ((96, 200), 17, 5),
+        ((256, 192), 64, 9),
+        ((130,), 64, 3),
+        ((64, 64), 4096, 4),
+        ((64, 128), 8, 300),  # int32 counts
+    ],
 )
 @pytest.mark.parametrize("reducer", ["mean_selected", "mean"])
 @pytest.mark.parametrize("clip", [True, False])
-def test_scatter_aggregate_is_bit_equal_to_index_add(shape, topk, peers, reducer, clip):
+@pytest.mark.parametrize("block_elements", [None, 1])  # one block; one tile row per block
+def test_scatter_aggregate_is_bit_equal_to_index_add(
+    shape, topk, peers, reducer, clip, block_elements, monkeypatch
+):
     from sparseloco.chunking import ChunkLayout
     from sparseloco.kernels import reference
 
+    if block_elements:
+        monkeypatch.setattr(reference, "AGGREGATE_BLOCK_ELEMENTS", block_elements)
     g = torch.Generator().manual_seed(7)
     layout = ChunkLayout.for_shape(shape, 64)
     k = layout.k(topk)

@@ -164,59 +164,72 @@ def aggregate_sparse(
         C[j] = #{p : j ∈ I_p}
         out[j] = S[j] / max(C[j], 1)   ("mean_selected")   or   S[j] / P   ("mean")
 
-    The sums are built in chunked layout with one ``scatter_add_`` per peer: a peer's indices
-    are distinct within each chunk, so every coordinate still receives its peers' terms one
-    at a time in peer order (the same roundings as a per-peer flat ``index_add_``, about 3×
-    faster on CPU, and no flat positions to compute). Counts are exact integers.
+    The tensor is done one block of whole tile rows at a time (``AGGREGATE_BLOCK_ELEMENTS``
+    entries, so the block's sums and counts stay in cache): in chunked layout, one
+    ``scatter_add_`` per peer (a peer's indices are distinct within each chunk, so every
+    coordinate still receives its peers' terms one at a time in peer order, with no atomics
+    on any device: the roundings of a per-peer flat ``index_add_``), then the division and
+    one strided copy of the block into the output. Each block reaches memory once, where
+    whole-tensor passes would move the 4·numel-byte sums in and out of memory per peer and
+    per step (``benchmarks/codec.py`` times both). Counts are exact integers.
     """
-    device = peers[0][1].device
     factors = [1.0] * len(peers)
     if clip_to_median:
         norms = [float(torch.linalg.vector_norm(v.to(torch.float64))) for _, v in peers]
         factors = clip_factors(norms)
-    total = torch.zeros(layout.buffer_shape, dtype=torch.float32, device=device)
-    count = _selection_counts(layout, [idx for idx, _ in peers]) if reducer != "mean" else None
-    for (idx, values), f in zip(peers, factors, strict=True):
-        contrib = values * f if f != 1.0 else values
-        if idx is None:
-            total.add_(contrib)
+    contribs = [
+        (idx, values * f if f != 1.0 else values)
+        for (idx, values), f in zip(peers, factors, strict=True)
+    ]
+    device = peers[0][1].device
+    out = torch.empty(layout.numel, dtype=torch.float32, device=device)
+    dest = out.view(layout.tiles_down, layout.tile_rows, layout.tiles_across, layout.tile_cols)
+    blocks = list(layout.blocks(AGGREGATE_BLOCK_ELEMENTS))
+    rows = max((stop - start for start, stop in blocks), default=0) * layout.tiles_across
+    sums = torch.empty(rows, layout.chunk_numel, dtype=torch.float32, device=device)
+    counts = (
+        None if reducer == "mean" else _CountBuffer(rows, layout.chunk_numel, len(peers), device)
+    )
+    for start, stop in blocks:
+        c0, c1 = start * layout.tiles_across, stop * layout.tiles_across
+        total = sums[: c1 - c0].zero_()
+        for idx, contrib in contribs:
+            if idx is None:
+                total.add_(contrib[c0:c1])
+            else:
+                total.scatter_add_(1, idx[c0:c1], contrib[c0:c1])
+        if counts is None:
+            total.div_(len(peers))
         else:
-            total.scatter_add_(1, idx, contrib)
-    if count is None:
-        total.div_(len(peers))
-    else:
-        total.div_(count.clamp_min_(1.0))
-    return _unchunk(layout, total)
+            total.div_(counts.of_block([idx for idx, _ in peers], c0, c1).clamp_min_(1))
+        tiles = total.view(stop - start, layout.tiles_across, layout.tile_rows, layout.tile_cols)
+        dest[start:stop].copy_(tiles.permute(0, 2, 1, 3))
+    return out.view(layout.shape)
 
 
-def _selection_counts(layout: ChunkLayout, indices: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """C[j] = number of peers whose record holds j, float32 in chunked layout.
+# Entries per aggregation block: 4 MiB of float32 sums plus 1 MiB of counts, sized to stay in
+# a CPU's cache while every peer's terms are added.
+AGGREGATE_BLOCK_ELEMENTS = 1 << 20
+
+
+class _CountBuffer:
+    """C[j] = number of peers whose record holds j, for one block of chunk rows at a time.
 
     Counted in uint8 while fewer than 256 peers can collide (a uint8 scatter is ~4× cheaper
-    than a float32 one on CPU); integer counts do not depend on the order of additions.
+    than a float32 one on CPU), else int32; integer counts do not depend on the order of
+    additions. Dividing float32 sums by them converts each count to float32 exactly.
     """
-    device = next((i.device for i in indices if i is not None), None)
-    dtype = torch.uint8 if len(indices) < 256 else torch.int32
-    count = torch.zeros(layout.buffer_shape, dtype=dtype, device=device)
-    ones = None
-    for idx in indices:
-        if idx is None:
-            count.add_(1)
-            continue
-        if ones is None or ones.shape != idx.shape:
-            ones = torch.ones(idx.shape, dtype=dtype, device=idx.device)
-        count.scatter_add_(1, idx, ones)
-    return count.to(torch.float32)
 
+    def __init__(self, rows: int, chunk_numel: int, peers: int, device: torch.device) -> None:
+        dtype = torch.uint8 if peers < 256 else torch.int32
+        self.buffer = torch.zeros(rows, chunk_numel, dtype=dtype, device=device)
+        self.one = torch.ones((), dtype=dtype, device=device)
 
-def _unchunk(layout: ChunkLayout, chunks: torch.Tensor) -> torch.Tensor:
-    """``layout.from_chunks`` written as one strided copy into a new tensor of the shape.
-
-    Copying a permuted source into a contiguous destination is ~4× faster on CPU than the
-    permute-then-reshape of ``from_chunks`` for a 4096×4096 tensor; the values are the same.
-    """
-    out = torch.empty(layout.numel, dtype=chunks.dtype, device=chunks.device)
-    tiles = chunks.view(layout.tiles_down, layout.tiles_across, layout.tile_rows, layout.tile_cols)
-    dest = out.view(layout.tiles_down, layout.tile_rows, layout.tiles_across, layout.tile_cols)
-    dest.copy_(tiles.permute(0, 2, 1, 3))
-    return out.view(layout.shape)
+    def of_block(self, indices: Sequence[torch.Tensor | None], c0: int, c1: int) -> torch.Tensor:
+        count = self.buffer[: c1 - c0].zero_()
+        for idx in indices:
+            if idx is None:
+                count.add_(1)
+            else:
+                count.scatter_add_(1, idx[c0:c1], self.one.expand(c1 - c0, idx.shape[1]))
+        return count
