@@ -3,7 +3,8 @@
 Each node is its own OS process running the node command line,
 ``sparseloco {miner,validator} --config nodes/<hotkey>.toml --windows N`` (what a user runs
 in separate terminals), with its log in ``logs/<hotkey>.log``. The processes are forked
-from a ``forkserver`` that has imported the roles once, so N nodes do not pay N imports of
+from the launcher itself, which has imported the roles already, or from a ``forkserver`` that
+has imported them once (see :class:`NodeProcesses`), so N nodes do not pay N imports of
 torch (about 4 s of CPU each). The launcher writes the configs, waits until every node has
 committed its locator on the chain, then moves the chain to the first block of window 0
 (the nodes' ``start_block``), so window 0 starts when everyone is up, however long the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +118,11 @@ class NodeProcesses:
         out: the run folder (``nodes/``, ``logs/`` go there).
         windows: windows each node runs before it exits.
         threads: torch intra-op threads per process.
+
+    :meth:`start` forks the nodes from this process, which has imported the roles already,
+    when it runs no other thread (a launcher before its nodes run; it must hold no open
+    database connection then); otherwise, and for every :meth:`restart`, they fork from a
+    ``forkserver`` that imports the roles once. Either way no node imports torch again.
     """
 
     def __init__(self, specs: Sequence[NodeSpec], out: Path, windows: int, threads: int) -> None:
@@ -127,7 +134,9 @@ class NodeProcesses:
         self.peak_rss: dict[str, int] = {}
         self.peak_pss = 0
         self._pss_due = 0.0
-        self._ctx = multiprocessing.get_context("forkserver")
+        self._server = multiprocessing.get_context("forkserver")
+        # torch._dynamo: torch.optim imports it at the first optimizer (about 2 s).
+        self._server.set_forkserver_preload(["subnet.roles_cli", "torch._dynamo"])
 
     def log_path(self, hotkey: str) -> Path:
         return self.out / "logs" / f"{hotkey}.log"
@@ -139,16 +148,26 @@ class NodeProcesses:
         """Write every node's TOML and start its process."""
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         (self.out / "nodes").mkdir(parents=True, exist_ok=True)
-        # torch._dynamo: torch.optim imports it at the first optimizer (about 2 s).
-        self._ctx.set_forkserver_preload(["subnet.roles_cli", "torch._dynamo"])
+        ctx: multiprocessing.context.BaseContext = self._server
+        if threading.active_count() == 1:
+            import torch._dynamo  # noqa: F401  (imported here once for every forked node)
+
+            ctx = multiprocessing.get_context("fork")
         for spec in self.specs:
             self.config_path(spec.hotkey).write_text(dump_config(spec.config))
-            self._spawn(spec.hotkey, ["--windows", str(self.windows)], append=False)
+            self._spawn(ctx, spec.hotkey, ["--windows", str(self.windows)], append=False)
 
-    def _spawn(self, hotkey: str, stop_args: list[str], *, append: bool) -> None:
+    def _spawn(
+        self,
+        ctx: multiprocessing.context.BaseContext,
+        hotkey: str,
+        stop_args: list[str],
+        *,
+        append: bool,
+    ) -> None:
         role = next(s.config.role for s in self.specs if s.hotkey == hotkey)
         argv = [role, "--config", str(self.config_path(hotkey)), *stop_args]
-        proc = self._ctx.Process(
+        proc = ctx.Process(  # type: ignore[attr-defined]
             target=node_main,
             args=(argv, str(self.log_path(hotkey)), self.threads, dict(os.environ), append),
             name=hotkey,
@@ -167,7 +186,7 @@ class NodeProcesses:
         from its own state folder, through window ``until_window``, its log appended to."""
         if self.procs[hotkey].is_alive():
             raise ParticipantError(f"node {hotkey} is still running; kill it first")
-        self._spawn(hotkey, ["--until-window", str(until_window)], append=True)
+        self._spawn(self._server, hotkey, ["--until-window", str(until_window)], append=True)
 
     def check(self) -> None:
         """Record memory high-water marks; raise :class:`ParticipantError` for a node that

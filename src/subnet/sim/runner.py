@@ -151,8 +151,10 @@ def run(cfg: SimConfig, *, progress: bool = True, echo: bool = True) -> RunResul
     chain = SqliteSubnet(chain_path(cfg), netuid=1, block_time_s=block_time_s(cfg))
     if cfg.skip_idle:  # window 0 then opens as soon as every node waits for it
         chain.skip_idle([s.hotkey for s in specs])
+    chain.close()  # the nodes may fork from this process: no open database goes with them
     try:
         with NodeProcesses(specs, cfg.out, cfg.windows, cfg.threads) as nodes:
+            chain = SqliteSubnet(chain_path(cfg), netuid=1, block_time_s=block_time_s(cfg))
             nodes.wait_ready(chain, STARTUP_TIMEOUT_S)
             if not cfg.skip_idle:
                 nodes.open_window(chain, 0, cfg.blocks_per_window)
