@@ -97,6 +97,8 @@ def _row(label: str, runs: list[dict], base: float | None) -> dict:
 #: the process runs of each repeat: label and extra ``sparseloco simulate`` arguments.
 VARIANTS = {
     "processes": [],
+    # the thread version evaluated 16 + 16 samples per peer; today's default is 64 + 64
+    "processes, --eval-samples 16": ["--eval-samples", "16"],
     "processes, --real-time": ["--real-time"],
     "processes, --overlap --apply-after 5": ["--overlap", "--apply-after", "5"],
 }

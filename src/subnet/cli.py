@@ -61,6 +61,7 @@ def _simulate(args: argparse.Namespace) -> int:
         window_s=args.window_s,
         link=args.link or "",
         skip_idle=not args.real_time,
+        eval_samples=args.eval_samples,
         overlap=args.overlap or args.apply_after is not None,
         apply_after=args.apply_after or 0,
     )
@@ -203,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         "--link",
         help="each node's modelled network link, e.g. 100mbit,50ms or up=10mbit,down=1gbit "
         "(real socket bytes paced for loopback s3:// storage; call timing for a local folder)",
+    )
+    sim.add_argument(
+        "--eval-samples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="samples the validator evaluates per peer, on its assigned data and on a shared "
+        "random set (default %(default)s; fewer score faster and noisier)",
     )
     sim.add_argument(
         "--overlap",

@@ -86,10 +86,15 @@ def test_bad_config_is_rejected(tmp_path):
             SimConfig(**bad, out=tmp_path)
 
 
-def test_overlap_reaches_every_miner(tmp_path):
-    cfg = SimConfig(adversaries=("noise",), overlap=True, apply_after=4, out=tmp_path)
-    miners = {s.hotkey: s.config.miner for s in node_specs(cfg) if s.config.role == "miner"}
-    assert all((m.overlap, m.apply_after) == (True, 4) for m in miners.values())
+def test_overlap_and_evaluation_sizes_reach_the_nodes(tmp_path):
+    cfg = SimConfig(
+        adversaries=("noise",), overlap=True, apply_after=4, eval_samples=16, out=tmp_path
+    )
+    specs = node_specs(cfg)
+    miners = [s.config.miner for s in specs if s.config.role == "miner"]
+    assert len(miners) == 5 and all((m.overlap, m.apply_after) == (True, 4) for m in miners)
+    (validator,) = [s.config.validator for s in specs if s.config.role == "validator"]
+    assert (validator.eval_assigned, validator.eval_random) == (16, 16)
 
 
 def test_run_over_a_loopback_s3_server(tmp_path, monkeypatch, moto_url):

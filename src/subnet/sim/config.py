@@ -68,6 +68,9 @@ class SimConfig:
             waits for it (:meth:`gauntlet.SqliteSubnet.skip_idle`), so windows last as long as
             their work rather than ``window_s``; ``False`` keeps the wall-clock block time, as
             a real chain does.
+        eval_samples: samples the validator evaluates per peer on its assigned data and on
+            the shared random set (``validator.eval_assigned`` / ``eval_random``): fewer
+            score faster and noisier.
         overlap: miners train window w + 1 while w's update is scored and aggregated
             (``miner.overlap``); its aggregate is applied one window late.
         apply_after: with ``overlap``, apply it this many inner steps into the next window
@@ -98,6 +101,7 @@ class SimConfig:
     link: str = ""
     threads: int = 1
     skip_idle: bool = True
+    eval_samples: int = 64
     overlap: bool = False
     apply_after: int = 0
 
@@ -111,6 +115,7 @@ class SimConfig:
             "validators",
             "blocks_per_window",
             "threads",
+            "eval_samples",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

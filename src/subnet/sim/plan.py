@@ -96,6 +96,8 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
         weights_every=1,
         heldout_batches=cfg.heldout_batches,
         keep_checkpoints=STALE_LAG + 2,  # the stale adversary loads a model 3 windows old
+        eval_assigned=cfg.eval_samples,
+        eval_random=cfg.eval_samples,
         aggregate="accepted" if cfg.aggregate == "top" else "valid",
     )
     specs = [
