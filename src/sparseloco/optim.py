@@ -86,7 +86,6 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import (
     CompressedTensor,
     CompressedUpdate,
-    check_finite,
     commit_tensor,
     encode_tensor,
 )
@@ -100,6 +99,7 @@ from sparseloco.errors import (
 )
 from sparseloco.exchange import DistributedExchange, Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
+from sparseloco.lockstep import Attempt, Lockstep, MissingRankData, digest_int
 from sparseloco.names import canonical_name
 from sparseloco.payload import (
     DenseUpdate,
@@ -153,7 +153,7 @@ NamedParam = tuple[str, torch.Tensor, dict[str, Any]]
 
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
     """‖(t₁, t₂, …)‖₂ over all entries, accumulated in float64."""
-    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors) ** 0.5
+    return sum(_sq_norm(t) for t in tensors) ** 0.5
 
 
 class _Timer:
@@ -375,7 +375,7 @@ class OuterOptimizer(Optimizer):
 
     def _check_inputs(self, params: list[NamedParam]) -> None:
         """Raise :class:`NonFiniteError` naming the first parameter holding NaN/Inf."""
-        _check_all_finite([(name, p) for name, p, _ in params], sharded.mesh_group(params))
+        _check_all_finite([(name, p) for name, p, _ in params])
 
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
@@ -401,9 +401,13 @@ class OuterOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
         """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
 
-        A failure before publishing is reported to an exchange with an ``abort`` method (a
-        collective one, :class:`~sparseloco.exchange.DistributedExchange`), which then raises
-        the :class:`~sparseloco.errors.ExchangeError` the other peers raise too.
+        With an exchange whose ranks step together (``exchange.lockstep``:
+        :class:`~sparseloco.ranks.RankZeroExchange`,
+        :class:`~sparseloco.exchange.DistributedExchange`), each phase (check, encode,
+        publish-gather-aggregate, commit) ends in an agreement: a failure on any one rank
+        makes every rank raise the same :class:`~sparseloco.errors.RankError` there
+        (:mod:`sparseloco.lockstep`). Committing is in-place arithmetic after everything
+        else; should it fail on a rank (out of memory), every rank raises and says so.
 
         Atomic: every step that can fail (the finite check, encoding, the exchange, the
         payloads' contents, the aggregate of every tensor and its memory) runs before any
@@ -419,40 +423,61 @@ class OuterOptimizer(Optimizer):
         window = self.window
         params = self._round_params()
         choice = self._backend(params[0][1].device)
-        try:
-            with timer("check"):
-                self._check_inputs(params)
-            with timer("encode"):
-                own, source_norm = self._encode(params)
-            with timer("publish"):
-                sent = self.exchange.publish(window, own)
-        except Exception as exc:
-            _abort(self.exchange, window, exc)
-            raise
-        with timer("gather"):
-            gathered = self.exchange.gather(window)
-        updates, statuses = self._usable(gathered, own, self._shapes(params))
+        lock = self._lockstep(params)
+        with timer("check"):
+            _agreed(lock, window, "check", lambda: self._check_inputs(params))
+        with timer("encode"):
+            own, source_norm = _agreed(lock, window, "encode", lambda: self._encode(params))
+        done = _agreed(
+            lock,
+            window,
+            "gather",
+            lambda: self._exchange_round(window, own, params, timer, "aggregate_step"),
+            extra=lambda r: digest_int(r.peers),  # ranks must aggregate the same peers
+        )
         with timer("aggregate_step"):
-            aggregates, update_norm = self._aggregate_all(updates, params)
-            self._commit_own(params, own)
-            self._take_step(params, aggregates)
+            _agreed(lock, window, "commit", lambda: self._commit(params, own, done.aggregates))
         report = RoundReport(
             window=window,
             peer_id=self.exchange.peer_id,
             method=self.method,
             backend=choice.name,
             backend_reason=choice.reason,
-            bytes_sent=sent,
-            bytes_received=gathered.bytes_received,
-            peers=sorted(updates),
-            statuses=statuses,
+            bytes_sent=done.bytes_sent,
+            bytes_received=done.bytes_received,
+            peers=done.peers,
+            statuses=done.statuses,
             pseudo_grad_norm=source_norm,
-            update_norm=update_norm,
+            update_norm=done.update_norm,
             timings=timer.times,
             applied_window=window,
         )
         self.last_report = report
         return report
+
+    def _commit(
+        self, params: list[NamedParam], own: Payload, aggregates: dict[str, torch.Tensor]
+    ) -> None:
+        """Error feedback of what was sent, the outer step, the window: the round's changes."""
+        self._commit_own(params, own)
+        self._take_step(params, aggregates)
+
+    def _lockstep(self, params: list[NamedParam]) -> Lockstep | None:
+        """The ranks this optimizer must step with: its exchange's (a collective one), or
+        none. FSDP2 parameters need :class:`~sparseloco.ranks.RankZeroExchange` over the
+        ranks of their device mesh."""
+        lock = getattr(self.exchange, "lockstep", None)
+        mesh = sharded.mesh_group(params)
+        if mesh is None:
+            return lock
+        if not isinstance(self.exchange, RankZeroExchange) or sorted(lock.ranks) != sorted(
+            dist.get_process_group_ranks(mesh)
+        ):
+            raise ConfigError(
+                "FSDP2 (DTensor) parameters: the ranks of the mesh are one peer; wrap its "
+                "exchange in RankZeroExchange over the same ranks"
+            )
+        return lock
 
     def _step_overlapped(self) -> RoundReport:
         """An overlapped boundary: apply window k−1, start window k's round behind.
@@ -560,22 +585,40 @@ class OuterOptimizer(Optimizer):
         """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""
         return self._origin(p).to(p.device, torch.float32) - p.to(torch.float32)
 
-    def _background_round(self, window: int, own: Payload, params: list[NamedParam]) -> _Round:
+    @staticmethod
+    def _wholes(
+        params: list[NamedParam],
+        local: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype | None,
+        attempt: Attempt,
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, p, the whole of ``local(p)``) one parameter at a time; a DTensor's is
+        all-gathered, on every rank even after a local failure kept by ``attempt`` (the
+        whole is then ``None``). ``dtype``: that of ``local(p)`` (``None``: ``p``'s)."""
+        for name, p, _ in params:
+            part = attempt.run(local, p)
+            if sharded.is_sharded(p):
+                whole = sharded.whole_or_join(part, p, dtype or p.dtype)
+                part = None if attempt.failed else whole
+            yield name, p, part
+
+    def _exchange_round(
+        self,
+        window: int,
+        own: Payload,
+        params: list[NamedParam],
+        timer: _Timer,
+        aggregate_phase: str = "aggregate",
+    ) -> _Round:
         """Publish ``own``, gather, check the payloads and aggregate them; changes no state
         (the aggregates depend on the parameters' names, shapes and devices only)."""
-        timer, phase = _Timer(), "publish"
-        try:
-            with timer("publish"):
-                sent = self.exchange.publish(window, own)
-            phase = "gather"
-            with timer("gather"):
-                gathered = self.exchange.gather(window)
-                updates, statuses = self._usable(gathered, own, self._shapes(params))
-            phase = "aggregate"
-            with timer("aggregate"):
-                aggregates, norm = self._aggregate_all(updates, params)
-        except Exception as exc:
-            raise _PhaseFailed(phase) from exc
+        with timer("publish"):
+            sent = self.exchange.publish(window, own)
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+            updates, statuses = self._usable(gathered, own, self._shapes(params))
+        with timer(aggregate_phase):
+            aggregates, norm = self._aggregate_all(updates, params)
         return _Round(
             window,
             sorted(updates),
@@ -586,6 +629,14 @@ class OuterOptimizer(Optimizer):
             norm,
             timer.times,
         )
+
+    def _background_round(self, window: int, own: Payload, params: list[NamedParam]) -> _Round:
+        """:meth:`_exchange_round`, its failure naming the phase (the last one timed)."""
+        timer = _Timer()
+        try:
+            return self._exchange_round(window, own, params, timer)
+        except Exception as exc:
+            raise _PhaseFailed(list(timer.times)[-1]) from exc
 
     def _launch(self, window: int, own: Payload, params: list[NamedParam]) -> Future[_Round]:
         """Start window ``window``'s background round on a daemon thread."""
@@ -638,26 +689,37 @@ class OuterOptimizer(Optimizer):
         that also need it (a validator remembering it for replay checks).
 
         With ``overlap=True`` nothing may be in flight (call :meth:`finish` first) and inner
-        steps taken since the last boundary stay local: θ ← θ₀ + (θ − s).
+        steps taken since the last boundary stay local: θ ← θ₀ + (θ − s). The ranks of a
+        multi-process peer (``exchange.lockstep``) call it together with the same updates;
+        a failure on one makes every rank raise the same :class:`~sparseloco.errors.RankError`.
         """
         if self._inflight is not None:
             raise ConfigError(
                 f"window {self._inflight.window} is in flight; call finish() before apply()"
             )
         params = self._round_params()
-        shapes = self._shapes(params)
-        for payload in updates.values():
-            self._check(payload, shapes)
-            validate_payload(payload)
-        aggregates, norm = self._aggregate_all(dict(updates), params)
+        window = self.window
+        lock = self._lockstep(params)
+        aggregates, norm = _agreed(lock, window, "apply", lambda: self._checked_aggregate(updates))
         if on_aggregate is not None and updates:
             on_aggregate(aggregates)
         if self.overlap:
             self._keep_local_progress(params, aggregates)
             self.window += 1
         else:
-            self._take_step(params, aggregates)
+            _agreed(lock, window, "commit", lambda: self._take_step(params, aggregates))
         return norm
+
+    def _checked_aggregate(
+        self, updates: Mapping[str, Payload]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Every payload checked against this model, then aggregated (changes nothing)."""
+        params = self._round_params()
+        shapes = self._shapes(params)
+        for payload in updates.values():
+            self._check(payload, shapes)
+            validate_payload(payload)
+        return self._aggregate_all(dict(updates), params)
 
     @staticmethod
     def _shapes(params: list[NamedParam]) -> dict[str, tuple[int, ...]]:
@@ -706,7 +768,7 @@ class OuterOptimizer(Optimizer):
                 agg = self._aggregate_tensor(name, updates, p.device)
             else:
                 agg = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+            norm_sq += _sq_norm(agg)
             out[name] = self._store(sharded.shard_like(agg, p))
         return out, norm_sq**0.5
 
@@ -927,22 +989,27 @@ class SparseLoCo(OuterOptimizer):
         A DTensor parameter's Δ is all-gathered and encoded by its owner rank, which keeps
         the new error buffer pending until the commit (see :mod:`sparseloco.sharded`).
         """
-        codec = self.config.codec
         group = sharded.mesh_group(params)
         owner = sharded.owners(params, dist.get_world_size(group)) if group else {}
+        attempt = Attempt(strict=group is None)
         self._pending = {}
         tensors = {}
         pg_sq = 0.0
-        for name, p, _ in params:
-            delta = sharded.full(self._own_delta(p))
-            pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+        for name, p, delta in self._wholes(params, self._own_delta, torch.float32, attempt):
+            if delta is not None:
+                pg_sq += attempt.run(_sq_norm, delta) or 0.0
             if name in owner:
-                check_finite(name, delta)  # on every rank: they all hold the same Δ
-                tensors[name] = self._encode_owned(name, p, delta, owner[name], group)
+                ct = self._encode_owned(name, p, delta, owner[name], group, attempt)
             else:
-                tensors[name] = encode_tensor(name, delta, self._scratch(p), codec)
+                ct = attempt.run(self._encode_local, name, p, delta)
+            tensors[name] = ct
             del delta
-        return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
+        attempt.done()
+        codec = self.config.codec
+        return CompressedUpdate(codec=codec, tensors=_all_sent(tensors)), pg_sq**0.5
+
+    def _encode_local(self, name: str, p: torch.Tensor, delta: torch.Tensor) -> CompressedTensor:
+        return encode_tensor(name, delta, self._scratch(p), self.config.codec)
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
         """A copy of ``p``'s error buffer (zeros before the first round) on ``p``'s device."""
@@ -950,24 +1017,28 @@ class SparseLoCo(OuterOptimizer):
         return self._zero_error(p) if error is None else error.to(p.device, copy=True)
 
     def _encode_owned(
-        self, name: str, p: torch.Tensor, delta: torch.Tensor, owner: int, group: Any
-    ) -> CompressedTensor:
-        """The owner encodes the full Δ; every rank gets the result (one broadcast), or every
-        rank raises when the owner failed (out of memory) instead of waiting for it."""
-        ct, failure = None, None
-        if dist.get_rank(group) == owner:
-            try:
-                scratch = self._scratch(p)
-                ct = encode_tensor(name, delta, scratch, self.config.codec)
-                self._pending[name] = scratch
-            except Exception as exc:  # sent as "nothing", re-raised below
-                failure = exc
-        got = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
-        if failure is not None:
-            raise failure
-        if got is None:
-            raise UpdateError(f"encoding failed on its owner rank {owner}", tensor=name)
-        return got
+        self,
+        name: str,
+        p: torch.Tensor,
+        delta: torch.Tensor | None,
+        owner: int,
+        group: Any,
+        attempt: Attempt,
+    ) -> CompressedTensor | None:
+        """The owner encodes the full Δ (it holds the error buffer) and every rank gets the
+        result (one broadcast); ``None`` on every rank when the owner failed (it sends
+        nothing and reports why in the phase's agreement)."""
+        ct = None
+        if dist.get_rank(group) == owner and delta is not None:
+            ct = attempt.run(self._encode_as_owner, name, p, delta)
+        blob = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, p.device)
+        return attempt.run(sharded.load_compressed, name, blob, p.device) if blob else None
+
+    def _encode_as_owner(self, name: str, p: torch.Tensor, delta: torch.Tensor) -> CompressedTensor:
+        scratch = self._scratch(p)
+        ct = encode_tensor(name, delta, scratch, self.config.codec)
+        self._pending[name] = scratch
+        return ct
 
     def _commit_own(self, params: list[NamedParam], own: Payload) -> None:
         """e ← β·e + Δ − D(sent) per tensor, with D(sent) the decoding of the message that was
@@ -1065,14 +1136,17 @@ class DiLoCo(OuterOptimizer):
         )
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
-        deltas = {
-            name: sharded.full(self._origin(p).to(p.device) - p).to(self._wire)
-            for name, p, _ in params
-        }
-        norm_sq = sum(
-            float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()
-        )
-        return DenseUpdate(tensors=deltas), norm_sq**0.5
+        attempt = Attempt(strict=sharded.mesh_group(params) is None)
+        deltas = {}
+        for name, _, d in self._wholes(params, self._plain_delta, None, attempt):
+            deltas[name] = attempt.run(d.to, self._wire) if d is not None else None
+        attempt.done()
+        sent = _all_sent(deltas)
+        return DenseUpdate(tensors=sent), _norm(sent.values())
+
+    def _plain_delta(self, p: torch.Tensor) -> torch.Tensor:
+        """θ₀ − θ in the parameter's dtype (s − θ when overlapping)."""
+        return self._origin(p).to(p.device) - p
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device
@@ -1128,11 +1202,16 @@ class DataParallel(OuterOptimizer):
     def _check_inputs(self, params: list[NamedParam]) -> None:
         if self.nonfinite == "raise":
             grads = [(name, p.grad) for name, p, _ in params]
-            _check_all_finite(grads, sharded.mesh_group(params))  # type: ignore[arg-type]
+            _check_all_finite(grads)  # type: ignore[arg-type]
 
     def _encode(self, params: list[NamedParam]) -> tuple[Payload, float]:
-        # a copy: the payload must stay unchanged after publishing while .grad is overwritten
-        grads = {name: sharded.full(p.grad).to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
+        attempt = Attempt(strict=sharded.mesh_group(params) is None)
+        copies = {}
+        for name, _, g in self._wholes(params, _grad, None, attempt):
+            # a copy: the payload must stay unchanged after publishing while .grad is overwritten
+            copies[name] = attempt.run(_copy_to, g, self._wire) if g is not None else None
+        attempt.done()
+        grads = _all_sent(copies)
         if self.nonfinite == "propagate" and not all(_finite(g) for g in grads.values()):
             return DenseUpdate(tensors={}), float("inf")  # the overflow marker
         return DenseUpdate(tensors=grads), _norm(grads.values())
@@ -1167,12 +1246,38 @@ class DataParallel(OuterOptimizer):
         p.grad.copy_(agg)  # type: ignore[union-attr]
 
 
-def _abort(exchange: Exchange, window: int, error: Exception) -> None:
-    """Tell a collective exchange that this peer's round failed before publishing (it joins
-    the collective and raises for the whole group); other exchanges need nothing."""
-    abort = getattr(exchange, "abort", None)
-    if callable(abort):
-        abort(window, error)
+def _agreed(
+    lock: Lockstep | None,
+    window: int,
+    phase: str,
+    fn: Callable[[], Any],
+    extra: Callable[[Any], int] | None = None,
+) -> Any:
+    """``fn()``; with ranks that step together, ended by their agreement (every rank raises
+    the same :class:`~sparseloco.errors.RankError` if one failed)."""
+    return fn() if lock is None else lock.run(window, phase, fn, extra)
+
+
+def _sq_norm(t: torch.Tensor) -> float:
+    """‖t‖₂², accumulated in float64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad  # type: ignore[return-value]
+
+
+def _copy_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype, copy=True)
+
+
+def _all_sent(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` when none is ``None``; else :class:`MissingRankData` (an owner rank failed
+    and sent nothing: it says why in the phase's agreement)."""
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        raise MissingRankData(f"{missing[0]}: its owner rank sent nothing")
+    return tensors
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -1181,16 +1286,12 @@ def _finite(t: torch.Tensor) -> bool:
     return not local.is_floating_point() or bool(torch.isfinite(local).all())
 
 
-def _check_all_finite(
-    tensors: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None
-) -> None:
-    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf; with sharded
-    parameters every rank of ``group`` raises the same one (one all-reduce of an index)."""
-    bad = next((i for i, (_, t) in enumerate(tensors) if not _finite(t)), len(tensors))
-    if group is not None:
-        bad = sharded.agree_first_bad(bad, group, tensors[0][1].device)
-    if bad < len(tensors):
-        raise NonFiniteError("contains NaN or Inf", tensor=tensors[bad][0])
+def _check_all_finite(tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf (in this rank's
+    shard, for a DTensor: the round's agreement makes every rank raise)."""
+    for name, t in tensors:
+        if not _finite(t):
+            raise NonFiniteError("contains NaN or Inf", tensor=name)
 
 
 def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) -> torch.Tensor:

@@ -13,11 +13,12 @@ payload; only one of them may publish it, and all of them must aggregate the sam
   :class:`GatherResult` and so takes the same outer step.
 * failures: an exception in rank 0's publish is held and an exception in its gather is
   caught; either is broadcast in place of the payloads, and every rank raises the same
-  :class:`ExchangeError` from that one broadcast, so no rank waits in a collective for a
-  rank that gave up. A failure before the gather (a NaN in θ) happens on every rank alike,
-  since their parameters are equal.
+  :class:`~sparseloco.errors.RankError` from that one broadcast, so no rank waits in a
+  collective for a rank that gave up.
 
 Every rank must call ``publish`` and ``gather`` for the same windows, as with DDP itself.
+
+The ranks agree after every phase of a round through :class:`~sparseloco.lockstep.Lockstep`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import json
 import torch
 import torch.distributed as dist
 
-from sparseloco.errors import ExchangeError
+from sparseloco.errors import ExchangeError, RankError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
+from sparseloco.lockstep import Lockstep
 from sparseloco.payload import Payload, payload_from_tensors
 from sparseloco.serialization import dump_safetensors, load_safetensors
 
@@ -43,16 +45,13 @@ class RankZeroExchange:
     """
 
     def __init__(self, exchange: Exchange | None, group: dist.ProcessGroup | None = None) -> None:
-        if not dist.is_initialized():
-            raise ExchangeError("torch.distributed is not initialized; call init_process_group")
+        self.lockstep = Lockstep(group)
         self._group = group
-        self._leader = dist.get_rank(group) == 0
+        self._leader = self.lockstep.rank == 0
         if self._leader and not isinstance(exchange, Exchange):
             raise ExchangeError("rank 0 needs the peer's exchange")
         self._exchange = exchange if self._leader else None
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
-        nccl = dist.get_backend(group) == "nccl"
-        self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         self._held: dict[int, str] = {}
         own_id = exchange.peer_id if self._leader else None  # type: ignore[union-attr]
         self._peer_id = self._broadcast(own_id.encode() if own_id is not None else None).decode()
@@ -72,7 +71,8 @@ class RankZeroExchange:
             return 0
 
     def gather(self, window: int) -> GatherResult:
-        """Rank 0's gather, the same on every rank; or the same error raised on every rank."""
+        """Rank 0's gather, the same on every rank; or the same :class:`RankError` raised on
+        every rank."""
         header, blobs = {}, []
         if self._leader:
             header, blobs = self._leader_gather(window)
@@ -82,8 +82,10 @@ class RankZeroExchange:
             blob = self._broadcast(blobs[i] if self._leader else None)
             if not self._leader:
                 blobs.append(blob)
-        if header.get("error"):
-            raise ExchangeError(f"rank 0 of peer {self._peer_id}: {header['error']}")
+        if header.get("error"):  # every rank got it from the same broadcast: agreed
+            failed = {0: header["error"]}
+            message = f"window {window}: rank 0 of peer {self._peer_id}: {header['error']}"
+            raise RankError(message, window, "gather", failed)
         result = GatherResult(window=window, self_selected=header["self_selected"])
         for peer, blob in zip(peers, blobs, strict=True):
             result.updates[peer] = payload_from_tensors(*load_safetensors(bytearray(blob)))
@@ -96,9 +98,10 @@ class RankZeroExchange:
             return {"error": self._held.pop(window)}, []
         try:
             got = self._exchange.gather(window)  # type: ignore[union-attr]
+            peers = sorted(got.updates)
+            blobs = [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
         except Exception as exc:  # broadcast, then raised on every rank alike
             return {"error": f"gather failed: {type(exc).__name__}: {exc}"}, []
-        peers = sorted(got.updates)
         header = {
             "self_selected": got.self_selected,
             "updates": peers,
@@ -106,10 +109,10 @@ class RankZeroExchange:
                 [s.peer, s.status, s.reason, s.nbytes, s.latency_s] for s in got.statuses.values()
             ],
         }
-        return header, [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
+        return header, blobs
 
     def _broadcast(self, data: bytes | None) -> bytes:
-        return broadcast_bytes(data, self._src, self._group, self._device)
+        return broadcast_bytes(data, self._src, self._group, self.lockstep.device)
 
 
 def broadcast_bytes(

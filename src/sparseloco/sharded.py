@@ -83,13 +83,6 @@ def owners(params: list[tuple[str, torch.Tensor, Any]], world: int) -> dict[str,
     return out
 
 
-def agree_first_bad(bad: int, group: dist.ProcessGroup, device: torch.device) -> int:
-    """The smallest of every rank's ``bad`` index (one all-reduce), so all ranks raise alike."""
-    flag = torch.tensor([bad], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return int(flag.item())
-
-
 def broadcast_compressed(
     name: str,
     ct: CompressedTensor | None,
@@ -97,15 +90,25 @@ def broadcast_compressed(
     owner: int,
     group: dist.ProcessGroup,
     device: torch.device,
-) -> CompressedTensor | None:
-    """The owner's compressed tensor on every rank (canonical safetensors bytes); None on
-    every rank when the owner has none to send (its encoding failed)."""
+) -> bytes:
+    """The owner's compressed tensor as canonical safetensors bytes, on every rank; ``b""``
+    on every rank when the owner has none to send (its encoding failed)."""
     data = None
     if ct is not None:
         data = dump_safetensors(*CompressedUpdate(codec=codec, tensors={name: ct}).to_tensors())
     nccl = device if device.type == "cuda" else None
-    blob = broadcast_bytes(data, dist.get_global_rank(group, owner), group, nccl)
-    if not blob:
-        return None
+    return broadcast_bytes(data, dist.get_global_rank(group, owner), group, nccl)
+
+
+def load_compressed(name: str, blob: bytes, device: torch.device) -> CompressedTensor:
+    """The compressed tensor ``name`` of :func:`broadcast_compressed`'s bytes, on ``device``."""
     got = CompressedUpdate.from_tensors(*load_safetensors(bytearray(blob)))
     return got.tensors[name].to(device)
+
+
+def whole_or_join(
+    part: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`full` of ``part``; a rank that failed to compute ``part`` (``None``) joins the
+    all-gather with zeros laid out like ``like`` and gets a result it must not use."""
+    return full(part if part is not None else torch.zeros_like(like, dtype=dtype))
