@@ -85,11 +85,12 @@ class Lockstep:
         phase: str,
         fn: Callable[[], T],
         extra: Callable[[T], int] | None = None,
+        what: str = "results",
     ) -> T:
         """``fn()``, then :meth:`agree`: its result when every rank succeeded, else the same
         :class:`RankError` on every rank. A :class:`RankError` from ``fn`` (agreed already)
         is raised as it is. With ``extra``, the ranks must also agree on ``extra(result)``
-        (e.g. a digest of the peers aggregated), or every rank raises."""
+        (a digest of ``what``, e.g. the peers aggregated), or every rank raises."""
         try:
             result = fn()
         except RankError:
@@ -99,7 +100,7 @@ class Lockstep:
             raise  # not reached: agree raises when this rank failed
         values = self.agree(window, phase, extra=extra(result) if extra is not None else 0)
         if len(set(values)) > 1:
-            message = f"window {window}, {phase}: the ranks' results differ; none steps"
+            message = f"window {window}, {phase}: the ranks' {what} differ; none steps"
             raise RankError(message, window, phase, {})
         return result
 

@@ -433,7 +433,8 @@ class OuterOptimizer(Optimizer):
             window,
             "gather",
             lambda: self._exchange_round(window, own, params, timer, "aggregate_step"),
-            extra=lambda r: digest_int(r.peers),  # ranks must aggregate the same peers
+            extra=lambda r: digest_int(r.peers),
+            what="peers aggregated (a payload usable on some ranks only)",
         )
         with timer("aggregate_step"):
             _agreed(lock, window, "commit", lambda: self._commit(params, own, done.aggregates))
@@ -1252,10 +1253,11 @@ def _agreed(
     phase: str,
     fn: Callable[[], Any],
     extra: Callable[[Any], int] | None = None,
+    what: str = "results",
 ) -> Any:
     """``fn()``; with ranks that step together, ended by their agreement (every rank raises
     the same :class:`~sparseloco.errors.RankError` if one failed)."""
-    return fn() if lock is None else lock.run(window, phase, fn, extra)
+    return fn() if lock is None else lock.run(window, phase, fn, extra, what)
 
 
 def _sq_norm(t: torch.Tensor) -> float:
