@@ -434,4 +434,3 @@ class ShapedStorage:
     def _round_trip(self) -> None:
         if self.link.spec.rtt_s:
             time.sleep(self.link.spec.rtt_s)
-

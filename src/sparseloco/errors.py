@@ -70,7 +70,8 @@ class RankError(ExchangeError):
     Attributes:
         window: the window of the round.
         phase: where it failed: ``"check"``, ``"encode"``, ``"gather"`` (publish, gather,
-            payload checks, aggregation), ``"commit"`` or ``"apply"``.
+            payload checks, aggregation), ``"commit"``, ``"apply"``, ``"publish"``
+            (:class:`~sparseloco.exchange.DistributedExchange`'s serialization) or ``"join"``.
         failed: each failed rank (in the group) and its error, ``"Type: message"``. The
             rank's own error, if it is one of them, is ``__cause__``.
     """

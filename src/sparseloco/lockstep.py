@@ -28,7 +28,7 @@ from sparseloco.errors import ExchangeError, RankError
 T = TypeVar("T")
 
 #: the phases of a round that end in an agreement (their index travels in it)
-PHASES = ("check", "encode", "gather", "commit", "apply", "publish")
+PHASES = ("check", "encode", "gather", "commit", "apply", "publish", "join")
 _OK, _FAILED, _LACKING = 0, 1, 2
 _MAX_TEXT = 2000  # bytes of each failed rank's error shared with the others
 

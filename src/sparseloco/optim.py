@@ -235,6 +235,8 @@ class OuterOptimizer(Optimizer):
     #: state keys that belong to this peer alone (not the same on every peer, unlike θ₀ and
     #: momentum): a peer joining from another peer's checkpoint leaves them out.
     peer_local_state: tuple[str, ...] = ()
+    #: state keys kept whole (global layout) by an FSDP2 parameter's owner rank alone
+    owner_state: tuple[str, ...] = ()
     #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
     #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
@@ -847,7 +849,9 @@ class OuterOptimizer(Optimizer):
 
         Unlike ``torch.optim.Optimizer.load_state_dict`` this keeps each buffer's own dtype and
         device (a float32 error buffer of a bfloat16 model stays float32; offloaded state
-        stays on the CPU). Shapes are checked; nothing changes if any check fails.
+        stays on the CPU). Shapes are checked; nothing changes if any check fails. With FSDP2
+        (DTensor) parameters a saved full tensor is laid out like its parameter and an error
+        buffer (global layout) kept by its owner rank only.
         """
         outer = state_dict.get("outer", {})
         if outer.get("method") != self.method:
@@ -891,6 +895,9 @@ class OuterOptimizer(Optimizer):
                 if key not in ("params", "param_names"):
                     group[key] = value
         for p, key, value in plan:
+            if not self._keeps(p, key):
+                continue
+            value = value if key in self.owner_state else sharded.to_layout(value, p)
             current = self.state[p].get(key)
             if current is None:
                 self.state[p][key] = self._store(value.to(p.device).clone())
@@ -900,6 +907,17 @@ class OuterOptimizer(Optimizer):
             self.outer_optimizer.load_state_dict(outer["outer_optimizer"])
         self.window = int(outer["window"])
         self._inflight = flight
+
+    def _keeps(self, p: torch.Tensor, key: str) -> bool:
+        """Whether this rank keeps the state ``key`` of ``p`` (all of them, but for an FSDP2
+        parameter's :attr:`owner_state`, which only its owner rank holds)."""
+        if key not in self.owner_state or not sharded.is_sharded(p):
+            return True
+        params = self._round_params()
+        group = sharded.mesh_group(params)
+        return sharded.owners(params, dist.get_world_size(group))[self._names[p]] == dist.get_rank(
+            group
+        )
 
     def _saved_flight(self, saved: dict[str, Any] | None) -> _InFlight | None:
         """The in-flight round of a state dict, checked against this model."""
@@ -935,6 +953,7 @@ class SparseLoCo(OuterOptimizer):
 
     method = "sparseloco"
     peer_local_state = ("error",)  # the error-feedback buffer
+    owner_state = ("error",)
 
     def __init__(
         self,

@@ -58,6 +58,19 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(mesh, like.placements)
 
 
+def to_layout(value: Any, like: Any) -> Any:
+    """A saved full tensor as ``like`` holds it: its shard when ``like`` is a DTensor of the
+    same global shape (``value`` equal on every rank); otherwise ``value`` unchanged."""
+    if (
+        isinstance(like, DTensor)
+        and isinstance(value, torch.Tensor)
+        and not isinstance(value, DTensor)
+        and tuple(value.shape) == tuple(like.shape)
+    ):
+        return shard_like(value.to(like.device), like)
+    return value
+
+
 def mesh_group(params: list[tuple[str, torch.Tensor, Any]]) -> dist.ProcessGroup | None:
     """The process group of the sharded parameters (None when there are none)."""
     groups = set()
