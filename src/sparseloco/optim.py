@@ -1048,11 +1048,13 @@ class SparseLoCo(OuterOptimizer):
         """The owner encodes the full Δ (it holds the error buffer) and every rank gets the
         result (one broadcast); ``None`` on every rank when the owner failed (it sends
         nothing and reports why in the phase's agreement)."""
-        ct = None
-        if dist.get_rank(group) == owner and delta is not None:
+        ct, mine = None, dist.get_rank(group) == owner
+        if mine and delta is not None:
             ct = attempt.run(self._encode_as_owner, name, p, delta)
         blob = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, p.device)
-        return attempt.run(sharded.load_compressed, name, blob, p.device) if blob else None
+        if mine or not blob:
+            return ct
+        return attempt.run(sharded.load_compressed, name, blob, p.device)
 
     def _encode_as_owner(self, name: str, p: torch.Tensor, delta: torch.Tensor) -> CompressedTensor:
         scratch = self._scratch(p)

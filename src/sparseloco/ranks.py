@@ -52,13 +52,13 @@ class RankZeroExchange:
         self.lockstep = Lockstep(group)
         self._group = group
         self._leader = self.lockstep.rank == 0
-        if self._leader and not isinstance(exchange, Exchange):
-            raise ExchangeError("rank 0 needs the peer's exchange")
-        self._exchange = exchange if self._leader else None
+        self._exchange = exchange if self._leader and isinstance(exchange, Exchange) else None
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         self._held: dict[int, str] = {}
-        own_id = exchange.peer_id if self._leader else None  # type: ignore[union-attr]
-        self._peer_id = self._broadcast(own_id.encode() if own_id is not None else None).decode()
+        own_id = self._exchange.peer_id.encode() if self._exchange is not None else None
+        self._peer_id = self._broadcast(own_id).decode()
+        if not self._peer_id:  # on every rank, not on rank 0 alone
+            raise ExchangeError("rank 0 of the group needs the peer's exchange, got none")
 
     @property
     def peer_id(self) -> str:

@@ -19,7 +19,10 @@ means) are per tensor, and the result would have to equal the unsharded one bit 
 owner scheme gets that for free and needs no fallback for empty or misaligned shards. Its
 cost: one all-gather of each tensor per round (the size of one FSDP forward all-gather), one
 full tensor transient per rank, and error buffers summing to one model's worth per peer,
-spread over the ranks.
+spread over the ranks. During a round each owner also keeps its new error buffers beside the
+old ones until the commit (recomputing them from Δ would all-gather every tensor again), and
+every rank its shard of every aggregate: with R ranks, 8/R bytes per parameter of transient
+memory per rank where the unsharded peer needs 4 (``benchmarks/fsdp.py`` measures it).
 
 Only 1-D device meshes are supported (``fully_shard`` over one process group).
 """
@@ -50,12 +53,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``whole`` (equal on every rank) laid out like the DTensor ``like``; no communication."""
+    """``whole`` (equal on every rank) laid out like the DTensor ``like``; no communication.
+
+    The shard is a copy, not a view, so ``whole`` is freed when the caller drops it (a view
+    would keep every full aggregate alive until the round's commit)."""
     if not isinstance(like, DTensor):
         return whole
     mesh = like.device_mesh
     replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements)
+    local = replicated.redistribute(mesh, like.placements).to_local().clone()
+    return DTensor.from_local(
+        local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 def to_layout(value: Any, like: Any) -> Any:
