@@ -894,9 +894,10 @@ class OuterOptimizer(Optimizer):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
                     group[key] = value
+        owned = self._owned()
         for p, key, value in plan:
-            if not self._keeps(p, key):
-                continue
+            if key in self.owner_state and sharded.is_sharded(p) and self._names[p] not in owned:
+                continue  # another rank owns it
             value = value if key in self.owner_state else sharded.to_layout(value, p)
             current = self.state[p].get(key)
             if current is None:
@@ -908,16 +909,16 @@ class OuterOptimizer(Optimizer):
         self.window = int(outer["window"])
         self._inflight = flight
 
-    def _keeps(self, p: torch.Tensor, key: str) -> bool:
-        """Whether this rank keeps the state ``key`` of ``p`` (all of them, but for an FSDP2
-        parameter's :attr:`owner_state`, which only its owner rank holds)."""
-        if key not in self.owner_state or not sharded.is_sharded(p):
-            return True
+    def _owned(self) -> set[str]:
+        """The FSDP2 parameters whose :attr:`owner_state` this rank holds (by name)."""
         params = self._round_params()
         group = sharded.mesh_group(params)
-        return sharded.owners(params, dist.get_world_size(group))[self._names[p]] == dist.get_rank(
-            group
-        )
+        if group is None:
+            return set()
+        rank = dist.get_rank(group)
+        return {
+            n for n, r in sharded.owners(params, dist.get_world_size(group)).items() if r == rank
+        }
 
     def _saved_flight(self, saved: dict[str, Any] | None) -> _InFlight | None:
         """The in-flight round of a state dict, checked against this model."""
