@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,10 @@ def test_a_two_rank_fsdp2_peer_joins_at_window_5_bit_identical_and_runs_window_5
         stderr=subprocess.STDOUT,
     )
     try:
+        deadline = time.monotonic() + 120  # c starts slowly: a and b wait for it to join
+        while not (tmp_path / "joined.safetensors").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "c did not join in 120 s"
+            time.sleep(0.1)
         _run(peers, range(WINDOWS, WINDOWS + 1))
         out, _ = proc.communicate(timeout=120)
     finally:
