@@ -11,7 +11,9 @@ The optimizers end each phase of a round with :meth:`Lockstep.agree`: one all-ga
 all-gather shares the errors' text and every rank raises the same
 :class:`~sparseloco.errors.RankError` there, naming the failed ranks and their errors, before
 anything changes. A phase with collectives inside (FSDP2's per-tensor all-gathers) keeps
-joining them after a local failure, so every rank reaches the agreement.
+joining them after a local failure, so every rank reaches the agreement. What this does not
+cover: a failure inside a collective itself (its receive buffer cannot be allocated, a rank's
+process dies), which is left to the process group's timeout and error handling.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ class Lockstep:
         """
         status = _OK if failure is None else _FAILED
         status = _LACKING if isinstance(failure, MissingRankData) else status
-        text = f"{type(failure).__name__}: {failure}".encode()[:_MAX_TEXT] if status else b""
+        text = (
+            f"{type(failure).__name__}: {failure}".encode()[:_MAX_TEXT]
+            if status == _FAILED
+            else b""
+        )
         row = [window, PHASES.index(phase), status, len(text), extra]
         rows = self._all_gather(torch.tensor(row, dtype=torch.int64)).tolist()
         if all(r[:3] == [window, row[1], _OK] for r in rows):

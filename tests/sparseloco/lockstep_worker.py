@@ -9,6 +9,8 @@ end.
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import hashlib
 import json
 import os
@@ -127,6 +129,7 @@ def _attempt(call, inject, fail_here: bool) -> dict:
 
 
 def main(kind: str, out: str) -> None:
+    faulthandler.dump_traceback_later(60, exit=True)  # a hung rank shows where
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -162,9 +165,10 @@ def main(kind: str, out: str) -> None:
     got = _attempt(outer.step, lambda: commit, rank == 1)
     report["failures"]["commit: the outer step fails on rank 1"] = got
     Path(out).write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2].replace("RANK", os.environ.get("RANK", "0")))
+    gc.collect()  # the DDP/FSDP2 module and optimizers go before the process group
+    dist.barrier()
+    dist.destroy_process_group()

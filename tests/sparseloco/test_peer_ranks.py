@@ -24,7 +24,12 @@ def _start(cmd):
 def _finish(procs, timeout=120):
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                p.kill()  # torchrun's workers may still hold the pipe: read what came
+                out = exc.output or b""
+                raise AssertionError(f"timed out:\n{out.decode()[-6000:]}") from None
             assert p.returncode == 0, out.decode()[-3000:]
     finally:
         for p in procs:
