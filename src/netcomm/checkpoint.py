@@ -90,14 +90,7 @@ class CheckpointStore:
         if not isinstance(step, int) or step < 0:
             raise CheckpointError(f"step must be a non-negative integer, got {step!r}")
         files: dict[str, dict[str, Any]] = {}
-        tree = None
-        parts: dict[str, dict[str, torch.Tensor]] = {"model": dict(model)}
-        if optimizer is not None:
-            opt_tensors: dict[str, torch.Tensor] = {}
-            tree = _encode(optimizer, opt_tensors, "optimizer")
-            parts["optimizer"] = opt_tensors
-        if error_feedback is not None:
-            parts["error_feedback"] = dict(error_feedback)
+        tree, parts = _parts(model, optimizer, error_feedback)
         for name, tensors in parts.items():
             data = st_save(_detached(tensors))
             key = self._key(step, f"{name}.safetensors")
@@ -192,6 +185,57 @@ class CheckpointStore:
         if sha256 is not None and _sha(data) != sha256:
             raise CheckpointError(f"{key!r} does not match its SHA-256 in the manifest")
         return data
+
+
+def checkpoint_blobs(ck: Checkpoint) -> list[bytes]:
+    """``ck`` as byte strings: a JSON head (step, meta, the optimizer's tree, each part's
+    tensor names), then each part's safetensors; :func:`checkpoint_from_blobs` reverses it.
+    How rank 0 of a multi-process peer hands a checkpoint to its other ranks (nothing is
+    pickled)."""
+    tree, parts = _parts(ck.model, ck.optimizer, ck.error_feedback)
+    head = {
+        "step": ck.step,
+        "meta": ck.meta,
+        "optimizer": tree,
+        "parts": {name: list(tensors) for name, tensors in parts.items()},
+    }
+    return [_dumps(head), *(st_save(_detached(tensors)) for tensors in parts.values())]
+
+
+def checkpoint_from_blobs(blobs: list[bytes]) -> Checkpoint:
+    """The :class:`Checkpoint` of :func:`checkpoint_blobs`' byte strings."""
+    head = _loads(blobs[0], "checkpoint head")
+    tensors = {}
+    for (name, names), data in zip(head["parts"].items(), blobs[1:], strict=True):
+        loaded = st_load(data)
+        tensors[name] = {k: loaded[k] for k in names}
+    optimizer = None
+    if head["optimizer"] is not None:
+        optimizer = _decode(head["optimizer"], tensors.get("optimizer", {}))
+    return Checkpoint(
+        step=int(head["step"]),
+        model=tensors["model"],
+        optimizer=optimizer,
+        error_feedback=tensors.get("error_feedback"),
+        meta=head["meta"],
+    )
+
+
+def _parts(
+    model: Mapping[str, torch.Tensor],
+    optimizer: Mapping[str, Any] | None,
+    error_feedback: Mapping[str, torch.Tensor] | None,
+) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+    """The optimizer state's JSON tree (``None`` without one) and the tensors of each file."""
+    tree = None
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": dict(model)}
+    if optimizer is not None:
+        opt_tensors: dict[str, torch.Tensor] = {}
+        tree = _encode(optimizer, opt_tensors, "optimizer")
+        parts["optimizer"] = opt_tensors
+    if error_feedback is not None:
+        parts["error_feedback"] = dict(error_feedback)
+    return tree, parts
 
 
 def _sha(data: bytes) -> str:

@@ -31,6 +31,7 @@ from sparseloco.errors import (
     CorruptUpdateError,
     ExchangeError,
     NonFiniteError,
+    RankError,
     ShapeMismatchError,
     SparseLoCoError,
     UnknownPresetError,
@@ -44,6 +45,7 @@ from sparseloco.exchange import (
     InProcessHub,
     PeerStatus,
 )
+from sparseloco.lockstep import Lockstep
 from sparseloco.loop import OuterLoop, skipped_by_grad_scaler
 from sparseloco.names import canonical_name
 from sparseloco.optim import (
@@ -79,12 +81,14 @@ __all__ = [
     "GatherResult",
     "InProcessExchange",
     "InProcessHub",
+    "Lockstep",
     "NonFiniteError",
     "OuterConfig",
     "OuterLoop",
     "OuterOptimizer",
     "Payload",
     "PeerStatus",
+    "RankError",
     "RankZeroExchange",
     "RoundReport",
     "ShapeMismatchError",

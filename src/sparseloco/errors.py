@@ -62,6 +62,27 @@ class ExchangeError(SparseLoCoError, RuntimeError):
     """Publishing or gathering through an exchange failed."""
 
 
+class RankError(ExchangeError):
+    """A round failed on one or more ranks of processes that step together (the ranks of a
+    DDP/FSDP2 peer, or :class:`~sparseloco.exchange.DistributedExchange`'s peers); every rank
+    raises this same error from the same collective, and none steps.
+
+    Attributes:
+        window: the window of the round.
+        phase: where it failed: ``"check"``, ``"encode"``, ``"gather"`` (publish, gather,
+            payload checks, aggregation), ``"commit"``, ``"apply"``, ``"publish"``
+            (:class:`~sparseloco.exchange.DistributedExchange`'s serialization) or ``"join"``.
+        failed: each failed rank (in the group) and its error, ``"Type: message"``. The
+            rank's own error, if it is one of them, is ``__cause__``.
+    """
+
+    def __init__(self, message: str, window: int, phase: str, failed: dict[int, str]) -> None:
+        self.window = window
+        self.phase = phase
+        self.failed = failed
+        super().__init__(message)
+
+
 class BackgroundRoundError(ExchangeError):
     """The background part of an overlapped round (publish, gather, payload checks or
     aggregation) failed; raised at the next round boundary, before anything changes.

@@ -11,9 +11,10 @@ this module provides:
   (gloo or NCCL), payloads serialized with :mod:`sparseloco.serialization` (canonical
   safetensors, never pickle) and all-gathered; a rank that fails makes every rank raise.
 
-An exchange whose ``gather`` is a collective may also provide ``abort(window, error)``: the
-optimizers call it, instead of ``publish``/``gather``, when their round fails before
-publishing, so that rank still joins the collective; it raises :class:`ExchangeError`.
+An exchange whose ``gather`` is a collective over processes that must step together has a
+``lockstep`` attribute (a :class:`~sparseloco.lockstep.Lockstep`): the optimizers then end
+every phase of a round with an agreement over those ranks, so a rank failing alone makes
+every rank raise the same :class:`~sparseloco.errors.RankError` instead of hanging.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from sparseloco.errors import ExchangeError, NonFiniteError, SparseLoCoError, UpdateError
+from sparseloco.errors import ExchangeError, SparseLoCoError
+from sparseloco.lockstep import Lockstep
 from sparseloco.payload import Payload, payload_from_tensors, validate_payload
 from sparseloco.serialization import dump_safetensors, load_safetensors
 
@@ -213,39 +215,24 @@ class InProcessExchange:
         return self._hub._collect(window, self._peer_id)
 
 
-# What each rank all-gathers first, beside the window and its payload's length.
-_SENT, _NOTHING = 0, 1
-_FAILURES = {
-    2: "non-finite values",
-    3: "an unusable update",
-    4: "serialization failed",
-    5: "an error",  # any other exception: out of memory, ...
-}
-
-
-def _failure_code(error: BaseException) -> int:
-    if isinstance(error, NonFiniteError):
-        return 2
-    return 3 if isinstance(error, UpdateError) else 5
-
-
 class DistributedExchange:
     """Peers are the ranks of a ``torch.distributed`` process group (gloo or NCCL).
 
     Each payload is serialized as canonical safetensors bytes; one all-gather carries every
-    rank's ``(window, status, length)``, a second the padded byte buffers (skipped when no
-    rank sent any); peer ids are ``"rank{r}"``. On an NCCL group the collectives run on this
-    rank's current CUDA device (``torch.cuda.current_device()``), on gloo in CPU memory.
-    Received bytes go through the bounded reader and full validation, so a bad rank's payload
-    is reported ``"invalid"``.
+    rank's payload length (inside :meth:`~sparseloco.lockstep.Lockstep.agree`), a second the
+    padded byte buffers (skipped when no rank sent any); peer ids are ``"rank{r}"``. On an
+    NCCL group the collectives run on this rank's current CUDA device
+    (``torch.cuda.current_device()``), on gloo in CPU memory. Received bytes go through the
+    bounded reader and full validation, so a bad rank's payload is reported ``"invalid"``
+    (and the optimizers, whose ranks must aggregate the same peers, then raise on every rank).
 
-    It never leaves a rank waiting for one that gave up: a rank whose round fails before it
-    publishes (the optimizer's finite check, encoding; the optimizers call :meth:`abort`) or
-    whose payload cannot be serialized still joins the first all-gather, with a failure
-    status. Every rank then raises the same :class:`ExchangeError`, naming the failed ranks,
-    from that collective, and none steps; the failed rank's own error is its ``__cause__``.
-    Ranks that gather different windows raise alike. Every rank must call ``step()`` for the
-    same windows (collectives), so use it among cooperating processes, not strangers.
+    It never leaves a rank waiting for one that gave up: the optimizers end every phase of a
+    round with an agreement over :attr:`lockstep` (a rank whose finite check, encoding or
+    aggregation fails makes every rank raise the same :class:`~sparseloco.errors.RankError`,
+    naming the failed ranks, and none steps), and a payload that cannot be serialized is
+    reported in the gather's own agreement. Ranks at different windows raise alike. Every
+    rank must call ``step()`` for the same windows (collectives), so use it among
+    cooperating processes, not strangers.
 
     Args:
         group: the process group (default: the world).
@@ -254,17 +241,14 @@ class DistributedExchange:
     def __init__(self, group: torch.distributed.ProcessGroup | None = None) -> None:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            raise ExchangeError("torch.distributed is not initialized; call init_process_group")
+        self.lockstep = Lockstep(group)
         self._dist = dist
         self._group = group
-        self._rank = dist.get_rank(group)
-        self._world = dist.get_world_size(group)
-        nccl = dist.get_backend(group) == "nccl"
-        cuda = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        self.device = cuda or torch.device("cpu")
+        self._rank = self.lockstep.rank
+        self._world = self.lockstep.world
+        self.device = self.lockstep.device or torch.device("cpu")
         self._pending: dict[int, bytes] = {}
-        self._failed: dict[int, tuple[int, BaseException]] = {}
+        self._failed: dict[int, BaseException] = {}
 
     @property
     def peer_id(self) -> str:
@@ -276,30 +260,16 @@ class DistributedExchange:
         try:
             data = dump_safetensors(*payload.to_tensors())
         except Exception as exc:  # the other ranks are about to wait in gather: fail there
-            self._failed[window] = (4, exc)
+            self._failed[window] = exc
             return 0
         self._pending[window] = data
         return len(data)
 
-    def abort(self, window: int, error: BaseException) -> None:
-        """Join ``window``'s collective as failed (this rank's round failed with ``error``
-        before publishing) and raise the :class:`ExchangeError` every rank raises."""
-        self._pending.pop(window, None)
-        self._failed[window] = (_failure_code(error), error)
-        self.gather(window)
-        raise ExchangeError(f"window {window}: this rank failed, yet gather did not raise")
-
     def gather(self, window: int) -> GatherResult:
         data = self._pending.pop(window, b"")
-        code, error = self._failed.pop(window, (_SENT if data else _NOTHING, None))
-        mine = torch.tensor([window, code, len(data)], dtype=torch.int64, device=self.device)
-        table = [torch.empty_like(mine) for _ in range(self._world)]
-        self._dist.all_gather(table, mine, group=self._group)
-        rows = [[int(v) for v in row.cpu()] for row in table]
-        problem = _group_problem(window, rows)
-        if problem:
-            raise ExchangeError(problem) from error
-        size = max(n for _, _, n in rows)
+        failure = self._failed.pop(window, None)
+        lengths = self.lockstep.agree(window, "publish", failure, extra=len(data))
+        size = max(lengths)
         bufs = []
         if size:
             buf = torch.zeros(size, dtype=torch.uint8)
@@ -309,7 +279,7 @@ class DistributedExchange:
             bufs = [torch.empty_like(buf) for _ in range(self._world)]
             self._dist.all_gather(bufs, buf, group=self._group)
         result = GatherResult(window=window, contents_validated=True)
-        for rank, (_, _, n) in enumerate(rows):
+        for rank, n in enumerate(lengths):
             peer = f"rank{rank}"
             if rank == self._rank:
                 continue
@@ -326,22 +296,3 @@ class DistributedExchange:
             result.updates[peer] = payload
             result.statuses[peer] = PeerStatus(peer, "ok", nbytes=n)
         return result
-
-
-def _group_problem(window: int, rows: list[list[int]]) -> str:
-    """Why no rank may step (the same sentence on every rank), or "" when all is well."""
-    windows = sorted({w for w, _, _ in rows})
-    if len(windows) > 1:
-        got = ", ".join(f"rank {r}: {w}" for r, (w, _, _) in enumerate(rows))
-        return f"ranks gathered different windows ({got}); every rank raises, none steps"
-    failed = [
-        f"rank {r} ({_FAILURES.get(code, f'status {code}')})"
-        for r, (_, code, _) in enumerate(rows)
-        if code not in (_SENT, _NOTHING)
-    ]
-    if failed:
-        return (
-            f"window {window}: {', '.join(failed)} failed before publishing; "
-            "every rank raises, none steps"
-        )
-    return ""

@@ -92,7 +92,6 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import (
     CompressedTensor,
     CompressedUpdate,
-    check_finite,
     commit_tensor,
     encode_tensor,
 )
@@ -106,6 +105,7 @@ from sparseloco.errors import (
 )
 from sparseloco.exchange import DistributedExchange, Exchange, GatherResult, PeerStatus
 from sparseloco.kernels import BackendChoice, resolve_backend
+from sparseloco.lockstep import Attempt, Lockstep, MissingRankData, digest_int
 from sparseloco.names import canonical_name
 from sparseloco.payload import (
     DenseUpdate,
@@ -160,7 +160,7 @@ NamedParam = tuple[str, torch.Tensor, dict[str, Any]]
 
 def _norm(tensors: Iterable[torch.Tensor]) -> float:
     """‖(t₁, t₂, …)‖₂ over all entries, accumulated in float64."""
-    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors) ** 0.5
+    return sum(_sq_norm(t) for t in tensors) ** 0.5
 
 
 class _Timer:
@@ -253,6 +253,8 @@ class OuterOptimizer(Optimizer):
     #: state keys that belong to this peer alone (not the same on every peer, unlike θ₀ and
     #: momentum): a peer joining from another peer's checkpoint leaves them out.
     peer_local_state: tuple[str, ...] = ()
+    #: state keys kept whole (global layout) by an FSDP2 parameter's owner rank alone
+    owner_state: tuple[str, ...] = ()
     #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
     #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
@@ -415,7 +417,7 @@ class OuterOptimizer(Optimizer):
 
     def _check_inputs(self, params: list[NamedParam]) -> None:
         """Raise :class:`NonFiniteError` naming the first parameter holding NaN/Inf."""
-        _check_all_finite([(name, p) for name, p, _ in params], sharded.mesh_group(params))
+        _check_all_finite([(name, p) for name, p, _ in params])
 
     def _backend(self, device: torch.device) -> BackendChoice:
         return BackendChoice("torch", "dense baseline")
@@ -452,9 +454,13 @@ class OuterOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
         """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
 
-        A failure before publishing is reported to an exchange with an ``abort`` method (a
-        collective one, :class:`~sparseloco.exchange.DistributedExchange`), which then raises
-        the :class:`~sparseloco.errors.ExchangeError` the other peers raise too.
+        With an exchange whose ranks step together (``exchange.lockstep``:
+        :class:`~sparseloco.ranks.RankZeroExchange`,
+        :class:`~sparseloco.exchange.DistributedExchange`), each phase (check, encode,
+        publish-gather-aggregate, commit) ends in an agreement: a failure on any one rank
+        makes every rank raise the same :class:`~sparseloco.errors.RankError` there
+        (:mod:`sparseloco.lockstep`). Committing is in-place arithmetic after everything
+        else; should it fail on a rank (out of memory), every rank raises and says so.
 
         Atomic: every step that can fail (the finite check, encoding, the exchange, the
         payloads' contents, the aggregate of every tensor and its memory) runs before any
@@ -470,40 +476,62 @@ class OuterOptimizer(Optimizer):
         window = self.window
         params = self._round_params()
         choice = self._backend(params[0][1].device)
-        try:
-            with timer("check"):
-                self._check_inputs(params)
-            with timer("encode"):
-                own, source_norm = self._encode(params)
-            with timer("publish"):
-                sent = self.exchange.publish(window, own)
-        except Exception as exc:
-            _abort(self.exchange, window, exc)
-            raise
-        with timer("gather"):
-            gathered = self.exchange.gather(window)
-        updates, statuses = self._usable(gathered, own, self._shapes(params))
+        lock = self._lockstep(params)
+        with timer("check"):
+            _agreed(lock, window, "check", lambda: self._check_inputs(params))
+        with timer("encode"):
+            own, source_norm = _agreed(lock, window, "encode", lambda: self._encode(params))
+        done = _agreed(
+            lock,
+            window,
+            "gather",
+            lambda: self._exchange_round(window, own, params, timer, "aggregate_step"),
+            extra=lambda r: digest_int(r.peers),
+            what="peers aggregated (a payload usable on some ranks only)",
+        )
         with timer("aggregate_step"):
-            aggregates, update_norm = self._aggregate_all(updates, params)
-            self._commit_own(params, own)
-            self._take_step(params, aggregates)
+            _agreed(lock, window, "commit", lambda: self._commit(params, own, done.aggregates))
         report = RoundReport(
             window=window,
             peer_id=self.exchange.peer_id,
             method=self.method,
             backend=choice.name,
             backend_reason=choice.reason,
-            bytes_sent=sent,
-            bytes_received=gathered.bytes_received,
-            peers=sorted(updates),
-            statuses=statuses,
+            bytes_sent=done.bytes_sent,
+            bytes_received=done.bytes_received,
+            peers=done.peers,
+            statuses=done.statuses,
             pseudo_grad_norm=source_norm,
-            update_norm=update_norm,
+            update_norm=done.update_norm,
             timings=timer.times,
             applied_window=window,
         )
         self.last_report = report
         return report
+
+    def _commit(
+        self, params: list[NamedParam], own: Payload, aggregates: dict[str, torch.Tensor]
+    ) -> None:
+        """Error feedback of what was sent, the outer step, the window: the round's changes."""
+        self._commit_own(params, own)
+        self._take_step(params, aggregates)
+
+    def _lockstep(self, params: list[NamedParam]) -> Lockstep | None:
+        """The ranks this optimizer must step with: its exchange's (a collective one), or
+        none. FSDP2 parameters need :class:`~sparseloco.ranks.RankZeroExchange` over the
+        ranks of their device mesh."""
+        lock = getattr(self.exchange, "lockstep", None)
+        mesh = sharded.mesh_group(params)
+        if mesh is None:
+            return lock
+        if not isinstance(self.exchange, RankZeroExchange) or sorted(lock.ranks) != sorted(
+            dist.get_process_group_ranks(mesh)
+        ):
+            raise ConfigError(
+                "FSDP2 (DTensor) parameters: the ranks of the mesh are one peer; wrap its "
+                "exchange in RankZeroExchange over the same ranks"
+            )
+        return lock
 
     def _step_overlapped(self) -> RoundReport:
         """An overlapped boundary: apply window k−1, start window k's round behind.
@@ -602,6 +630,10 @@ class OuterOptimizer(Optimizer):
         """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""
         return self._origin(p).to(p.device, torch.float32) - p.to(torch.float32)
 
+    def _kept(self, deltas: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``p`` → its Δ as ``deltas`` kept it (an overlapped round's), on ``p``'s device."""
+        return lambda p: deltas[self._names[p]].to(p.device)
+
     def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
         """Encode the in-flight window's Δ with error feedback and commit the error buffers
         (only the round's thread touches them until it is collected)."""
@@ -615,41 +647,79 @@ class OuterOptimizer(Optimizer):
         finally:
             flight.encoded.set()
 
-    def _background_round(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
-        """Encode (if not yet), publish, gather, check the payloads and aggregate them;
-        changes no state but the error buffers' commit (the aggregates depend on the
-        parameters' names, shapes and devices only)."""
-        timer, phase = _Timer(), "encode"
-        try:
-            with timer("encode"):
-                self._encode_flight(flight, params)
-            assert flight.own is not None
-            phase = "publish"
-            try:
-                with timer("publish"):
-                    sent = self.exchange.publish(flight.window, flight.own)
-            finally:
-                flight.published.set()
-            phase = "gather"
-            with timer("gather"):
-                gathered = self.exchange.gather(flight.window)
-                updates, statuses = self._usable(gathered, flight.own, self._shapes(params))
-            phase = "aggregate"
-            with timer("aggregate"):
-                aggregates, norm = self._aggregate_all(updates, params)
-        except Exception as exc:
-            raise _PhaseFailed(phase) from exc
+    @staticmethod
+    def _wholes(
+        params: list[NamedParam],
+        local: Callable[[torch.Tensor], torch.Tensor],
+        dtype: torch.dtype | None,
+        attempt: Attempt,
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, p, the whole of ``local(p)``) one parameter at a time; a DTensor's is
+        all-gathered, on every rank even after a local failure kept by ``attempt`` (the
+        whole is then ``None``). ``dtype``: that of ``local(p)`` (``None``: ``p``'s)."""
+        for name, p, _ in params:
+            part = attempt.run(local, p)
+            if sharded.is_sharded(p):
+                whole = sharded.whole_or_join(part, p, dtype or p.dtype)
+                part = None if attempt.failed else whole
+            yield name, p, part
+
+    def _exchange_round(
+        self,
+        window: int,
+        own: Payload,
+        params: list[NamedParam],
+        timer: _Timer,
+        aggregate_phase: str = "aggregate",
+        *,
+        pseudo_grad_norm: float = 0.0,
+        published: threading.Event | None = None,
+    ) -> _Round:
+        """Publish ``own`` (then set ``published``), gather, check the payloads and
+        aggregate them; changes no state (the aggregates depend on the parameters' names,
+        shapes and devices only)."""
+        with timer("publish"):
+            sent = self.exchange.publish(window, own)
+        if published is not None:
+            published.set()
+        with timer("gather"):
+            gathered = self.exchange.gather(window)
+            updates, statuses = self._usable(gathered, own, self._shapes(params))
+        with timer(aggregate_phase):
+            aggregates, norm = self._aggregate_all(updates, params)
         return _Round(
-            flight.window,
+            window,
             sorted(updates),
             statuses,
             sent,
             gathered.bytes_received,
             aggregates,
-            flight.norm,
+            pseudo_grad_norm,
             norm,
             timer.times,
         )
+
+    def _background_round(self, flight: _InFlight, params: list[NamedParam]) -> _Round:
+        """Encode ``flight`` (if not yet) and :meth:`_exchange_round` it, a failure naming the
+        phase (the last one timed); ``published`` is set once the upload is over, whatever
+        became of it."""
+        timer = _Timer()
+        try:
+            with timer("encode"):
+                self._encode_flight(flight, params)
+            assert flight.own is not None
+            return self._exchange_round(
+                flight.window,
+                flight.own,
+                params,
+                timer,
+                pseudo_grad_norm=flight.norm,
+                published=flight.published,
+            )
+        except Exception as exc:
+            raise _PhaseFailed(list(timer.times)[-1]) from exc
+        finally:
+            flight.published.set()
 
     def _launch(self, flight: _InFlight, params: list[NamedParam]) -> Future[_Round]:
         """Start ``flight``'s background round on a daemon thread."""
@@ -699,26 +769,37 @@ class OuterOptimizer(Optimizer):
         that also need it (a validator remembering it for replay checks).
 
         With ``overlap=True`` nothing may be in flight (call :meth:`finish` first) and inner
-        steps taken since the last boundary stay local: θ ← θ₀ + (θ − s).
+        steps taken since the last boundary stay local: θ ← θ₀ + (θ − s). The ranks of a
+        multi-process peer (``exchange.lockstep``) call it together with the same updates;
+        a failure on one makes every rank raise the same :class:`~sparseloco.errors.RankError`.
         """
         if self._inflight is not None:
             raise ConfigError(
                 f"window {self._inflight.window} is in flight; call finish() before apply()"
             )
         params = self._round_params()
-        shapes = self._shapes(params)
-        for payload in updates.values():
-            self._check(payload, shapes)
-            validate_payload(payload)
-        aggregates, norm = self._aggregate_all(dict(updates), params)
+        window = self.window
+        lock = self._lockstep(params)
+        aggregates, norm = _agreed(lock, window, "apply", lambda: self._checked_aggregate(updates))
         if on_aggregate is not None and updates:
             on_aggregate(aggregates)
         if self.overlap:
             self._keep_local_progress(params, aggregates)
             self.window += 1
         else:
-            self._take_step(params, aggregates)
+            _agreed(lock, window, "commit", lambda: self._take_step(params, aggregates))
         return norm
+
+    def _checked_aggregate(
+        self, updates: Mapping[str, Payload]
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Every payload checked against this model, then aggregated (changes nothing)."""
+        params = self._round_params()
+        shapes = self._shapes(params)
+        for payload in updates.values():
+            self._check(payload, shapes)
+            validate_payload(payload)
+        return self._aggregate_all(dict(updates), params)
 
     @staticmethod
     def _shapes(params: list[NamedParam]) -> dict[str, tuple[int, ...]]:
@@ -769,7 +850,7 @@ class OuterOptimizer(Optimizer):
                 agg = self._aggregate_tensor(name, updates, p.device)
             else:
                 agg = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            norm_sq += float(torch.linalg.vector_norm(agg, dtype=torch.float64)) ** 2
+            norm_sq += _sq_norm(agg)
             out[name] = self._store(sharded.shard_like(agg, p))
         return out, norm_sq**0.5
 
@@ -859,7 +940,9 @@ class OuterOptimizer(Optimizer):
 
         Unlike ``torch.optim.Optimizer.load_state_dict`` this keeps each buffer's own dtype and
         device (a float32 error buffer of a bfloat16 model stays float32; offloaded state
-        stays on the CPU). Shapes are checked; nothing changes if any check fails.
+        stays on the CPU). Shapes are checked; nothing changes if any check fails. With FSDP2
+        (DTensor) parameters a saved full tensor is laid out like its parameter and an error
+        buffer (global layout) kept by its owner rank only.
         """
         running = self._inflight is not None and self._inflight.future is not None
         if running and not self._inflight.future.done():  # type: ignore[union-attr]
@@ -908,7 +991,11 @@ class OuterOptimizer(Optimizer):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
                     group[key] = value
+        owned = self._owned()
         for p, key, value in plan:
+            if key in self.owner_state and sharded.is_sharded(p) and self._names[p] not in owned:
+                continue  # another rank owns it
+            value = value if key in self.owner_state else sharded.to_layout(value, p)
             current = self.state[p].get(key)
             if current is None:
                 self.state[p][key] = self._store(value.to(p.device).clone())
@@ -918,6 +1005,17 @@ class OuterOptimizer(Optimizer):
             self.outer_optimizer.load_state_dict(outer["outer_optimizer"])
         self.window = int(outer["window"])
         self._inflight = flight
+
+    def _owned(self) -> set[str]:
+        """The FSDP2 parameters whose :attr:`owner_state` this rank holds (by name)."""
+        params = self._round_params()
+        group = sharded.mesh_group(params)
+        if group is None:
+            return set()
+        rank = dist.get_rank(group)
+        return {
+            n for n, r in sharded.owners(params, dist.get_world_size(group)).items() if r == rank
+        }
 
     def _saved_flight(self, saved: dict[str, Any] | None) -> _InFlight | None:
         """The in-flight round of a state dict, checked against this model."""
@@ -972,6 +1070,7 @@ class SparseLoCo(OuterOptimizer):
 
     method = "sparseloco"
     peer_local_state = ("error",)  # the error-feedback buffer
+    owner_state = ("error",)
 
     def __init__(
         self,
@@ -1029,31 +1128,28 @@ class SparseLoCo(OuterOptimizer):
         A DTensor parameter's Δ is all-gathered and encoded by its owner rank, which keeps
         the new error buffer pending until the commit (see :mod:`sparseloco.sharded`).
         """
-        codec = self.config.codec
         group = sharded.mesh_group(params)
         owner = sharded.owners(params, dist.get_world_size(group)) if group else {}
+        attempt = Attempt(strict=group is None)
         self._pending = {}
         tensors = {}
         pg_sq = 0.0
-        for name, p, _ in params:
-            delta = self._delta(name, p, deltas)
-            pg_sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+        local = self._own_delta if deltas is None else self._kept(deltas)
+        for name, p, delta in self._wholes(params, local, torch.float32, attempt):
+            if delta is not None:
+                pg_sq += attempt.run(_sq_norm, delta) or 0.0
             if name in owner:
-                check_finite(name, delta)  # on every rank: they all hold the same Δ
-                tensors[name] = self._encode_owned(name, p, delta, owner[name], group)
+                ct = self._encode_owned(name, p, delta, owner[name], group, attempt)
             else:
-                tensors[name] = encode_tensor(name, delta, self._scratch(p), codec)
+                ct = attempt.run(self._encode_local, name, p, delta)
+            tensors[name] = ct
             del delta
-        return CompressedUpdate(codec=codec, tensors=tensors), pg_sq**0.5
+        attempt.done()
+        codec = self.config.codec
+        return CompressedUpdate(codec=codec, tensors=_all_sent(tensors)), pg_sq**0.5
 
-    def _delta(
-        self, name: str, p: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None
-    ) -> torch.Tensor:
-        """Δ of ``p`` in float32 on its device: the one kept in ``deltas``, else computed
-        (all-gathered whole for a DTensor)."""
-        if deltas is not None:
-            return deltas[name].to(p.device)
-        return sharded.full(self._own_delta(p))
+    def _encode_local(self, name: str, p: torch.Tensor, delta: torch.Tensor) -> CompressedTensor:
+        return encode_tensor(name, delta, self._scratch(p), self.config.codec)
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
         """A copy of ``p``'s error buffer (zeros before the first round) on ``p``'s device."""
@@ -1061,24 +1157,30 @@ class SparseLoCo(OuterOptimizer):
         return self._zero_error(p) if error is None else error.to(p.device, copy=True)
 
     def _encode_owned(
-        self, name: str, p: torch.Tensor, delta: torch.Tensor, owner: int, group: Any
-    ) -> CompressedTensor:
-        """The owner encodes the full Δ; every rank gets the result (one broadcast), or every
-        rank raises when the owner failed (out of memory) instead of waiting for it."""
-        ct, failure = None, None
-        if dist.get_rank(group) == owner:
-            try:
-                scratch = self._scratch(p)
-                ct = encode_tensor(name, delta, scratch, self.config.codec)
-                self._pending[name] = scratch
-            except Exception as exc:  # sent as "nothing", re-raised below
-                failure = exc
-        got = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, delta.device)
-        if failure is not None:
-            raise failure
-        if got is None:
-            raise UpdateError(f"encoding failed on its owner rank {owner}", tensor=name)
-        return got
+        self,
+        name: str,
+        p: torch.Tensor,
+        delta: torch.Tensor | None,
+        owner: int,
+        group: Any,
+        attempt: Attempt,
+    ) -> CompressedTensor | None:
+        """The owner encodes the full Δ (it holds the error buffer) and every rank gets the
+        result (one broadcast); ``None`` on every rank when the owner failed (it sends
+        nothing and reports why in the phase's agreement)."""
+        ct, mine = None, dist.get_rank(group) == owner
+        if mine and delta is not None:
+            ct = attempt.run(self._encode_as_owner, name, p, delta)
+        blob = sharded.broadcast_compressed(name, ct, self.config.codec, owner, group, p.device)
+        if mine or not blob:
+            return ct
+        return attempt.run(sharded.load_compressed, name, blob, p.device)
+
+    def _encode_as_owner(self, name: str, p: torch.Tensor, delta: torch.Tensor) -> CompressedTensor:
+        scratch = self._scratch(p)
+        ct = encode_tensor(name, delta, scratch, self.config.codec)
+        self._pending[name] = scratch
+        return ct
 
     def _commit_own(
         self,
@@ -1189,17 +1291,26 @@ class DiLoCo(OuterOptimizer):
     def _encode(
         self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[Payload, float]:
-        if deltas is None:  # in the parameters' dtype, then the wire's
-            wire = {
-                name: sharded.full(self._origin(p).to(p.device) - p).to(self._wire)
-                for name, p, _ in params
-            }
-        else:  # an overlapped round's float32 Δ
-            wire = {name: deltas[name].to(self._wire) for name, _, _ in params}
-        norm_sq = sum(
-            float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in wire.values()
+        attempt = Attempt(strict=sharded.mesh_group(params) is None)
+        # Δ in the parameters' dtype, or an overlapped round's float32 Δ; then the wire's
+        local, dtype = (
+            (self._plain_delta, None)
+            if deltas is None
+            else (
+                self._kept(deltas),
+                torch.float32,
+            )
         )
-        return DenseUpdate(tensors=wire), norm_sq**0.5
+        wire = {}
+        for name, _, d in self._wholes(params, local, dtype, attempt):
+            wire[name] = attempt.run(d.to, self._wire) if d is not None else None
+        attempt.done()
+        sent = _all_sent(wire)
+        return DenseUpdate(tensors=sent), _norm(sent.values())
+
+    def _plain_delta(self, p: torch.Tensor) -> torch.Tensor:
+        """θ₀ − θ in the parameter's dtype (s − θ when overlapping)."""
+        return self._origin(p).to(p.device) - p
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device
@@ -1261,14 +1372,19 @@ class DataParallel(OuterOptimizer):
     def _check_inputs(self, params: list[NamedParam]) -> None:
         if self.nonfinite == "raise":
             grads = [(name, p.grad) for name, p, _ in params]
-            _check_all_finite(grads, sharded.mesh_group(params))  # type: ignore[arg-type]
+            _check_all_finite(grads)  # type: ignore[arg-type]
 
     def _encode(
         self, params: list[NamedParam], deltas: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[Payload, float]:
         del deltas  # gradient averaging publishes gradients, not progress
-        # a copy: the payload must stay unchanged after publishing while .grad is overwritten
-        grads = {name: sharded.full(p.grad).to(self._wire, copy=True) for name, p, _ in params}  # type: ignore[union-attr]
+        attempt = Attempt(strict=sharded.mesh_group(params) is None)
+        copies = {}
+        for name, _, g in self._wholes(params, _grad, None, attempt):
+            # a copy: the payload must stay unchanged after publishing while .grad is overwritten
+            copies[name] = attempt.run(_copy_to, g, self._wire) if g is not None else None
+        attempt.done()
+        grads = _all_sent(copies)
         if self.nonfinite == "propagate" and not all(_finite(g) for g in grads.values()):
             return DenseUpdate(tensors={}), float("inf")  # the overflow marker
         return DenseUpdate(tensors=grads), _norm(grads.values())
@@ -1303,12 +1419,39 @@ class DataParallel(OuterOptimizer):
         p.grad.copy_(agg)  # type: ignore[union-attr]
 
 
-def _abort(exchange: Exchange, window: int, error: Exception) -> None:
-    """Tell a collective exchange that this peer's round failed before publishing (it joins
-    the collective and raises for the whole group); other exchanges need nothing."""
-    abort = getattr(exchange, "abort", None)
-    if callable(abort):
-        abort(window, error)
+def _agreed(
+    lock: Lockstep | None,
+    window: int,
+    phase: str,
+    fn: Callable[[], Any],
+    extra: Callable[[Any], int] | None = None,
+    what: str = "results",
+) -> Any:
+    """``fn()``; with ranks that step together, ended by their agreement (every rank raises
+    the same :class:`~sparseloco.errors.RankError` if one failed)."""
+    return fn() if lock is None else lock.run(window, phase, fn, extra, what)
+
+
+def _sq_norm(t: torch.Tensor) -> float:
+    """‖t‖₂², accumulated in float64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad  # type: ignore[return-value]
+
+
+def _copy_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype, copy=True)
+
+
+def _all_sent(tensors: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` when none is ``None``; else :class:`MissingRankData` (an owner rank failed
+    and sent nothing: it says why in the phase's agreement)."""
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        raise MissingRankData(f"{missing[0]}: its owner rank sent nothing")
+    return tensors
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -1317,16 +1460,12 @@ def _finite(t: torch.Tensor) -> bool:
     return not local.is_floating_point() or bool(torch.isfinite(local).all())
 
 
-def _check_all_finite(
-    tensors: list[tuple[str, torch.Tensor]], group: dist.ProcessGroup | None
-) -> None:
-    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf; with sharded
-    parameters every rank of ``group`` raises the same one (one all-reduce of an index)."""
-    bad = next((i for i, (_, t) in enumerate(tensors) if not _finite(t)), len(tensors))
-    if group is not None:
-        bad = sharded.agree_first_bad(bad, group, tensors[0][1].device)
-    if bad < len(tensors):
-        raise NonFiniteError("contains NaN or Inf", tensor=tensors[bad][0])
+def _check_all_finite(tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/Inf (in this rank's
+    shard, for a DTensor: the round's agreement makes every rank raise)."""
+    for name, t in tensors:
+        if not _finite(t):
+            raise NonFiniteError("contains NaN or Inf", tensor=name)
 
 
 def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""One peer made of several processes (DDP inside a peer under ``torchrun``).
+"""One peer made of several processes (DDP or FSDP2 inside a peer under ``torchrun``).
 
 A peer that trains with DDP runs one outer optimizer per rank. DDP keeps the parameters of
 all ranks bit-identical, so every rank computes the same pseudo-gradient and the same
-payload; only one of them may publish it, and all of them must aggregate the same payloads.
+payload (FSDP2's ranks build it together: :mod:`sparseloco.sharded`); only one of them may
+publish it, and all of them must aggregate the same payloads.
 :class:`RankZeroExchange` wraps the peer's exchange for that:
 
 * ``publish``: rank 0 of the group publishes through the wrapped exchange; the other ranks
@@ -13,22 +14,27 @@ payload; only one of them may publish it, and all of them must aggregate the sam
   :class:`GatherResult` and so takes the same outer step.
 * failures: an exception in rank 0's publish is held and an exception in its gather is
   caught; either is broadcast in place of the payloads, and every rank raises the same
-  :class:`ExchangeError` from that one broadcast, so no rank waits in a collective for a
-  rank that gave up. A failure before the gather (a NaN in θ) happens on every rank alike,
-  since their parameters are equal.
+  :class:`~sparseloco.errors.RankError` from that one broadcast, so no rank waits in a
+  collective for a rank that gave up.
+* :meth:`RankZeroExchange.share` does the same for anything rank 0 alone reads (``netcomm.join``
+  hands every rank the checkpoint and the replayed windows' updates through it).
 
 Every rank must call ``publish`` and ``gather`` for the same windows, as with DDP itself.
+
+The ranks agree after every phase of a round through :class:`~sparseloco.lockstep.Lockstep`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from sparseloco.errors import ExchangeError
+from sparseloco.errors import ExchangeError, RankError
 from sparseloco.exchange import Exchange, GatherResult, PeerStatus
+from sparseloco.lockstep import Lockstep
 from sparseloco.payload import Payload, payload_from_tensors
 from sparseloco.serialization import dump_safetensors, load_safetensors
 
@@ -43,23 +49,30 @@ class RankZeroExchange:
     """
 
     def __init__(self, exchange: Exchange | None, group: dist.ProcessGroup | None = None) -> None:
-        if not dist.is_initialized():
-            raise ExchangeError("torch.distributed is not initialized; call init_process_group")
+        self.lockstep = Lockstep(group)
         self._group = group
-        self._leader = dist.get_rank(group) == 0
-        if self._leader and not isinstance(exchange, Exchange):
-            raise ExchangeError("rank 0 needs the peer's exchange")
-        self._exchange = exchange if self._leader else None
+        self._leader = self.lockstep.rank == 0
+        self._exchange = exchange if self._leader and isinstance(exchange, Exchange) else None
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
-        nccl = dist.get_backend(group) == "nccl"
-        self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         self._held: dict[int, str] = {}
-        own_id = exchange.peer_id if self._leader else None  # type: ignore[union-attr]
-        self._peer_id = self._broadcast(own_id.encode() if own_id is not None else None).decode()
+        own_id = self._exchange.peer_id.encode() if self._exchange is not None else None
+        self._peer_id = self._broadcast(own_id).decode()
+        if not self._peer_id:  # on every rank, not on rank 0 alone
+            raise ExchangeError("rank 0 of the group needs the peer's exchange, got none")
 
     @property
     def peer_id(self) -> str:
         return self._peer_id
+
+    @property
+    def leader(self) -> bool:
+        """Whether this is rank 0 of the group (the one that publishes and gathers)."""
+        return self._leader
+
+    @property
+    def exchange(self) -> Exchange | None:
+        """The peer's exchange on rank 0; ``None`` on the other ranks."""
+        return self._exchange
 
     def publish(self, window: int, payload: Payload) -> int:
         """Rank 0 publishes; a failure is raised on every rank by the next :meth:`gather`."""
@@ -72,44 +85,63 @@ class RankZeroExchange:
             return 0
 
     def gather(self, window: int) -> GatherResult:
-        """Rank 0's gather, the same on every rank; or the same error raised on every rank."""
-        header, blobs = {}, []
-        if self._leader:
-            header, blobs = self._leader_gather(window)
-        header = json.loads(self._broadcast(json.dumps(header).encode() if self._leader else None))
-        peers = header.get("updates", [])
-        for i in range(len(peers)):
-            blob = self._broadcast(blobs[i] if self._leader else None)
-            if not self._leader:
-                blobs.append(blob)
-        if header.get("error"):
-            raise ExchangeError(f"rank 0 of peer {self._peer_id}: {header['error']}")
+        """Rank 0's gather, the same on every rank; or the same :class:`RankError` raised on
+        every rank."""
+        return self.share_result(window, "gather", lambda: self._leader_gather(window))
+
+    def share_result(
+        self, window: int, phase: str, make: Callable[[], GatherResult]
+    ) -> GatherResult:
+        """``make()`` run on rank 0 (a gather, or a window's updates read back from storage),
+        the same :class:`GatherResult` on every rank: a JSON header (statuses, the selection
+        flag, the peers in order), then each payload's canonical safetensors bytes."""
+
+        def blobs() -> list[bytes]:
+            got = make()
+            peers = sorted(got.updates)
+            header = {
+                "self_selected": got.self_selected,
+                "updates": peers,
+                "statuses": [
+                    [s.peer, s.status, s.reason, s.nbytes, s.latency_s]
+                    for s in got.statuses.values()
+                ],
+            }
+            payloads = [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
+            return [json.dumps(header).encode(), *payloads]
+
+        head, *payloads = self.share(window, phase, blobs)
+        header = json.loads(head)
         result = GatherResult(window=window, self_selected=header["self_selected"])
-        for peer, blob in zip(peers, blobs, strict=True):
+        for peer, blob in zip(header["updates"], payloads, strict=True):
             result.updates[peer] = payload_from_tensors(*load_safetensors(bytearray(blob)))
         for peer, status, reason, nbytes, latency in header["statuses"]:
             result.statuses[peer] = PeerStatus(peer, status, reason, nbytes, latency)
         return result
 
-    def _leader_gather(self, window: int) -> tuple[dict, list[bytes]]:
+    def share(self, window: int, phase: str, make: Callable[[], list[bytes]]) -> list[bytes]:
+        """``make()`` run on rank 0, its byte strings on every rank (broadcasts); when it
+        raises, every rank raises the same :class:`RankError` from the same broadcast."""
+        error, blobs = "", []
+        if self._leader:
+            try:
+                blobs = make()
+            except Exception as exc:  # broadcast, then raised on every rank alike
+                error = f"{type(exc).__name__}: {exc}"
+        head = json.dumps({"count": len(blobs), "error": error}).encode() if self._leader else None
+        header = json.loads(self._broadcast(head))
+        if header["error"]:
+            message = f"window {window}: rank 0 of peer {self._peer_id}: {header['error']}"
+            raise RankError(message, window, phase, {0: header["error"]})
+        return [self._broadcast(blobs[i] if self._leader else None) for i in range(header["count"])]
+
+    def _leader_gather(self, window: int) -> GatherResult:
         if window in self._held:
-            return {"error": self._held.pop(window)}, []
-        try:
-            got = self._exchange.gather(window)  # type: ignore[union-attr]
-        except Exception as exc:  # broadcast, then raised on every rank alike
-            return {"error": f"gather failed: {type(exc).__name__}: {exc}"}, []
-        peers = sorted(got.updates)
-        header = {
-            "self_selected": got.self_selected,
-            "updates": peers,
-            "statuses": [
-                [s.peer, s.status, s.reason, s.nbytes, s.latency_s] for s in got.statuses.values()
-            ],
-        }
-        return header, [dump_safetensors(*got.updates[p].to_tensors()) for p in peers]
+            raise ExchangeError(self._held.pop(window))
+        return self._exchange.gather(window)  # type: ignore[union-attr]
 
     def _broadcast(self, data: bytes | None) -> bytes:
-        return broadcast_bytes(data, self._src, self._group, self._device)
+        return broadcast_bytes(data, self._src, self._group, self.lockstep.device)
 
 
 def broadcast_bytes(

@@ -19,7 +19,10 @@ means) are per tensor, and the result would have to equal the unsharded one bit 
 owner scheme gets that for free and needs no fallback for empty or misaligned shards. Its
 cost: one all-gather of each tensor per round (the size of one FSDP forward all-gather), one
 full tensor transient per rank, and error buffers summing to one model's worth per peer,
-spread over the ranks.
+spread over the ranks. During a round each owner also keeps its new error buffers beside the
+old ones until the commit (recomputing them from Δ would all-gather every tensor again), and
+every rank its shard of every aggregate: with R ranks, 8/R bytes per parameter of transient
+memory per rank where the unsharded peer needs 4 (``benchmarks/fsdp.py`` measures it).
 
 Only 1-D device meshes are supported (``fully_shard`` over one process group).
 """
@@ -50,12 +53,31 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``whole`` (equal on every rank) laid out like the DTensor ``like``; no communication."""
+    """``whole`` (equal on every rank) laid out like the DTensor ``like``; no communication.
+
+    The shard is a copy, not a view, so ``whole`` is freed when the caller drops it (a view
+    would keep every full aggregate alive until the round's commit)."""
     if not isinstance(like, DTensor):
         return whole
     mesh = like.device_mesh
     replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, like.placements)
+    local = replicated.redistribute(mesh, like.placements).to_local().clone()
+    return DTensor.from_local(
+        local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
+def to_layout(value: Any, like: Any) -> Any:
+    """A saved full tensor as ``like`` holds it: its shard when ``like`` is a DTensor of the
+    same global shape (``value`` equal on every rank); otherwise ``value`` unchanged."""
+    if (
+        isinstance(like, DTensor)
+        and isinstance(value, torch.Tensor)
+        and not isinstance(value, DTensor)
+        and tuple(value.shape) == tuple(like.shape)
+    ):
+        return shard_like(value.to(like.device), like)
+    return value
 
 
 def mesh_group(params: list[tuple[str, torch.Tensor, Any]]) -> dist.ProcessGroup | None:
@@ -83,13 +105,6 @@ def owners(params: list[tuple[str, torch.Tensor, Any]], world: int) -> dict[str,
     return out
 
 
-def agree_first_bad(bad: int, group: dist.ProcessGroup, device: torch.device) -> int:
-    """The smallest of every rank's ``bad`` index (one all-reduce), so all ranks raise alike."""
-    flag = torch.tensor([bad], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-    return int(flag.item())
-
-
 def broadcast_compressed(
     name: str,
     ct: CompressedTensor | None,
@@ -97,15 +112,25 @@ def broadcast_compressed(
     owner: int,
     group: dist.ProcessGroup,
     device: torch.device,
-) -> CompressedTensor | None:
-    """The owner's compressed tensor on every rank (canonical safetensors bytes); None on
-    every rank when the owner has none to send (its encoding failed)."""
+) -> bytes:
+    """The owner's compressed tensor as canonical safetensors bytes, on every rank; ``b""``
+    on every rank when the owner has none to send (its encoding failed)."""
     data = None
     if ct is not None:
         data = dump_safetensors(*CompressedUpdate(codec=codec, tensors={name: ct}).to_tensors())
     nccl = device if device.type == "cuda" else None
-    blob = broadcast_bytes(data, dist.get_global_rank(group, owner), group, nccl)
-    if not blob:
-        return None
+    return broadcast_bytes(data, dist.get_global_rank(group, owner), group, nccl)
+
+
+def load_compressed(name: str, blob: bytes, device: torch.device) -> CompressedTensor:
+    """The compressed tensor ``name`` of :func:`broadcast_compressed`'s bytes, on ``device``."""
     got = CompressedUpdate.from_tensors(*load_safetensors(bytearray(blob)))
     return got.tensors[name].to(device)
+
+
+def whole_or_join(
+    part: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`full` of ``part``; a rank that failed to compute ``part`` (``None``) joins the
+    all-gather with zeros laid out like ``like`` and gets a result it must not use."""
+    return full(part if part is not None else torch.zeros_like(like, dtype=dtype))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from netcomm import (
     CheckpointError,
@@ -25,7 +31,7 @@ FAST = ExchangeConfig(deadline_s=30.0, poll_interval_s=0.01, backoff_s=0.01, bac
 WINDOWS, INNER_STEPS = 5, 3
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
+def model_of(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(12, 70), torch.nn.Tanh(), torch.nn.Linear(70, 2))
 
@@ -36,22 +42,29 @@ class Net:
     def __init__(self, root):
         self.storage = LocalStorage(root)
         self.directory = StaticDirectory()
-        self.spec = ModelSpec.from_module(_model())
+        self.spec = ModelSpec.from_module(model_of())
 
-    def peer(self, name: str, momentum: float, seed: int = 0):
+    def record(self, name: str) -> StorageExchange:
+        """Put ``name`` in the directory; its exchange."""
         signer = Ed25519Signer.from_seed(name.encode().ljust(32, b"."))
         self.directory.add(PeerRecord(name, self.storage, signer.public_key, prefix=name))
-        exchange = StorageExchange(
+        return StorageExchange(
             name, self.storage, self.directory, signer, self.spec, FAST, prefix=name
         )
-        model = _model(seed)
+
+    def peer(self, name: str, momentum: float, seed: int = 0):
+        exchange = self.record(name)
+        model = model_of(seed)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        options = {"momentum": momentum, "nesterov": True} if momentum else {}
-        outer = SparseLoCo(model.named_parameters(), exchange, codec={"topk": 8}, **options)
-        return model, inner, outer
+        return model, inner, outer_optimizer(model.named_parameters(), exchange, momentum)
 
 
-def _train_window(model, inner, outer, seed: int) -> None:
+def outer_optimizer(params, exchange, momentum: float) -> SparseLoCo:
+    options = {"momentum": momentum, "nesterov": True} if momentum else {}
+    return SparseLoCo(params, exchange, codec={"topk": 8}, **options)
+
+
+def train_window(model, inner, outer, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(INNER_STEPS):
         x = torch.randn(16, 12, generator=g)
@@ -69,7 +82,7 @@ def _run(peers: dict, windows: range, checkpoint=None) -> None:
     def loop(name, model, inner, outer):
         try:
             for w in windows:
-                _train_window(model, inner, outer, seed=1000 * w + ord(name[0]))
+                train_window(model, inner, outer, seed=1000 * w + ord(name[0]))
                 if checkpoint and checkpoint[:2] == (name, w):
                     _, _, store, full = checkpoint
                     state = {"outer": outer.state_dict(), "inner": inner.state_dict()}
@@ -149,3 +162,57 @@ def test_join_without_a_checkpoint_replays_from_window_0_and_refuses_a_later_one
     fresh = net.peer("d", 0.5)
     with pytest.raises(CheckpointError, match="past 3"):
         join(fresh[0], fresh[2], store, until=3)
+
+
+def _state(model, outer) -> dict[str, torch.Tensor]:
+    """Parameters, θ₀ and momentum of a plain peer, named as join_worker.py dumps them."""
+    out = {"window": torch.tensor([outer.window])}
+    for name, p in model.named_parameters():
+        out[name] = p.detach().clone()
+        for key in ("theta0", "momentum_buffer"):
+            out[f"{name}/{key}"] = outer.state[p][key].clone()
+    return out
+
+
+def test_a_two_rank_fsdp2_peer_joins_at_window_5_bit_identical_and_runs_window_5(tmp_path):
+    """a and b run windows 0-4 (a checkpoints after window 2); c, an FSDP2 peer of 2 torchrun
+    ranks, joins (rank 0 reads, both ranks load their shards and replay windows 3-4), holds
+    what a holds, then all three run window 5 and end identical."""
+    net = Net(tmp_path / "bucket")
+    peers = {n: net.peer(n, 0.5) for n in ("a", "b")}
+    store = CheckpointStore(LocalStorage(tmp_path / "ckpt"))
+    _run(peers, range(WINDOWS), checkpoint=("a", 2, store, True))
+    before = _state(peers["a"][0], peers["a"][2])
+    net.record("c")  # a and b now wait for c's window-5 update too
+    worker = Path(__file__).with_name("join_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [*cmd, str(worker), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120  # c starts slowly: a and b wait for it to join
+        while not (tmp_path / "joined.safetensors").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "c did not join in 120 s"
+            time.sleep(0.1)
+        _run(peers, range(WINDOWS, WINDOWS + 1))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+    joined = load_file(tmp_path / "joined.safetensors")
+    for key, value in before.items():
+        assert torch.equal(joined[key], value), key
+    inner = store.load().optimizer["inner"]["state"]  # the checkpoint's, resharded and back
+    for i, (name, _) in enumerate(peers["a"][0].named_parameters()):
+        assert torch.equal(joined[f"{name}/inner.exp_avg"], inner[i]["exp_avg"]), name
+    final = load_file(tmp_path / "final.safetensors")
+    assert sorted(peers["a"][2].last_report.peers) == ["a", "b", "c"]
+    for key, value in _state(peers["a"][0], peers["a"][2]).items():
+        assert torch.equal(final[key], value), key

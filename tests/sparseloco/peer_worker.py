@@ -11,6 +11,8 @@ error raised.
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import sys
 import time
@@ -27,8 +29,8 @@ from sparseloco import (
     GatherResult,
     OuterLoop,
     PeerStatus,
+    RankError,
     SparseLoCo,
-    UpdateError,
     optim,
 )
 from sparseloco.payload import payload_from_tensors
@@ -140,7 +142,7 @@ def _failed_round(outer, fail_here: bool) -> str:
     optim.encode_tensor = failing if fail_here else real
     try:
         outer.step()
-    except (RuntimeError, UpdateError) as exc:
+    except RankError as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         optim.encode_tensor = real
@@ -148,6 +150,7 @@ def _failed_round(outer, fail_here: bool) -> str:
 
 
 def main(role: str, folder: str, out: str) -> None:
+    faulthandler.dump_traceback_later(75, exit=True)  # a hung rank shows where (tests wait 90 s)
     torch.set_num_threads(1)
     model = _model()
     rank, trained, exchange = _peer(role, folder, model)
@@ -166,11 +169,12 @@ def main(role: str, folder: str, out: str) -> None:
         tensors = {n: full(p).detach().contiguous() for n, p in model.named_parameters()}
         tensors["bytes_sent"] = torch.tensor([r.bytes_sent for r in reports])
         save_file(tensors, out)
-    if dist.is_initialized():
-        dist.barrier()  # tear down together: a rank leaving early can abort the other's gloo
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     role, folder, out = sys.argv[1:4]
     main(role, folder, out.replace("RANK", os.environ.get("RANK", "0")))
+    if dist.is_initialized():  # after main's DDP module and optimizers are gone
+        gc.collect()
+        dist.barrier()  # tear down together: a rank leaving early can abort the other's gloo
+        dist.destroy_process_group()
