@@ -10,7 +10,10 @@ the link differ:
   applies window k−1's aggregate (encoded, published, gathered and aggregated in the
   background during window k's inner steps) and returns;
 * ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
-  the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does).
+  the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
+* ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
+  arrived (``OuterLoop(apply_after=τ, wait=False)``): training never waits before the
+  boundary, and the step it is applied at, so the run's trajectory, depends on timing.
 
 The exchange is netcomm's ``StorageExchange`` on a moto S3 server on loopback (its own
 process). Each peer reaches it through its own :class:`netcomm.LinkProxy` (all proxies in
@@ -82,7 +85,9 @@ from sparseloco.models import GPT, GPTConfig  # noqa: E402
 
 MODEL = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 CORPUS_BYTES = 2_000_000
-MODES = ("blocking", "overlap", "overlap-tau")
+MODES = ("blocking", "overlap", "overlap-tau", "overlap-ready")
+#: modes whose trajectory depends on timing (the step at which an aggregate arrives)
+TIMED = ("overlap-ready",)
 
 
 # -- one peer (runs in a worker process) ---------------------------------------------------
@@ -118,6 +123,16 @@ def _split(report: Any, mode: str) -> dict[str, float]:
     }
 
 
+def _apply_now(outer: SparseLoCo, mode: str, step: int, tau: int | None) -> bool:
+    """OuterLoop's ``apply_after``: at step τ (waiting there), or with ``wait=False``
+    (``overlap-ready``) at the first step from τ on at which the round has arrived."""
+    if tau is None or outer.in_flight is None:
+        return False
+    if mode == "overlap-ready":
+        return step >= tau and outer.round_ready()
+    return step == tau
+
+
 def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) -> dict[str, Any]:
     """Train one peer for ``job["rounds"]`` rounds; returns its timings and final model."""
     peers = [f"peer{i}" for i in range(job["peers"])]
@@ -135,7 +150,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
     )
     ex = StorageExchange(me, storage, directory, signers[me], ModelSpec.from_module(model), config)
     outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=mode != "blocking")
-    tau = job["apply_after"] if mode == "overlap-tau" else None  # else: at the boundary
+    tau = job["apply_after"] if mode in ("overlap-tau", "overlap-ready") else None
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
     gen = torch.Generator().manual_seed(1000 * job["seed"] + index)
     rounds: list[dict[str, Any]] = []
@@ -156,7 +171,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         compute, mid = 0.0, None
         t0 = time.perf_counter()
         for step in range(job["inner_steps"]):
-            if step == tau and outer.in_flight is not None:  # τ steps in: apply g (finish)
+            if _apply_now(outer, mode, step, tau):  # τ steps in: apply g (finish)
                 compute += time.perf_counter() - t0
                 mid = outer_call(outer.finish)
                 t0 = time.perf_counter()
@@ -467,7 +482,9 @@ def report(runs, args, load_before, load_after, seconds) -> None:
     print("\nheld-out loss at equal tokens (1 Gbit/s runs):")
     print_table(losses, list(losses[0]))
     same = {
-        mode: len({r["model_digest"] for r in seed0 if r["mode"] == mode}) == 1 for mode in MODES
+        mode: len({r["model_digest"] for r in seed0 if r["mode"] == mode}) == 1
+        for mode in MODES
+        if mode not in TIMED
     }
     print(f"final model identical across links (per mode): {same}")
     print(f"load average before {load_before}, after {load_after}; {seconds:.0f} s")
@@ -499,6 +516,7 @@ def label(mode: str, args: Any) -> str:
         "blocking": "blocking",
         "overlap": f"overlap τ=H={args.inner_steps}",
         "overlap-tau": f"overlap τ={args.apply_after}",
+        "overlap-ready": f"overlap τ≥{args.apply_after}, no wait",
     }[mode]
 
 
@@ -519,7 +537,7 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
         for s, lab in zip(settings, labels, strict=True)
     ]
     x = range(len(settings))
-    for mode, marker in zip(MODES, "os^", strict=True):
+    for mode, marker in zip(MODES, "os^v", strict=True):
         pick = [next(r for r in runs if r["setting"] == s and r["mode"] == mode) for s in settings]
         name = label(mode, args)
         axes[0].plot(x, [r["mean"]["utilisation"] for r in pick], marker=marker, label=name)
@@ -527,11 +545,11 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
     axes[0].axhline(0.97, color="grey", ls=":", lw=1)
     axes[0].set_ylabel("compute utilisation (mean over peers)")
     axes[1].set_ylabel("held-out loss at equal tokens (nats/byte)")
-    width = 0.27
+    width = 0.2
     colors = {"compute": "C2", "publish": "C0", "gather": "C3", "apply": "C1"}
     for j, mode in enumerate(MODES):
         pick = [next(r for r in runs if r["setting"] == s and r["mode"] == mode) for s in settings]
-        pos = [i + (j - 1) * width for i in x]
+        pos = [i + (j - 1.5) * width for i in x]
         bottoms = [0.0] * len(pick)
         for phase, color in colors.items():
             vals = [r["mean"][f"{phase}_s_per_round"] for r in pick]
@@ -541,12 +559,12 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
                 width,
                 bottom=bottoms,
                 color=color,
-                hatch=["", "//", ".."][j],
+                hatch=["", "//", "..", "xx"][j],
                 label=phase if j == 0 else None,
                 edgecolor="white",
             )
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
-    axes[2].set_ylabel("s per round: blocking | overlap τ=H | τ (hatched)")
+    axes[2].set_ylabel("s per round: blocking | overlap τ=H | τ | τ, no wait")
     for ax in axes:
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_xlabel("link (per peer, each way)")

@@ -46,6 +46,12 @@ class OuterLoop:
             after which the in-flight aggregate is applied (``outer.finish()``, Streaming
             DiLoCo's overlap of τ steps); ``None`` (default) or ``sync_every``: at the next
             boundary. The communication then has τ inner steps to finish in.
+        wait: with ``apply_after``: ``True`` (default) waits for the aggregate at step τ;
+            ``False`` applies it at the first inner step from τ on at which it has arrived
+            (:meth:`~sparseloco.optim.OuterOptimizer.round_ready`), else at the boundary, so
+            training never waits before the boundary. Every peer's global model stays the
+            same, but the step it is applied at, and so each run's trajectory, then depends
+            on timing.
 
     Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
     ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a
@@ -68,6 +74,7 @@ class OuterLoop:
         sync_every: int | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         apply_after: int | None = None,
+        wait: bool = True,
     ) -> None:
         self.inner = inner
         self.outer = outer
@@ -82,7 +89,10 @@ class OuterLoop:
             raise ConfigError(
                 f"apply_after must lie in [1, sync_every={self.sync_every}], got {apply_after}"
             )
+        if not wait and apply_after is None:
+            raise ConfigError("wait=False says how apply_after applies: give apply_after too")
         self.apply_after = None if apply_after == self.sync_every else apply_after
+        self.wait = wait
         self.on_round = on_round
         self.inner_step_count = 0
         self.reports: list[RoundReport] = []
@@ -112,10 +122,18 @@ class OuterLoop:
         phase = self.inner_step_count % self.sync_every
         if phase == 0:
             self._run_outer()
-        elif phase == self.apply_after and self.outer.in_flight is not None:
+        elif self._apply_now(phase):
             report = self.outer.finish()
             if report is not None:
                 self._record(report)
+
+    def _apply_now(self, phase: int) -> bool:
+        """Whether the in-flight aggregate is applied after this inner step (``apply_after``)."""
+        if self.apply_after is None or self.outer.in_flight is None:
+            return False
+        if self.wait:
+            return phase == self.apply_after
+        return phase >= self.apply_after and self.outer.round_ready()
 
     def __enter__(self) -> OuterLoop:
         if self._handle is not None:

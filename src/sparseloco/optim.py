@@ -394,6 +394,12 @@ class OuterOptimizer(Optimizer):
         """The window published and not yet applied (overlapped rounds), else ``None``."""
         return None if self._inflight is None else self._inflight.window
 
+    def round_ready(self) -> bool:
+        """Overlapped rounds: whether a window is in flight and its background round has
+        ended, so :meth:`finish` would apply it (or raise its failure) without waiting."""
+        flight = self._inflight
+        return flight is not None and flight.future is not None and flight.future.done()
+
     def wait_published(self, timeout: float | None = None) -> bool:
         """Overlapped rounds: block until the window in flight has been published (or its
         background round failed trying); ``True`` unless ``timeout`` seconds passed first.

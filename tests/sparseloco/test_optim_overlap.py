@@ -335,6 +335,38 @@ def test_wait_published_returns_once_the_upload_is_done():
     outer.finish()
 
 
+def test_apply_after_without_waiting_applies_once_the_round_has_arrived():
+    model = _model()
+    ex = Gated({w: {"b": _dense(model, 40 + w)} for w in range(3)})
+    outer = DiLoCo(model.named_parameters(), ex, overlap=True)
+    inner = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ConfigError, match="apply_after"):
+        OuterLoop(inner, outer, sync_every=4, wait=False)
+    loop = OuterLoop(inner, outer, sync_every=4, apply_after=1, wait=False)
+    batches = _batches(1, 16)
+
+    def train(steps):
+        for _ in range(steps):
+            x, y = next(batches)
+            ((model(x) - y) ** 2).mean().backward()
+            inner.step()
+            inner.zero_grad()
+
+    with loop:
+        train(4)  # boundary: window 0 in flight, its gather held at the gate
+        train(2)  # steps 1 and 2 of window 1 go on without it
+        assert outer.in_flight == 0 and [r.applied_window for r in loop.reports] == [None]
+        ex.release.set()
+        for _ in range(1000):
+            if outer.round_ready():
+                break
+            threading.Event().wait(0.01)
+        train(1)  # the first step after it arrived applies it
+        assert outer.in_flight is None and loop.reports[-1].applied_window == 0
+        train(1)  # boundary: window 1's round starts, nothing left to apply there
+        assert loop.reports[-1].applied_window is None and outer.in_flight == 1
+
+
 def test_global_parameters_are_the_global_model_not_the_local_one():
     model = _model()
     others = {w: {"b": _dense(model, 7 + w)} for w in range(2)}
