@@ -10,6 +10,8 @@ peer.
 
     python benchmarks/honest_pay.py                        # seeds 0-2, 8 and 12 windows
     python benchmarks/honest_pay.py --seeds 0 --windows 8 --no-adversaries
+    python benchmarks/honest_pay.py --seeds $(seq 0 11) --windows 8 --no-adversaries \
+        --name honest_pay-8w
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--windows", type=int, nargs="+", default=[8, 12])
     ap.add_argument("--no-adversaries", action="store_true", help="honest-only runs only")
+    ap.add_argument("--name", default="honest_pay", help="results/NAME.json (default %(default)s)")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="honest-pay-") as tmp:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(json.dumps(summary, indent=2))
-    path = write_json("honest_pay", {"environment": environment(), "runs": rows, **summary})
+    path = write_json(args.name, {"environment": environment(), "runs": rows, **summary})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
