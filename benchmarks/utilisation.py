@@ -81,6 +81,7 @@ from netcomm import (  # noqa: E402
 )
 from sparseloco import SparseLoCo, preset  # noqa: E402
 from sparseloco.data import TokenDataset, stdlib_corpus  # noqa: E402
+from sparseloco.loop import apply_due  # noqa: E402
 from sparseloco.models import GPT, GPTConfig  # noqa: E402
 
 MODEL = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
@@ -123,16 +124,6 @@ def _split(report: Any, mode: str) -> dict[str, float]:
     }
 
 
-def _apply_now(outer: SparseLoCo, mode: str, step: int, tau: int | None) -> bool:
-    """OuterLoop's ``apply_after``: at step τ (waiting there), or with ``wait=False``
-    (``overlap-ready``) at the first step from τ on at which the round has arrived."""
-    if tau is None or outer.in_flight is None:
-        return False
-    if mode == "overlap-ready":
-        return step >= tau and outer.round_ready()
-    return step == tau
-
-
 def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) -> dict[str, Any]:
     """Train one peer for ``job["rounds"]`` rounds; returns its timings and final model."""
     peers = [f"peer{i}" for i in range(job["peers"])]
@@ -171,7 +162,8 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         compute, mid = 0.0, None
         t0 = time.perf_counter()
         for step in range(job["inner_steps"]):
-            if _apply_now(outer, mode, step, tau):  # τ steps in: apply g (finish)
+            # τ steps in, as OuterLoop(apply_after=τ, wait=...) does: apply g (finish)
+            if apply_due(outer, step, tau, wait=mode != "overlap-ready"):
                 compute += time.perf_counter() - t0
                 mid = outer_call(outer.finish)
                 t0 = time.perf_counter()

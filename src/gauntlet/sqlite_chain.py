@@ -212,10 +212,9 @@ class SqliteSubnet:
         block (or has finished), the chain moves to the earliest block awaited (see the
         module docstring). Until each of them has said it waits, nothing is skipped."""
         with self._write() as db:
-            db.executemany(  # rows of an earlier run in the same file start over
-                "INSERT INTO clock (hotkey, until_block, finished) VALUES (?, NULL, 0) "
-                "ON CONFLICT(hotkey) DO UPDATE SET until_block = NULL, finished = 0",
-                [(h,) for h in hotkeys],
+            db.execute("DELETE FROM clock")  # the nodes of an earlier run in the same file
+            db.executemany(
+                "INSERT INTO clock (hotkey, until_block) VALUES (?, NULL)", [(h,) for h in hotkeys]
             )
             self._skip_if_idle(db)
 

@@ -46,7 +46,7 @@ from sparseloco.exchange import (
     PeerStatus,
 )
 from sparseloco.lockstep import Lockstep
-from sparseloco.loop import OuterLoop, skipped_by_grad_scaler
+from sparseloco.loop import OuterLoop, apply_due, skipped_by_grad_scaler
 from sparseloco.names import canonical_name
 from sparseloco.optim import (
     DataParallel,
@@ -97,6 +97,7 @@ __all__ = [
     "UnknownPresetError",
     "UpdateError",
     "aggregate",
+    "apply_due",
     "canonical_name",
     "decode",
     "decode_sparse",

@@ -24,6 +24,18 @@ def skipped_by_grad_scaler(optimizer: Optimizer) -> bool:
     return found_inf is not None and bool(found_inf)
 
 
+def apply_due(outer: OuterOptimizer, step: int, apply_after: int | None, *, wait: bool) -> bool:
+    """Whether an overlapped ``outer`` applies its in-flight aggregate (``outer.finish()``)
+    after inner step ``step`` of a window (counted from 1): at ``apply_after`` (waiting there
+    for it when ``wait``), or without ``wait`` at the first step from there on at which its
+    round has arrived (:meth:`~sparseloco.optim.OuterOptimizer.round_ready`)."""
+    if apply_after is None or outer.in_flight is None:
+        return False
+    if wait:
+        return step == apply_after
+    return step >= apply_after and outer.round_ready()
+
+
 class OuterLoop:
     """Run an outer optimizer from the inner optimizer's hooks; the training loop is unchanged.
 
@@ -128,12 +140,7 @@ class OuterLoop:
                 self._record(report)
 
     def _apply_now(self, phase: int) -> bool:
-        """Whether the in-flight aggregate is applied after this inner step (``apply_after``)."""
-        if self.apply_after is None or self.outer.in_flight is None:
-            return False
-        if self.wait:
-            return phase == self.apply_after
-        return phase >= self.apply_after and self.outer.round_ready()
+        return apply_due(self.outer, phase, self.apply_after, wait=self.wait)
 
     def __enter__(self) -> OuterLoop:
         if self._handle is not None:

@@ -276,7 +276,8 @@ class OuterOptimizer(Optimizer):
             )
         if overlap and self.hook == "pre":
             raise ConfigError(f"{type(self).__name__} has no round to overlap: overlap=False")
-        if overlap and isinstance(exchange, DistributedExchange | RankZeroExchange):
+        collective = isinstance(exchange, DistributedExchange | RankZeroExchange)
+        if overlap and (collective or getattr(exchange, "lockstep", None) is not None):
             raise ConfigError(
                 f"overlap=True runs gather on a background thread; {type(exchange).__name__}'s "
                 "gather is a collective that would interleave with the training's: use "
@@ -1218,7 +1219,11 @@ class SparseLoCo(OuterOptimizer):
                     self.state[p]["error"] = self._pending.pop(name)
                 continue
             error = self._error_buffer(p)
-            work = error.to(p.device, non_blocking=True) if self.offload else error
+            # Offloaded, or tracked tensor by tensor (an overlapped round, whose retry must
+            # not commit a half-updated buffer twice): commit a copy, then take it whole.
+            work = error
+            if self.offload or committed is not None:
+                work = error.to(p.device, copy=True, non_blocking=self.offload)
             delta = self._own_delta(p) if deltas is None else deltas[name].to(p.device)
             commit_tensor(name, delta, work, own.tensors[name], codec)
             if work is not error:

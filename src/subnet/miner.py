@@ -85,7 +85,7 @@ class SelectedExchange:
         return self.inner.publish(window, payload)
 
     def gather(self, window: int) -> GatherResult:
-        chosen = self.miner.aggregation_set(window, wait=True)
+        chosen = self.miner.aggregation_set(window)
         if chosen is None:
             return self.inner.gather(window)
         others = [p for p in chosen if p != self.peer_id]
@@ -182,22 +182,21 @@ class Miner(Node):
             return self.cfg.miner.validator if entry is not None else None
         return self.directory.top_validator()
 
-    def aggregation_set(self, window: int, *, wait: bool) -> list[str] | None:
+    def aggregation_set(self, window: int) -> list[str] | None:
         """Hotkeys whose updates are aggregated in ``window``; ``None`` = every valid one.
 
         With ``aggregate = "validator"`` this is the followed validator's published set,
-        waited for up to ``exchange.selection_timeout_s`` when ``wait``; an empty list when
-        it does not come (the miner then keeps its parameters and re-syncs afterwards, see
-        :meth:`check_sync`).
+        waited for up to ``exchange.selection_timeout_s`` after the window closed, or until
+        :data:`SKIPPED_AFTER` windows show the validator skipped it; an empty list when it
+        does not come (the miner then re-syncs, see :meth:`check_sync`).
         """
         if self.cfg.miner.aggregate == "all":
             return None
         # The validator scores a window once it has closed, so the timeout counts from there.
         # Overlapped rounds wait here on a background thread while the miner trains: they
         # must not tell the chain the node is idle.
-        if wait:
-            self.clock.wait_for(window + 1, idle=not self.cfg.miner.overlap)
-        deadline = time.monotonic() + (self.cfg.exchange.selection_timeout_s if wait else 0)
+        self.clock.wait_for(window + 1, idle=not self.cfg.miner.overlap)
+        deadline = time.monotonic() + self.cfg.exchange.selection_timeout_s
         while True:
             validator = self._validator()
             if validator is not None:
@@ -236,7 +235,7 @@ class Miner(Node):
         if self.cfg.miner.aggregate == "all":
             return None, resume
         chosen = self.selections.pop(window, None)
-        for old in [w for w in self.selections if w < window]:  # a dropped round's set
+        for old in [w for w in list(self.selections) if w < window]:  # a dropped round's set
             del self.selections[old]
         if chosen is None:
             problem = "no aggregation set arrived"
@@ -377,13 +376,13 @@ class Miner(Node):
             losses.append(float(loss.detach()))
         return losses, applied
 
-    def replay(self, window: int, *, wait: bool = False) -> list[str]:
+    def replay(self, window: int) -> list[str]:
         """Apply ``window``'s aggregate without training (a window this miner missed).
 
         Returns the hotkeys aggregated. θ ← θ − α·aggregate, the outer step every miner
         took; θ₀ follows θ so the next round's pseudo-gradient starts from here.
         """
-        chosen = self.aggregation_set(window, wait=wait)
+        chosen = self.aggregation_set(window)
         try:
             updates = window_updates(self.exchange, window, chosen)
         except NetcommError as exc:  # its own stored update is damaged: the sync check tells
@@ -407,7 +406,8 @@ class Miner(Node):
         with overlapped rounds, first for the upload of the window in flight: a node that
         lets the chain know it is idle must have no work left for the window it waits out."""
         if self.clock.window() < window:
-            self.outer.wait_published()
+            while not self.outer.wait_published(self.cfg.window.poll_s):
+                self._wait(0)  # raises Stopped once the node is asked to stop
         return self.clock.wait_for(window)
 
     def drain(self) -> None:
@@ -439,7 +439,7 @@ class Miner(Node):
         for window in range(self.next_window, current):
             # A set not published yet may still come (a validator behind the clock); one
             # that has not come SKIPPED_AFTER windows on was skipped, and is not waited for.
-            self.replay(window, wait=True)
+            self.replay(window)
         self.next_window = current
 
     def run(self, until_window: int | None = None) -> None:

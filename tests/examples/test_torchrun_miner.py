@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,12 @@ def test_a_two_rank_fsdp2_peer_and_a_plain_peer_train_together_and_end_identical
     }
     procs = {
         peer: subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own group: a kill reaches torchrun's ranks too
         )
         for peer, cmd in cmds.items()
     }
@@ -37,7 +43,7 @@ def test_a_two_rank_fsdp2_peer_and_a_plain_peer_train_together_and_end_identical
     finally:
         for p in procs.values():
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
     for peer, ranks in (("miner-0", "2"), ("miner-1", "1")):

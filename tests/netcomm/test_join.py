@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -192,6 +193,7 @@ def test_a_two_rank_fsdp2_peer_joins_at_window_5_bit_identical_and_runs_window_5
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group: a kill reaches torchrun's ranks too
     )
     try:
         deadline = time.monotonic() + 120  # c starts slowly: a and b wait for it to join
@@ -202,7 +204,7 @@ def test_a_two_rank_fsdp2_peer_joins_at_window_5_bit_identical_and_runs_window_5
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, out.decode()[-3000:]
 

@@ -3,6 +3,7 @@ one rank fails."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def _run_ranks(tmp_path: Path, mode: str = "train", timeout: float = 240) -> boo
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         )
     try:
@@ -50,7 +52,7 @@ def _run_ranks(tmp_path: Path, mode: str = "train", timeout: float = 240) -> boo
     finally:
         for p in procs:  # a failed rank leaves the other waiting for it
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def test_every_rank_raises_the_same_error_at_once_wherever_one_rank_fails(tmp_pa
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: a kill reaches torchrun's ranks too
         )
         for kind in ("fsdp", "ddp")
     }
@@ -31,7 +33,7 @@ def test_every_rank_raises_the_same_error_at_once_wherever_one_rank_fails(tmp_pa
     finally:
         for p in procs.values():
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     for kind in procs:
         ranks = [json.loads((tmp_path / f"{kind}-{r}.json").read_text()) for r in range(2)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,10 @@ def _start(cmd):
     import os
 
     env = dict(os.environ, **ENV_THREADS)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # its own process group: a kill reaches torchrun's ranks too
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _finish(procs, timeout=120):
@@ -27,14 +32,14 @@ def _finish(procs, timeout=120):
             try:
                 out, _ = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired as exc:
-                p.kill()  # torchrun's workers may still hold the pipe: read what came
+                os.killpg(p.pid, signal.SIGKILL)  # ranks may still hold the pipe: read what came
                 out = exc.output or b""
                 raise AssertionError(f"timed out:\n{out.decode()[-6000:]}") from None
             assert p.returncode == 0, out.decode()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
 

@@ -68,9 +68,9 @@ class SimConfig:
             waits for it (:meth:`gauntlet.SqliteSubnet.skip_idle`), so windows last as long as
             their work rather than ``window_s``; ``False`` keeps the wall-clock block time, as
             a real chain does.
-        eval_samples: samples the validator evaluates per peer on its assigned data and on
-            the shared random set (``validator.eval_assigned`` / ``eval_random``): fewer
-            score faster and noisier.
+        eval_samples: samples the validator evaluates per peer on its assigned data (at most
+            the ``inner_steps × batch_size`` it trained on) and on the shared random set
+            (``validator.eval_assigned`` / ``eval_random``): fewer score faster and noisier.
         overlap: miners train window w + 1 while w's update is scored and aggregated
             (``miner.overlap``); its aggregate is applied one window late.
         apply_after: with ``overlap``, apply it this many inner steps into the next window

@@ -120,9 +120,10 @@ class NodeProcesses:
         threads: torch intra-op threads per process.
 
     :meth:`start` forks the nodes from this process, which has imported the roles already,
-    when it runs no other thread (a launcher before its nodes run; it must hold no open
-    database connection then); otherwise, and for every :meth:`restart`, they fork from a
-    ``forkserver`` that imports the roles once. Either way no node imports torch again.
+    when it runs no other thread and each node uses one torch thread (a launcher before its
+    nodes run; it must hold no open database connection then); otherwise, and for every
+    :meth:`restart`, they fork from a ``forkserver`` that imports the roles once (the first
+    such start pays that import). Either way no node imports torch again.
     """
 
     def __init__(self, specs: Sequence[NodeSpec], out: Path, windows: int, threads: int) -> None:
@@ -149,7 +150,10 @@ class NodeProcesses:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         (self.out / "nodes").mkdir(parents=True, exist_ok=True)
         ctx: multiprocessing.context.BaseContext = self._server
-        if threading.active_count() == 1:
+        # A forked child runs on copies of this process's locks and thread pools: safe while
+        # no other thread runs here and each node keeps to one torch thread (a forked GNU
+        # OpenMP pool waits forever for workers that did not come along).
+        if threading.active_count() == 1 and self.threads == 1:
             import torch._dynamo  # noqa: F401  (imported here once for every forked node)
 
             ctx = multiprocessing.get_context("fork")
