@@ -58,6 +58,7 @@ from gauntlet.evaluate import (
     Evaluator,
     LossFn,
     assigned_indicator,
+    cross_indicators,
     mean_loss,
     relative_gain,
 )
@@ -141,6 +142,7 @@ __all__ = [
     "blame_copies",
     "cap_weights",
     "content_digest",
+    "cross_indicators",
     "data_digest",
     "decode_update",
     "derive_seed",

@@ -129,10 +129,16 @@ class SignalConfig:
             (default True; False is Gauntlet's raw moving average).
         bma_full: the debiased BMA at which the score's factor reaches 1, factor =
             min(1, BMA / bma_full) (default 0.5; 1.0 is Gauntlet's factor = BMA).
+        assigned_reference: what an update's gain on its peer's assigned data is compared
+            with: ``"cross"`` (default), the same update's gains on the other evaluated
+            peers' assigned data, double-centred (:func:`gauntlet.evaluate.cross_indicators`;
+            n² set evaluations for n peers), or ``"random"``, Gauntlet's comparison with the
+            shared random set (:func:`gauntlet.evaluate.assigned_indicator`; 2n).
         assigned_margin: subtracted from the indicator's relative advantage (default 0.0).
-        assigned_scale: relative advantage (own-data gain minus random-set gain, as a
+        assigned_scale: relative advantage (own-data gain minus the reference's, as a
             fraction of the larger of the two) that earns b = +1; the indicator is linear
-            from −scale to +scale (default 0.1; 0 is Gauntlet's b = ±1).
+            from −scale to +scale (default 0.05: an honest peer's cross x averaged 0.043 over
+            the main job's recorded windows; 0 is Gauntlet's b = ±1).
         replay_windows: content digests of updates and aggregates are remembered for this
             many windows; an update with the content of one of them is a ``replay``
             (default 64; memory ≤ replay_windows × (peers + 1) digests).
@@ -160,8 +166,9 @@ class SignalConfig:
     bma_warmup: int = 3
     bma_debias: bool = True
     bma_full: float = 0.5
+    assigned_reference: str = "cross"
     assigned_margin: float = 0.0
-    assigned_scale: float = 0.1
+    assigned_scale: float = 0.05
     replay_windows: int = 64
     replay_cosine: float = 0.9
     replay_sketch_windows: int = 8
@@ -183,6 +190,10 @@ class SignalConfig:
         _require(
             isinstance(self.bma_warmup, int) and self.bma_warmup >= 0,
             f"bma_warmup must be an integer >= 0, got {self.bma_warmup!r}",
+        )
+        _require(
+            self.assigned_reference in ("cross", "random"),
+            f"assigned_reference must be 'cross' or 'random', got {self.assigned_reference!r}",
         )
         _finite("assigned_margin", self.assigned_margin, -1.0, 1.0)
         _finite("assigned_scale", self.assigned_scale, 0.0, 100.0)

@@ -11,15 +11,29 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
 
 * gradient score sᵢ = g on the shared random set (the same batches for every peer, so
   scores are comparable in one ranking);
-* g on the peer's own assigned batches; with x = (g_assigned − g_random − margin) /
-  max(|g_random|, |g_assigned|), the advantage relative to the update's own effect, the
-  indicator is bᵢ = clamp(x / scale, −1, 1) (``scale`` = 0: Gauntlet's bᵢ = +1 if x > 0,
-  else −1), and −1 when a gain is not finite or both are 0 (:func:`assigned_indicator`).
+* the assigned-data indicator bᵢ = clamp(x / scale, −1, 1) (``scale`` = 0: Gauntlet's bᵢ = +1
+  if x > 0, else −1), −1 when a gain is not finite or the update changes nothing, where x is
+  how much better the update fits the peer's own assigned batches than other data:
+
+  - **cross** (the default, :func:`cross_indicators`): every evaluated update x is also
+    applied to every other evaluated peer's assigned batches. With G[x][y] the gain of x's
+    update on y's batches and means over the off-diagonal cells (y ≠ x),
+
+        x = (G[x][x] − rowₓ − colₓ + Ḡ − margin) / max(|G[x][x]|, |rowₓ|),
+        rowₓ = mean_y G[x][y],   colₓ = mean_y G[y][x],   Ḡ = mean_{x≠y} G[x][y],
+
+    the interaction of update and data set in a two-way layout: rowₓ removes how much the
+    update helps any data, colₓ how easily any update helps x's set. Under an additive
+    model G[x][y] = sₓ + e_y + δₓ·[x = y], x·size = δₓ + (sₓ − s̄ + eₓ − ē)/(n − 1), so an
+    honest peer's own-data advantage δ shows with no common term left: the shared random set
+    moves every peer's (g_assigned − g_random) together, and on a small model that common
+    noise was as large as δ and zeroed honest peers. Costs n² set evaluations for n peers.
+  - **random** (Gauntlet's, :func:`assigned_indicator`; also used when a single peer is
+    evaluated): x = (g_assigned − g_random − margin) / max(|g_random|, |g_assigned|).
 
 The soft indicator keeps the size of the evidence: an honest peer's x is small but steadily
-positive while a peer that trained on
-other data has x centred on 0, so the moving average separates them in fewer windows than
-the sign does.
+positive while a peer that trained on other data has x centred on 0, so the moving average
+separates them in fewer windows than the sign does.
 
 Before-losses are computed once per window (:meth:`Evaluator.baseline`) and shared.
 The model is restored bit for bit after every peer (parameters, buffers, gradients,
@@ -32,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -61,8 +75,10 @@ class EvalResult:
         loss_assigned_before / loss_assigned_after: mean loss on the peer's assigned batches.
         gain_random: (L_b − L_a)/L_b on the random set, the gradient score.
         gain_assigned: the same on the assigned set.
-        indicator: bᵢ in [−1, 1] (:func:`assigned_indicator`).
+        indicator: bᵢ in [−1, 1] (:func:`cross_indicators` or :func:`assigned_indicator`).
         finite: False when an after-loss is NaN/Inf (the scorer counts it as invalid).
+        cross_gains: the gain on each other evaluated peer's assigned batches (the cross
+            indicator's row; empty for the random-set indicator).
     """
 
     peer: str
@@ -74,6 +90,7 @@ class EvalResult:
     gain_assigned: float
     indicator: float
     finite: bool
+    cross_gains: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def gradient_score(self) -> float:
@@ -95,10 +112,46 @@ def assigned_indicator(g_random: float, g_assigned: float, margin: float, scale:
     size = max(abs(g_random), abs(g_assigned))
     if not (math.isfinite(g_random) and math.isfinite(g_assigned)) or size == 0.0:
         return -1.0
-    x = (g_assigned - g_random - margin) / size
+    return _clamped((g_assigned - g_random - margin) / size, scale)
+
+
+def _clamped(x: float, scale: float) -> float:
     if scale == 0.0:
         return 1.0 if x > 0.0 else -1.0
     return min(1.0, max(-1.0, x / scale))
+
+
+def cross_indicators(
+    gains: Mapping[str, Mapping[str, float]], margin: float, scale: float
+) -> dict[str, float]:
+    """bᵢ of every peer of ``gains`` from the cross gains G[x][y] (x's update on y's assigned
+    batches; every row names the same peers, at least two): x = (G[x][x] − rowₓ − colₓ + Ḡ −
+    margin) / max(|G[x][x]|, |rowₓ|), clamped as :func:`assigned_indicator` (module doc).
+
+    A peer with a non-finite gain, or whose update changes nothing (its whole row 0), gets
+    −1 and is left out of the others' column and overall means, so it cannot move them."""
+    peers = sorted(gains)
+    if len(peers) < 2 or any(sorted(gains[x]) != peers for x in peers):
+        raise ValueError("cross_indicators needs a square table of at least two peers")
+    out = {
+        x: -1.0
+        for x in peers
+        if not all(math.isfinite(g) for g in gains[x].values())
+        or all(g == 0.0 for g in gains[x].values())
+    }
+    live = [x for x in peers if x not in out]
+    if len(live) < 2:
+        return {x: out.get(x, -1.0) for x in peers}
+    n = len(live)
+    row = {x: sum(gains[x][y] for y in live if y != x) / (n - 1) for x in live}
+    col = {x: sum(gains[y][x] for y in live if y != x) / (n - 1) for x in live}
+    grand = sum(row[x] for x in live) / n
+    for x in live:
+        own = gains[x][x]
+        size = max(abs(own), abs(row[x]))
+        lead = own - row[x] - col[x] + grand - margin
+        out[x] = _clamped(lead / size, scale) if size > 0.0 else -1.0
+    return {x: out[x] for x in peers}
 
 
 def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any]) -> float:
@@ -236,40 +289,53 @@ class Evaluator:
         *,
         margin: float = 0.0,
         scale: float = 0.0,
+        cross: bool = False,
     ) -> dict[str, EvalResult]:
         """Evaluate each peer of ``updates`` alone, in sorted order, restoring in between.
 
         ``updates`` maps peer → {parameter name → dense decoded update}; ``factors`` are the
         clip factors of :func:`gauntlet.clipping.reference_factors` (a missing name is 1);
-        ``margin`` and ``scale`` shape the indicator (:func:`assigned_indicator`).
+        ``margin`` and ``scale`` shape the indicator. With ``cross`` and at least two peers
+        each update is also scored on every other peer's assigned batches and the indicator
+        is :func:`cross_indicators`'; otherwise :func:`assigned_indicator`.
         """
         unknown = sorted({n for u in updates.values() for n in u} - set(self._params))
         if unknown:
             raise KeyError(f"updates name tensors the model does not have: {unknown}")
+        peers = sorted(updates)
+        cross = cross and len(peers) > 1
         floor = self.config.loss_floor
         results: dict[str, EvalResult] = {}
+        table: dict[str, dict[str, float]] = {}
         with self._preserved() as snap:
-            for peer in sorted(updates):
+            for peer in peers:
                 self._apply(updates[peer], factors[peer])
                 rand_after = self._loss(random_batches)
-                own_after = self._loss(assigned_batches[peer])
+                sets = peers if cross else [peer]
+                after = {y: self._loss(assigned_batches[y]) for y in sets}
                 snap.restore()
                 if self.config.eval_mode:
                     self.model.eval()
-                own_before = baseline.assigned[peer]
+                table[peer] = {
+                    y: relative_gain(baseline.assigned[y], after[y], floor) for y in sets
+                }
                 g_rand = relative_gain(baseline.random, rand_after, floor)
-                g_own = relative_gain(own_before, own_after, floor)
+                g_own = table[peer][peer]
                 results[peer] = EvalResult(
                     peer=peer,
                     loss_random_before=baseline.random,
                     loss_random_after=rand_after,
-                    loss_assigned_before=own_before,
-                    loss_assigned_after=own_after,
+                    loss_assigned_before=baseline.assigned[peer],
+                    loss_assigned_after=after[peer],
                     gain_random=g_rand,
                     gain_assigned=g_own,
                     indicator=assigned_indicator(g_rand, g_own, margin, scale),
-                    finite=math.isfinite(g_rand) and math.isfinite(g_own),
+                    finite=math.isfinite(g_rand) and all(math.isfinite(g) for g in after.values()),
+                    cross_gains={y: g for y, g in table[peer].items() if y != peer},
                 )
+        if cross:
+            indicators = cross_indicators(table, margin, scale)
+            results = {p: replace(r, indicator=indicators[p]) for p, r in results.items()}
         return results
 
     def evaluate(

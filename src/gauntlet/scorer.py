@@ -24,7 +24,9 @@ float64 reductions, seeds from public values):
    (:meth:`Scorer._fits`, :func:`~gauntlet.signals.blame_copies`, :func:`copy_failures`);
    publish times play no part (the copier sets or races them);
 6. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
-   evaluated first; :meth:`Scorer._evaluate`); a non-finite after-loss is ``invalid``
+   evaluated first; :meth:`Scorer._evaluate`): each update on the shared random set and,
+   for the assigned-data indicator, on every evaluated peer's assigned set
+   (:func:`~gauntlet.evaluate.cross_indicators`); a non-finite after-loss is ``invalid``
    (:func:`nonfinite_failures`);
 7. **sync** from the published sampled values (:meth:`Scorer._syncs`);
 8. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
@@ -430,6 +432,7 @@ class Scorer:
             assigned,
             margin=self.config.signals.assigned_margin,
             scale=self.config.signals.assigned_scale,
+            cross=self.config.signals.assigned_reference == "cross",
         )
         timings["evaluate"] = time.perf_counter() - t1
         return results

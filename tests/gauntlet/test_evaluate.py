@@ -11,6 +11,8 @@ from torch import nn
 from gauntlet import (
     EvalConfig,
     Evaluator,
+    assigned_indicator,
+    cross_indicators,
     reference_factors,
     relative_gain,
     update_norms,
@@ -116,3 +118,116 @@ def test_relative_gain():
     assert relative_gain(2.0, 1.0) == 0.5
     assert relative_gain(0.0, -1.0, floor=0.5) == 2.0
     assert math.isnan(relative_gain(1.0, math.inf))
+
+
+def _additive(s: dict[str, float], e: dict[str, float], delta: dict[str, float]) -> dict:
+    """G[x][y] = s_x + e_y + δ_x·[x = y]: update strength, set easiness, own-data advantage."""
+    return {x: {y: s[x] + e[y] + (delta[x] if x == y else 0.0) for y in s} for x in s}
+
+
+def test_cross_indicator_reads_own_data_advantage_not_strength_or_easiness():
+    peers = ["a", "b", "c", "d", "e", "f"]
+    s = dict(zip(peers, [0.010, 0.006, 0.008, 0.012, 0.007, 0.009], strict=True))
+    e = dict(zip(peers, [0.000, 0.004, -0.003, 0.002, 0.001, -0.002], strict=True))
+    delta = {p: 0.002 for p in peers} | {"c": 0.0}  # "c" trained on other data
+    got = cross_indicators(_additive(s, e, delta), 0.0, 0.0)
+    assert got == {p: (-1.0 if p == "c" else 1.0) for p in peers}
+    # the same table with the random set as the reference: set c's easiness and b's hard
+    # random set decide instead of the advantage (what zeroed honest peers)
+    rand = {p: s[p] for p in peers}
+    old = {p: assigned_indicator(rand[p], _additive(s, e, delta)[p][p], 0.0, 0.0) for p in peers}
+    assert old["c"] == -1.0 and old["b"] == 1.0 and old["f"] == -1.0
+
+
+def test_cross_indicator_ignores_a_shift_common_to_every_cell():
+    rng = torch.Generator().manual_seed(0)
+    peers = ["p0", "p1", "p2", "p3"]
+    g = torch.rand(4, 4, generator=rng, dtype=torch.float64) * 0.01
+    table = {x: {y: float(g[i, j]) for j, y in enumerate(peers)} for i, x in enumerate(peers)}
+    shifted = {x: {y: v + 0.003 for y, v in row.items()} for x, row in table.items()}
+    a, b = cross_indicators(table, 0.0, 0.0), cross_indicators(shifted, 0.0, 0.0)
+    assert a == b and set(a.values()) == {-1.0, 1.0}
+
+
+def test_cross_indicator_beats_the_random_set_under_common_noise():
+    """Windows whose random set is easier or harder for every update (the common noise seen
+    on the tiny model): the cross indicator keeps honest peers positive in far more windows
+    than the random-set one, and the other-data peer's mean stays near 0."""
+    gen = torch.Generator().manual_seed(1)
+    peers = [f"p{i}" for i in range(5)]
+    cross_pos, rand_pos, liar, honest = 0, 0, 0.0, 0.0
+    for _ in range(200):
+        noise = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        s, e = 0.01 + 0.002 * noise(5), 0.003 * noise(5)
+        common = 0.004 * float(noise(1))
+        table = {
+            x: {
+                y: float(s[i] + e[j] + 0.0005 * noise(1)) + (0.002 if i == j and i else 0.0)
+                for j, y in enumerate(peers)
+            }
+            for i, x in enumerate(peers)
+        }
+        rand = {x: float(s[i]) + common for i, x in enumerate(peers)}
+        cross = cross_indicators(table, 0.0, 0.1)
+        old = {x: assigned_indicator(rand[x], table[x][x], 0.0, 0.1) for x in peers}
+        cross_pos += sum(cross[x] > 0 for x in peers[1:])
+        rand_pos += sum(old[x] > 0 for x in peers[1:])
+        liar += cross["p0"] / 200
+        honest += sum(cross[x] for x in peers[1:]) / 800
+    assert cross_pos >= 0.85 * 800 and rand_pos < 0.75 * 800
+    assert abs(liar) < 0.15 and honest > 0.6
+
+
+def test_cross_indicator_leaves_out_broken_and_empty_updates():
+    peers = ["a", "b", "c"]
+    table = _additive(
+        dict(zip(peers, [0.01, 0.008, 0.009], strict=True)),
+        dict(zip(peers, [0.0, 0.002, -0.001], strict=True)),
+        {"a": 0.002, "b": 0.0, "c": 0.002},
+    )
+    base = cross_indicators(table, 0.0, 0.1)
+    for bad in ({y: math.nan for y in [*peers, "z"]}, {y: 0.0 for y in [*peers, "z"]}):
+        with_bad = {x: {**row, "z": -0.05} for x, row in table.items()} | {"z": bad}
+        got = cross_indicators(with_bad, 0.0, 0.1)
+        assert got["z"] == -1.0 and {p: got[p] for p in peers} == base
+    with pytest.raises(ValueError, match="square"):
+        cross_indicators({"a": {"a": 0.1}}, 0.0, 0.1)
+    with pytest.raises(ValueError, match="square"):
+        cross_indicators({"a": {"a": 0.1, "b": 0.1}, "b": {"b": 0.1}}, 0.0, 0.1)
+
+
+def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
+    net, batches, _ = make()
+    ev = Evaluator(net, mse, EvalConfig(eval_mode=True))
+    gen = torch.Generator().manual_seed(3)
+    peers = ["a", "b", "c"]
+    updates = {
+        p: {n: torch.randn(q.shape, generator=gen) for n, q in net.named_parameters()}
+        for p in peers
+    }
+    sets = {
+        p: [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen))] for p in peers
+    }
+    norms = update_norms(updates)
+    factors = reference_factors(norms, window_reference(norms, peers))
+    base = ev.baseline(batches, sets)
+    crossed = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=True)
+    plain = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1)
+    table = {}
+    for p in peers:
+        one = ev.evaluate(p, updates[p], factors[p], base, batches, sets[p], scale=0.1)
+        assert one.cross_gains == {} and plain[p] == one
+        # the own-set and random-set numbers are those of a plain evaluation
+        assert crossed[p].gain_assigned == one.gain_assigned
+        assert crossed[p].gain_random == one.gain_random
+        assert sorted(crossed[p].cross_gains) == sorted(set(peers) - {p})
+        for q, g in crossed[p].cross_gains.items():
+            alone = ev.evaluate(p, updates[p], factors[p], base, batches, sets[q], scale=0.1)
+            assert g == relative_gain(base.assigned[q], alone.loss_assigned_after)
+        table[p] = {**crossed[p].cross_gains, p: crossed[p].gain_assigned}
+    assert {p: crossed[p].indicator for p in peers} == cross_indicators(table, 0.0, 0.1)
+    # one peer alone has nothing to cross with: the random set is its reference
+    alone = ev.evaluate_many(
+        {"a": updates["a"]}, {"a": factors["a"]}, base, batches, sets, scale=0.1, cross=True
+    )
+    assert alone["a"] == plain["a"]

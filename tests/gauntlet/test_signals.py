@@ -147,6 +147,13 @@ def test_numeric_signal_fields_reject_bools():
             SignalConfig(**{name: True})
 
 
+def test_assigned_reference_is_cross_or_random():
+    assert SignalConfig().assigned_reference == "cross"
+    for bad in ("median", "", 1, None):
+        with pytest.raises(ValueError, match="assigned_reference"):
+            SignalConfig(assigned_reference=bad)
+
+
 def test_debiased_bma_is_the_mean_indicator_and_saturates():
     # two +1: the raw average 0.0975 is the mean (1.0) debiased; it is far past bma_full
     bma = update_bma(update_bma(0.0, 1.0, SIG), 1.0, SIG)
