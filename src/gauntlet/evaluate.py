@@ -43,11 +43,13 @@ copying back a snapshot rather than subtracting the step again.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -55,6 +57,7 @@ from torch import nn
 from gauntlet.config import EvalConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,16 @@ class _Snapshot:
                 state[key] = saved
 
 
+@dataclass
+class _Replica:
+    """A model evaluations run on, with its parameters by name and the snapshot it is
+    restored from after each peer."""
+
+    model: nn.Module
+    params: dict[str, torch.Tensor]
+    snap: _Snapshot
+
+
 class Evaluator:
     """Evaluates peers' decoded updates on one model; the model is left exactly as found.
 
@@ -208,6 +221,12 @@ class Evaluator:
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``; called under ``torch.no_grad``.
         config: the evaluation step (:class:`~gauntlet.config.EvalConfig`).
         optimizer: an optimizer whose state must also be preserved (optional).
+        threads: evaluate the peers of :meth:`evaluate_many` on this many threads, each on
+            its own copy of the model (``threads − 1`` deep copies, made per call): for a
+            CPU validator whose cores would otherwise sit idle while it scores. Every peer is
+            still evaluated alone on a model equal to the original, so the results are
+            bit-identical to one thread's. Needs ``config.eval_mode`` (no dropout draws from
+            the shared random generator) and a model ``copy.deepcopy`` can copy.
     """
 
     def __init__(
@@ -216,11 +235,17 @@ class Evaluator:
         loss_fn: LossFn,
         config: EvalConfig | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        threads: int = 1,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.config = config or EvalConfig()
         self.optimizer = optimizer
+        if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        if threads > 1 and not self.config.eval_mode:
+            raise ValueError("threads > 1 needs eval_mode: dropout would share one generator")
+        self.threads = threads
         self._params = dict(model.named_parameters())
 
     @contextmanager
@@ -237,17 +262,18 @@ class Evaluator:
         finally:
             snap.restore()
 
-    def _loss(self, batches: Sequence[Any]) -> float:
-        return mean_loss(self.model, self.loss_fn, batches)
+    def _loss(self, batches: Sequence[Any], model: nn.Module | None = None) -> float:
+        return mean_loss(self.model if model is None else model, self.loss_fn, batches)
 
     def baseline(
         self, random_batches: Sequence[Any], assigned_batches: Mapping[str, Sequence[Any]]
     ) -> Baseline:
         """Before-losses, once per window: the random set and every peer's assigned set."""
-        with self._preserved():
-            rand = self._loss(random_batches)
-            assigned = {p: self._loss(assigned_batches[p]) for p in sorted(assigned_batches)}
-        return Baseline(random=rand, assigned=assigned)
+        sets = {"": random_batches} | {f"/{p}": assigned_batches[p] for p in assigned_batches}
+        losses = self._spread(sorted(sets), lambda r, name: self._loss(sets[name], r.model))
+        return Baseline(
+            random=losses[""], assigned={p: losses[f"/{p}"] for p in sorted(assigned_batches)}
+        )
 
     def losses(self, sets: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         """Mean loss of each named batch set on the model as it is (sorted names)."""
@@ -271,13 +297,44 @@ class Evaluator:
                 for name in sorted(sets)
             }
 
-    def _apply(self, update: Mapping[str, torch.Tensor], factors: Mapping[str, float]) -> None:
+    def _apply(
+        self,
+        update: Mapping[str, torch.Tensor],
+        factors: Mapping[str, float],
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        params = self._params if params is None else params
         step = self.config.step
         with torch.no_grad():
             for name in sorted(update):
-                param = self._params[name]
+                param = params[name]
                 v = update[name].to(device=param.device, dtype=param.dtype)
                 param.sub_(v, alpha=step * factors.get(name, 1.0))
+
+    def _spread(self, keys: list[str], fn: Callable[[_Replica, str], _T]) -> dict[str, _T]:
+        """``{key: fn(replica, key)}`` in the order of ``keys``, the keys dealt round-robin to
+        up to ``threads`` replicas of the model (the model itself first), each on its own
+        thread; the model is preserved as :meth:`_preserved` does."""
+        with self._preserved() as snap:
+            replicas = [_Replica(self.model, self._params, snap)]
+            replicas += [self._replica() for _ in range(min(self.threads, len(keys)) - 1)]
+            groups = [keys[i :: len(replicas)] for i in range(len(replicas))]
+
+            def run(i: int) -> dict[str, _T]:
+                return {k: fn(replicas[i], k) for k in groups[i]}
+
+            if len(replicas) == 1:
+                parts = [run(0)]
+            else:
+                with ThreadPoolExecutor(len(replicas), thread_name_prefix="evaluate") as pool:
+                    parts = list(pool.map(run, range(len(replicas))))
+        merged = {k: v for part in parts for k, v in part.items()}
+        return {k: merged[k] for k in keys}
+
+    def _replica(self) -> _Replica:
+        """A deep copy of the model, as :meth:`_preserved` leaves it, for another thread."""
+        model = copy.deepcopy(self.model)
+        return _Replica(model, dict(model.named_parameters()), _Snapshot(model, None))
 
     def evaluate_many(
         self,
@@ -305,34 +362,32 @@ class Evaluator:
         peers = sorted(updates)
         cross = cross and len(peers) > 1
         floor = self.config.loss_floor
-        results: dict[str, EvalResult] = {}
-        table: dict[str, dict[str, float]] = {}
-        with self._preserved() as snap:
-            for peer in peers:
-                self._apply(updates[peer], factors[peer])
-                rand_after = self._loss(random_batches)
-                sets = peers if cross else [peer]
-                after = {y: self._loss(assigned_batches[y]) for y in sets}
-                snap.restore()
-                if self.config.eval_mode:
-                    self.model.eval()
-                table[peer] = {
-                    y: relative_gain(baseline.assigned[y], after[y], floor) for y in sets
-                }
-                g_rand = relative_gain(baseline.random, rand_after, floor)
-                g_own = table[peer][peer]
-                results[peer] = EvalResult(
-                    peer=peer,
-                    loss_random_before=baseline.random,
-                    loss_random_after=rand_after,
-                    loss_assigned_before=baseline.assigned[peer],
-                    loss_assigned_after=after[peer],
-                    gain_random=g_rand,
-                    gain_assigned=g_own,
-                    indicator=assigned_indicator(g_rand, g_own, margin, scale),
-                    finite=math.isfinite(g_rand) and all(math.isfinite(g) for g in after.values()),
-                    cross_gains={y: g for y, g in table[peer].items() if y != peer},
-                )
+
+        def measure(replica: _Replica, peer: str) -> EvalResult:
+            self._apply(updates[peer], factors[peer], replica.params)
+            rand_after = self._loss(random_batches, replica.model)
+            sets = peers if cross else [peer]
+            after = {y: self._loss(assigned_batches[y], replica.model) for y in sets}
+            replica.snap.restore()
+            if self.config.eval_mode:
+                replica.model.eval()
+            gains = {y: relative_gain(baseline.assigned[y], after[y], floor) for y in sets}
+            g_rand = relative_gain(baseline.random, rand_after, floor)
+            return EvalResult(
+                peer=peer,
+                loss_random_before=baseline.random,
+                loss_random_after=rand_after,
+                loss_assigned_before=baseline.assigned[peer],
+                loss_assigned_after=after[peer],
+                gain_random=g_rand,
+                gain_assigned=gains[peer],
+                indicator=assigned_indicator(g_rand, gains[peer], margin, scale),
+                finite=math.isfinite(g_rand) and all(math.isfinite(g) for g in after.values()),
+                cross_gains={y: g for y, g in gains.items() if y != peer},
+            )
+
+        results = self._spread(peers, measure)
+        table = {p: {**r.cross_gains, p: r.gain_assigned} for p, r in results.items()}
         if cross:
             indicators = cross_indicators(table, margin, scale)
             results = {p: replace(r, indicator=indicators[p]) for p, r in results.items()}

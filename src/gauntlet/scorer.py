@@ -192,6 +192,8 @@ class Scorer:
         codec: the codec every compressed update must use (None: accept the payload's).
         contents_for: sample ids → their contents, to include in the digest (optional).
         optimizer: an optimizer whose state the evaluation must also preserve (optional).
+        eval_threads: threads the evaluations are split over (:class:`Evaluator`'s
+            ``threads``; bit-identical results).
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class Scorer:
         codec: CodecConfig | None = None,
         contents_for: Callable[[Sequence[int]], Iterable[Any]] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        eval_threads: int = 1,
     ) -> None:
         self.config = config or (scoreboard.config if scoreboard else GauntletConfig())
         self.scoreboard = scoreboard or Scoreboard(self.config)
@@ -214,7 +217,9 @@ class Scorer:
         self.seed = seed
         self.codec = codec
         self.contents_for = contents_for
-        self.evaluator = Evaluator(model, loss_fn, self.config.evaluation, optimizer)
+        self.evaluator = Evaluator(
+            model, loss_fn, self.config.evaluation, optimizer, threads=eval_threads
+        )
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     def sync_positions(self, window: int) -> list[tuple[str, int]]:

@@ -354,6 +354,10 @@ class ValidatorSettings:
             default: the validator's scoring is on every miner's critical path). A set's
             loss is the mean of its batches' means, so validators that must agree use the
             same value, as they use the same evaluation sizes.
+        eval_threads: threads the peers' evaluations are split over, each on its own copy
+            of the model (``gauntlet.Evaluator``'s ``threads``; the results are bit-identical
+            to one thread's). More than 1 pays where cores idle while the validator scores,
+            e.g. the local simulation's miners waiting for the set; default 1.
         heldout_batches: held-out batches for the logged global loss (0 = none).
         keep_checkpoints: model checkpoints kept in the bucket.
         aggregate: the aggregation set it publishes for the miners and steps on itself:
@@ -365,6 +369,7 @@ class ValidatorSettings:
     eval_assigned: int = 64
     eval_random: int = 64
     eval_batch_size: int = 64
+    eval_threads: int = 1
     heldout_batches: int = 4
     keep_checkpoints: int = 2
     aggregate: Literal["accepted", "valid"] = "accepted"
@@ -374,7 +379,7 @@ class ValidatorSettings:
             self.aggregate in ("accepted", "valid"),
             "validator.aggregate must be 'accepted' or 'valid'",
         )
-        names = ("weights_every", "eval_assigned", "eval_random", "eval_batch_size")
+        names = ("weights_every", "eval_assigned", "eval_random", "eval_batch_size", "eval_threads")
         for name in (*names, "keep_checkpoints"):
             value = getattr(self, name)
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1

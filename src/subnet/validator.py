@@ -122,6 +122,7 @@ class Validator(Node):
             scoreboard=scoreboard,
             codec=self.protocol.codec,
             contents_for=task.contents,
+            eval_threads=cfg.validator.eval_threads,
         )
         spec = ModelSpec.from_named_tensors(dict(self.model.named_parameters()))
         self.updates = self._channel(UPDATES, spec)

@@ -231,3 +231,33 @@ def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
         {"a": updates["a"]}, {"a": factors["a"]}, base, batches, sets, scale=0.1, cross=True
     )
     assert alone["a"] == plain["a"]
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_threads_give_bit_identical_results_and_restore_the_model(cross):
+    net, batches, opt = make()
+    gen = torch.Generator().manual_seed(4)
+    peers = [f"p{i}" for i in range(5)]
+    updates = {
+        p: {n: torch.randn(q.shape, generator=gen) for n, q in net.named_parameters()}
+        for p in peers
+    }
+    sets = {
+        p: [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen))] for p in peers
+    }
+    norms = update_norms(updates)
+    factors = reference_factors(norms, window_reference(norms, peers))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    one = Evaluator(net, mse, EvalConfig(), optimizer=opt)
+    base = one.baseline(batches, sets)
+    want = one.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=cross)
+    for threads in (2, 3, 8):
+        ev = Evaluator(net, mse, EvalConfig(), optimizer=opt, threads=threads)
+        assert ev.baseline(batches, sets) == base
+        got = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=cross)
+        assert got == want and list(got) == peers
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="eval_mode"):
+        Evaluator(net, mse, EvalConfig(eval_mode=False), threads=2)
+    with pytest.raises(ValueError, match="threads"):
+        Evaluator(net, mse, threads=0)

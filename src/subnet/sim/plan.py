@@ -6,6 +6,7 @@ Every node gets the same ``[run]`` and ``[window]`` sections, its own state fold
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from subnet.adversary import STALE_LAG
@@ -98,6 +99,8 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
         keep_checkpoints=STALE_LAG + 2,  # the stale adversary loads a model 3 windows old
         eval_assigned=cfg.eval_samples,
         eval_random=cfg.eval_samples,
+        # the miners wait for the set while it scores: every core can evaluate
+        eval_threads=os.cpu_count() or 1,
         aggregate="accepted" if cfg.aggregate == "top" else "valid",
     )
     specs = [
