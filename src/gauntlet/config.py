@@ -129,15 +129,15 @@ class SignalConfig:
             (default True; False is Gauntlet's raw moving average).
         bma_full: the debiased BMA at which the score's factor reaches 1, factor =
             min(1, BMA / bma_full) (default 0.5; 1.0 is Gauntlet's factor = BMA).
-        assigned_reference: what an update's gain on its peer's assigned data is compared
-            with: ``"cross"`` (default), the same update's gains on the other evaluated
-            peers' assigned data, double-centred (:func:`gauntlet.evaluate.cross_indicators`;
-            n² set evaluations for n peers), or ``"random"``, Gauntlet's comparison with the
-            shared random set (:func:`gauntlet.evaluate.assigned_indicator`; 2n).
+        assigned_reference: ``"cross"`` (default): an update's advantage on its peer's
+            assigned data over the random set, less the median advantage the other evaluated
+            peers' updates show on that same data (:func:`gauntlet.evaluate.cross_indicators`;
+            n² set evaluations for n peers); ``"random"``: Gauntlet's advantage over the
+            random set alone (:func:`gauntlet.evaluate.assigned_indicator`; 2n).
         assigned_margin: subtracted from the indicator's relative advantage (default 0.0).
         assigned_scale: relative advantage (own-data gain minus the reference's, as a
             fraction of the larger of the two) that earns b = +1; the indicator is linear
-            from −scale to +scale (default 0.05: an honest peer's cross x averaged 0.043 over
+            from −scale to +scale (default 0.05: an honest peer's cross x averaged 0.046 over
             the main job's recorded windows; 0 is Gauntlet's b = ±1).
         replay_windows: content digests of updates and aggregates are remembered for this
             many windows; an update with the content of one of them is a ``replay``

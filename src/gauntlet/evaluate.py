@@ -15,19 +15,26 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
   if x > 0, else −1), −1 when a gain is not finite or the update changes nothing, where x is
   how much better the update fits the peer's own assigned batches than other data:
 
-  - **cross** (the default, :func:`cross_indicators`): every evaluated update x is also
-    applied to every other evaluated peer's assigned batches. With G[x][y] the gain of x's
-    update on y's batches and means over the off-diagonal cells (y ≠ x),
+  - **cross** (the default, :func:`cross_indicators`): every evaluated update is also
+    applied to every other evaluated peer's assigned batches. With G[z][y] the gain of z's
+    update on y's batches and g_z its gain on the random set,
 
-        x = (G[x][x] − rowₓ − colₓ + Ḡ − margin) / max(|G[x][x]|, |rowₓ|),
-        rowₓ = mean_y G[x][y],   colₓ = mean_y G[y][x],   Ḡ = mean_{x≠y} G[x][y],
+        x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
+        Cₓ = median_{z≠x} G[z][x],   M = median_{z≠x} g_z:
 
-    the interaction of update and data set in a two-way layout: rowₓ removes how much the
-    update helps any data, colₓ how easily any update helps x's set. Under an additive
-    model G[x][y] = sₓ + e_y + δₓ·[x = y], x·size = δₓ + (sₓ − s̄ + eₓ − ē)/(n − 1), so an
-    honest peer's own-data advantage δ shows with no common term left: the shared random set
-    moves every peer's (g_assigned − g_random) together, and on a small model that common
-    noise was as large as δ and zeroed honest peers. Costs n² set evaluations for n peers.
+    Gauntlet's own-data-over-random-set advantage, less the same advantage as the other
+    peers' updates see it (how much easier x's set is than the random set, for updates
+    that did not train on it). Under an additive model G[z][y] = s_z + e_y + δ_z·[z = y],
+    g_z = s_z + e_R, the numerator is exactly δₓ: the update's strength, the set's easiness
+    and the random set's easiness all cancel. The last one matters most: every peer
+    shares the random set, so a window whose set happened to be easy or hard moved every
+    peer's Gauntlet indicator together, and on a small model that common noise was as large
+    as an honest peer's δ and zeroed honest peers. Only x's own two gains enter for x, and
+    the others' through medians, so no single peer moves another's indicator by more than
+    one rank of a median, and degrading other peers' (public) assignments does not raise
+    one's own; the random set is still drawn after the deadline. The denominator includes
+    the others' gains, so a near-zero update is not amplified. Costs n² set evaluations for
+    n evaluated peers (``max_evaluations`` caps n).
   - **random** (Gauntlet's, :func:`assigned_indicator`; also used when a single peer is
     evaluated): x = (g_assigned − g_random − margin) / max(|g_random|, |g_assigned|).
 
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -125,34 +133,39 @@ def _clamped(x: float, scale: float) -> float:
 
 
 def cross_indicators(
-    gains: Mapping[str, Mapping[str, float]], margin: float, scale: float
+    gains: Mapping[str, Mapping[str, float]],
+    random_gains: Mapping[str, float],
+    margin: float,
+    scale: float,
 ) -> dict[str, float]:
-    """bᵢ of every peer of ``gains`` from the cross gains G[x][y] (x's update on y's assigned
-    batches; every row names the same peers, at least two): x = (G[x][x] − rowₓ − colₓ + Ḡ −
-    margin) / max(|G[x][x]|, |rowₓ|), clamped as :func:`assigned_indicator` (module doc).
+    """bᵢ of every peer from the cross gains G[z][y] (z's update on y's assigned batches;
+    every row names the same peers) and each update's random-set gain g_z (module doc):
 
-    A peer with a non-finite gain, or whose update changes nothing (its whole row 0), gets
-    −1 and is left out of the others' column and overall means, so it cannot move them."""
+        x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
+        Cₓ = median_{z≠x} G[z][x],   M = median_{z≠x} g_z,
+
+    clamped as :func:`assigned_indicator`. A peer with a non-finite gain, or whose update
+    changes nothing (all its gains 0), gets −1 and is left out of the others' medians; a
+    peer with no other peer left is judged by :func:`assigned_indicator` alone."""
     peers = sorted(gains)
-    if len(peers) < 2 or any(sorted(gains[x]) != peers for x in peers):
-        raise ValueError("cross_indicators needs a square table of at least two peers")
-    out = {
-        x: -1.0
-        for x in peers
-        if not all(math.isfinite(g) for g in gains[x].values())
-        or all(g == 0.0 for g in gains[x].values())
-    }
+    if any(sorted(gains[x]) != peers for x in peers) or sorted(random_gains) != peers:
+        raise ValueError("cross_indicators needs a square table and a random gain per peer")
+    out: dict[str, float] = {}
+    for x in peers:
+        row = [*gains[x].values(), random_gains[x]]
+        if not all(math.isfinite(g) for g in row) or all(g == 0.0 for g in row):
+            out[x] = -1.0
     live = [x for x in peers if x not in out]
-    if len(live) < 2:
-        return {x: out.get(x, -1.0) for x in peers}
-    n = len(live)
-    row = {x: sum(gains[x][y] for y in live if y != x) / (n - 1) for x in live}
-    col = {x: sum(gains[y][x] for y in live if y != x) / (n - 1) for x in live}
-    grand = sum(row[x] for x in live) / n
     for x in live:
-        own = gains[x][x]
-        size = max(abs(own), abs(row[x]))
-        lead = own - row[x] - col[x] + grand - margin
+        own, rand = gains[x][x], random_gains[x]
+        others = [z for z in live if z != x]
+        if not others:
+            out[x] = assigned_indicator(rand, own, margin, scale)
+            continue
+        col = statistics.median(gains[z][x] for z in others)
+        ref = statistics.median(random_gains[z] for z in others)
+        size = max(abs(own), abs(rand), abs(col), abs(ref))
+        lead = (own - rand) - (col - ref) - margin
         out[x] = _clamped(lead / size, scale) if size > 0.0 else -1.0
     return {x: out[x] for x in peers}
 
@@ -354,7 +367,7 @@ class Evaluator:
         clip factors of :func:`gauntlet.clipping.reference_factors` (a missing name is 1);
         ``margin`` and ``scale`` shape the indicator. With ``cross`` and at least two peers
         each update is also scored on every other peer's assigned batches and the indicator
-        is :func:`cross_indicators`'; otherwise :func:`assigned_indicator`.
+        is :func:`cross_indicators`; otherwise :func:`assigned_indicator`.
         """
         unknown = sorted({n for u in updates.values() for n in u} - set(self._params))
         if unknown:
@@ -387,9 +400,10 @@ class Evaluator:
             )
 
         results = self._spread(peers, measure)
-        table = {p: {**r.cross_gains, p: r.gain_assigned} for p, r in results.items()}
         if cross:
-            indicators = cross_indicators(table, margin, scale)
+            table = {p: {**r.cross_gains, p: r.gain_assigned} for p, r in results.items()}
+            rand = {p: r.gain_random for p, r in results.items()}
+            indicators = cross_indicators(table, rand, margin, scale)
             results = {p: replace(r, indicator=indicators[p]) for p, r in results.items()}
         return results
 

@@ -419,7 +419,8 @@ class Scorer:
         inputs: WindowInputs,
         timings: dict[str, float],
     ) -> dict[str, EvalResult]:
-        """Gains of each chosen peer on the shared random set and its assigned subset."""
+        """Gains of each chosen peer on the shared random set and on its assigned subset
+        (with the cross indicator, on every chosen peer's assigned subset)."""
         if not chosen:
             return {}
         t0 = time.perf_counter()

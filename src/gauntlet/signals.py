@@ -30,7 +30,8 @@ supplies) is blamed, and when those tie (same second on S3) the larger m. A copi
 backdates or races therefore only wins where the fits are too close to tell.
 
 **Assigned-data indicator.** BMA ← max(0, d·BMA + (1−d)·b) with b ∈ [−1, 1]
-(:func:`gauntlet.evaluate.assigned_indicator`), from BMA = 0. After m updates the moving
+(:func:`gauntlet.evaluate.cross_indicators`, or Gauntlet's
+:func:`gauntlet.evaluate.assigned_indicator`), from BMA = 0. After m updates the moving
 average is debiased as Adam's moments are, B = BMA / (1 − dᵐ) (``bma_debias``; without it a
 peer needs ~1/(1−d) = 20 windows before B can reach its real level, and the threshold zeroes
 honest peers of short runs); B counts as 0 when B < threshold once the peer has ``warmup``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -125,28 +126,63 @@ def _additive(s: dict[str, float], e: dict[str, float], delta: dict[str, float])
     return {x: {y: s[x] + e[y] + (delta[x] if x == y else 0.0) for y in s} for x in s}
 
 
+PEERS = ["a", "b", "c", "d", "e", "f"]
+STRENGTH = dict(zip(PEERS, [0.010, 0.006, 0.008, 0.012, 0.007, 0.009], strict=True))
+EASE = dict(zip(PEERS, [0.000, 0.004, -0.003, 0.002, 0.001, -0.002], strict=True))
+
+
 def test_cross_indicator_reads_own_data_advantage_not_strength_or_easiness():
-    peers = ["a", "b", "c", "d", "e", "f"]
-    s = dict(zip(peers, [0.010, 0.006, 0.008, 0.012, 0.007, 0.009], strict=True))
-    e = dict(zip(peers, [0.000, 0.004, -0.003, 0.002, 0.001, -0.002], strict=True))
-    delta = {p: 0.002 for p in peers} | {"c": 0.0}  # "c" trained on other data
-    got = cross_indicators(_additive(s, e, delta), 0.0, 0.0)
-    assert got == {p: (-1.0 if p == "c" else 1.0) for p in peers}
-    # the same table with the random set as the reference: set c's easiness and b's hard
-    # random set decide instead of the advantage (what zeroed honest peers)
-    rand = {p: s[p] for p in peers}
-    old = {p: assigned_indicator(rand[p], _additive(s, e, delta)[p][p], 0.0, 0.0) for p in peers}
-    assert old["c"] == -1.0 and old["b"] == 1.0 and old["f"] == -1.0
+    delta = {p: 0.002 for p in PEERS} | {"c": 0.0, "e": -0.001}  # c, e trained on other data
+    table = _additive(STRENGTH, EASE, delta)
+    for ease_random in (-0.004, 0.0, 0.005):  # how easy the shared random set happens to be
+        rand = {p: STRENGTH[p] + ease_random for p in PEERS}
+        got = cross_indicators(table, rand, 0.0, 0.0)
+        assert got == {p: (-1.0 if p in "ce" else 1.0) for p in PEERS}
+        # Gauntlet's reading of the same table: set and random-set easiness decide instead
+        old = {p: assigned_indicator(rand[p], table[p][p], 0.0, 0.0) for p in PEERS}
+        assert old != got
+    soft = cross_indicators(table, {p: STRENGTH[p] for p in PEERS}, 0.0, 1.0)
+    for p in PEERS:  # exactly δ over the largest of the four gains in play
+        others = [STRENGTH[q] for q in PEERS if q != p]
+        col, ref = statistics.median(v + EASE[p] for v in others), statistics.median(others)
+        size = max(abs(table[p][p]), STRENGTH[p], abs(col), abs(ref))
+        assert soft[p] == pytest.approx(delta[p] / size, rel=1e-9)
 
 
-def test_cross_indicator_ignores_a_shift_common_to_every_cell():
-    rng = torch.Generator().manual_seed(0)
+def test_one_peer_cannot_move_another_peers_indicator_or_raise_its_own():
+    delta = {p: 0.002 for p in PEERS}
+    table = _additive(STRENGTH, EASE, delta)
+    rand = {p: STRENGTH[p] for p in PEERS}
+    base = cross_indicators(table, rand, 0.0, 0.0)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        # "a" sends anything on the other peers' (public) sets: hurts one, overfits another
+        wild = (torch.rand(len(PEERS), generator=gen, dtype=torch.float64) - 0.5) * 0.2
+        bent = {
+            **table,
+            "a": {
+                y: (table["a"][y] if y == "a" else float(w))
+                for y, w in zip(PEERS, wild, strict=True)
+            },
+        }
+        got = cross_indicators(bent, rand, 0.0, 0.0)
+        assert got == base  # nobody's sign moves, "a"'s included
+    # without an own-data advantage, degrading every other set does not lift "a"
+    plain = _additive(STRENGTH, EASE, delta | {"a": 0.0})
+    bent = {**plain, "a": {y: (plain["a"][y] if y == "a" else -0.05) for y in PEERS}}
+    assert cross_indicators(bent, rand, 0.0, 0.1)["a"] <= 0.0
+
+
+def test_cross_indicator_ignores_shifts_common_to_every_update():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(4, 4, generator=gen, dtype=torch.float64) * 0.01
     peers = ["p0", "p1", "p2", "p3"]
-    g = torch.rand(4, 4, generator=rng, dtype=torch.float64) * 0.01
     table = {x: {y: float(g[i, j]) for j, y in enumerate(peers)} for i, x in enumerate(peers)}
+    rand = {x: float(g[i, (i + 1) % 4]) for i, x in enumerate(peers)}
+    base = cross_indicators(table, rand, 0.0, 0.0)
     shifted = {x: {y: v + 0.003 for y, v in row.items()} for x, row in table.items()}
-    a, b = cross_indicators(table, 0.0, 0.0), cross_indicators(shifted, 0.0, 0.0)
-    assert a == b and set(a.values()) == {-1.0, 1.0}
+    assert cross_indicators(shifted, {p: v + 0.003 for p, v in rand.items()}, 0.0, 0.0) == base
+    assert set(base.values()) == {-1.0, 1.0}
 
 
 def test_cross_indicator_beats_the_random_set_under_common_noise():
@@ -156,8 +192,11 @@ def test_cross_indicator_beats_the_random_set_under_common_noise():
     gen = torch.Generator().manual_seed(1)
     peers = [f"p{i}" for i in range(5)]
     cross_pos, rand_pos, liar, honest = 0, 0, 0.0, 0.0
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
     for _ in range(200):
-        noise = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
         s, e = 0.01 + 0.002 * noise(5), 0.003 * noise(5)
         common = 0.004 * float(noise(1))
         table = {
@@ -167,8 +206,8 @@ def test_cross_indicator_beats_the_random_set_under_common_noise():
             }
             for i, x in enumerate(peers)
         }
-        rand = {x: float(s[i]) + common for i, x in enumerate(peers)}
-        cross = cross_indicators(table, 0.0, 0.1)
+        rand = {x: float(s[i] + 0.0005 * noise(1)) + common for i, x in enumerate(peers)}
+        cross = cross_indicators(table, rand, 0.0, 0.1)
         old = {x: assigned_indicator(rand[x], table[x][x], 0.0, 0.1) for x in peers}
         cross_pos += sum(cross[x] > 0 for x in peers[1:])
         rand_pos += sum(old[x] > 0 for x in peers[1:])
@@ -185,15 +224,26 @@ def test_cross_indicator_leaves_out_broken_and_empty_updates():
         dict(zip(peers, [0.0, 0.002, -0.001], strict=True)),
         {"a": 0.002, "b": 0.0, "c": 0.002},
     )
-    base = cross_indicators(table, 0.0, 0.1)
-    for bad in ({y: math.nan for y in [*peers, "z"]}, {y: 0.0 for y in [*peers, "z"]}):
+    rand = {"a": 0.01, "b": 0.008, "c": 0.009}
+    base = cross_indicators(table, rand, 0.0, 0.1)
+    for bad, bad_rand in (
+        ({y: math.nan for y in [*peers, "z"]}, 0.01),
+        ({y: 0.0 for y in [*peers, "z"]}, 0.0),
+        ({y: 0.01 for y in [*peers, "z"]}, math.inf),
+    ):
         with_bad = {x: {**row, "z": -0.05} for x, row in table.items()} | {"z": bad}
-        got = cross_indicators(with_bad, 0.0, 0.1)
+        got = cross_indicators(with_bad, rand | {"z": bad_rand}, 0.0, 0.1)
         assert got["z"] == -1.0 and {p: got[p] for p in peers} == base
+    # a peer left alone beside broken ones is judged on its own gains (Gauntlet's rule)
+    alone = {"a": {"a": 0.012, "z": 0.0}, "z": {"a": math.nan, "z": math.nan}}
+    got = cross_indicators(alone, {"a": 0.01, "z": 0.0}, 0.0, 0.1)
+    assert got == {"a": assigned_indicator(0.01, 0.012, 0.0, 0.1), "z": -1.0}
     with pytest.raises(ValueError, match="square"):
-        cross_indicators({"a": {"a": 0.1}}, 0.0, 0.1)
-    with pytest.raises(ValueError, match="square"):
-        cross_indicators({"a": {"a": 0.1, "b": 0.1}, "b": {"b": 0.1}}, 0.0, 0.1)
+        cross_indicators(
+            {"a": {"a": 0.1, "b": 0.1}, "b": {"b": 0.1}}, {"a": 0.1, "b": 0.1}, 0.0, 0.1
+        )
+    with pytest.raises(ValueError, match="random gain"):
+        cross_indicators({"a": {"a": 0.1}}, {}, 0.0, 0.1)
 
 
 def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
@@ -225,7 +275,8 @@ def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
             alone = ev.evaluate(p, updates[p], factors[p], base, batches, sets[q], scale=0.1)
             assert g == relative_gain(base.assigned[q], alone.loss_assigned_after)
         table[p] = {**crossed[p].cross_gains, p: crossed[p].gain_assigned}
-    assert {p: crossed[p].indicator for p in peers} == cross_indicators(table, 0.0, 0.1)
+    rand = {p: crossed[p].gain_random for p in peers}
+    assert {p: crossed[p].indicator for p in peers} == cross_indicators(table, rand, 0.0, 0.1)
     # one peer alone has nothing to cross with: the random set is its reference
     alone = ev.evaluate_many(
         {"a": updates["a"]}, {"a": factors["a"]}, base, batches, sets, scale=0.1, cross=True

@@ -2,7 +2,7 @@
 
 Honest peers train a small MLP for a few AdamW steps on their *assigned* samples and send
 Δ = θ₀ − θ through the real SparseLoCo codec. The data are noisy-teacher labels, so
-training on a sample helps that sample more than unseen ones (what the assigned-vs-random
+training on a sample helps that sample more than unseen ones (what the assigned-data
 indicator measures). Two validators score the same inputs; their chain weights must be
 identical and keep full Yuma trust.
 """
