@@ -14,6 +14,7 @@ Formulas and defaults: ``docs/gauntlet.md``.
 
 from gauntlet.assignment import (
     assign_samples,
+    cross_partners,
     data_digest,
     derive_seed,
     draw_ids,
@@ -143,6 +144,7 @@ __all__ = [
     "cap_weights",
     "content_digest",
     "cross_indicators",
+    "cross_partners",
     "data_digest",
     "decode_update",
     "derive_seed",

@@ -87,6 +87,22 @@ def random_samples(window: int, eval_seed: str, config: AssignmentConfig) -> lis
     return draw_ids("random", (eval_seed, int(window)), config.num_samples, config.eval_random)
 
 
+def cross_partners(
+    peers: Sequence[str], window: int, eval_seed: str, count: int
+) -> dict[str, list[str]]:
+    """The peers whose assigned sets each peer's update is also evaluated on (the cross
+    indicator, :func:`gauntlet.evaluate.cross_indicators`): every other peer when there are
+    at most ``count`` of them; else the ``count`` peers after it in a cycle ordered by
+    BLAKE2b(eval_seed, window, peer), so each set is evaluated by exactly ``count`` other
+    updates and nobody knows their partners before the deadline."""
+    order = sorted(peers)
+    if len(order) - 1 <= count:
+        return {p: [q for q in order if q != p] for p in order}
+    order.sort(key=lambda p: _hash("cross", eval_seed, int(window), p))
+    n = len(order)
+    return {order[i]: sorted(order[(i + j) % n] for j in range(1, count + 1)) for i in range(n)}
+
+
 def data_digest(
     peer: str,
     window: int,

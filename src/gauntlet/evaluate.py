@@ -16,11 +16,12 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
   how much better the update fits the peer's own assigned batches than other data:
 
   - **cross** (the default, :func:`cross_indicators`): every evaluated update is also
-    applied to every other evaluated peer's assigned batches. With G[z][y] the gain of z's
-    update on y's batches and g_z its gain on the random set,
+    applied to the assigned batches of the other evaluated peers, or of ``cross_peers``
+    of them drawn after the deadline (:func:`gauntlet.assignment.cross_partners`). With
+    G[z][y] the gain of z's update on y's batches and g_z its gain on the random set,
 
         x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
-        Cₓ = median_{z≠x} G[z][x],   M = median_{z≠x} g_z:
+        Cₓ = median_z G[z][x],   M = median_z g_z   (z ≠ x scored on x's set):
 
     Gauntlet's own-data-over-random-set advantage, less the same advantage as the other
     peers' updates see it (how much easier x's set is than the random set, for updates
@@ -33,8 +34,8 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
     the others' through medians, so no single peer moves another's indicator by more than
     one rank of a median, and degrading other peers' (public) assignments does not raise
     one's own; the random set is still drawn after the deadline. The denominator includes
-    the others' gains, so a near-zero update is not amplified. Costs n² set evaluations for
-    n evaluated peers (``max_evaluations`` caps n).
+    the others' gains, so a near-zero update is not amplified. Costs n·(k + 1) set
+    evaluations for n evaluated peers and k = min(n − 1, ``cross_peers``).
   - **random** (Gauntlet's, :func:`assigned_indicator`; also used when a single peer is
     evaluated): x = (g_assigned − g_random − margin) / max(|g_random|, |g_assigned|).
 
@@ -138,18 +139,22 @@ def cross_indicators(
     margin: float,
     scale: float,
 ) -> dict[str, float]:
-    """bᵢ of every peer from the cross gains G[z][y] (z's update on y's assigned batches;
-    every row names the same peers) and each update's random-set gain g_z (module doc):
+    """bᵢ of every peer from the cross gains G[z][y] (z's update on y's assigned batches; row
+    z names z itself and the peers whose sets z's update was also scored on) and each
+    update's random-set gain g_z (module doc):
 
         x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
-        Cₓ = median_{z≠x} G[z][x],   M = median_{z≠x} g_z,
+        Cₓ = median_z G[z][x],   M = median_z g_z,   over the peers z ≠ x scored on x's set,
 
     clamped as :func:`assigned_indicator`. A peer with a non-finite gain, or whose update
     changes nothing (all its gains 0), gets −1 and is left out of the others' medians; a
-    peer with no other peer left is judged by :func:`assigned_indicator` alone."""
+    peer whose set no other peer's update was scored on is judged by
+    :func:`assigned_indicator` alone."""
     peers = sorted(gains)
-    if any(sorted(gains[x]) != peers for x in peers) or sorted(random_gains) != peers:
-        raise ValueError("cross_indicators needs a square table and a random gain per peer")
+    if sorted(random_gains) != peers or any(
+        x not in gains[x] or not set(gains[x]) <= set(peers) for x in peers
+    ):
+        raise ValueError("cross_indicators needs each row to name its own peer and known peers")
     out: dict[str, float] = {}
     for x in peers:
         row = [*gains[x].values(), random_gains[x]]
@@ -158,7 +163,7 @@ def cross_indicators(
     live = [x for x in peers if x not in out]
     for x in live:
         own, rand = gains[x][x], random_gains[x]
-        others = [z for z in live if z != x]
+        others = [z for z in live if z != x and x in gains[z]]
         if not others:
             out[x] = assigned_indicator(rand, own, margin, scale)
             continue
@@ -359,27 +364,30 @@ class Evaluator:
         *,
         margin: float = 0.0,
         scale: float = 0.0,
-        cross: bool = False,
+        partners: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, EvalResult]:
         """Evaluate each peer of ``updates`` alone, in sorted order, restoring in between.
 
         ``updates`` maps peer → {parameter name → dense decoded update}; ``factors`` are the
         clip factors of :func:`gauntlet.clipping.reference_factors` (a missing name is 1);
-        ``margin`` and ``scale`` shape the indicator. With ``cross`` and at least two peers
-        each update is also scored on every other peer's assigned batches and the indicator
-        is :func:`cross_indicators`; otherwise :func:`assigned_indicator`.
+        ``margin`` and ``scale`` shape the indicator. With ``partners`` (peer → the other peers
+        whose assigned batches its update is also scored on, e.g.
+        :func:`gauntlet.assignment.cross_partners`) the indicator is :func:`cross_indicators`;
+        without, :func:`assigned_indicator`.
         """
         unknown = sorted({n for u in updates.values() for n in u} - set(self._params))
         if unknown:
             raise KeyError(f"updates name tensors the model does not have: {unknown}")
         peers = sorted(updates)
-        cross = cross and len(peers) > 1
+        cross = partners is not None
+        if cross and any(q not in updates or q == p for p in peers for q in partners[p]):
+            raise KeyError("partners must name other evaluated peers")
         floor = self.config.loss_floor
 
         def measure(replica: _Replica, peer: str) -> EvalResult:
             self._apply(updates[peer], factors[peer], replica.params)
             rand_after = self._loss(random_batches, replica.model)
-            sets = peers if cross else [peer]
+            sets = sorted({peer, *partners[peer]}) if partners is not None else [peer]
             after = {y: self._loss(assigned_batches[y], replica.model) for y in sets}
             replica.snap.restore()
             if self.config.eval_mode:

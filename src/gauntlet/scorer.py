@@ -53,6 +53,7 @@ from torch import nn
 
 from gauntlet.assignment import (
     assign_samples,
+    cross_partners,
     data_digest,
     derive_seed,
     eval_assigned_samples,
@@ -420,7 +421,7 @@ class Scorer:
         timings: dict[str, float],
     ) -> dict[str, EvalResult]:
         """Gains of each chosen peer on the shared random set and on its assigned subset
-        (with the cross indicator, on every chosen peer's assigned subset)."""
+        (with the cross indicator, also on its partners' assigned subsets)."""
         if not chosen:
             return {}
         t0 = time.perf_counter()
@@ -438,10 +439,17 @@ class Scorer:
             assigned,
             margin=self.config.signals.assigned_margin,
             scale=self.config.signals.assigned_scale,
-            cross=self.config.signals.assigned_reference == "cross",
+            partners=self._partners(chosen, inputs),
         )
         timings["evaluate"] = time.perf_counter() - t1
         return results
+
+    def _partners(self, chosen: list[str], inputs: WindowInputs) -> dict[str, list[str]] | None:
+        """Whose assigned sets each chosen update is also scored on (the cross indicator)."""
+        sig = self.config.signals
+        if sig.assigned_reference != "cross" or len(chosen) < 2:
+            return None
+        return cross_partners(chosen, inputs.window, inputs.eval_seed, sig.cross_peers)
 
     def _fits(
         self,

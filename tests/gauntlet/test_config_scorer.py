@@ -17,6 +17,7 @@ from gauntlet import (
     SignalConfig,
     WeightsConfig,
     WindowInputs,
+    cross_partners,
 )
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
 from sparseloco.exchange import GatherResult, PeerStatus
@@ -176,3 +177,16 @@ def test_window_steps_are_callable_alone():
         "b": low - CFG.rating.penalty_late,
         "c": low - CFG.rating.penalty_invalid,
     }
+
+
+def test_cross_peers_caps_each_set_to_k_other_updates():
+    from dataclasses import replace
+
+    cfg = GauntletConfig(assignment=CFG.assignment, signals=replace(CFG.signals, cross_peers=2))
+    sc = scorer(config=cfg)
+    peers = {p: payload(i) for i, p in enumerate(["a", "b", "c", "d", "e"])}
+    digests = {p: sc.expected_digest(p, 0) for p in peers}
+    rep = sc.score_window(WindowInputs(0, gather(0, peers), "e0", digests))
+    want = cross_partners(sorted(peers), 0, "e0", 2)
+    for p, o in rep.outcomes.items():
+        assert o.status == "evaluated" and sorted(o.evaluation.cross_gains) == want[p]

@@ -14,6 +14,7 @@ from gauntlet import (
     Evaluator,
     assigned_indicator,
     cross_indicators,
+    cross_partners,
     reference_factors,
     relative_gain,
     update_norms,
@@ -238,12 +239,13 @@ def test_cross_indicator_leaves_out_broken_and_empty_updates():
     alone = {"a": {"a": 0.012, "z": 0.0}, "z": {"a": math.nan, "z": math.nan}}
     got = cross_indicators(alone, {"a": 0.01, "z": 0.0}, 0.0, 0.1)
     assert got == {"a": assigned_indicator(0.01, 0.012, 0.0, 0.1), "z": -1.0}
-    with pytest.raises(ValueError, match="square"):
-        cross_indicators(
-            {"a": {"a": 0.1, "b": 0.1}, "b": {"b": 0.1}}, {"a": 0.1, "b": 0.1}, 0.0, 0.1
-        )
-    with pytest.raises(ValueError, match="random gain"):
-        cross_indicators({"a": {"a": 0.1}}, {}, 0.0, 0.1)
+    for rows, rand in (
+        ({"a": {"b": 0.1}, "b": {"b": 0.1}}, {"a": 0.1, "b": 0.1}),  # no own gain
+        ({"a": {"a": 0.1, "c": 0.1}, "b": {"b": 0.1}}, {"a": 0.1, "b": 0.1}),  # unknown set
+        ({"a": {"a": 0.1}}, {}),  # no random gain
+    ):
+        with pytest.raises(ValueError, match="own peer"):
+            cross_indicators(rows, rand, 0.0, 0.1)
 
 
 def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
@@ -261,7 +263,8 @@ def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
     norms = update_norms(updates)
     factors = reference_factors(norms, window_reference(norms, peers))
     base = ev.baseline(batches, sets)
-    crossed = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=True)
+    everyone = {p: [q for q in peers if q != p] for p in peers}
+    crossed = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, partners=everyone)
     plain = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1)
     table = {}
     for p in peers:
@@ -277,15 +280,30 @@ def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
         table[p] = {**crossed[p].cross_gains, p: crossed[p].gain_assigned}
     rand = {p: crossed[p].gain_random for p in peers}
     assert {p: crossed[p].indicator for p in peers} == cross_indicators(table, rand, 0.0, 0.1)
-    # one peer alone has nothing to cross with: the random set is its reference
+    # a peer whose set no other update was scored on: the random set alone is its reference
     alone = ev.evaluate_many(
-        {"a": updates["a"]}, {"a": factors["a"]}, base, batches, sets, scale=0.1, cross=True
+        {"a": updates["a"]}, {"a": factors["a"]}, base, batches, sets, scale=0.1, partners={"a": []}
     )
     assert alone["a"] == plain["a"]
+    with pytest.raises(KeyError, match="partners"):
+        ev.evaluate_many(updates, factors, base, batches, sets, partners={p: [p] for p in peers})
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_threads_give_bit_identical_results_and_restore_the_model(cross):
+def test_cross_partners_cover_every_set_k_times_and_follow_the_seed():
+    peers = [f"p{i:02d}" for i in range(12)]
+    assert cross_partners(peers[:4], 3, "h", 16) == {
+        p: [q for q in peers[:4] if q != p] for p in peers[:4]
+    }
+    a = cross_partners(peers, 3, "hash-a", 4)
+    assert a == cross_partners(list(reversed(peers)), 3, "hash-a", 4)  # order-free
+    assert all(len(v) == 4 and p not in v for p, v in a.items())
+    cover = {p: sum(p in v for v in a.values()) for p in peers}
+    assert set(cover.values()) == {4}
+    assert a != cross_partners(peers, 3, "hash-b", 4) != cross_partners(peers, 4, "hash-a", 4)
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_threads_give_bit_identical_results_and_restore_the_model(k):
     net, batches, opt = make()
     gen = torch.Generator().manual_seed(4)
     peers = [f"p{i}" for i in range(5)]
@@ -298,16 +316,17 @@ def test_threads_give_bit_identical_results_and_restore_the_model(cross):
     }
     norms = update_norms(updates)
     factors = reference_factors(norms, window_reference(norms, peers))
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    partners = cross_partners(peers, 0, "seed", k) if k else None
+    before = {name: v.clone() for name, v in net.state_dict().items()}
     one = Evaluator(net, mse, EvalConfig(), optimizer=opt)
     base = one.baseline(batches, sets)
-    want = one.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=cross)
+    want = one.evaluate_many(updates, factors, base, batches, sets, scale=0.1, partners=partners)
     for threads in (2, 3, 8):
         ev = Evaluator(net, mse, EvalConfig(), optimizer=opt, threads=threads)
         assert ev.baseline(batches, sets) == base
-        got = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, cross=cross)
+        got = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, partners=partners)
         assert got == want and list(got) == peers
-        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        assert all(torch.equal(before[n], v) for n, v in net.state_dict().items())
     with pytest.raises(ValueError, match="eval_mode"):
         Evaluator(net, mse, EvalConfig(eval_mode=False), threads=2)
     with pytest.raises(ValueError, match="threads"):
