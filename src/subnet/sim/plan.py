@@ -100,7 +100,7 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
         eval_assigned=cfg.eval_samples,
         eval_random=cfg.eval_samples,
         # the miners wait for the set while it scores: every core can evaluate
-        eval_threads=os.cpu_count() or 1,
+        eval_threads=len(os.sched_getaffinity(0)),
         aggregate="accepted" if cfg.aggregate == "top" else "valid",
     )
     specs = [
