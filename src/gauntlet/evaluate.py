@@ -20,18 +20,21 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
     of them drawn after the deadline (:func:`gauntlet.assignment.cross_partners`). With
     G[z][y] the gain of z's update on y's batches and g_z its gain on the random set,
 
-        x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
-        Cₓ = median_z G[z][x],   M = median_z g_z   (z ≠ x scored on x's set):
+        x = ((G[x][x] − gₓ) − Aₓ − margin) / max(|G[x][x]|, |gₓ|, median_z |g_z|),
+        Aₓ = median_z (G[z][x] − g_z)   (z ≠ x scored on x's set):
 
-    Gauntlet's own-data-over-random-set advantage, less the same advantage as the other
-    peers' updates see it (how much easier x's set is than the random set, for updates
-    that did not train on it). Under an additive model G[z][y] = s_z + e_y + δ_z·[z = y],
-    g_z = s_z + e_R, the numerator is exactly δₓ: the update's strength, the set's easiness
-    and the random set's easiness all cancel. The last one matters most: every peer
-    shares the random set, so a window whose set happened to be easy or hard moved every
-    peer's Gauntlet indicator together, and on a small model that common noise was as large
-    as an honest peer's δ and zeroed honest peers. Only x's own two gains enter for x, and
-    the others' through medians, so no single peer moves another's indicator by more than
+    Gauntlet's own-data-over-random-set advantage, less the median of the same advantage
+    of the other peers' updates on x's set (how much easier x's set is than the random set
+    for updates that did not train on it). Under an additive model
+    G[z][y] = s_z + e_y + δ_z·[z = y], g_z = s_z + e_R, the numerator is exactly δₓ: the
+    update's strength, the set's easiness and the random set's easiness all cancel. The
+    last one matters most: every peer shares the random set, so a window whose set
+    happened to be easy or hard moved every peer's Gauntlet indicator together, and on a
+    small model that common noise was as large as an honest peer's δ and zeroed honest
+    peers. Each other update's advantage is taken on its own gains (paired, so its strength
+    cancels before the median; a median of G[z][x] less a median of g_z picks different
+    peers and let adversaries' strengths through). Only x's own two gains enter for x and
+    the others' through a median, so no single peer moves another's indicator by more than
     one rank of a median, and degrading other peers' (public) assignments does not raise
     one's own; the random set is still drawn after the deadline. The denominator includes
     the others' gains, so a near-zero update is not amplified. Costs n·(k + 1) set
@@ -143,8 +146,8 @@ def cross_indicators(
     z names z itself and the peers whose sets z's update was also scored on) and each
     update's random-set gain g_z (module doc):
 
-        x = ((G[x][x] − gₓ) − (Cₓ − M) − margin) / max(|G[x][x]|, |gₓ|, |Cₓ|, |M|),
-        Cₓ = median_z G[z][x],   M = median_z g_z,   over the peers z ≠ x scored on x's set,
+        x = ((G[x][x] − gₓ) − Aₓ − margin) / max(|G[x][x]|, |gₓ|, median_z |g_z|),
+        Aₓ = median_z (G[z][x] − g_z)   over the peers z ≠ x scored on x's set,
 
     clamped as :func:`assigned_indicator`. A peer with a non-finite gain, or whose update
     changes nothing (all its gains 0), gets −1 and is left out of the others' medians; a
@@ -167,10 +170,9 @@ def cross_indicators(
         if not others:
             out[x] = assigned_indicator(rand, own, margin, scale)
             continue
-        col = statistics.median(gains[z][x] for z in others)
-        ref = statistics.median(random_gains[z] for z in others)
-        size = max(abs(own), abs(rand), abs(col), abs(ref))
-        lead = (own - rand) - (col - ref) - margin
+        others_lead = statistics.median(gains[z][x] - random_gains[z] for z in others)
+        size = max(abs(own), abs(rand), statistics.median(abs(random_gains[z]) for z in others))
+        lead = (own - rand) - others_lead - margin
         out[x] = _clamped(lead / size, scale) if size > 0.0 else -1.0
     return {x: out[x] for x in peers}
 

@@ -143,10 +143,9 @@ def test_cross_indicator_reads_own_data_advantage_not_strength_or_easiness():
         old = {p: assigned_indicator(rand[p], table[p][p], 0.0, 0.0) for p in PEERS}
         assert old != got
     soft = cross_indicators(table, {p: STRENGTH[p] for p in PEERS}, 0.0, 1.0)
-    for p in PEERS:  # exactly δ over the largest of the four gains in play
-        others = [STRENGTH[q] for q in PEERS if q != p]
-        col, ref = statistics.median(v + EASE[p] for v in others), statistics.median(others)
-        size = max(abs(table[p][p]), STRENGTH[p], abs(col), abs(ref))
+    for p in PEERS:  # exactly δ over the largest gain in play
+        others = statistics.median(STRENGTH[q] for q in PEERS if q != p)
+        size = max(abs(table[p][p]), STRENGTH[p], others)
         assert soft[p] == pytest.approx(delta[p] / size, rel=1e-9)
 
 
