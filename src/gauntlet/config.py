@@ -132,14 +132,15 @@ class SignalConfig:
         assigned_reference: ``"cross"`` (default): an update's advantage on its peer's
             assigned data over the random set, less the median advantage the other evaluated
             peers' updates show on that same data (:func:`gauntlet.evaluate.cross_indicators`;
-            n·(k + 1) set evaluations for n peers); ``"random"``: Gauntlet's advantage over
-            the random set alone (:func:`gauntlet.evaluate.assigned_indicator`; 2n).
+            n·(k + 1) assigned-set evaluations for n peers); ``"random"``: Gauntlet's advantage
+            over the random set alone (:func:`gauntlet.evaluate.assigned_indicator`; n).
         cross_peers: k, how many other peers' updates each assigned set is evaluated with
             for the cross indicator, drawn after the deadline when there are more
-            (:func:`gauntlet.assignment.cross_partners`; default 16).
+            (:func:`gauntlet.assignment.cross_partners`; at least 3, odd so that half of the
+            scorers cannot set the median; default 15).
         assigned_margin: subtracted from the indicator's relative advantage (default 0.0).
         assigned_scale: relative advantage (own-data gain minus the reference's, as a
-            fraction of the larger of the two) that earns b = +1; the indicator is linear
+            fraction of the largest gain in play) that earns b = +1; the indicator is linear
             from −scale to +scale (default 0.05: an honest peer's cross x averaged 0.046 over
             the main job's recorded windows; 0 is Gauntlet's b = ±1).
         replay_windows: content digests of updates and aggregates are remembered for this
@@ -170,7 +171,7 @@ class SignalConfig:
     bma_debias: bool = True
     bma_full: float = 0.5
     assigned_reference: str = "cross"
-    cross_peers: int = 16
+    cross_peers: int = 15
     assigned_margin: float = 0.0
     assigned_scale: float = 0.05
     replay_windows: int = 64
@@ -182,6 +183,10 @@ class SignalConfig:
         _positive_int("sync_samples", self.sync_samples)
         _positive_int("replay_windows", self.replay_windows)
         _positive_int("cross_peers", self.cross_peers)
+        _require(
+            self.cross_peers >= 3 and self.cross_peers % 2 == 1,
+            f"cross_peers must be an odd integer >= 3, got {self.cross_peers!r}",
+        )
         _positive_int("replay_sketch_windows", self.replay_sketch_windows)
         _finite("replay_cosine", self.replay_cosine, 0.0, 1.0, open_lo=True)
         _finite("sync_max", self.sync_max, 0.0, 1e6, open_lo=True)

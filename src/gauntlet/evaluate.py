@@ -17,11 +17,11 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
 
   - **cross** (the default, :func:`cross_indicators`): every evaluated update is also
     applied to the assigned batches of the other evaluated peers, or of ``cross_peers``
-    of them drawn after the deadline (:func:`gauntlet.assignment.cross_partners`). With
+    (k) of them drawn after the deadline (:func:`gauntlet.assignment.cross_partners`). With
     G[z][y] the gain of z's update on y's batches and g_z its gain on the random set,
 
         x = ((G[x][x] − gₓ) − Aₓ − margin) / max(|G[x][x]|, |gₓ|, median_z |g_z|),
-        Aₓ = median_z (G[z][x] − g_z)   (z ≠ x scored on x's set):
+        Aₓ = median_z (G[z][x] − g_z)   (z ≠ x scored on x's set, g_z > 0):
 
     Gauntlet's own-data-over-random-set advantage, less the median of the same advantage
     of the other peers' updates on x's set (how much easier x's set is than the random set
@@ -34,13 +34,17 @@ set of batches, the relative gain is g = (L_b − L_a) / max(|L_b|, floor).
     peers. Each other update's advantage is taken on its own gains (paired, so its strength
     cancels before the median; a median of G[z][x] less a median of g_z picks different
     peers and let adversaries' strengths through). Only x's own two gains enter for x and
-    the others' through a median, so no single peer moves another's indicator by more than
-    one rank of a median, and degrading other peers' (public) assignments does not raise
-    one's own; the random set is still drawn after the deadline. The denominator includes
-    the others' gains, so a near-zero update is not amplified. Costs n·(k + 1) set
+    the others' through a median of at least three, so no single peer moves another's
+    indicator by more than one rank of that median; a coalition holding 8 of a peer's
+    k = 15 scorers takes it (drawn at random, for a coalition of 30 % of the peers that is
+    about 5 % of an honest peer's windows, 0.4 % at 20 %). Degrading other peers' (public)
+    assignments does not raise one's own, and the random set is still drawn after the
+    deadline. The denominator includes the others' gains, so a near-zero update is not
+    amplified. Costs n·(k + 1) set
     evaluations for n evaluated peers and k = min(n − 1, ``cross_peers``).
-  - **random** (Gauntlet's, :func:`assigned_indicator`; also used when a single peer is
-    evaluated): x = (g_assigned − g_random − margin) / max(|g_random|, |g_assigned|).
+  - **random** (Gauntlet's, :func:`assigned_indicator`; also used for a peer whose set
+    fewer than :data:`MIN_CROSS` other helpful updates were scored on):
+    x = (g_assigned − g_random − margin) / max(|g_random|, |g_assigned|).
 
 The soft indicator keeps the size of the evidence: an honest peer's x is small but steadily
 positive while a peer that trained on other data has x centred on 0, so the moving average
@@ -92,8 +96,8 @@ class EvalResult:
         gain_assigned: the same on the assigned set.
         indicator: bᵢ in [−1, 1] (:func:`cross_indicators` or :func:`assigned_indicator`).
         finite: False when an after-loss is NaN/Inf (the scorer counts it as invalid).
-        cross_gains: the gain on each other evaluated peer's assigned batches (the cross
-            indicator's row; empty for the random-set indicator).
+        cross_gains: the gain on each partner's assigned batches (the cross indicator's
+            row; empty for the random-set indicator).
     """
 
     peer: str
@@ -136,6 +140,10 @@ def _clamped(x: float, scale: float) -> float:
     return min(1.0, max(-1.0, x / scale))
 
 
+#: the fewest other updates whose median the cross indicator trusts (module doc).
+MIN_CROSS = 3
+
+
 def cross_indicators(
     gains: Mapping[str, Mapping[str, float]],
     random_gains: Mapping[str, float],
@@ -147,12 +155,14 @@ def cross_indicators(
     update's random-set gain g_z (module doc):
 
         x = ((G[x][x] − gₓ) − Aₓ − margin) / max(|G[x][x]|, |gₓ|, median_z |g_z|),
-        Aₓ = median_z (G[z][x] − g_z)   over the peers z ≠ x scored on x's set,
+        Aₓ = median_z (G[z][x] − g_z)   over the peers z ≠ x scored on x's set with g_z > 0,
 
     clamped as :func:`assigned_indicator`. A peer with a non-finite gain, or whose update
-    changes nothing (all its gains 0), gets −1 and is left out of the others' medians; a
-    peer whose set no other peer's update was scored on is judged by
-    :func:`assigned_indicator` alone."""
+    changes nothing (all its gains 0), gets −1 and is left out of the others' medians, as is
+    an update that does not help the random set (g_z ≤ 0: no reference for how data
+    responds to training, and the cheap way to push a median). A peer whose set fewer than
+    :data:`MIN_CROSS` such updates were scored on is judged by :func:`assigned_indicator`
+    alone: with one or two, a single peer would decide the median."""
     peers = sorted(gains)
     if sorted(random_gains) != peers or any(
         x not in gains[x] or not set(gains[x]) <= set(peers) for x in peers
@@ -166,8 +176,8 @@ def cross_indicators(
     live = [x for x in peers if x not in out]
     for x in live:
         own, rand = gains[x][x], random_gains[x]
-        others = [z for z in live if z != x and x in gains[z]]
-        if not others:
+        others = [z for z in live if z != x and x in gains[z] and random_gains[z] > 0.0]
+        if len(others) < MIN_CROSS:
             out[x] = assigned_indicator(rand, own, margin, scale)
             continue
         others_lead = statistics.median(gains[z][x] - random_gains[z] for z in others)

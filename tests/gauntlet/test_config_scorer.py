@@ -182,11 +182,14 @@ def test_window_steps_are_callable_alone():
 def test_cross_peers_caps_each_set_to_k_other_updates():
     from dataclasses import replace
 
-    cfg = GauntletConfig(assignment=CFG.assignment, signals=replace(CFG.signals, cross_peers=2))
+    cfg = GauntletConfig(assignment=CFG.assignment, signals=replace(CFG.signals, cross_peers=3))
     sc = scorer(config=cfg)
     peers = {p: payload(i) for i, p in enumerate(["a", "b", "c", "d", "e"])}
     digests = {p: sc.expected_digest(p, 0) for p in peers}
     rep = sc.score_window(WindowInputs(0, gather(0, peers), "e0", digests))
-    want = cross_partners(sorted(peers), 0, "e0", 2)
+    want = cross_partners(sorted(peers), 0, "e0", 3)
     for p, o in rep.outcomes.items():
         assert o.status == "evaluated" and sorted(o.evaluation.cross_gains) == want[p]
+    for bad in (1, 2, 4, 16, True):
+        with pytest.raises(ValueError, match="cross_peers"):
+            replace(CFG.signals, cross_peers=bad)

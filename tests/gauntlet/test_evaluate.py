@@ -330,3 +330,23 @@ def test_threads_give_bit_identical_results_and_restore_the_model(k):
         Evaluator(net, mse, EvalConfig(eval_mode=False), threads=2)
     with pytest.raises(ValueError, match="threads"):
         Evaluator(net, mse, threads=0)
+
+
+def test_cross_indicator_needs_three_helpful_other_updates():
+    """With one or two others a single peer would decide the median, and an update that does
+    not help the random set is no reference: below three, Gauntlet's rule judges the peer."""
+    table = _additive(STRENGTH, EASE, {p: 0.002 for p in PEERS})
+    rand = {p: STRENGTH[p] for p in PEERS}
+    small = {x: {y: table[x][y] for y in "abc"} for x in "abc"}
+    got = cross_indicators(small, {p: rand[p] for p in "abc"}, 0.0, 0.1)
+    assert got == {p: assigned_indicator(rand[p], table[p][p], 0.0, 0.1) for p in "abc"}
+    # "d", "e", "f" send updates that hurt the random set: they leave every median, so with
+    # only a, b, c helpful each of these is judged on its own gains again
+    hurt = rand | {p: -0.01 for p in "def"}
+    bent = {x: dict(table[x]) for x in PEERS} | {
+        p: {y: 0.05 if y in "abc" else table[p][y] for y in PEERS} for p in "def"
+    }
+    got = cross_indicators(bent, hurt, 0.0, 0.1)
+    assert {p: got[p] for p in "abc"} == {
+        p: assigned_indicator(rand[p], table[p][p], 0.0, 0.1) for p in "abc"
+    }
