@@ -247,11 +247,9 @@ def test_cross_indicator_leaves_out_broken_and_empty_updates():
             cross_indicators(rows, rand, 0.0, 0.1)
 
 
-def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
-    net, batches, _ = make()
-    ev = Evaluator(net, mse, EvalConfig(eval_mode=True))
-    gen = torch.Generator().manual_seed(3)
-    peers = ["a", "b", "c"]
+def _peer_inputs(net: nn.Module, peers: list[str], seed: int) -> tuple[dict, dict, dict]:
+    """Random updates, one assigned batch each and the clip factors, for ``peers``."""
+    gen = torch.Generator().manual_seed(seed)
     updates = {
         p: {n: torch.randn(q.shape, generator=gen) for n, q in net.named_parameters()}
         for p in peers
@@ -260,7 +258,14 @@ def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
         p: [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen))] for p in peers
     }
     norms = update_norms(updates)
-    factors = reference_factors(norms, window_reference(norms, peers))
+    return updates, sets, reference_factors(norms, window_reference(norms, peers))
+
+
+def test_evaluate_many_cross_scores_every_update_on_every_assigned_set():
+    net, batches, _ = make()
+    ev = Evaluator(net, mse, EvalConfig(eval_mode=True))
+    peers = ["a", "b", "c"]
+    updates, sets, factors = _peer_inputs(net, peers, seed=3)
     base = ev.baseline(batches, sets)
     everyone = {p: [q for q in peers if q != p] for p in peers}
     crossed = ev.evaluate_many(updates, factors, base, batches, sets, scale=0.1, partners=everyone)
@@ -304,17 +309,8 @@ def test_cross_partners_cover_every_set_k_times_and_follow_the_seed():
 @pytest.mark.parametrize("k", [0, 2, 4])
 def test_threads_give_bit_identical_results_and_restore_the_model(k):
     net, batches, opt = make()
-    gen = torch.Generator().manual_seed(4)
     peers = [f"p{i}" for i in range(5)]
-    updates = {
-        p: {n: torch.randn(q.shape, generator=gen) for n, q in net.named_parameters()}
-        for p in peers
-    }
-    sets = {
-        p: [(torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen))] for p in peers
-    }
-    norms = update_norms(updates)
-    factors = reference_factors(norms, window_reference(norms, peers))
+    updates, sets, factors = _peer_inputs(net, peers, seed=4)
     partners = cross_partners(peers, 0, "seed", k) if k else None
     before = {name: v.clone() for name, v in net.state_dict().items()}
     one = Evaluator(net, mse, EvalConfig(), optimizer=opt)
