@@ -399,7 +399,7 @@ class Evaluator:
         def measure(replica: _Replica, peer: str) -> EvalResult:
             self._apply(updates[peer], factors[peer], replica.params)
             rand_after = self._loss(random_batches, replica.model)
-            sets = sorted({peer, *partners[peer]}) if partners is not None else [peer]
+            sets = sorted({peer, *partners[peer]}) if cross else [peer]
             after = {y: self._loss(assigned_batches[y], replica.model) for y in sets}
             replica.snap.restore()
             if self.config.eval_mode:

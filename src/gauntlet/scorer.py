@@ -25,8 +25,9 @@ float64 reductions, seeds from public values):
    publish times play no part (the copier sets or races them);
 6. **evaluation** of the remaining peers (at most ``max_evaluations``, least recently
    evaluated first; :meth:`Scorer._evaluate`): each update on the shared random set and,
-   for the assigned-data indicator, on every evaluated peer's assigned set
-   (:func:`~gauntlet.evaluate.cross_indicators`); a non-finite after-loss is ``invalid``
+   for the assigned-data indicator, on its own and up to ``cross_peers`` other evaluated
+   peers' assigned sets (:func:`~gauntlet.assignment.cross_partners`,
+   :func:`~gauntlet.evaluate.cross_indicators`); a non-finite after-loss is ``invalid``
    (:func:`nonfinite_failures`);
 7. **sync** from the published sampled values (:meth:`Scorer._syncs`);
 8. **match**: one OpenSkill match; evaluated peers score their gradient score, failed ones
