@@ -7,7 +7,9 @@ the synchronisation differs:
 * ``sparseloco``: the ``covenant-72b`` preset (k=64/4096, 2-bit, β=0.95, α=1), with both
   reducers (``mean_selected`` as Templar runs it, ``mean`` as the paper writes it), and
   with the paper's 512M density (k=128/4096); the same preset with the sign + Lloyd–Max
-  magnitude value coding (``value_coding="signmag"``) at 2 and 1 bits, at k=64 and k=128;
+  magnitude value coding (``value_coding="signmag"``) and with the rank-group coding
+  (``"ranked"``) at 2 and 1 bits, at k=64 and k=128; and with Rice-coded index gaps at
+  k=100 (about covenant-72b's bytes);
 * ``diloco``: dense fp32 pseudo-gradients, outer Nesterov SGD (momentum 0.9) at several
   outer learning rates;
 * ``dp``: dense gradient averaging every step (the data-parallel reference).
@@ -95,10 +97,15 @@ def methods(diloco_lrs: tuple[float, ...]) -> list[Method]:
         Method("sparseloco/mean", "sparseloco", {"reducer": "mean"}),
         Method("sparseloco/k128", "sparseloco", {"codec": {"topk": 128}}),
     ]
-    for bits, topk in ((2, 64), (1, 64), (1, 128), (2, 128)):
-        suffix = f"-{bits}bit" + ("" if topk == 64 else f"-k{topk}")
-        codec = {"value_coding": "signmag", "value_bits": bits, "topk": topk}
-        out.append(Method(f"sparseloco/signmag{suffix}", "sparseloco", {"codec": codec}))
+    for coding in ("signmag", "ranked"):
+        for bits, topk in ((2, 64), (1, 64), (1, 128), (2, 128)):
+            suffix = f"-{bits}bit" + ("" if topk == 64 else f"-k{topk}")
+            codec = {"value_coding": coding, "value_bits": bits, "topk": topk}
+            out.append(Method(f"sparseloco/{coding}{suffix}", "sparseloco", {"codec": codec}))
+    # The other use of what fixed 12-bit indices waste: Rice-coded gaps, and more entries
+    # for the bytes saved (k=100 sends about covenant-72b's bytes per round).
+    rice = {"index_coding": "rice", "topk": 100}
+    out.append(Method("sparseloco/rice-k100", "sparseloco", {"codec": rice}))
     out += [Method(f"diloco/lr={lr}", "diloco", {"lr": lr}) for lr in diloco_lrs]
     out.append(Method("dp-adamw", "dp", {}))
     return out
@@ -188,6 +195,8 @@ def main() -> None:
                 runs.setdefault(method.name, {}).setdefault(lr, {})[seed] = res
                 print(f"{method.name:30s} inner_lr={lr:<7} seed={seed}  final {res['final']:.4f}")
     tried, best = tried_and_best(runs)
+    for previous in args.include:
+        best = included(previous, size) | best
     rows = best_rows(best)
     verdict = diloco_verdict(best, size["seeds"])
     front = frontier_rows(best, size)
@@ -251,6 +260,13 @@ def parse_args() -> tuple[argparse.Namespace, dict, dict[str, float], list[Metho
     ap.add_argument(
         "--methods", nargs="+", help="run only the methods whose names start with one of these"
     )
+    ap.add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        help="previous runs' JSON of the same size: add their methods' best runs to the tables "
+        "and plots (a method run here replaces its earlier result; runs are deterministic)",
+    )
     ap.add_argument("--name", default="convergence", help="results/<name>.json and .png")
     args = ap.parse_args()
     size = dict(SIZES[args.preset])
@@ -272,6 +288,25 @@ def parse_args() -> tuple[argparse.Namespace, dict, dict[str, float], list[Metho
     if not chosen:
         ap.error(f"no method name starts with any of {args.methods}")
     return args, size, tuned, chosen
+
+
+def included(path: str, size: dict) -> dict[str, tuple[float, dict]]:
+    """A previous run's best inner lr, per-seed curves and bytes per method, as in
+    :func:`tried_and_best` (every seed is given the method's mean bytes, which do not depend on
+    the seed); raises unless it ran the same size."""
+    previous = json.loads(Path(path).read_text())
+    if previous["size"] != {k: str(v) for k, v in size.items()}:
+        raise SystemExit(f"error: {path} ran another size; rerun it with these settings")
+    out = {}
+    for row in previous["best"]:
+        sent = row["MB sent/peer"] * 1e6
+        curves = previous["curves"][row["method"]]
+        runs = {
+            int(seed): {"curve": curve, "final": curve[-1], "bytes_per_peer": sent}
+            for seed, curve in curves.items()
+        }
+        out[row["method"]] = (row["inner lr"], runs)
+    return out
 
 
 def tried_and_best(runs: dict) -> tuple[list[dict], dict[str, tuple[float, dict]]]:

@@ -4,7 +4,8 @@ For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §
 
     e ← β·e + Δ
     I  = per chunk, the k entries of largest |e| (ties to the lower index), ascending
-    v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]
+         (``value_coding="ranked"``: by decreasing |e|, equal magnitudes by ascending index)
+    v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]   (ranked: table[g(rank), q])
     e[I] ← v − v̂          (so e_old·β + Δ = e_new + decode(sent) exactly up to rounding)
 
 The message carries the packed indices (or Rice-coded gaps), the packed codes and the
@@ -33,6 +34,7 @@ from sparseloco.errors import (
     UpdateError,
 )
 from sparseloco.packing import rice_decode, unpack_codes, unpack_indices
+from sparseloco.quantize import ranked_decode, ranked_table_size
 from sparseloco.serialization import strict_json_loads
 
 FORMAT = "sparseloco.compressed/1"
@@ -47,8 +49,9 @@ class CompressedTensor:
         indices: ``uint8`` packed in-chunk indices (``"packed"`` coding) or the Rice
             remainder stream (``"rice"``); empty when every entry is kept.
         gaps: ``uint8`` Rice unary stream; empty unless ``"rice"`` coding.
-        codes: ``uint8`` packed quantization codes, chunk-major, ascending index order.
-        table: ``float32`` decode table of 2**value_bits entries.
+        codes: ``uint8`` packed quantization codes, chunk-major, in the indices' order.
+        table: decode table of :func:`table_size` entries: 2**value_bits ``float32``
+            values, or the rank groups' ``bfloat16`` magnitudes of ``value_coding="ranked"``.
         rice_param: the Rice parameter p (0 for packed coding).
     """
 
@@ -338,15 +341,39 @@ def encode(
     )
 
 
-def check_table(table: torch.Tensor, codec: CodecConfig) -> None:
-    """Raise :class:`CorruptUpdateError` unless ``table`` is a finite float32 decode table."""
-    if table.dtype != torch.float32 or tuple(table.shape) != (codec.levels,):
+def table_size(codec: CodecConfig, layout: ChunkLayout) -> int:
+    """Entries of a tensor's decode table: 2**value_bits, or G·M for ``"ranked"``."""
+    if codec.value_coding == "ranked":
+        dense = layout.is_dense(codec.topk)
+        return ranked_table_size(layout.k(codec.topk), codec.value_bits, dense)
+    return codec.levels
+
+
+def check_table(table: torch.Tensor, codec: CodecConfig, layout: ChunkLayout) -> None:
+    """Raise :class:`CorruptUpdateError` unless ``table`` is a finite decode table of the
+    right dtype and size (ranked: bfloat16 magnitudes, so ≥ 0: the sign is the code's)."""
+    size = table_size(codec, layout)
+    dtype = torch.bfloat16 if codec.value_coding == "ranked" else torch.float32
+    if table.dtype != dtype or tuple(table.shape) != (size,):
         raise CorruptUpdateError(
-            f"table must be float32 of shape ({codec.levels},), got {table.dtype} "
-            f"{tuple(table.shape)}"
+            f"table must be {str(dtype).removeprefix('torch.')} of shape ({size},), got "
+            f"{table.dtype} {tuple(table.shape)}"
         )
     if not bool(torch.isfinite(table).all()):
         raise CorruptUpdateError("table contains NaN or Inf")
+    if codec.value_coding == "ranked" and bool((table < 0).any()):
+        raise CorruptUpdateError("ranked table holds a negative magnitude")
+
+
+def decode_values(
+    codes: torch.Tensor, table: torch.Tensor, codec: CodecConfig, layout: ChunkLayout
+) -> torch.Tensor:
+    """The float32 values ``(num_chunks, k)`` of unpacked int64 ``codes`` in message order."""
+    k = layout.k(codec.topk)
+    codes = codes.view(layout.num_chunks, k)
+    if codec.value_coding == "ranked":
+        return ranked_decode(codes, table, codec.value_bits, layout.is_dense(codec.topk))
+    return table[codes]
 
 
 def decode_sparse(
@@ -361,9 +388,9 @@ def decode_sparse(
     k, n_chunks = layout.k(codec.topk), layout.num_chunks
     count = n_chunks * k
     try:
-        check_table(ct.table, codec)
+        check_table(ct.table, codec, layout)
         codes = unpack_codes(ct.codes, codec.value_bits, count)
-        values = ct.table[codes].view(n_chunks, k)
+        values = decode_values(codes, ct.table, codec, layout)
         if layout.is_dense(codec.topk):
             if ct.indices.numel() or ct.gaps.numel():
                 raise CorruptUpdateError("dense tensor must not carry indices")
@@ -376,8 +403,7 @@ def decode_sparse(
                 raise CorruptUpdateError(
                     f"index {int(idx.max())} out of range for chunks of {layout.chunk_numel}"
                 )
-            if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
-                raise CorruptUpdateError("indices are not strictly ascending within a chunk")
+            check_index_order(idx, codec)
         else:
             if not 0 <= ct.rice_param <= codec.index_bits:
                 raise CorruptUpdateError(f"rice parameter {ct.rice_param} out of range")
@@ -393,6 +419,18 @@ def decode_sparse(
         if exc.tensor is None:
             raise CorruptUpdateError(str(exc), tensor=name) from None
         raise
+
+
+def check_index_order(idx: torch.Tensor, codec: CodecConfig) -> None:
+    """Raise unless each chunk's indices ``(num_chunks, k)`` ascend strictly (ranked: are
+    distinct, in whatever order the ranks put them)."""
+    if idx.shape[1] < 2:
+        return
+    if codec.value_coding == "ranked":
+        if not bool((idx.sort(dim=1).values.diff(dim=1) > 0).all()):
+            raise CorruptUpdateError("indices repeat within a chunk")
+    elif not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        raise CorruptUpdateError("indices are not strictly ascending within a chunk")
 
 
 def decode_tensor(

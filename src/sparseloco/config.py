@@ -13,6 +13,10 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   sign, and |v| above or below a per-tensor, per-sign threshold placed where the squared
   error of the two bin means is smallest (the Lloyd–Max optimum for one magnitude bit; see
   :mod:`sparseloco.quantize`).
+* ``"covenant-72b-ranked"``: Covenant's settings with 2-bit rank-group codes: each chunk's
+  entries are sent by decreasing |v| and the sign + magnitude bit is decoded with a centroid
+  per group of ranks ({0}, {1, 2}, {3…6}, …), so the 12-bit indices carry the rank for free
+  (:mod:`sparseloco.quantize`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from sparseloco.errors import ConfigError, UnknownPresetError
 IndexCoding = Literal["packed", "rice"]
 Reducer = Literal["mean_selected", "mean"]
 Backend = Literal["auto", "torch", "triton"]
-ValueCoding = Literal["uniform", "signmag"]
+ValueCoding = Literal["uniform", "signmag", "ranked"]
 
-_VALUE_BITS = {"uniform": (2, 4, 8), "signmag": (1, 2, 4)}
+_VALUE_BITS = {"uniform": (2, 4, 8), "signmag": (1, 2, 4), "ranked": (1, 2, 4)}
 _INDEX_CODINGS = ("packed", "rice")
 _REDUCERS = ("mean_selected", "mean")
 _BACKENDS = ("auto", "torch", "triton")
@@ -49,11 +53,14 @@ class CodecConfig:
         topk: entries kept per full chunk, by largest magnitude; a smaller chunk keeps
             ``min(topk, chunk entries)``. Must not exceed S².
         value_bits: bits per kept value (2^bits quantization bins): 2, 4 or 8 for
-            ``"uniform"``, 1, 2 or 4 for ``"signmag"``.
-        value_coding: ``"uniform"`` (Templar's bins 6σ/2^bits wide around the mean) or
+            ``"uniform"``, 1, 2 or 4 for ``"signmag"`` and ``"ranked"``.
+        value_coding: ``"uniform"`` (Templar's bins 6σ/2^bits wide around the mean),
             ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| in Lloyd–Max bins fitted
-            per tensor and sign; runs on the torch reference, the Triton compress kernel
-            implements only ``"uniform"`` and decode + aggregate takes either).
+            per tensor and sign) or ``"ranked"`` (each chunk's entries sent by decreasing
+            |v|, with the same sign + Lloyd–Max magnitude bits fitted per group of ranks;
+            needs ``index_coding="packed"``). See :mod:`sparseloco.quantize`. The codings
+            other than ``"uniform"`` run on the torch reference (the Triton compress kernel
+            implements only ``"uniform"``); decode + aggregate takes any.
         index_coding: ``"packed"`` stores each in-chunk index in a fixed ⌈log2 S²⌉-bit field
             (12 bits for S=64, two per three bytes); ``"rice"`` stores the gaps between sorted
             indices with a Rice code whose parameter is chosen per tensor.
@@ -104,6 +111,11 @@ class CodecConfig:
         if self.index_coding not in _INDEX_CODINGS:
             raise ConfigError(
                 f"index_coding must be one of {_INDEX_CODINGS}, got {self.index_coding!r}"
+            )
+        if self.value_coding == "ranked" and self.index_coding != "packed":
+            raise ConfigError(
+                "value_coding='ranked' sends indices in rank order, which Rice-coded gaps "
+                "cannot hold; use index_coding='packed'"
             )
         if not 0.0 <= self.error_decay <= 1.0:
             raise ConfigError(f"error_decay must lie in [0, 1], got {self.error_decay!r}")
@@ -230,6 +242,15 @@ PRESETS: dict[str, OuterConfig] = {
     "covenant-72b-signmag": OuterConfig(
         codec=CodecConfig(
             chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="signmag"
+        ),
+        lr=1.0,
+        inner_steps=30,
+        reducer="mean_selected",
+        clip_to_median=True,
+    ),
+    "covenant-72b-ranked": OuterConfig(
+        codec=CodecConfig(
+            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="ranked"
         ),
         lr=1.0,
         inner_steps=30,

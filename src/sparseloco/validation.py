@@ -3,7 +3,8 @@
 The definition of a usable tensor is :func:`sparseloco.codec.decode_sparse`: it decodes every
 value to float32 and every index to int64 and checks them (~15 MB/s of payload on one core).
 For packed indices the same acceptance rule needs far less work: codes of ``value_bits`` bits
-always index a table of ``2**value_bits`` entries, so only their byte count matters, and
+always index the table (``2**value_bits`` entries, or each rank group's ``2**value_bits``
+signed magnitudes), so only their byte count matters, and
 indices can be checked as 16-bit integers read in place from the packed bytes (~1 GB/s).
 :func:`validate_tensor` accepts exactly what ``decode_sparse`` accepts (the tests compare the
 two on mutated payloads) and raises the same typed errors; Rice-coded tensors go through
@@ -43,7 +44,7 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
     layout = ChunkLayout.for_shape(ct.shape, codec.chunk_size)
     k, n_chunks = layout.k(codec.topk), layout.num_chunks
     count = n_chunks * k
-    check_table(ct.table, codec)
+    check_table(ct.table, codec, layout)
     _check_bytes(
         ct.codes, packed_code_nbytes(count, codec.value_bits), "code", count, codec.value_bits
     )
@@ -60,7 +61,8 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
     if not count:
         return
     raw = ct.indices.detach().cpu().contiguous().numpy()
-    if codec.index_bits == 12 and k % 2 == 0:
+    ranked = codec.value_coding == "ranked"
+    if codec.index_bits == 12 and k % 2 == 0 and not ranked:
         first, second = _pair_views(raw)
         _check_range((first, second), layout.chunk_numel, codec.index_bits)
         if not _pairs_ascend(first, second, k // 2):
@@ -71,7 +73,9 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
         raise CorruptUpdateError("index buffer has a nonzero pad index")
     idx = unpacked[:count]
     _check_range((idx,), layout.chunk_numel, codec.index_bits)
-    if not _ascends(idx, k):
+    if ranked and not _distinct(idx, k):
+        raise CorruptUpdateError("indices repeat within a chunk")
+    if not ranked and not _ascends(idx, k):
         raise CorruptUpdateError("indices are not strictly ascending within a chunk")
 
 
@@ -105,6 +109,12 @@ def _pairs_ascend(first: np.ndarray, second: np.ndarray, pairs: int) -> bool:
 def _ascends(idx: np.ndarray, k: int) -> bool:
     """Whether every chunk of ``k`` consecutive indices ascends strictly."""
     return _steps_up(idx[1:], idx[:-1], k)
+
+
+def _distinct(idx: np.ndarray, k: int) -> bool:
+    """Whether no chunk of ``k`` consecutive indices holds one twice (any order)."""
+    rows = np.sort(idx.reshape(-1, k), axis=1)
+    return bool(np.greater(rows[:, 1:], rows[:, :-1]).all())
 
 
 def _steps_up(later: np.ndarray, earlier: np.ndarray, per_chunk: int) -> bool:

@@ -134,7 +134,11 @@ COMMIT_CODECS = {
     **{name: cfg.codec for name, cfg in sorted(PRESETS.items())},
     **{
         f"{coding}-{b}": CodecConfig(value_bits=b, topk=8, value_coding=coding)
-        for coding, widths in (("uniform", (2, 4, 8)), ("signmag", (1, 2, 4)))
+        for coding, widths in (
+            ("uniform", (2, 4, 8)),
+            ("signmag", (1, 2, 4)),
+            ("ranked", (1, 2, 4)),
+        )
         for b in widths
     },
     "rice-signmag-4": CodecConfig(value_bits=4, value_coding="signmag", index_coding="rice"),

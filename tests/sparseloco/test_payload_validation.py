@@ -20,6 +20,9 @@ CODECS = [
     CodecConfig(chunk_size=16, topk=4, value_bits=4),
     CodecConfig(chunk_size=128, topk=100, value_bits=8),  # 16-bit indices
     CodecConfig(index_coding="rice"),
+    CodecConfig(value_coding="ranked"),
+    CodecConfig(chunk_size=8, topk=5, value_bits=4, value_coding="ranked"),  # odd k
+    CodecConfig(chunk_size=128, topk=100, value_bits=1, value_coding="ranked"),  # 16-bit
 ]
 
 
@@ -43,7 +46,11 @@ def update_for(codec: CodecConfig, seed: int) -> CompressedUpdate:
     return encode(deltas, ErrorFeedback(codec))
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=lambda c: f"{c.chunk_size}-{c.topk}-{c.index_coding}")
+def _codec_id(c: CodecConfig) -> str:
+    return f"{c.chunk_size}-{c.topk}-{c.index_coding}-{c.value_coding}-{c.value_bits}"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=_codec_id)
 def test_valid_updates_pass(codec):
     update = update_for(codec, 0)
     assert outcome(validate_payload, update) is None

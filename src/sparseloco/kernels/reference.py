@@ -15,7 +15,7 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.config import CodecConfig
 from sparseloco.packing import best_rice_parameter, pack_codes, pack_indices, rice_encode
-from sparseloco.quantize import encode_values
+from sparseloco.quantize import encode_values, magnitude_order, ranked_decode, ranked_quantize
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -81,10 +81,8 @@ def compress(
             block.copy_(work)
     idx = torch.cat(idx_blocks) if idx_blocks else torch.empty(0, k, dtype=torch.int64)
     values = torch.cat(val_blocks) if val_blocks else torch.empty(0, k)
-    flat = values.reshape(-1)
-    codes, table = encode_values(flat, config.value_bits, config.value_coding)
-    residual = (flat - table[codes]).view_as(values)
-    error.scatter_(1, idx.to(error.device), residual.to(error.dtype))
+    idx, values, codes, table, decoded = _quantize(idx, values, layout, config)
+    error.scatter_(1, idx.to(error.device), (values - decoded).to(error.dtype))
 
     rice_param = 0
     gaps = torch.empty(0, dtype=torch.uint8)
@@ -104,6 +102,24 @@ def compress(
         table=table,
         rice_param=rice_param,
     )
+
+
+def _quantize(
+    idx: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, config: CodecConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices and values in message order, int64 codes, table, v̂), all ``(chunks, k)``
+    but the table. ``"ranked"`` puts each chunk in order of decreasing |v| first."""
+    bits = config.value_bits
+    if config.value_coding == "ranked":
+        dense = layout.is_dense(config.topk)
+        if not dense:
+            order = magnitude_order(values)
+            idx, values = idx.gather(1, order), values.gather(1, order)
+        codes, table = ranked_quantize(values, bits, dense)
+        return idx, values, codes, table, ranked_decode(codes, table, bits, dense)
+    codes, table = encode_values(values.reshape(-1), bits, config.value_coding)
+    codes = codes.view_as(values)
+    return idx, values, codes, table, table[codes]
 
 
 def subtract_decoded(
