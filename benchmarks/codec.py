@@ -22,7 +22,8 @@ pseudo-gradient is encoded with error feedback, then decoded. Reported:
   and the compress time of each coding on one 4096×4096 tensor;
 * optimizer state in bytes per parameter for the memory options.
 
-Run: ``python benchmarks/codec.py`` (full, ~1.24e9 parameters) or ``--layers 2`` (quick).
+Run: ``python benchmarks/codec.py`` (full, ~1.24e9 parameters) or ``--layers 2`` (quick);
+``--only-values`` runs the value-coding parts alone (``results/codec-values.json``).
 """
 
 from __future__ import annotations
@@ -195,6 +196,31 @@ def state_bytes_per_param(layers: int) -> list[dict]:
     return rows
 
 
+def value_codings(args: argparse.Namespace) -> dict:
+    """Print and return the kept-value reconstruction per coding, its verdict against issue
+    15's target and each coding's compress cost."""
+    rec_rows = reconstruction(args.topk, args.seed, args.gpt_steps)
+    print(f"\nkept-value reconstruction, k={args.topk} of 4096 per chunk")
+    print_table(rec_rows, list(rec_rows[0]))
+    verdict = target_verdict(rec_rows)
+    print("\nrelative error / uniform-2bit's (target for ranked-2bit: <= 0.5):")
+    for label, v in verdict.items():
+        print(
+            f"  {label}: ranked-2bit {v['ranked-2bit']:.3f}x, signmag-2bit "
+            f"{v['signmag-2bit']:.3f}x, best possible per-tensor 2-bit sign + magnitude code "
+            f"{v['bound']:.3f}x, with a free per-chunk scale "
+            f"{v['bound with per-chunk scale']:.3f}x; met: {v['target <= 0.5 met']}"
+        )
+    cost_rows = coding_cost(args.repeats, args.seed)
+    print("\nvalue coding cost: reference compress of one 4096x4096 tensor, k=64")
+    print_table(cost_rows, list(cost_rows[0]))
+    return {
+        "reconstruction": rec_rows,
+        "reconstruction_target": verdict,
+        "value_coding_cost": cost_rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,7 +233,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of N interleaved timings")
     ap.add_argument("--gpt-steps", type=int, default=5, help="AdamW steps for the GPT input")
     ap.add_argument("--agg-peers", type=int, default=20, help="peers in the aggregate timing")
+    ap.add_argument(
+        "--only-values",
+        action="store_true",
+        help="run only the value-coding parts (reconstruction and compress cost); writes "
+        "results/codec-values.json",
+    )
     args = ap.parse_args()
+    if args.only_values:
+        results = {"topk": args.topk, "repeats": args.repeats, "environment": environment()}
+        results |= {"load_average": os.getloadavg()} | value_codings(args)
+        print(f"\nwrote {write_json('codec-values', results)}")
+        return
 
     shapes = llama_shapes(layers=args.layers)
     n_params = sum(math.prod(s) for s in shapes.values())
@@ -283,8 +320,6 @@ def main() -> None:
             }
         )
     agg_rows = aggregate_throughput(args.agg_peers, args.topk, args.repeats, args.seed)
-    rec_rows = reconstruction(args.topk, args.seed, args.gpt_steps)
-    cost_rows = coding_cost(args.repeats, args.seed)
     mem_rows = state_bytes_per_param(layers=min(args.layers, 2))
     print(f"\nsizes: {n_params / 1e9:.3f}e9 parameters, k={args.topk} of 4096")
     print_table(size_rows, list(size_rows[0]))
@@ -292,28 +327,14 @@ def main() -> None:
     print_table(speed_rows, list(speed_rows[0]))
     print(f"\nCPU decode + aggregate, {args.agg_peers} peers x 4096x4096, mean_selected, clipped")
     print_table(agg_rows, list(agg_rows[0]))
-    print(f"\nkept-value reconstruction, k={args.topk} of 4096 per chunk")
-    print_table(rec_rows, list(rec_rows[0]))
-    verdict = target_verdict(rec_rows)
-    print("\nrelative error / uniform-2bit's (target for ranked-2bit: <= 0.5):")
-    for label, v in verdict.items():
-        print(
-            f"  {label}: ranked-2bit {v['ranked-2bit']:.3f}x, signmag-2bit "
-            f"{v['signmag-2bit']:.3f}x, best possible per-tensor 2-bit sign + magnitude code "
-            f"{v['bound']:.3f}x, with a free per-chunk scale "
-            f"{v['bound with per-chunk scale']:.3f}x; met: {v['target <= 0.5 met']}"
-        )
-    print("\nvalue coding cost: reference compress of one 4096x4096 tensor, k=64")
-    print_table(cost_rows, list(cost_rows[0]))
+    values = value_codings(args)
     print("\noptimizer state, bytes per parameter")
     print_table(mem_rows, list(mem_rows[0]))
     results |= {
         "sizes": size_rows,
         "throughput": speed_rows,
         "aggregate": agg_rows,
-        "reconstruction": rec_rows,
-        "reconstruction_target": verdict,
-        "value_coding_cost": cost_rows,
+        **values,
         "state_memory": mem_rows,
     }
     print(f"\nwrote {write_json('codec', results)}")

@@ -26,11 +26,14 @@ Two stages on CPU (the numbers in the README):
    ``python benchmarks/convergence.py --name convergence-tuning`` (~25 min on 2 cores); the
    value codings were tuned the same way on their own:
    ``python benchmarks/convergence.py --name convergence-tuning-codings --methods
-   sparseloco/signmag``;
+   sparseloco/signmag`` and ``--name convergence-tuning-ranked --methods sparseloco/ranked
+   sparseloco/rice``;
 2. the comparison, 36 rounds, each method at its tuned inner lr:
    ``python benchmarks/convergence.py --rounds 36 --inner-lr-from
    benchmarks/results/convergence-tuning.json
-   benchmarks/results/convergence-tuning-codings.json``.
+   benchmarks/results/convergence-tuning-codings.json
+   benchmarks/results/convergence-tuning-ranked.json`` (``--methods`` with ``--include`` of
+   an earlier run's JSON runs only some methods and merges the rest into the tables).
 
 ``--preset gpu`` sizes the model and run for a CUDA device.
 """
@@ -413,7 +416,8 @@ def plot(best: dict, size: dict, name: str) -> Path:
         curves = [r["curve"] for r in by_seed.values()]
         mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
         x = [(i + 1) * per_round for i in range(len(mean))]
-        ax.plot(x, mean, marker="o", ms=3, label=f"{method} (inner lr {lr})")
+        color = plt.get_cmap("tab20")(len(ax.lines) % 20)
+        ax.plot(x, mean, marker="o", ms=3, color=color, label=f"{method} (inner lr {lr})")
     ax.set_xlabel("tokens per peer")
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_title(f"{size['peers']} peers, mean over seeds")
@@ -424,30 +428,30 @@ def plot(best: dict, size: dict, name: str) -> Path:
 
 def plot_frontier(best: dict, size: dict, name: str) -> Path:
     """Final held-out loss against bytes per peer per round: a marker per seed, a line
-    between a configuration's seeds, log-scaled bytes."""
+    between a configuration's seeds; left every method on log-scaled bytes, right the
+    SparseLoCo configurations on linear bytes, each nudged sideways so equal bytes stay
+    apart, with the legend beside them."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 5), width_ratios=(1, 1.15))
     markers = "os^Dv<>pP*Xh"
-    placed: list[float] = []
+    sparse = [m for m in best if m.startswith("sparseloco")]
     for i, (method, (lr, by_seed)) in enumerate(best.items()):
         x = _sent(by_seed) / size["rounds"]
-        placed.append(x)
-        x *= 1 + 0.04 * (placed.count(x) - 1)  # equal bytes side by side, not on top
         finals = [by_seed[s]["final"] for s in size["seeds"]]
-        ax.plot(
-            [x] * len(finals),
-            finals,
-            marker=markers[i % len(markers)],
-            ms=6,
-            lw=1,
-            label=f"{method}{' (covenant-72b)' if method == COVENANT else ''}, inner lr {lr}",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per peer per round")
-    ax.set_ylabel(f"held-out loss after {size['rounds']} rounds (nats/byte)")
-    ax.set_title(f"{size['peers']} peers, one marker per seed {list(size['seeds'])}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5)
+        style = dict(marker=markers[i % len(markers)], color=plt.get_cmap("tab20")(i % 20))
+        full.plot([x] * len(finals), finals, ms=6, lw=1, **style)
+        if method in sparse:
+            nudge = 20.0 * (sparse.index(method) - len(sparse) / 2)
+            label = f"{method}{' (covenant-72b)' if method == COVENANT else ''}, inner lr {lr}"
+            zoom.plot([x + nudge] * len(finals), finals, ms=7, lw=1, label=label, **style)
+    full.set_xscale("log")
+    full.set_title(f"{size['peers']} peers, one marker per seed {list(size['seeds'])}")
+    zoom.set_title("SparseLoCo configurations (nudged sideways)")
+    for ax in (full, zoom):
+        ax.set_xlabel("bytes sent per peer per round")
+        ax.grid(alpha=0.3, which="both")
+    full.set_ylabel(f"held-out loss after {size['rounds']} rounds (nats/byte)")
+    zoom.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, f"{name}-frontier")
 
 
