@@ -5,7 +5,7 @@ For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §
     e ← β·e + Δ
     I  = per chunk, the k entries of largest |e| (ties to the lower index), ascending
          (``value_coding="ranked"``: by decreasing |e|, equal magnitudes by ascending index)
-    v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]   (ranked: table[g(rank), q])
+    v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]   (ranked: ±table[g(r)·M + m])
     e[I] ← v − v̂          (so e_old·β + Δ = e_new + decode(sent) exactly up to rounding)
 
 The message carries the packed indices (or Rice-coded gaps), the packed codes and the
@@ -361,7 +361,8 @@ def check_table(table: torch.Tensor, codec: CodecConfig, layout: ChunkLayout) ->
         )
     if not bool(torch.isfinite(table).all()):
         raise CorruptUpdateError("table contains NaN or Inf")
-    if codec.value_coding == "ranked" and bool((table < 0).any()):
+    if codec.value_coding == "ranked" and bool(torch.signbit(table).any()):
+        # −0.0 too: the sign is the code's, and one update has one encoding
         raise CorruptUpdateError("ranked table holds a negative magnitude")
 
 

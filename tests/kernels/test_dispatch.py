@@ -65,3 +65,15 @@ def test_chunks_over_the_kernel_limit_are_refused():
     assert resolve_backend("auto", torch.device("cuda"), 128 * 128).name == "torch"
     with pytest.raises(BackendUnavailableError, match="limit"):
         resolve_backend("triton", torch.device("cuda"), 128 * 128)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("coding", ["signmag", "ranked"])
+def test_the_triton_compress_kernel_refuses_other_value_codings(coding):
+    """Called directly (not through the dispatcher) it would otherwise send a uniform table."""
+    from sparseloco.kernels import triton_codec
+
+    layout = ChunkLayout.for_shape((8, 8), 8)
+    cfg = CodecConfig(chunk_size=8, topk=4, value_coding=coding)
+    with pytest.raises(BackendUnavailableError, match=f"not '{coding}'"):
+        triton_codec.compress(torch.zeros(8, 8), torch.zeros(layout.buffer_shape), layout, cfg)

@@ -283,6 +283,7 @@ def test_ranked_decoder_takes_any_order_of_distinct_indices_only():
     "table, match",
     [
         (lambda t: -t, "negative"),
+        (lambda t: torch.cat([-torch.zeros(1, dtype=t.dtype), t[1:]]), "negative"),  # −0.0
         (lambda t: t[:-1], "shape"),
         (lambda t: torch.cat([t, t]), "shape"),
         (lambda t: t.float(), "bfloat16"),
@@ -301,3 +302,16 @@ def test_ranked_needs_packed_indices_and_runs_on_the_reference():
         CodecConfig(value_coding="ranked", index_coding="rice")
     choice = resolve_backend("auto", torch.device("cpu"), 4096, "ranked")
     assert choice.name == "torch" and "value_coding='ranked'" in choice.reason
+
+
+def test_ranked_table_stays_finite_near_the_float32_limit():
+    """bfloat16's largest value is below float32's: a larger mean is clamped, not sent as Inf
+    (which every receiver rejects) and not left as −Inf in the error buffer."""
+    cfg = CodecConfig(chunk_size=8, topk=2, value_coding="ranked")
+    ef = ErrorFeedback(cfg)
+    delta = torch.zeros(8, 8)
+    delta[0, :2] = 3.4e38
+    update = encode({"w": delta}, ef)
+    assert bool(torch.isfinite(update.tensors["w"].table).all())
+    assert bool(torch.isfinite(ef.buffers["w"]).all())
+    validate_tensor("w", update.tensors["w"], cfg)

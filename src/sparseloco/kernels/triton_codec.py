@@ -28,7 +28,7 @@ import triton
 from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.config import CodecConfig
-from sparseloco.errors import UpdateError
+from sparseloco.errors import BackendUnavailableError, UpdateError
 from sparseloco.kernels.reference import clip_factors
 from sparseloco.kernels.triton_aggregate import aggregate_kernel
 from sparseloco.kernels.triton_compress import (
@@ -79,6 +79,11 @@ def compress(
     contiguous chunked buffer (float32 or bfloat16), updated in place; ``delta`` has the
     tensor's shape and any float dtype.
     """
+    if config.value_coding != "uniform":
+        raise BackendUnavailableError(
+            f"the Triton compress kernel implements value_coding='uniform' only, not "
+            f"{config.value_coding!r}; use backend='torch' or 'auto'"
+        )
     if error.dtype not in (torch.float32, torch.bfloat16) or not error.is_contiguous():
         raise UpdateError(
             f"triton compress needs a contiguous float32/bfloat16 error buffer, got "
