@@ -8,8 +8,9 @@ the synchronisation differs:
   reducers (``mean_selected`` as Templar runs it, ``mean`` as the paper writes it), and
   with the paper's 512M density (k=128/4096); the same preset with the sign + Lloyd–Max
   magnitude value coding (``value_coding="signmag"``) and with the rank-group coding
-  (``"ranked"``) at 2 and 1 bits, at k=64 and k=128; and with Rice-coded index gaps at
-  k=100 (about covenant-72b's bytes);
+  (``"ranked"``) at 2 and 1 bits, at k=64 and k=128; with Rice-coded index gaps at k=100
+  (about covenant-72b's bytes); and with both (Rice gaps + rank groups, ranked 2-bit values)
+  at k=64, 82 (about covenant-72b's bytes) and 128;
 * ``diloco``: dense fp32 pseudo-gradients, outer Nesterov SGD (momentum 0.9) at several
   outer learning rates;
 * ``dp``: dense gradient averaging every step (the data-parallel reference).
@@ -109,6 +110,11 @@ def methods(diloco_lrs: tuple[float, ...]) -> list[Method]:
     # for the bytes saved (k=100 sends about covenant-72b's bytes per round).
     rice = {"index_coding": "rice", "topk": 100}
     out.append(Method("sparseloco/rice-k100", "sparseloco", {"codec": rice}))
+    # Both: Rice-coded gaps plus each entry's rank group, and ranked 2-bit values; k=82
+    # sends about covenant-72b's bytes per round.
+    for topk in (64, 82, 128):
+        codec = {"index_coding": "rice", "value_coding": "ranked", "topk": topk}
+        out.append(Method(f"sparseloco/ranked-rice-k{topk}", "sparseloco", {"codec": codec}))
     out += [Method(f"diloco/lr={lr}", "diloco", {"lr": lr}) for lr in diloco_lrs]
     out.append(Method("dp-adamw", "dp", {}))
     return out

@@ -33,8 +33,8 @@ from sparseloco.errors import (
     ShapeMismatchError,
     UpdateError,
 )
-from sparseloco.packing import rice_decode, unpack_codes, unpack_indices
-from sparseloco.quantize import ranked_decode, ranked_table_size
+from sparseloco.packing import rice_decode_tail, unpack_codes, unpack_indices
+from sparseloco.quantize import rank_bounds, ranked_decode, ranked_table_size
 from sparseloco.serialization import strict_json_loads
 
 FORMAT = "sparseloco.compressed/1"
@@ -408,18 +408,40 @@ def decode_sparse(
         else:
             if not 0 <= ct.rice_param <= codec.index_bits:
                 raise CorruptUpdateError(f"rice parameter {ct.rice_param} out of range")
-            gaps = rice_decode(ct.gaps.cpu(), ct.indices.cpu(), ct.rice_param, count)
+            ranked = codec.value_coding == "ranked"
+            gaps, labels = rice_decode_tail(
+                ct.gaps.cpu(), ct.indices.cpu(), ct.rice_param, count, count if ranked else 0
+            )
             idx = (gaps.view(n_chunks, k) + 1).cumsum(dim=1) - 1
             if count and int(idx[:, -1].max()) >= layout.chunk_numel:
                 raise CorruptUpdateError(
                     f"index {int(idx[:, -1].max())} out of range for chunks of {layout.chunk_numel}"
                 )
             idx = idx.to(values.device)
+            if ranked:
+                groups = _label_groups(labels.view(n_chunks, k)).to(values.device)
+                codes = codes.view(n_chunks, k)
+                values = ranked_decode(codes, ct.table, codec.value_bits, groups=groups)
         return layout, idx, values
     except CorruptUpdateError as exc:
         if exc.tensor is None:
             raise CorruptUpdateError(str(exc), tensor=name) from None
         raise
+
+
+def _label_groups(labels: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank group g = G − 1 − u from its label u ``(chunks, k)``; raises unless
+    every chunk holds exactly the groups' sizes (1, 2, 4, … entries), as ranks would."""
+    bounds = rank_bounds(labels.shape[1])
+    top = len(bounds) - 2
+    if labels.numel() and int(labels.max()) > top:
+        raise CorruptUpdateError(f"rank group label {int(labels.max())} out of range")
+    groups = top - labels
+    counts = torch.zeros(labels.shape[0], top + 1, dtype=torch.int64)
+    counts.scatter_add_(1, groups, torch.ones_like(groups))
+    if not bool((counts == torch.tensor(bounds).diff()).all()):
+        raise CorruptUpdateError("rank groups do not hold their ranks' counts in a chunk")
+    return groups
 
 
 def check_index_order(idx: torch.Tensor, codec: CodecConfig) -> None:

@@ -58,7 +58,8 @@ class CodecConfig:
             ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| in Lloyd–Max bins fitted
             per tensor and sign) or ``"ranked"`` (each chunk's entries sent by decreasing
             |v|, with the same sign + Lloyd–Max magnitude bits fitted per group of ranks;
-            needs ``index_coding="packed"``). See :mod:`sparseloco.quantize`. The codings
+            with Rice-coded indices each entry's rank group is sent instead of the order).
+            See :mod:`sparseloco.quantize`. The codings
             other than ``"uniform"`` run on the torch reference (the Triton compress kernel
             implements only ``"uniform"``); decode + aggregate takes any.
         index_coding: ``"packed"`` stores each in-chunk index in a fixed ⌈log2 S²⌉-bit field
@@ -111,11 +112,6 @@ class CodecConfig:
         if self.index_coding not in _INDEX_CODINGS:
             raise ConfigError(
                 f"index_coding must be one of {_INDEX_CODINGS}, got {self.index_coding!r}"
-            )
-        if self.value_coding == "ranked" and self.index_coding != "packed":
-            raise ConfigError(
-                "value_coding='ranked' sends indices in rank order, which Rice-coded gaps "
-                "cannot hold; use index_coding='packed'"
             )
         if not 0.0 <= self.error_decay <= 1.0:
             raise ConfigError(f"error_decay must lie in [0, 1], got {self.error_decay!r}")

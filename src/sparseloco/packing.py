@@ -130,12 +130,20 @@ def best_rice_parameter(gaps: torch.Tensor, max_param: int) -> int:
     return int(torch.argmin(totals).item())
 
 
-def rice_encode(gaps: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rice-code non-negative ``gaps`` with parameter ``p``: (unary bytes, remainder bytes)."""
+def rice_encode(
+    gaps: torch.Tensor, p: int, tail: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rice-code non-negative ``gaps`` with parameter ``p``: (unary bytes, remainder bytes).
+
+    ``tail`` (non-negative integers) is unary-coded after the gaps' quotients in the same
+    unary stream, with no remainder (``value_coding="ranked"`` sends its rank groups there).
+    """
     g = gaps.reshape(-1).to(torch.int64).cpu().numpy()
     q = g >> p
+    if tail is not None:
+        q = np.concatenate([q, tail.reshape(-1).to(torch.int64).cpu().numpy()])
     ends = np.cumsum(q + 1) - 1
-    unary = np.ones(int(ends[-1]) + 1 if g.size else 0, dtype=np.uint8)
+    unary = np.ones(int(ends[-1]) + 1 if q.size else 0, dtype=np.uint8)
     unary[ends] = 0
     if p:
         rem = (g & ((1 << p) - 1)).astype(np.uint16)
@@ -148,6 +156,14 @@ def rice_encode(gaps: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def rice_decode(unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int) -> torch.Tensor:
     """Inverse of :func:`rice_encode`: ``count`` int64 gaps. Raises on malformed streams."""
+    return rice_decode_tail(unary, remainder, p, count, 0)[0]
+
+
+def rice_decode_tail(
+    unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int, tail: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`rice_encode` with a tail: (``count`` int64 gaps, ``tail`` int64 tail
+    values). Raises on malformed streams."""
     for name, buf in (("unary", unary), ("remainder", remainder)):
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise CorruptUpdateError(f"rice {name} stream must be a 1-D uint8 tensor")
@@ -156,19 +172,21 @@ def rice_decode(unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int
             f"rice remainder stream has {remainder.numel()} bytes, expected "
             f"{(count * p + 7) // 8} for {count} gaps with p={p}"
         )
-    if count == 0:
-        return torch.empty(0, dtype=torch.int64)
+    symbols = count + tail
+    if symbols == 0:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     ubits = np.unpackbits(unary.cpu().numpy(), bitorder="little")
     zeros = np.flatnonzero(ubits == 0)
-    if zeros.size < count:
-        raise CorruptUpdateError(f"rice unary stream ends after {zeros.size} of {count} gaps")
-    zeros = zeros[:count]
+    if zeros.size < symbols:
+        raise CorruptUpdateError(f"rice unary stream ends after {zeros.size} of {symbols} codes")
+    zeros = zeros[:symbols]
     if unary.numel() != (int(zeros[-1]) + 8) // 8:
         raise CorruptUpdateError("rice unary stream has trailing bytes")
     if ubits[int(zeros[-1]) + 1 :].any():
         raise CorruptUpdateError("rice unary stream has nonzero pad bits")
-    q = np.diff(zeros, prepend=-1) - 1
-    g = q.astype(np.int64) << p
+    q = (np.diff(zeros, prepend=-1) - 1).astype(np.int64)
+    q, rest = q[:count], q[count:]
+    g = q << p
     if p:
         rbits = np.unpackbits(remainder.cpu().numpy(), bitorder="little")
         if rbits[count * p :].any():
@@ -176,4 +194,4 @@ def rice_decode(unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int
         rbits = rbits[: count * p]
         weights = 1 << np.arange(p, dtype=np.int64)
         g |= (rbits.reshape(count, p).astype(np.int64) * weights).sum(axis=1)
-    return torch.from_numpy(g)
+    return torch.from_numpy(g), torch.from_numpy(rest)

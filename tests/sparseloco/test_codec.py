@@ -142,6 +142,7 @@ COMMIT_CODECS = {
         for b in widths
     },
     "rice-signmag-4": CodecConfig(value_bits=4, value_coding="signmag", index_coding="rice"),
+    "rice-ranked-2": CodecConfig(topk=8, value_coding="ranked", index_coding="rice"),
     "index16": CodecConfig(chunk_size=100, topk=50, error_decay=0.9),
 }
 # Not multiples of the chunk (29x64, 26x36, 50x30 tiles), 1-D (11-entry chunks: dense at

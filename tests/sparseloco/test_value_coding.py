@@ -14,7 +14,7 @@ from sparseloco.config import preset
 from sparseloco.errors import BackendUnavailableError, ConfigError, CorruptUpdateError
 from sparseloco.kernels import resolve_backend
 from sparseloco.kernels.reference import topk_exact
-from sparseloco.packing import pack_indices
+from sparseloco.packing import pack_indices, rice_decode_tail, rice_encode
 from sparseloco.quantize import (
     magnitude_order,
     quantize,
@@ -297,9 +297,7 @@ def test_ranked_decoder_rejects_bad_tables(table, match):
             check("w", bad, cfg)
 
 
-def test_ranked_needs_packed_indices_and_runs_on_the_reference():
-    with pytest.raises(ConfigError, match="packed"):
-        CodecConfig(value_coding="ranked", index_coding="rice")
+def test_ranked_runs_on_the_reference():
     choice = resolve_backend("auto", torch.device("cpu"), 4096, "ranked")
     assert choice.name == "torch" and "value_coding='ranked'" in choice.reason
 
@@ -315,3 +313,53 @@ def test_ranked_table_stays_finite_near_the_float32_limit():
     assert bool(torch.isfinite(update.tensors["w"].table).all())
     assert bool(torch.isfinite(ef.buffers["w"]).all())
     validate_tensor("w", update.tensors["w"], cfg)
+
+
+def test_ranked_with_rice_indices_decodes_like_packed_in_fewer_bytes():
+    """Same selection and codes: Rice sends the indices ascending and each entry's rank group
+    (1.9 bits at k=64) instead of the order (which fixed 12-bit fields hold for free)."""
+    g = torch.Generator().manual_seed(4)
+    deltas = {"w": torch.randn(256, 256, generator=g), "n": torch.randn(64, generator=g)}
+    out = {}
+    for coding in ("packed", "rice"):
+        ef = ErrorFeedback(CodecConfig(value_coding="ranked", index_coding=coding))
+        update = encode(deltas, ef)
+        out[coding] = (decode(update), update.tensors["w"].nbytes, ef.buffers["w"].clone())
+    for name in deltas:
+        assert torch.equal(out["packed"][0][name], out["rice"][0][name])
+    assert torch.equal(out["packed"][2], out["rice"][2])
+    assert out["rice"][1] < 0.9 * out["packed"][1]
+    _, idx, _ = decode_sparse("w", encode(deltas, ErrorFeedback(_RICE)).tensors["w"], _RICE)
+    assert bool((idx.diff(dim=1) > 0).all())
+
+
+_RICE = CodecConfig(chunk_size=8, topk=6, value_coding="ranked", index_coding="rice")
+
+
+def _with_labels(ct: CompressedTensor, change) -> CompressedTensor:
+    """``ct`` with its rank-group labels u rewritten by ``change`` (and re-encoded)."""
+    count = ct.codes.numel() * 4  # 2-bit codes, 4 per byte; 4 chunks x 6 = 24 entries
+    gaps, labels = rice_decode_tail(ct.gaps, ct.indices, ct.rice_param, count, count)
+    unary, _ = rice_encode(gaps, ct.rice_param, change(labels.clone()))
+    return dataclasses.replace(ct, gaps=unary)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda u: u, None),
+        (lambda u: torch.cat([u[:6] * 0, u[6:]]), "counts"),  # chunk 0 has no rank 0
+        (lambda u: torch.where(u == 0, 1, u), "counts"),
+        (lambda u: u + 5, "out of range"),
+    ],
+)
+def test_ranked_rice_labels_must_hold_each_groups_count(change, match):
+    g = torch.Generator().manual_seed(6)
+    ct = encode({"w": torch.randn(16, 16, generator=g)}, ErrorFeedback(_RICE)).tensors["w"]
+    bad = _with_labels(ct, change)
+    for check in (decode_sparse, validate_tensor):
+        if match is None:
+            check("w", bad, _RICE)
+        else:
+            with pytest.raises(CorruptUpdateError, match=match):
+                check("w", bad, _RICE)

@@ -15,7 +15,14 @@ from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
 from sparseloco.config import CodecConfig
 from sparseloco.packing import best_rice_parameter, pack_codes, pack_indices, rice_encode
-from sparseloco.quantize import encode_values, magnitude_order, ranked_decode, ranked_quantize
+from sparseloco.quantize import (
+    encode_values,
+    magnitude_order,
+    rank_bounds,
+    rank_groups,
+    ranked_decode,
+    ranked_quantize,
+)
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -81,7 +88,7 @@ def compress(
             block.copy_(work)
     idx = torch.cat(idx_blocks) if idx_blocks else torch.empty(0, k, dtype=torch.int64)
     values = torch.cat(val_blocks) if val_blocks else torch.empty(0, k)
-    idx, values, codes, table, decoded = _quantize(idx, values, layout, config)
+    idx, values, codes, table, decoded, labels = _quantize(idx, values, layout, config)
     error.scatter_(1, idx.to(error.device), (values - decoded).to(error.dtype))
 
     rice_param = 0
@@ -93,7 +100,7 @@ def compress(
     else:
         diffs = torch.diff(idx, dim=1, prepend=torch.full_like(idx[:, :1], -1)) - 1
         rice_param = best_rice_parameter(diffs, config.index_bits)
-        gaps, packed_idx = rice_encode(diffs, rice_param)
+        gaps, packed_idx = rice_encode(diffs, rice_param, labels)
     return CompressedTensor(
         shape=layout.shape,
         indices=packed_idx.to(error.device),
@@ -106,20 +113,31 @@ def compress(
 
 def _quantize(
     idx: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, config: CodecConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indices and values in message order, int64 codes, table, v̂), all ``(chunks, k)``
-    but the table. ``"ranked"`` puts each chunk in order of decreasing |v| first."""
+) -> tuple[torch.Tensor, ...]:
+    """(indices and values in message order, int64 codes, table, v̂, rank-group labels), all
+    ``(chunks, k)`` but the table. ``"ranked"`` puts each chunk in order of decreasing |v|
+    with packed indices; with Rice-coded ones the entries stay in index order and the labels
+    u = G − 1 − g(rank) go with them (None for every other coding)."""
     bits = config.value_bits
-    if config.value_coding == "ranked":
-        dense = layout.is_dense(config.topk)
-        if not dense:
-            order = magnitude_order(values)
-            idx, values = idx.gather(1, order), values.gather(1, order)
-        codes, table = ranked_quantize(values, bits, dense)
-        return idx, values, codes, table, ranked_decode(codes, table, bits, dense)
-    codes, table = encode_values(values.reshape(-1), bits, config.value_coding)
-    codes = codes.view_as(values)
-    return idx, values, codes, table, table[codes]
+    if config.value_coding != "ranked":
+        codes, table = encode_values(values.reshape(-1), bits, config.value_coding)
+        codes = codes.view_as(values)
+        return idx, values, codes, table, table[codes], None
+    if layout.is_dense(config.topk):
+        codes, table = ranked_quantize(values, bits, dense=True)
+        return idx, values, codes, table, ranked_decode(codes, table, bits, dense=True), None
+    order = magnitude_order(values)
+    codes, table = ranked_quantize(values.gather(1, order), bits)
+    decoded = ranked_decode(codes, table, bits)
+    if config.index_coding == "packed":
+        return idx.gather(1, order), values.gather(1, order), codes, table, decoded, None
+    k = values.shape[1]
+    labels = (len(rank_bounds(k)) - 2 - rank_groups(k, device=values.device)).expand_as(codes)
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t).scatter_(1, order, t)
+
+    return idx, values, back(codes), table, back(decoded), back(labels)
 
 
 def subtract_decoded(
