@@ -17,6 +17,9 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   entries are sent by decreasing |v| and the sign + magnitude bit is decoded with a centroid
   per group of ranks ({0}, {1, 2}, {3…6}, …), so the 12-bit indices carry the rank for free
   (:mod:`sparseloco.quantize`).
+* ``"covenant-72b-ranked-rice"``: the same update with Rice-coded index gaps and each entry's
+  rank group (1.9 bits) instead of the order: identical decoded values in fewer bytes, at the
+  cost of Rice's slower decoding and validation.
 """
 
 from __future__ import annotations
@@ -247,6 +250,20 @@ PRESETS: dict[str, OuterConfig] = {
     "covenant-72b-ranked": OuterConfig(
         codec=CodecConfig(
             chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="ranked"
+        ),
+        lr=1.0,
+        inner_steps=30,
+        reducer="mean_selected",
+        clip_to_median=True,
+    ),
+    "covenant-72b-ranked-rice": OuterConfig(
+        codec=CodecConfig(
+            chunk_size=64,
+            topk=64,
+            value_bits=2,
+            error_decay=0.95,
+            value_coding="ranked",
+            index_coding="rice",
         ),
         lr=1.0,
         inner_steps=30,

@@ -321,8 +321,12 @@ def test_ranked_with_rice_indices_decodes_like_packed_in_fewer_bytes():
     g = torch.Generator().manual_seed(4)
     deltas = {"w": torch.randn(256, 256, generator=g), "n": torch.randn(64, generator=g)}
     out = {}
-    for coding in ("packed", "rice"):
-        ef = ErrorFeedback(CodecConfig(value_coding="ranked", index_coding=coding))
+    ranked, ranked_rice = (
+        preset(p).codec for p in ("covenant-72b-ranked", "covenant-72b-ranked-rice")
+    )
+    assert ranked_rice == replace(ranked, index_coding="rice")
+    for coding, cfg in (("packed", ranked), ("rice", ranked_rice)):
+        ef = ErrorFeedback(cfg)
         update = encode(deltas, ef)
         out[coding] = (decode(update), update.tensors["w"].nbytes, ef.buffers["w"].clone())
     for name in deltas:
