@@ -4,7 +4,8 @@ For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §
 
     e ← β·e + Δ
     I  = per chunk, the k entries of largest |e| (ties to the lower index), ascending
-         (``value_coding="ranked"``: by decreasing |e|, equal magnitudes by ascending index)
+         (``value_coding="ranked"``: rank group by rank group, ascending inside each; a
+         group holds ranks of |e| in the chunk, equal magnitudes ranked by ascending index)
     v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]   (ranked: ±table[g(r)·M + m])
     e[I] ← v − v̂          (so e_old·β + Δ = e_new + decode(sent) exactly up to rounding)
 
@@ -445,14 +446,19 @@ def _label_groups(labels: torch.Tensor) -> torch.Tensor:
 
 
 def check_index_order(idx: torch.Tensor, codec: CodecConfig) -> None:
-    """Raise unless each chunk's indices ``(num_chunks, k)`` ascend strictly (ranked: are
-    distinct, in whatever order the ranks put them)."""
-    if idx.shape[1] < 2:
+    """Raise unless each chunk's indices ``(num_chunks, k)`` ascend strictly (ranked: ascend
+    strictly inside each rank group and are distinct across them)."""
+    k = idx.shape[1]
+    if k < 2:
         return
+    steps = idx[:, 1:] > idx[:, :-1]
     if codec.value_coding == "ranked":
+        steps[:, [b - 1 for b in rank_bounds(k)[1:-1]]] = True  # a group starts: no order
+        if not bool(steps.all()):
+            raise CorruptUpdateError("indices are not strictly ascending within a rank group")
         if not bool((idx.sort(dim=1).values.diff(dim=1) > 0).all()):
             raise CorruptUpdateError("indices repeat within a chunk")
-    elif not bool((idx[:, 1:] > idx[:, :-1]).all()):
+    elif not bool(steps.all()):
         raise CorruptUpdateError("indices are not strictly ascending within a chunk")
 
 

@@ -14,8 +14,9 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   error of the two bin means is smallest (the Lloyd–Max optimum for one magnitude bit; see
   :mod:`sparseloco.quantize`).
 * ``"covenant-72b-ranked"``: Covenant's settings with 2-bit rank-group codes: each chunk's
-  entries are sent by decreasing |v| and the sign + magnitude bit is decoded with a centroid
-  per group of ranks ({0}, {1, 2}, {3…6}, …), so the 12-bit indices carry the rank for free
+  entries are sent group by group of their ranks by |v| ({0}, {1, 2}, {3…6}, …) and the
+  sign + magnitude bit is decoded with a centroid per group, so the 12-bit indices carry the
+  group for free
   (:mod:`sparseloco.quantize`).
 * ``"covenant-72b-ranked-rice"``: the same update with Rice-coded index gaps and each entry's
   rank group (1.9 bits) instead of the order: identical decoded values in fewer bytes, at the
@@ -59,8 +60,9 @@ class CodecConfig:
             ``"uniform"``, 1, 2 or 4 for ``"signmag"`` and ``"ranked"``.
         value_coding: ``"uniform"`` (Templar's bins 6σ/2^bits wide around the mean),
             ``"signmag"`` (a sign bit plus value_bits−1 bits of |v| in Lloyd–Max bins fitted
-            per tensor and sign) or ``"ranked"`` (each chunk's entries sent by decreasing
-            |v|, with the same sign + Lloyd–Max magnitude bits fitted per group of ranks;
+            per tensor and sign) or ``"ranked"`` (each chunk's entries sent group by group
+            of their ranks by |v|, with the same sign + Lloyd–Max magnitude bits fitted per
+            group;
             with Rice-coded indices each entry's rank group is sent instead of the order).
             See :mod:`sparseloco.quantize`. The codings
             other than ``"uniform"`` run on the torch reference (the Triton compress kernel

@@ -21,6 +21,7 @@ from sparseloco.codec import CompressedTensor, CompressedUpdate, check_table, de
 from sparseloco.config import CodecConfig
 from sparseloco.errors import CorruptUpdateError
 from sparseloco.packing import check_code_padding, packed_code_nbytes, packed_index_nbytes
+from sparseloco.quantize import rank_bounds
 
 
 def validate_update(update: CompressedUpdate) -> None:
@@ -73,6 +74,8 @@ def _check_packed(ct: CompressedTensor, codec: CodecConfig) -> None:
         raise CorruptUpdateError("index buffer has a nonzero pad index")
     idx = unpacked[:count]
     _check_range((idx,), layout.chunk_numel, codec.index_bits)
+    if ranked and not _ascends(idx, k, rank_bounds(k)[1:-1]):
+        raise CorruptUpdateError("indices are not strictly ascending within a rank group")
     if ranked and not _distinct(idx, k):
         raise CorruptUpdateError("indices repeat within a chunk")
     if not ranked and not _ascends(idx, k):
@@ -106,9 +109,10 @@ def _pairs_ascend(first: np.ndarray, second: np.ndarray, pairs: int) -> bool:
     return bool(np.greater(second, first).all()) and _steps_up(first[1:], second[:-1], pairs)
 
 
-def _ascends(idx: np.ndarray, k: int) -> bool:
-    """Whether every chunk of ``k`` consecutive indices ascends strictly."""
-    return _steps_up(idx[1:], idx[:-1], k)
+def _ascends(idx: np.ndarray, k: int, starts: list[int] | None = None) -> bool:
+    """Whether every chunk of ``k`` consecutive indices ascends strictly (from each of
+    ``starts``, positions in the chunk where a new rank group begins, afresh)."""
+    return _steps_up(idx[1:], idx[:-1], k, starts or [])
 
 
 def _distinct(idx: np.ndarray, k: int) -> bool:
@@ -117,7 +121,9 @@ def _distinct(idx: np.ndarray, k: int) -> bool:
     return bool(np.greater(rows[:, 1:], rows[:, :-1]).all())
 
 
-def _steps_up(later: np.ndarray, earlier: np.ndarray, per_chunk: int) -> bool:
+def _steps_up(
+    later: np.ndarray, earlier: np.ndarray, per_chunk: int, starts: list[int] | None = None
+) -> bool:
     """Whether ``later > earlier`` everywhere except at each chunk's last position, where
     ``later`` is already the next chunk's (no order across chunks).
 
@@ -125,6 +131,8 @@ def _steps_up(later: np.ndarray, earlier: np.ndarray, per_chunk: int) -> bool:
     """
     steps = np.greater(later, earlier)
     steps[per_chunk - 1 :: per_chunk] = True
+    for start in starts or []:
+        steps[start - 1 :: per_chunk] = True
     return bool(steps.all())
 
 

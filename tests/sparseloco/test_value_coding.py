@@ -246,7 +246,8 @@ def test_ranked_messages_are_in_magnitude_order_and_round_trip():
     ef = ErrorFeedback(replace(cfg, topk=4))
     update = encode({"w": delta, "b": torch.arange(100.0)}, ef)
     _, idx, values = decode_sparse("w", update.tensors["w"], update.codec)
-    # |v| 3, 3 (lower index first), 2, 2; the second chunk is all zeros: its first 4 entries
+    # ranks by |v| 3, 3 (lower index first), 2, 2; groups {rank 0}, {ranks 1-3} in index
+    # order; the second chunk is all zeros: its first 4 entries
     assert idx[0].tolist() == [1, 2, 4, 5] and idx[1].tolist() == [0, 1, 2, 3]
     assert values[0].sign().tolist() == [-1.0, 1.0, -1.0, 1.0] and values[0, 0] == -3.0
     tensors, meta = update.to_tensors()
@@ -263,20 +264,27 @@ def _ranked_tensor() -> tuple[CodecConfig, CompressedTensor]:
     return cfg, update.tensors["w"]
 
 
-def test_ranked_decoder_takes_any_order_of_distinct_indices_only():
-    cfg, ct = _ranked_tensor()
+def test_ranked_messages_are_canonical_group_by_group():
+    """Only an entry's rank group decodes, so inside a group the indices must ascend; another
+    canonical assignment of entries to groups is another update, and is accepted."""
+    cfg, ct = _ranked_tensor()  # k = 6: groups {0}, {1…5}
     _, idx, values = decode_sparse("w", ct, cfg)
-    swapped = idx.clone()
-    swapped[:, [0, 5]] = idx[:, [5, 0]]  # another order: accepted, same values at new places
-    ok = dataclasses.replace(ct, indices=pack_indices(swapped, 12))
-    _, got_idx, got_values = decode_sparse("w", ok, cfg)
-    assert torch.equal(got_idx, swapped) and torch.equal(got_values, values)
-    repeated = idx.clone()
-    repeated[2, 3] = repeated[2, 0]
-    bad = dataclasses.replace(ct, indices=pack_indices(repeated, 12))
+    assert bool((idx[:, 2:] > idx[:, 1:-1]).all())
+    moved = idx.clone()  # chunk 0: its lowest index into group 0, the others into group 1
+    moved[0] = idx[0].sort().values
+    ok = dataclasses.replace(ct, indices=pack_indices(moved, 12))
     for check in (decode_sparse, validate_tensor):
-        with pytest.raises(CorruptUpdateError, match="repeat"):
-            check("w", bad, cfg)
+        check("w", ok, cfg)
+    _, got_idx, got_values = decode_sparse("w", ok, cfg)
+    assert torch.equal(got_idx, moved) and torch.equal(got_values, values)
+    for bad_idx, match in (
+        (idx[:, [0, 1, 2, 4, 3, 5]], "ascending within a rank group"),
+        (torch.cat([idx[:, 1:2], idx[:, 1:]], dim=1), "repeat"),
+    ):
+        bad = dataclasses.replace(ct, indices=pack_indices(bad_idx, 12))
+        for check in (decode_sparse, validate_tensor):
+            with pytest.raises(CorruptUpdateError, match=match):
+                check("w", bad, cfg)
 
 
 @pytest.mark.parametrize(

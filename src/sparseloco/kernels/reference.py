@@ -115,9 +115,9 @@ def _quantize(
     idx: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, config: CodecConfig
 ) -> tuple[torch.Tensor, ...]:
     """(indices and values in message order, int64 codes, table, v̂, rank-group labels), all
-    ``(chunks, k)`` but the table. ``"ranked"`` puts each chunk in order of decreasing |v|
-    with packed indices; with Rice-coded ones the entries stay in index order and the labels
-    u = G − 1 − g(rank) go with them (None for every other coding)."""
+    ``(chunks, k)`` but the table. ``"ranked"`` ranks each chunk's entries by decreasing |v|;
+    packed indices then go group by group (ascending inside a group), Rice-coded ones stay
+    in index order with the labels u = G − 1 − g(rank) (None for every other coding)."""
     bits = config.value_bits
     if config.value_coding != "ranked":
         codes, table = encode_values(values.reshape(-1), bits, config.value_coding)
@@ -129,15 +129,18 @@ def _quantize(
     order = magnitude_order(values)
     codes, table = ranked_quantize(values.gather(1, order), bits)
     decoded = ranked_decode(codes, table, bits)
-    if config.index_coding == "packed":
-        return idx.gather(1, order), values.gather(1, order), codes, table, decoded, None
     k = values.shape[1]
-    labels = (len(rank_bounds(k)) - 2 - rank_groups(k, device=values.device)).expand_as(codes)
-
-    def back(t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t).scatter_(1, order, t)
-
-    return idx, values, back(codes), table, back(decoded), back(labels)
+    groups = rank_groups(k, device=values.device).expand_as(codes).contiguous()
+    # Back to index order, each entry with its rank group: only the group decodes, so the
+    # order inside a group is free and is made canonical (ascending index).
+    codes, decoded, groups = (
+        torch.empty_like(t).scatter_(1, order, t) for t in (codes, decoded, groups)
+    )
+    if config.index_coding == "rice":
+        return idx, values, codes, table, decoded, len(rank_bounds(k)) - 2 - groups
+    by_group = torch.argsort(groups * layout.chunk_numel + idx, dim=1)
+    idx, values, codes, decoded = (t.gather(1, by_group) for t in (idx, values, codes, decoded))
+    return idx, values, codes, table, decoded, None
 
 
 def subtract_decoded(
