@@ -18,6 +18,7 @@ encode on a copy of the buffer and change the buffer itself only once the round 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class CompressedTensor:
         shape: shape of the dense tensor.
         indices: ``uint8`` packed in-chunk indices (``"packed"`` coding) or the Rice
             remainder stream (``"rice"``); empty when every entry is kept.
-        gaps: ``uint8`` Rice unary stream; empty unless ``"rice"`` coding.
+        gaps: ``uint8`` Rice unary stream (with ``"ranked"``, the rank-group labels after the
+            gaps); empty unless ``"rice"`` coding.
         codes: ``uint8`` packed quantization codes, chunk-major, in the indices' order.
         table: decode table of :func:`table_size` entries: 2**value_bits ``float32``
             values, or the rank groups' ``bfloat16`` magnitudes of ``value_coding="ranked"``.
@@ -368,13 +370,19 @@ def check_table(table: torch.Tensor, codec: CodecConfig, layout: ChunkLayout) ->
 
 
 def decode_values(
-    codes: torch.Tensor, table: torch.Tensor, codec: CodecConfig, layout: ChunkLayout
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    codec: CodecConfig,
+    layout: ChunkLayout,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The float32 values ``(num_chunks, k)`` of unpacked int64 ``codes`` in message order."""
-    k = layout.k(codec.topk)
-    codes = codes.view(layout.num_chunks, k)
+    """The float32 values ``(num_chunks, k)`` of unpacked int64 ``codes`` in message order
+    (``"ranked"``: each entry's rank group from its position, or ``groups`` when given)."""
+    codes = codes.view(layout.num_chunks, layout.k(codec.topk))
     if codec.value_coding == "ranked":
-        return ranked_decode(codes, table, codec.value_bits, layout.is_dense(codec.topk))
+        dense = layout.is_dense(codec.topk)
+        groups = None if groups is None else groups.to(codes.device)
+        return ranked_decode(codes, table, codec.value_bits, dense, groups)
     return table[codes]
 
 
@@ -391,43 +399,66 @@ def decode_sparse(
     count = n_chunks * k
     try:
         check_table(ct.table, codec, layout)
-        codes = unpack_codes(ct.codes, codec.value_bits, count)
-        values = decode_values(codes, ct.table, codec, layout)
+        codes = unpack_codes(ct.codes, codec.value_bits, count).view(n_chunks, k)
+        groups = None
         if layout.is_dense(codec.topk):
             if ct.indices.numel() or ct.gaps.numel():
                 raise CorruptUpdateError("dense tensor must not carry indices")
-            return layout, None, values
+            return layout, None, decode_values(codes, ct.table, codec, layout)
         if codec.index_coding == "packed":
-            if ct.gaps.numel():
-                raise CorruptUpdateError("packed index coding must not carry a gap stream")
-            idx = unpack_indices(ct.indices, codec.index_bits, count).view(n_chunks, k)
-            if count and int(idx.max()) >= layout.chunk_numel:
-                raise CorruptUpdateError(
-                    f"index {int(idx.max())} out of range for chunks of {layout.chunk_numel}"
-                )
-            check_index_order(idx, codec)
+            idx = _packed_indices(ct, codec, layout)
         else:
-            if not 0 <= ct.rice_param <= codec.index_bits:
-                raise CorruptUpdateError(f"rice parameter {ct.rice_param} out of range")
-            ranked = codec.value_coding == "ranked"
-            gaps, labels = rice_decode_tail(
-                ct.gaps.cpu(), ct.indices.cpu(), ct.rice_param, count, count if ranked else 0
-            )
-            idx = (gaps.view(n_chunks, k) + 1).cumsum(dim=1) - 1
-            if count and int(idx[:, -1].max()) >= layout.chunk_numel:
-                raise CorruptUpdateError(
-                    f"index {int(idx[:, -1].max())} out of range for chunks of {layout.chunk_numel}"
-                )
-            idx = idx.to(values.device)
-            if ranked:
-                groups = _label_groups(labels.view(n_chunks, k)).to(values.device)
-                codes = codes.view(n_chunks, k)
-                values = ranked_decode(codes, ct.table, codec.value_bits, groups=groups)
-        return layout, idx, values
+            idx, groups = _rice_indices(ct, codec, layout)
+        idx = idx.to(codes.device)
+        return layout, idx, decode_values(codes, ct.table, codec, layout, groups)
     except CorruptUpdateError as exc:
         if exc.tensor is None:
             raise CorruptUpdateError(str(exc), tensor=name) from None
         raise
+
+
+def _packed_indices(ct: CompressedTensor, codec: CodecConfig, layout: ChunkLayout) -> torch.Tensor:
+    """The checked in-chunk indices ``(num_chunks, k)`` of fixed-width packed coding."""
+    if ct.gaps.numel():
+        raise CorruptUpdateError("packed index coding must not carry a gap stream")
+    k, n_chunks = layout.k(codec.topk), layout.num_chunks
+    idx = unpack_indices(ct.indices, codec.index_bits, n_chunks * k).view(n_chunks, k)
+    if idx.numel() and int(idx.max()) >= layout.chunk_numel:
+        raise CorruptUpdateError(
+            f"index {int(idx.max())} out of range for chunks of {layout.chunk_numel}"
+        )
+    check_index_order(idx, codec)
+    return idx
+
+
+def _rice_indices(
+    ct: CompressedTensor, codec: CodecConfig, layout: ChunkLayout
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checked in-chunk indices ``(num_chunks, k)`` of Rice coding, and with
+    ``"ranked"`` (more than one rank group) each entry's rank group from the label tail."""
+    p = ct.rice_param
+    if not 0 <= p <= codec.index_bits:
+        raise CorruptUpdateError(f"rice parameter {p} out of range")
+    k, n_chunks = layout.k(codec.topk), layout.num_chunks
+    count = n_chunks * k
+    bounds = rank_bounds(k)
+    labelled = codec.value_coding == "ranked" and len(bounds) > 2
+    label_bits = sum(  # Σ over groups of size_g · u_g: the label ones of one chunk
+        (hi - lo) * (len(bounds) - 2 - g) for g, (lo, hi) in enumerate(itertools.pairwise(bounds))
+    )
+    tail = count if labelled else 0
+    # No valid stream is longer (a chunk's gaps add up to at most chunk_numel − k, each code
+    # ends in a zero), so a longer one is refused before its bits are unpacked.
+    ones = n_chunks * (((layout.chunk_numel - k) >> p) + (label_bits if labelled else 0))
+    gaps, labels = rice_decode_tail(
+        ct.gaps.cpu(), ct.indices.cpu(), p, count, tail, max_bits=ones + count + tail
+    )
+    idx = (gaps.view(n_chunks, k) + 1).cumsum(dim=1) - 1
+    if count and int(idx[:, -1].max()) >= layout.chunk_numel:
+        raise CorruptUpdateError(
+            f"index {int(idx[:, -1].max())} out of range for chunks of {layout.chunk_numel}"
+        )
+    return idx, _label_groups(labels.view(n_chunks, k)) if labelled else None
 
 
 def _label_groups(labels: torch.Tensor) -> torch.Tensor:

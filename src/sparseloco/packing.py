@@ -10,7 +10,9 @@ Layouts (all little-endian, byte streams as ``uint8`` tensors):
 * Rice code of gaps with parameter p (sorted indices i₀ < i₁ < … in a chunk have gaps
   g₀ = i₀, gⱼ = iⱼ − iⱼ₋₁ − 1): two streams, so decoding is vectorised. The *unary* stream
   holds, per gap, ``g >> p`` one-bits then a zero-bit; the *remainder* stream holds
-  ``g & (2^p − 1)`` in p bits. Bits are packed LSB first.
+  ``g & (2^p − 1)`` in p bits. Bits are packed LSB first. ``value_coding="ranked"`` appends
+  each entry's rank-group label u to the unary stream after the gaps' quotients (u one-bits
+  then a zero-bit, no remainder).
 """
 
 from __future__ import annotations
@@ -160,13 +162,21 @@ def rice_decode(unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int
 
 
 def rice_decode_tail(
-    unary: torch.Tensor, remainder: torch.Tensor, p: int, count: int, tail: int
+    unary: torch.Tensor,
+    remainder: torch.Tensor,
+    p: int,
+    count: int,
+    tail: int,
+    max_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`rice_encode` with a tail: (``count`` int64 gaps, ``tail`` int64 tail
-    values). Raises on malformed streams."""
+    values). Raises on malformed streams; a unary stream longer than ``max_bits`` (the most
+    any valid one can hold) before unpacking it, since unpacking costs ~80 bytes per byte."""
     for name, buf in (("unary", unary), ("remainder", remainder)):
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise CorruptUpdateError(f"rice {name} stream must be a 1-D uint8 tensor")
+    if max_bits is not None and unary.numel() > (max_bits + 7) // 8:
+        raise CorruptUpdateError("rice unary stream has trailing bytes")
     if remainder.numel() != (count * p + 7) // 8:
         raise CorruptUpdateError(
             f"rice remainder stream has {remainder.numel()} bytes, expected "
@@ -174,6 +184,8 @@ def rice_decode_tail(
         )
     symbols = count + tail
     if symbols == 0:
+        if unary.numel():
+            raise CorruptUpdateError("rice unary stream has trailing bytes")
         return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
     ubits = np.unpackbits(unary.cpu().numpy(), bitorder="little")
     zeros = np.flatnonzero(ubits == 0)

@@ -25,6 +25,8 @@ CODECS = [
     CodecConfig(chunk_size=128, topk=100, value_bits=1, value_coding="ranked"),  # 16-bit
     CodecConfig(index_coding="rice", value_coding="ranked"),
     CodecConfig(chunk_size=8, topk=5, index_coding="rice", value_coding="ranked", value_bits=4),
+    CodecConfig(chunk_size=128, topk=100, index_coding="rice", value_coding="ranked"),  # 16-bit
+    CodecConfig(chunk_size=8, topk=2, index_coding="rice", value_coding="ranked"),  # no labels
 ]
 
 

@@ -362,7 +362,7 @@ def _with_labels(ct: CompressedTensor, change) -> CompressedTensor:
         (lambda u: u, None),
         (lambda u: torch.cat([u[:6] * 0, u[6:]]), "counts"),  # chunk 0 has no rank 0
         (lambda u: torch.where(u == 0, 1, u), "counts"),
-        (lambda u: u + 5, "out of range"),
+        (lambda u: torch.where(u == u.max(), u + 1, u), "out of range"),
     ],
 )
 def test_ranked_rice_labels_must_hold_each_groups_count(change, match):
@@ -375,3 +375,40 @@ def test_ranked_rice_labels_must_hold_each_groups_count(change, match):
         else:
             with pytest.raises(CorruptUpdateError, match=match):
                 check("w", bad, _RICE)
+
+
+def test_ranked_rice_sends_no_labels_for_a_single_group():
+    """k ≤ 2 is one rank group: the unary stream is the plain Rice one."""
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randn(16, 16, generator=g)
+    streams = {}
+    for coding in ("uniform", "ranked"):
+        cfg = CodecConfig(chunk_size=8, topk=2, index_coding="rice", value_coding=coding)
+        ct = encode({"w": delta}, ErrorFeedback(cfg)).tensors["w"]
+        decode_sparse("w", ct, cfg)
+        streams[coding] = (ct.gaps, ct.indices)
+    assert all(torch.equal(a, b) for a, b in zip(*streams.values(), strict=True))
+
+
+@pytest.mark.parametrize("coding", ["uniform", "ranked"])
+def test_rice_streams_longer_than_any_valid_one_are_refused_unread(coding, monkeypatch):
+    """A zstd-friendly run of zero bytes must not be unpacked (8 bytes of bits per byte);
+    an empty tensor carries no stream at all."""
+    import sparseloco.packing as packing
+
+    cfg = CodecConfig(chunk_size=8, topk=6, index_coding="rice", value_coding=coding)
+    full = encode({"w": torch.randn(16, 16), "e": torch.zeros(0, 64)}, ErrorFeedback(cfg))
+    ct, empty = full.tensors["w"], full.tensors["e"]
+    long = dataclasses.replace(
+        ct, gaps=torch.cat([ct.gaps, torch.zeros(1 << 16, dtype=torch.uint8)])
+    )
+    junk = dataclasses.replace(empty, gaps=torch.zeros(3, dtype=torch.uint8))
+
+    def unpacked(*_a, **_k):
+        raise AssertionError("unpacked an oversized stream")
+
+    monkeypatch.setattr(packing.np, "unpackbits", unpacked)
+    for name, bad in (("w", long), ("e", junk)):
+        for check in (decode_sparse, validate_tensor):
+            with pytest.raises(CorruptUpdateError, match="trailing bytes"):
+                check(name, bad, cfg)

@@ -113,7 +113,9 @@ def compress(
 
 def _quantize(
     idx: torch.Tensor, values: torch.Tensor, layout: ChunkLayout, config: CodecConfig
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None
+]:
     """(indices and values in message order, int64 codes, table, v̂, rank-group labels), all
     ``(chunks, k)`` but the table. ``"ranked"`` ranks each chunk's entries by decreasing |v|;
     packed indices then go group by group (ascending inside a group), Rice-coded ones stay
@@ -137,7 +139,8 @@ def _quantize(
         torch.empty_like(t).scatter_(1, order, t) for t in (codes, decoded, groups)
     )
     if config.index_coding == "rice":
-        return idx, values, codes, table, decoded, len(rank_bounds(k)) - 2 - groups
+        top = len(rank_bounds(k)) - 2  # one group (k ≤ 2): nothing to label
+        return idx, values, codes, table, decoded, top - groups if top else None
     by_group = torch.argsort(groups * layout.chunk_numel + idx, dim=1)
     idx, values, codes, decoded = (t.gather(1, by_group) for t in (idx, values, codes, decoded))
     return idx, values, codes, table, decoded, None
