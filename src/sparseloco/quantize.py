@@ -46,9 +46,9 @@ in G = ⌊log2(k + 1)⌋ groups that double in size,
 
 and the message lists each chunk's entries group by group (g = 0 first), by ascending index
 inside a group, so the position of an entry tells the receiver its group (the functions
-here take the values in rank order, which gives the same groups, bins and codes)
-. Each group gets its own Lloyd–Max quantizer (:func:`lloyd_max`, as above) of the
-magnitudes of all its values, both signs pooled:
+here take the values in rank order, which gives the same groups, bins and codes). Each
+group gets its own Lloyd–Max quantizer (:func:`lloyd_max`, as above) of the magnitudes of
+all its values, both signs pooled:
 
     q = M·[v < 0] + m,   m = #{j : t_j^g ≤ |v|},   v̂ = ±table[g(r)·M + m]
 
