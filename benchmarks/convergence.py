@@ -27,13 +27,15 @@ Two stages on CPU (the numbers in the README):
    ``python benchmarks/convergence.py --name convergence-tuning`` (~25 min on 2 cores); the
    value codings were tuned the same way on their own:
    ``python benchmarks/convergence.py --name convergence-tuning-codings --methods
-   sparseloco/signmag`` and ``--name convergence-tuning-ranked --methods sparseloco/ranked
-   sparseloco/rice``;
+   sparseloco/signmag``, ``--name convergence-tuning-ranked --methods sparseloco/ranked-1bit
+   sparseloco/ranked-2bit sparseloco/rice-k100`` and ``--name convergence-tuning-ranked-rice
+   --methods sparseloco/ranked-rice``;
 2. the comparison, 36 rounds, each method at its tuned inner lr:
    ``python benchmarks/convergence.py --rounds 36 --inner-lr-from
    benchmarks/results/convergence-tuning.json
    benchmarks/results/convergence-tuning-codings.json
-   benchmarks/results/convergence-tuning-ranked.json`` (``--methods`` with ``--include`` of
+   benchmarks/results/convergence-tuning-ranked.json
+   benchmarks/results/convergence-tuning-ranked-rice.json`` (``--methods`` with ``--include`` of
    an earlier run's JSON runs only some methods and merges the rest into the tables).
 
 ``--preset gpu`` sizes the model and run for a CUDA device.

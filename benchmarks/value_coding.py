@@ -5,7 +5,8 @@ the exact top-k values of every 64×64 chunk are coded per tensor and decoded. R
 coding: bits per value, relative error ‖v̂ − v‖/‖v‖, its ratio to today's ``uniform`` 2-bit
 coding (the ``covenant-72b`` preset) and the cosine of v̂ to v. ``ranked`` codes each chunk
 in order of decreasing |v| (what its message carries for free in the packed indices' order),
-so its table is per group of ranks, not per tensor. Beside the library's codings:
+so its table, fitted per tensor, holds centroids per group of ranks. Beside the library's
+codings:
 
 * ``signmag-2bit, median split``: the previous signmag rule (both signs' magnitudes split
   at the median |v| of the tensor), kept here as :func:`median_split`;

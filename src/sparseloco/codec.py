@@ -4,7 +4,8 @@ For one tensor with pseudo-gradient Δ and error-feedback buffer e (REFERENCE §
 
     e ← β·e + Δ
     I  = per chunk, the k entries of largest |e| (ties to the lower index), ascending
-         (``value_coding="ranked"``: rank group by rank group, ascending inside each; a
+         (``value_coding="ranked"`` with packed indices: rank group by rank group, ascending
+         inside each; with Rice-coded ones ascending, each with its group label; a
          group holds ranks of |e| in the chunk, equal magnitudes ranked by ascending index)
     v  = e[I];  (q, table) = quantize(v);  v̂ = table[q]   (ranked: ±table[g(r)·M + m])
     e[I] ← v − v̂          (so e_old·β + Δ = e_new + decode(sent) exactly up to rounding)

@@ -15,8 +15,8 @@ Presets (see ``../shared/REFERENCE.md`` §1):
   :mod:`sparseloco.quantize`).
 * ``"covenant-72b-ranked"``: Covenant's settings with 2-bit rank-group codes: each chunk's
   entries are sent group by group of their ranks by |v| ({0}, {1, 2}, {3…6}, …) and the
-  sign + magnitude bit is decoded with a centroid per group, so the 12-bit indices carry the
-  group for free
+  sign + magnitude bit is decoded with the group's own magnitude centroids, so the 12-bit
+  indices carry the group for free
   (:mod:`sparseloco.quantize`).
 * ``"covenant-72b-ranked-rice"``: the same update with Rice-coded index gaps and each entry's
   rank group (1.9 bits) instead of the order: identical decoded values in fewer bytes, at the
