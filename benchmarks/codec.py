@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -196,6 +197,50 @@ def state_bytes_per_param(layers: int) -> list[dict]:
     return rows
 
 
+def size_row(label: str, update: CompressedUpdate, n_params: int) -> dict:
+    """All-in size of ``update`` serialized with safetensors (every header and name)."""
+    flat, meta = update.to_tensors()
+    wire = len(save(flat, metadata=meta))
+    return {
+        "coding": label,
+        "kept entries": update.num_kept(),
+        "payload bytes": update.nbytes,
+        "all-in bytes": wire,
+        "all-in bits/kept": 8 * wire / update.num_kept(),
+        "vs fp32": 32 * n_params / (8 * wire),
+        "vs bf16": 16 * n_params / (8 * wire),
+    }
+
+
+SIZE_PRESETS = (
+    "covenant-72b",
+    "covenant-72b-rice",
+    "covenant-72b-ranked",
+    "covenant-72b-ranked-rice",
+)
+
+
+def preset_sizes(args: argparse.Namespace) -> list[dict]:
+    """:func:`size_row` of each of :data:`SIZE_PRESETS`' codecs, every tensor of the model
+    encoded once from the same random Δ and error buffer (no timing)."""
+    shapes = llama_shapes(layers=args.layers)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    codecs = {p: replace(CodecConfig.from_preset(p), topk=args.topk) for p in SIZE_PRESETS}
+    tensors: dict[str, dict] = {p: {} for p in codecs}
+    g = torch.Generator().manual_seed(args.seed)
+    for name, shape in shapes.items():
+        delta = torch.randn(shape, generator=g) * 1e-3
+        layout = ChunkLayout.for_shape(shape, 64)
+        error = torch.randn(layout.buffer_shape, generator=g) * 1e-3
+        for p, cfg in codecs.items():
+            tensors[p][name] = compress(delta, error.clone(), layout, cfg)
+    return [
+        size_row(p, CompressedUpdate(codec=cfg, tensors=tensors[p]), n_params)
+        | {"params": n_params}
+        for p, cfg in codecs.items()
+    ]
+
+
 def value_codings(args: argparse.Namespace) -> dict:
     """Print and return the kept-value reconstruction per coding, its verdict against issue
     15's target and each coding's compress cost."""
@@ -239,7 +284,20 @@ def main() -> None:
         help="run only the value-coding parts (reconstruction and compress cost); writes "
         "results/codec-values.json",
     )
+    ap.add_argument(
+        "--only-sizes",
+        action="store_true",
+        help="run only the all-in sizes, of every index and value coding preset (no timing); "
+        "writes results/codec-sizes.json",
+    )
     args = ap.parse_args()
+    if args.only_sizes:
+        rows = preset_sizes(args)
+        print(f"\nsizes, every tensor encoded once: k={args.topk} of 4096")
+        print_table(rows, list(rows[0]))
+        results = {"params": rows[0]["params"], "topk": args.topk, "sizes": rows}
+        print(f"\nwrote {write_json('codec-sizes', results | {'environment': environment()})}")
+        return
     if args.only_values:
         results = {"topk": args.topk, "repeats": args.repeats, "environment": environment()}
         results |= {"load_average": os.getloadavg()} | value_codings(args)
@@ -285,24 +343,8 @@ def main() -> None:
         del delta, errors, natural
 
     for coding, tensors in updates.items():
-        update = CompressedUpdate(
-            codec=CodecConfig(topk=args.topk, index_coding=coding), tensors=tensors
-        )
-        flat, meta = update.to_tensors()
-        wire = len(save(flat, metadata=meta))
-        kept = update.num_kept()
-        bits = 8 * wire / kept
-        size_rows.append(
-            {
-                "index coding": coding,
-                "kept entries": kept,
-                "payload bytes": update.nbytes,
-                "all-in bytes": wire,
-                "all-in bits/kept": bits,
-                "vs fp32": 32 * n_params / (8 * wire),
-                "vs bf16": 16 * n_params / (8 * wire),
-            }
-        )
+        codec = CodecConfig(topk=args.topk, index_coding=coding)
+        size_rows.append(size_row(coding, CompressedUpdate(codec=codec, tensors=tensors), n_params))
     for label, key in [
         ("sparseloco (packed)", "packed"),
         ("sparseloco (rice)", "rice"),
