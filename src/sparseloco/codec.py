@@ -19,7 +19,6 @@ encode on a copy of the buffer and change the buffer itself only once the round 
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,13 @@ from sparseloco.errors import (
     UpdateError,
 )
 from sparseloco.packing import rice_decode_tail, unpack_codes, unpack_indices
-from sparseloco.quantize import rank_bounds, ranked_decode, ranked_table_size
+from sparseloco.quantize import (
+    rank_bounds,
+    rank_label_ones,
+    rank_labels,
+    ranked_decode,
+    ranked_table_size,
+)
 from sparseloco.serialization import strict_json_loads
 
 FORMAT = "sparseloco.compressed/1"
@@ -442,15 +447,11 @@ def _rice_indices(
         raise CorruptUpdateError(f"rice parameter {p} out of range")
     k, n_chunks = layout.k(codec.topk), layout.num_chunks
     count = n_chunks * k
-    bounds = rank_bounds(k)
-    labelled = codec.value_coding == "ranked" and len(bounds) > 2
-    label_bits = sum(  # Σ over groups of size_g · u_g: the label ones of one chunk
-        (hi - lo) * (len(bounds) - 2 - g) for g, (lo, hi) in enumerate(itertools.pairwise(bounds))
-    )
+    labelled = codec.value_coding == "ranked" and len(rank_bounds(k)) > 2
     tail = count if labelled else 0
     # No valid stream is longer (a chunk's gaps add up to at most chunk_numel − k, each code
     # ends in a zero), so a longer one is refused before its bits are unpacked.
-    ones = n_chunks * (((layout.chunk_numel - k) >> p) + (label_bits if labelled else 0))
+    ones = n_chunks * (((layout.chunk_numel - k) >> p) + (rank_label_ones(k) if labelled else 0))
     gaps, labels = rice_decode_tail(
         ct.gaps.cpu(), ct.indices.cpu(), p, count, tail, max_bits=ones + count + tail
     )
@@ -465,12 +466,12 @@ def _rice_indices(
 def _label_groups(labels: torch.Tensor) -> torch.Tensor:
     """Each entry's rank group g = G − 1 − u from its label u ``(chunks, k)``; raises unless
     every chunk holds exactly the groups' sizes (1, 2, 4, … entries), as ranks would."""
-    bounds = rank_bounds(labels.shape[1])
-    top = len(bounds) - 2
-    if labels.numel() and int(labels.max()) > top:
+    k = labels.shape[1]
+    bounds = rank_bounds(k)
+    if labels.numel() and int(labels.max()) > len(bounds) - 2:
         raise CorruptUpdateError(f"rank group label {int(labels.max())} out of range")
-    groups = top - labels
-    counts = torch.zeros(labels.shape[0], top + 1, dtype=torch.int64)
+    groups = rank_labels(labels, k)
+    counts = torch.zeros(labels.shape[0], len(bounds) - 1, dtype=torch.int64)
     counts.scatter_add_(1, groups, torch.ones_like(groups))
     if not bool((counts == torch.tensor(bounds).diff()).all()):
         raise CorruptUpdateError("rank groups do not hold their ranks' counts in a chunk")

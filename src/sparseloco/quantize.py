@@ -259,6 +259,20 @@ def ranked_quantize(
     return codes, torch.cat(table).clamp_max(torch.finfo(torch.bfloat16).max).to(torch.bfloat16)
 
 
+def rank_labels(t: torch.Tensor, k: int) -> torch.Tensor:
+    """u = G − 1 − g, the Rice stream's label of rank group g for chunks of k kept entries;
+    its own inverse (g = G − 1 − u)."""
+    return len(rank_bounds(k)) - 2 - t
+
+
+def rank_label_ones(k: int) -> int:
+    """Σ_g |group g|·(G − 1 − g): the one-bits of one chunk's labels."""
+    bounds = rank_bounds(k)
+    return sum(
+        (hi - lo) * (len(bounds) - 2 - g) for g, (lo, hi) in enumerate(itertools.pairwise(bounds))
+    )
+
+
 def rank_groups(k: int, dense: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
     """g(r) of each of the k message positions, int64 ``(k,)``."""
     sizes = torch.tensor(rank_bounds(k, dense), device=device).diff()

@@ -20,6 +20,7 @@ from sparseloco.quantize import (
     magnitude_order,
     rank_bounds,
     rank_groups,
+    rank_labels,
     ranked_decode,
     ranked_quantize,
 )
@@ -128,22 +129,21 @@ def _quantize(
     if layout.is_dense(config.topk):
         codes, table = ranked_quantize(values, bits, dense=True)
         return idx, values, codes, table, ranked_decode(codes, table, bits, dense=True), None
-    order = magnitude_order(values)
-    codes, table = ranked_quantize(values.gather(1, order), bits)
-    decoded = ranked_decode(codes, table, bits)
     k = values.shape[1]
-    groups = rank_groups(k, device=values.device).expand_as(codes).contiguous()
-    # Back to index order, each entry with its rank group: only the group decodes, so the
-    # order inside a group is free and is made canonical (ascending index).
-    codes, decoded, groups = (
-        torch.empty_like(t).scatter_(1, order, t) for t in (codes, decoded, groups)
+    ranks = magnitude_order(values)
+    groups = torch.empty_like(ranks).scatter_(
+        1, ranks, rank_groups(k, device=ranks.device).expand_as(ranks)
     )
-    if config.index_coding == "rice":
-        top = len(rank_bounds(k)) - 2  # one group (k ≤ 2): nothing to label
-        return idx, values, codes, table, decoded, top - groups if top else None
+    # The packed message: group by group, ascending inside a group (only the group decodes,
+    # so the order inside one is free and made canonical); Rice keeps index order.
     by_group = torch.argsort(groups * layout.chunk_numel + idx, dim=1)
-    idx, values, codes, decoded = (t.gather(1, by_group) for t in (idx, values, codes, decoded))
-    return idx, values, codes, table, decoded, None
+    codes, table = ranked_quantize(values.gather(1, by_group), bits)
+    decoded = ranked_decode(codes, table, bits)
+    if config.index_coding == "packed":
+        return idx.gather(1, by_group), values.gather(1, by_group), codes, table, decoded, None
+    codes, decoded = (torch.empty_like(t).scatter_(1, by_group, t) for t in (codes, decoded))
+    labels = rank_labels(groups, k) if len(rank_bounds(k)) > 2 else None  # k ≤ 2: one group
+    return idx, values, codes, table, decoded, labels
 
 
 def subtract_decoded(
