@@ -70,6 +70,7 @@ from sparseloco.kernels.reference import (  # noqa: E402
     clip_factors,
     compress,
 )
+from sparseloco.validation import validate_update  # noqa: E402
 
 
 def torch_op_encode(
@@ -222,7 +223,9 @@ SIZE_PRESETS = (
 
 def preset_sizes(args: argparse.Namespace) -> list[dict]:
     """:func:`size_row` of each of :data:`SIZE_PRESETS`' codecs, every tensor of the model
-    encoded once from the same random Δ and error buffer (no timing)."""
+    encoded once from the same random Δ and error buffer, and what a receiver pays to check
+    the update (``validate_update``, one thread, best of ``--repeats`` interleaved timings,
+    against ``covenant-72b`` in the same run)."""
     shapes = llama_shapes(layers=args.layers)
     n_params = sum(math.prod(s) for s in shapes.values())
     codecs = {p: replace(CodecConfig.from_preset(p), topk=args.topk) for p in SIZE_PRESETS}
@@ -234,11 +237,20 @@ def preset_sizes(args: argparse.Namespace) -> list[dict]:
         error = torch.randn(layout.buffer_shape, generator=g) * 1e-3
         for p, cfg in codecs.items():
             tensors[p][name] = compress(delta, error.clone(), layout, cfg)
-    return [
-        size_row(p, CompressedUpdate(codec=cfg, tensors=tensors[p]), n_params)
-        | {"params": n_params}
-        for p, cfg in codecs.items()
-    ]
+    updates = {p: CompressedUpdate(codec=cfg, tensors=tensors[p]) for p, cfg in codecs.items()}
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for p, update in updates.items():
+            t, _ = cpu_seconds(partial(validate_update, update))
+            best[p] = min(best.get(p, t), t)
+    rows = []
+    for p, update in updates.items():
+        row = size_row(p, update, n_params) | {"params": n_params}
+        row["validate CPU s"] = best[p]
+        row["validate MB/s"] = row["payload bytes"] / best[p] / 1e6
+        row["validate vs covenant-72b"] = best[p] / best["covenant-72b"]
+        rows.append(row)
+    return rows
 
 
 def value_codings(args: argparse.Namespace) -> dict:
@@ -287,15 +299,16 @@ def main() -> None:
     ap.add_argument(
         "--only-sizes",
         action="store_true",
-        help="run only the all-in sizes, of every index and value coding preset (no timing); "
-        "writes results/codec-sizes.json",
+        help="run only the all-in sizes of every index and value coding preset, and what "
+        "validating each costs; writes results/codec-sizes.json",
     )
     args = ap.parse_args()
     if args.only_sizes:
         rows = preset_sizes(args)
         print(f"\nsizes, every tensor encoded once: k={args.topk} of 4096")
         print_table(rows, list(rows[0]))
-        results = {"params": rows[0]["params"], "topk": args.topk, "sizes": rows}
+        results = {"params": rows[0]["params"], "topk": args.topk, "repeats": args.repeats}
+        results |= {"load_average": os.getloadavg(), "sizes": rows}
         print(f"\nwrote {write_json('codec-sizes', results | {'environment': environment()})}")
         return
     if args.only_values:
