@@ -171,7 +171,8 @@ def rice_decode_tail(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`rice_encode` with a tail: (``count`` int64 gaps, ``tail`` int64 tail
     values). Raises on malformed streams; a unary stream longer than ``max_bits`` (the most
-    any valid one can hold) before unpacking it, since unpacking costs ~80 bytes per byte."""
+    any valid one can hold) before unpacking it: unpacking makes a byte per bit and an 8-byte
+    position per zero bit, up to 72 bytes per received byte, and zero bytes compress well."""
     for name, buf in (("unary", unary), ("remainder", remainder)):
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise CorruptUpdateError(f"rice {name} stream must be a 1-D uint8 tensor")
