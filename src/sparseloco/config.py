@@ -223,54 +223,22 @@ class OuterConfig:
         return asdict(self)
 
 
+_COVENANT = OuterConfig(
+    codec=CodecConfig(chunk_size=64, topk=64, value_bits=2, error_decay=0.95),
+    lr=1.0,
+    inner_steps=30,
+    reducer="mean_selected",
+    clip_to_median=True,
+)
+
 PRESETS: dict[str, OuterConfig] = {
-    "covenant-72b": OuterConfig(
-        codec=CodecConfig(chunk_size=64, topk=64, value_bits=2, error_decay=0.95),
-        lr=1.0,
-        inner_steps=30,
-        reducer="mean_selected",
-        clip_to_median=True,
-    ),
-    "covenant-72b-rice": OuterConfig(
-        codec=CodecConfig(
-            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, index_coding="rice"
-        ),
-        lr=1.0,
-        inner_steps=30,
-        reducer="mean_selected",
-        clip_to_median=True,
-    ),
-    "covenant-72b-signmag": OuterConfig(
-        codec=CodecConfig(
-            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="signmag"
-        ),
-        lr=1.0,
-        inner_steps=30,
-        reducer="mean_selected",
-        clip_to_median=True,
-    ),
-    "covenant-72b-ranked": OuterConfig(
-        codec=CodecConfig(
-            chunk_size=64, topk=64, value_bits=2, error_decay=0.95, value_coding="ranked"
-        ),
-        lr=1.0,
-        inner_steps=30,
-        reducer="mean_selected",
-        clip_to_median=True,
-    ),
-    "covenant-72b-ranked-rice": OuterConfig(
-        codec=CodecConfig(
-            chunk_size=64,
-            topk=64,
-            value_bits=2,
-            error_decay=0.95,
-            value_coding="ranked",
-            index_coding="rice",
-        ),
-        lr=1.0,
-        inner_steps=30,
-        reducer="mean_selected",
-        clip_to_median=True,
+    "covenant-72b": _COVENANT,
+    # Covenant's settings with another index or value coding (the module docstring).
+    "covenant-72b-rice": _COVENANT.replace(codec={"index_coding": "rice"}),
+    "covenant-72b-signmag": _COVENANT.replace(codec={"value_coding": "signmag"}),
+    "covenant-72b-ranked": _COVENANT.replace(codec={"value_coding": "ranked"}),
+    "covenant-72b-ranked-rice": _COVENANT.replace(
+        codec={"value_coding": "ranked", "index_coding": "rice"}
     ),
     "sparseloco-512m": OuterConfig(
         codec=CodecConfig(chunk_size=64, topk=128, value_bits=2, error_decay=0.95),
