@@ -8,7 +8,10 @@ the link differ:
 * ``blocking``: ``outer.step()`` publishes, gathers and applies before the next inner step;
 * ``overlap τ=H``: ``SparseLoCo(..., overlap=True)``; the boundary keeps window k's Δ,
   applies window k−1's aggregate (encoded, published, gathered and aggregated in the
-  background during window k's inner steps) and returns;
+  background during window k's inner steps), starts window k+1 from
+  :class:`~sparseloco.OverlapConfig`'s prediction of the next global model and returns;
+  ``own progress only`` is the same with ``OverlapConfig.local()`` (a = 0, w = 1: the
+  global model plus the own progress, the earlier rule), run at 1 Gbit/s for the loss only;
 * ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
   the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
 * ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
@@ -37,11 +40,14 @@ spare cores the hidden work is free; on 2 shared cores it slows the inner steps 
 the modes' compute seconds per round), and wall times of different runs compare only while
 the machine's load stays the same. The loss depends only on the mode and the seed when
 every update arrives every round (the benchmark checks that the final models agree across
-peers and links); ``--seeds`` adds 1 Gbit/s runs for the other seeds. Prints tables,
+peers and links); ``--seeds`` adds 1 Gbit/s runs for the other seeds, and
+``--loss-rounds`` (default 60) runs every mode that many rounds at 1 Gbit/s for each seed, a
+longer horizon for the loss at equal tokens (the 10-round runs end while the loss still falls
+steeply). Prints tables,
 writes ``results/utilisation.json`` and ``results/utilisation.png`` (``--from-json`` redraws
 them from a saved run).
 
-    python benchmarks/utilisation.py            # ~4 min on 2 loaded CPU cores
+    python benchmarks/utilisation.py            # ~10 min on 2 CPU cores
     python benchmarks/utilisation.py --quick    # 4 rounds of 10 steps, one seed
 """
 
@@ -79,7 +85,7 @@ from netcomm import (  # noqa: E402
     StorageExchange,
     parse_link,
 )
-from sparseloco import SparseLoCo, preset  # noqa: E402
+from sparseloco import OverlapConfig, SparseLoCo, preset  # noqa: E402
 from sparseloco.data import TokenDataset, stdlib_corpus  # noqa: E402
 from sparseloco.loop import apply_due  # noqa: E402
 from sparseloco.models import GPT, GPTConfig  # noqa: E402
@@ -87,8 +93,12 @@ from sparseloco.models import GPT, GPTConfig  # noqa: E402
 MODEL = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 CORPUS_BYTES = 2_000_000
 MODES = ("blocking", "overlap", "overlap-tau", "overlap-ready")
+#: the earlier start rule (OverlapConfig.local()), run for the loss tables only
+LOCAL = "overlap-local"
 #: modes whose trajectory depends on timing (the step at which an aggregate arrives)
 TIMED = ("overlap-ready",)
+#: the setting of the longer runs at 1 Gbit/s (``--loss-rounds``)
+LONG = "1gbit-long"
 
 
 # -- one peer (runs in a worker process) ---------------------------------------------------
@@ -140,7 +150,8 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         compression_level=1,
     )
     ex = StorageExchange(me, storage, directory, signers[me], ModelSpec.from_module(model), config)
-    outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=mode != "blocking")
+    overlap = OverlapConfig.local() if mode == LOCAL else mode != "blocking"
+    outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=overlap)
     tau = job["apply_after"] if mode in ("overlap-tau", "overlap-ready") else None
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
     gen = torch.Generator().manual_seed(1000 * job["seed"] + index)
@@ -260,7 +271,9 @@ def _burst(link: str) -> float | None:
     return None if bit_s is None else max(1500.0, bit_s / 8 / 100)
 
 
-def one_run(swarm: Swarm, endpoint: str, link: str, mode: str, seed: int, args) -> dict[str, Any]:
+def one_run(
+    swarm: Swarm, endpoint: str, link: str, mode: str, seed: int, args, rounds: int | None = None
+) -> dict[str, Any]:
     bucket = f"util-{os.getpid()}-{next(_buckets)}"
     _storage(bucket, endpoint).create_bucket()
     proxy, urls = start_links(endpoint, link, args.peers, _burst(link))
@@ -270,7 +283,7 @@ def one_run(swarm: Swarm, endpoint: str, link: str, mode: str, seed: int, args) 
         "bucket": bucket,
         "urls": urls,
         "peers": args.peers,
-        "rounds": args.rounds,
+        "rounds": rounds or args.rounds,
         "inner_steps": args.inner_steps,
         "batch": args.batch,
         "inner_lr": args.inner_lr,
@@ -365,6 +378,12 @@ def main() -> None:
         "--apply-after", type=int, default=10, help="tau of the overlap-tau mode (inner steps)"
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument(
+        "--loss-rounds",
+        type=int,
+        default=60,
+        help="also run every mode this many rounds at 1 Gbit/s per seed, for the loss (0: not)",
+    )
     ap.add_argument("--quick", action="store_true", help="4 rounds of 10 steps, one seed")
     ap.add_argument("--name", default="utilisation", help="results/<name>.json and .png")
     ap.add_argument("--from-json", help="re-render the tables and plot of a previous run")
@@ -382,6 +401,7 @@ def main() -> None:
         return
     if args.quick:
         args.rounds, args.inner_steps, args.seeds, args.apply_after = 4, 10, [0], 4
+        args.loss_rounds = 0
     if "1gbit" not in args.links:
         args.links.insert(0, "1gbit")
     args.links.sort(key=lambda s: -rate_of(s))  # 1gbit first: it calibrates "matched"
@@ -406,10 +426,17 @@ def main() -> None:
                 runs.append(one_run(swarm, endpoint, spec, mode, args.seeds[0], args))
                 runs[-1]["setting"] = "matched" if link == "matched" else link
                 print_progress(runs[-1])
-        for seed in args.seeds[1:]:
-            for mode in MODES:
+        for seed in args.seeds:
+            for mode in (*MODES, LOCAL) if seed != args.seeds[0] else (LOCAL,):
                 runs.append(one_run(swarm, endpoint, "1gbit" + suffix, mode, seed, args))
                 runs[-1]["setting"] = "1gbit"
+                print_progress(runs[-1])
+        for seed in args.seeds if args.loss_rounds else ():
+            for mode in (*MODES, LOCAL):
+                long = one_run(
+                    swarm, endpoint, "1gbit" + suffix, mode, seed, args, args.loss_rounds
+                )
+                runs.append(long | {"setting": LONG})
                 print_progress(runs[-1])
     finally:
         swarm.close()
@@ -429,7 +456,8 @@ def print_progress(run: dict[str, Any]) -> None:
 
 
 def report(runs, args, load_before, load_after, seconds) -> None:
-    seed0 = [r for r in runs if r["seed"] == args.seeds[0]]
+    seed0 = [r for r in runs if r["seed"] == args.seeds[0] and r["mode"] in MODES]
+    seed0 = [r for r in seed0 if r["setting"] != LONG]
     rows = []
     for r in seed0:
         m = r["mean"]
@@ -455,24 +483,13 @@ def report(runs, args, load_before, load_after, seconds) -> None:
         f"{args.batch} x {MODEL.block_size} tokens per peer; seconds per round (mean over peers)"
     )
     print_table(rows, list(rows[0]))
-    losses = []
-    for mode in MODES:
-        by_seed = {
-            r["seed"]: r["heldout_loss"]
-            for r in runs
-            if r["mode"] == mode and r["setting"] == "1gbit"
-        }
-        losses.append(
-            {
-                "mode": label(mode, args),
-                **{f"seed {s}": v for s, v in sorted(by_seed.items())},
-                "mean": statistics.mean(by_seed.values()),
-            }
-        )
-    for row in losses:
-        row["vs blocking"] = f"{row['mean'] / losses[0]['mean'] - 1:+.2%}"
-    print("\nheld-out loss at equal tokens (1 Gbit/s runs):")
-    print_table(losses, list(losses[0]))
+    losses = {"1gbit": loss_table(runs, "1gbit", args)}
+    print(f"\nheld-out loss at equal tokens (1 Gbit/s runs, {args.rounds} rounds):")
+    print_table(losses["1gbit"], list(losses["1gbit"][0]))
+    if any(r["setting"] == LONG for r in runs):
+        losses[LONG] = loss_table(runs, LONG, args)
+        print(f"\nheld-out loss at equal tokens (1 Gbit/s runs, {args.loss_rounds} rounds):")
+        print_table(losses[LONG], list(losses[LONG][0]))
     same = {
         mode: len({r["model_digest"] for r in seed0 if r["mode"] == mode}) == 1
         for mode in MODES
@@ -503,12 +520,34 @@ def report(runs, args, load_before, load_after, seconds) -> None:
     print(f"wrote {path} and {png}")
 
 
+def loss_table(runs: list[dict[str, Any]], setting: str, args: Any) -> list[dict[str, Any]]:
+    """Held-out loss per mode and seed in ``setting``'s runs, and the mean vs blocking's."""
+    rows = []
+    for mode in (*MODES, LOCAL):
+        by_seed = {
+            r["seed"]: r["heldout_loss"]
+            for r in runs
+            if (r["mode"], r["setting"]) == (mode, setting)
+        }
+        if by_seed:
+            mean = statistics.mean(by_seed.values())
+            rows.append(
+                {"mode": label(mode, args)}
+                | {f"seed {s}": v for s, v in sorted(by_seed.items())}
+                | {"mean": mean}
+            )
+    for row in rows:
+        row["vs blocking"] = f"{row['mean'] / rows[0]['mean'] - 1:+.2%}"
+    return rows
+
+
 def label(mode: str, args: Any) -> str:
     return {
         "blocking": "blocking",
         "overlap": f"overlap τ=H={args.inner_steps}",
         "overlap-tau": f"overlap τ={args.apply_after}",
         "overlap-ready": f"overlap τ≥{args.apply_after}, no wait",
+        LOCAL: f"overlap τ=H={args.inner_steps}, own progress only (a=0, w=1)",
     }[mode]
 
 

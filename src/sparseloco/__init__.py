@@ -22,7 +22,7 @@ from sparseloco.codec import (
     encode,
     encode_tensor,
 )
-from sparseloco.config import PRESETS, CodecConfig, OuterConfig, preset
+from sparseloco.config import PRESETS, CodecConfig, OuterConfig, OverlapConfig, preset
 from sparseloco.errors import (
     BackendUnavailableError,
     BackgroundRoundError,
@@ -86,6 +86,7 @@ __all__ = [
     "OuterConfig",
     "OuterLoop",
     "OuterOptimizer",
+    "OverlapConfig",
     "Payload",
     "PeerStatus",
     "RankError",

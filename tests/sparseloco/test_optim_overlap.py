@@ -21,6 +21,7 @@ from sparseloco import (
     GatherResult,
     InProcessHub,
     OuterLoop,
+    OverlapConfig,
     PeerStatus,
     SparseLoCo,
     encode,
@@ -183,7 +184,9 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_overlapped_diloco_follows_the_delayed_update_rule():
+@pytest.mark.parametrize("rule", [True, OverlapConfig.local(), OverlapConfig(0.3, 0.6)])
+def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
+    a, w = (0.0, 1.0) if rule is True else (rule.extrapolation, rule.own_weight)
     model = _model()
     others = {w: {"b": _dense(model, 50 + w)} for w in range(2)}
     outer = DiLoCo(
@@ -192,7 +195,7 @@ def test_overlapped_diloco_follows_the_delayed_update_rule():
         lr=0.5,
         momentum=0.0,
         nesterov=False,
-        overlap=True,
+        overlap=rule,
     )
     theta0 = _params(model)  # Θ₀ = s₀
     _perturb(model, 1)
@@ -202,10 +205,11 @@ def test_overlapped_diloco_follows_the_delayed_update_rule():
     assert all(torch.equal(p, s1[n]) for n, p in _params(model).items())
     _perturb(model, 2)
     d1 = {n: s1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
-    outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ − Δ₁
+    outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁
     theta1 = {n: theta0[n] - 0.5 * (d0[n] + others[0]["b"].tensors[n]) / 2 for n in theta0}
     for n, p in _params(model).items():
-        torch.testing.assert_close(p, theta1[n] - d1[n], rtol=0, atol=1e-6)
+        start = theta1[n] + a * (theta1[n] - theta0[n]) - w * d1[n]
+        torch.testing.assert_close(p, start, rtol=0, atol=1e-6)
         torch.testing.assert_close(
             outer.state[dict(model.named_parameters())[n]]["theta0"], theta1[n], rtol=0, atol=1e-6
         )
@@ -404,3 +408,23 @@ def test_mode_checks():
     overlapped.finish()
     overlapped.apply({})
     assert overlapped.window == 2
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"extrapolation": -0.1}, {"own_weight": 1.5}, {"extrapolation": True}, {"own_weight": "1"}],
+)
+def test_overlap_config_refuses_values_outside_its_range(fields):
+    with pytest.raises(ConfigError):
+        OverlapConfig(**fields)
+
+
+def test_overlap_must_be_a_bool_or_an_overlap_config():
+    model = _model()
+    with pytest.raises(ConfigError, match="OverlapConfig"):
+        SparseLoCo(model.named_parameters(), Scripted({}), overlap=1)
+    outer = SparseLoCo(model.named_parameters(), Scripted({}), overlap=True)
+    assert outer.overlap and outer.overlap_config == OverlapConfig()
+    assert SparseLoCo(model.named_parameters(), Scripted({})).overlap_config is None
+    diloco = DiLoCo(model.named_parameters(), Scripted({}), overlap=True)
+    assert diloco.overlap_config == OverlapConfig.local()
