@@ -45,21 +45,23 @@ Window k+1 starts from a prediction of the global model it would start from in b
 rounds, Θ_{k+1} = OuterStep(Θ_k, g_k), whose g_k is still being gathered: the global model's
 last step repeated a times (for the others' part of g_k) plus w times this peer's fresh
 progress (for its own part); a and w are :class:`~sparseloco.config.OverlapConfig`'s.
-SparseLoCo's ``overlap=True`` takes a = 0.5, w = 0.75; a = 0, w = 1 keeps the global model
-plus the own progress alone, the rule of earlier versions and DiLoCo's default (whose
-Nesterov step already runs ahead), which with SparseLoCo's sparse updates ends several per
-cent above blocking rounds' loss (``benchmarks/utilisation.py``). When g_k arrives at the next boundary the progress made
-since s_{k+1} is kept on top of Θ_{k+1} (θ ← Θ_{k+1} − Δ_{k+1}). The first boundary applies
-nothing and θ stays. ``finish()`` applies the last aggregate and keeps only the unpublished
-progress: Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
+SparseLoCo's ``overlap=True`` takes a = 0.5, w = 0.75. a = 0, w = 1 (θ ← Θ_k − Δ_k: the
+global model plus the own progress alone) is the rule of earlier versions and DiLoCo's
+default (its Nesterov step already runs ahead); with SparseLoCo's sparse updates it ends
+several per cent above blocking rounds' loss (``benchmarks/utilisation.py``). When g_k
+arrives at the next boundary the progress made since s_{k+1} is kept on top of Θ_{k+1}
+(θ ← Θ_{k+1} − Δ_{k+1}). At the first boundary the last step is zero: θ ← Θ₀ − w·Δ₀.
+``finish()`` applies the last aggregate and keeps only the unpublished progress:
+Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
 
 Called τ inner steps into window k+1 (``OuterLoop(apply_after=τ)``), ``finish()`` gives
 Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of mixed:
 Θ_{k+1} = OuterStep(Θ_k, g_k), θ ← Θ_{k+1} + (θ − s_{k+1}), s_{k+1} ← Θ_{k+1}, so the
 local model is again the global one plus the current window's progress only, and the next
-boundary (nothing in flight) publishes Δ_{k+1} = Θ_{k+1} − θ and leaves θ as it is. The
-communication must then fit in τ inner steps; the loss is much closer to blocking rounds'
-than with the aggregate applied a whole window late (``benchmarks/utilisation.py``).
+boundary (nothing in flight) publishes Δ_{k+1} = Θ_{k+1} − θ and starts window k+2 from the
+same prediction, Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − w·Δ_{k+1}, the step Θ_k → Θ_{k+1} kept from
+the ``finish()`` until then (state ``"last_step"``). The communication must then fit in τ
+inner steps (``benchmarks/utilisation.py`` measures the loss of each way).
 
 What is identical: every peer applies the same aggregate sequence g₀, g₁, … to the same Θ₀
 with the same outer step, so Θ (``θ₀``), the momentum buffers, the outer optimizer's state
@@ -74,8 +76,9 @@ does not change it.
 Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
 CPU with ``offload``), and Δ_k in float32 from the boundary until its round has encoded it
-(4 bytes per parameter, CPU with ``offload``); while a boundary steps with a > 0, a
-float32 copy of Θ_{k−1} (4 bytes per parameter, on the parameters' device). The error
+(4 bytes per parameter, CPU with ``offload``); with a > 0, while a boundary steps, a
+float32 copy of Θ_{k−1}, and from a ``finish()`` to the next boundary the step it took (4
+bytes per parameter each, beside θ₀). The error
 buffers belong to the round's thread until it has committed them: ``state_dict()`` waits
 for that.
 """
@@ -575,9 +578,8 @@ class OuterOptimizer(Optimizer):
             with timer("wait"):
                 done = self._collect(self._inflight, params)
         with timer("step"):
-            if done is not None:
-                self._delayed_start(params, done.aggregates, deltas)
-            for _, p, _ in params:  # s_{k+1} ← θ (nothing applied: s_k = Θ, so θ stays)
+            self._predicted_start(params, deltas, None if done is None else done.aggregates)
+            for _, p, _ in params:  # s_{k+1} ← θ
                 self.state[p]["start"].copy_(p)
         self._inflight = _InFlight(window, None, None, deltas)  # if no thread starts: done later
         self.window = window + 1
@@ -631,38 +633,62 @@ class OuterOptimizer(Optimizer):
             applied_window=None if done is None else done.window,
         )
 
-    def _delayed_start(
+    def _predicted_start(
         self,
         params: list[NamedParam],
-        aggregates: dict[str, torch.Tensor],
         deltas: dict[str, torch.Tensor],
+        aggregates: dict[str, torch.Tensor] | None,
     ) -> None:
-        """Θ_k = OuterStep(Θ_{k−1}, g_{k−1}); θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k
-        (:class:`~sparseloco.config.OverlapConfig`)."""
+        """θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k (:class:`~sparseloco.config.OverlapConfig`).
+
+        With ``aggregates`` (g_{k−1}, one round late) this boundary takes the step
+        Θ_k = OuterStep(Θ_{k−1}, g_{k−1}); without, Θ_k is θ₀ as it is (= s_k) and its last
+        step is the one a :meth:`finish` or :meth:`apply` since the last boundary took
+        (state ``"last_step"``), if any.
+        """
         assert self.overlap_config is not None
         a, w = self.overlap_config.extrapolation, self.overlap_config.own_weight
-        before = {
-            n: self.state[p]["theta0"].to(p.device, torch.float32, copy=True)
-            for n, p, _ in params
-            if a
-        }
+        if aggregates is not None:
+            last = self._outer_step_taken(params, aggregates)
+            for name, p, _ in params:
+                start = self.state[p]["theta0"].to(p.device, torch.float32, copy=True)
+                if last:
+                    start.add_(last[name].to(p.device), alpha=a)
+                p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
+            return
+        for name, p, _ in params:  # θ = s_k − Δ_k = Θ_k − Δ_k: only the changes to it
+            last_step = self.state[p].pop("last_step", None)
+            if last_step is not None:
+                p.add_(last_step.to(p.device), alpha=a)
+            if w != 1.0:
+                p.add_(deltas[name].to(p.device), alpha=1.0 - w)
+
+    def _outer_step_taken(
+        self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """The outer step Θ ← OuterStep(Θ, g); returns Θ_new − Θ_old in float32 where the
+        start rule extrapolates it (a > 0), else ``None``."""
+        assert self.overlap_config is not None
+        if not self.overlap_config.extrapolation:
+            self._outer_step(params, aggregates)
+            return None
+        before = {n: self.state[p]["theta0"].to(torch.float32, copy=True) for n, p, _ in params}
         self._outer_step(params, aggregates)
-        for name, p, _ in params:
-            start = self.state[p]["theta0"].to(p.device, torch.float32, copy=True)
-            if a:
-                start.add_(start - before.pop(name), alpha=a)
-            p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
+        return {n: torch.sub(self.state[p]["theta0"], before[n]) for n, p, _ in params}
 
     def _keep_local_progress(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
     ) -> None:
-        """Θ ← OuterStep(Θ, g); θ ← Θ + (θ − s); s ← Θ (overlapped rounds)."""
+        """Θ ← OuterStep(Θ, g); θ ← Θ + (θ − s); s ← Θ (overlapped rounds); the step is kept
+        for the next boundary's start (state ``"last_step"``) where that extrapolates it."""
         local = {n: self._store(-self._own_delta(p)) for n, p, _ in params}  # θ − s
-        self._outer_step(params, aggregates)
+        last = self._outer_step_taken(params, aggregates)
         for name, p, _ in params:
             theta0 = self.state[p]["theta0"]
             p.copy_(theta0.to(p.device, torch.float32) + local[name].to(p.device))
             self.state[p]["start"].copy_(theta0)
+            if last:
+                self.state[p]["last_step"] = last[name]
 
     def _own_delta(self, p: torch.Tensor) -> torch.Tensor:
         """Δ = origin − θ in float32 on ``p``'s device (origin: θ₀, or s when overlapping)."""

@@ -200,9 +200,13 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
     theta0 = _params(model)  # Θ₀ = s₀
     _perturb(model, 1)
     d0 = {n: theta0[n] - p for n, p in _params(model).items()}  # Δ₀ = s₀ − θ
+    ended = _params(model)
+    outer.step()  # publishes Δ₀, nothing to apply: θ ← Θ₀ − w·Δ₀ (w = 1: θ stays, exactly)
     s1 = _params(model)
-    outer.step()  # publishes Δ₀, nothing to apply: θ stays
-    assert all(torch.equal(p, s1[n]) for n, p in _params(model).items())
+    for n, p in s1.items():
+        if w == 1.0:
+            assert torch.equal(p, ended[n])
+        torch.testing.assert_close(p, theta0[n] - w * d0[n], rtol=0, atol=1e-6)
     _perturb(model, 2)
     d1 = {n: s1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
     outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁
@@ -222,6 +226,48 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
         assert torch.equal(p, outer.state[named[n]]["theta0"])
         assert torch.equal(p, outer.state[named[n]]["start"])
     assert outer.in_flight is None and outer.finish() is None
+
+
+def _diloco(model, others, rule):
+    return DiLoCo(
+        model.named_parameters(),
+        Scripted(others),
+        lr=0.5,
+        momentum=0.0,
+        nesterov=False,
+        overlap=rule,
+    )
+
+
+def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
+    """finish() τ steps in keeps its step Θ₀ → Θ₁ (state "last_step", saved with the
+    state) for the next boundary: θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁."""
+    a, w = 0.3, 0.6
+    model = _model()
+    others = {k: {"b": _dense(model, 70 + k)} for k in range(2)}
+    outer = _diloco(model, others, OverlapConfig(a, w))
+    theta0 = _params(model)
+    _perturb(model, 1)
+    d0 = {n: theta0[n] - p for n, p in _params(model).items()}
+    outer.step()  # θ ← Θ₀ − w·Δ₀ = s₁
+    s1 = _params(model)
+    _perturb(model, 2)  # τ inner steps into window 1
+    outer.finish()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + (θ − s₁);  s₁ ← Θ₁
+    theta1 = {n: theta0[n] - 0.5 * (d0[n] + others[0]["b"].tensors[n]) / 2 for n in theta0}
+    _perturb(model, 3)  # the rest of window 1
+    d1 = {n: theta1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
+    saved = outer.state_dict()
+    copy = _model()
+    copy.load_state_dict(model.state_dict())
+    resumed = _diloco(copy, others, OverlapConfig(a, w))
+    resumed.load_state_dict(saved)
+    outer.step()  # nothing in flight: θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁
+    resumed.step()
+    for (n, p), q in zip(_params(model).items(), copy.parameters(), strict=True):
+        start = theta1[n] + a * (theta1[n] - theta0[n]) - w * d1[n]
+        torch.testing.assert_close(p, start, rtol=0, atol=1e-6)
+        assert torch.equal(p, q)  # the kept step came back with the state
+    assert all("last_step" not in outer.state[p] for p in model.parameters())
 
 
 def test_error_feedback_under_the_delay_sees_each_window_once():
