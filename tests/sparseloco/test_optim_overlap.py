@@ -252,8 +252,11 @@ def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
     outer.step()  # θ ← Θ₀ − w·Δ₀ = s₁
     s1 = _params(model)
     _perturb(model, 2)  # τ inner steps into window 1
+    before = _params(model)
     outer.finish()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + (θ − s₁);  s₁ ← Θ₁
     theta1 = {n: theta0[n] - 0.5 * (d0[n] + others[0]["b"].tensors[n]) / 2 for n in theta0}
+    for n, p in _params(model).items():
+        torch.testing.assert_close(p, theta1[n] + before[n] - s1[n], rtol=0, atol=1e-6)
     _perturb(model, 3)  # the rest of window 1
     d1 = {n: theta1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
     saved = outer.state_dict()
