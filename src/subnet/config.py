@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from netcomm.link import parse_link
-from sparseloco.config import PRESETS
+from sparseloco.config import PRESETS, OverlapConfig
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
 
@@ -308,6 +308,8 @@ class MinerSettings:
             inner steps of the next window (waiting there if it has not arrived: Streaming
             DiLoCo's τ, a smaller loss cost than a whole window late); 0 = at the window's
             end.
+        overlap_extrapolation / overlap_own_weight: with ``overlap``: a and w of
+            :class:`sparseloco.OverlapConfig`, where each window starts (0.5 and 0.75).
     """
 
     aggregate: Literal["validator", "all"] = "validator"
@@ -319,6 +321,8 @@ class MinerSettings:
     victim: str = ""
     overlap: bool = False
     apply_after: int = 0
+    overlap_extrapolation: float = OverlapConfig.extrapolation
+    overlap_own_weight: float = OverlapConfig.own_weight
 
     def __post_init__(self) -> None:
         _check(
@@ -339,6 +343,14 @@ class MinerSettings:
             self.overlap or self.apply_after == 0,
             "miner.apply_after needs miner.overlap = true",
         )
+        for name in ("overlap_extrapolation", "overlap_own_weight"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"miner.{name} must lie in [0, 1]")
+
+    def overlap_config(self) -> OverlapConfig | bool:
+        """The outer optimizer's ``overlap=``: ``False``, or where each window starts."""
+        if not self.overlap:
+            return False
+        return OverlapConfig(self.overlap_extrapolation, self.overlap_own_weight)
 
 
 @dataclass(frozen=True)

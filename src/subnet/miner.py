@@ -300,7 +300,7 @@ class Miner(Node):
             self.model.named_parameters(),
             SelectedExchange(self, self.exchange),
             self.protocol.outer,
-            overlap=self.cfg.miner.overlap,
+            overlap=self.cfg.miner.overlap_config(),
         )
 
     # --- windows ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sparseloco import OverlapConfig
 from subnet import NodeConfigError, Secret, config_from_dict, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -79,6 +80,14 @@ def _minimal(**sections):
             _minimal(miner={"overlap": True, "apply_after": 10}),
             "miner.apply_after must be < run.inner_steps",
         ),
+        (
+            _minimal(miner={"overlap": True, "overlap_own_weight": 1.5}),
+            "miner.overlap_own_weight must lie in .0, 1.",
+        ),
+        (
+            _minimal(miner={"overlap_extrapolation": "0.5"}),
+            "miner.overlap_extrapolation must be a number",
+        ),
     ],
 )
 def test_bad_values_name_the_field(data, message):
@@ -129,3 +138,12 @@ def test_bittensor_chain_needs_no_hotkey():
         {"role": "validator", "chain": {"kind": "bittensor", "netuid": 3, "wallet_name": "w"}}
     )
     assert (cfg.chain.kind, cfg.chain.netuid, cfg.chain.wallet_name) == ("bittensor", 3, "w")
+
+
+def test_the_overlap_start_rule_reaches_the_optimizer_settings():
+    cfg = config_from_dict(
+        _minimal(miner={"overlap": True, "overlap_extrapolation": 0.25, "overlap_own_weight": 1}),
+        environ={},
+    )
+    assert cfg.miner.overlap_config() == OverlapConfig(0.25, 1.0)
+    assert config_from_dict(_minimal(), environ={}).miner.overlap_config() is False
