@@ -232,10 +232,12 @@ def _laid_out(optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restart_state(outer: OuterOptimizer, window: int) -> dict[str, Any]:
-    """``outer``'s state_dict with θ₀ = the current parameters and ``window``."""
+    """``outer``'s state_dict with θ₀ = the current parameters and ``window`` (and, when
+    overlapping, the next window's start s = θ₀ too)."""
     sd = outer.state_dict()
     params = [p for _, p, _ in outer.named_params()]  # state_dict numbers them in this order
-    sd["state"] = {i: {"theta0": p.detach().clone()} for i, p in enumerate(params)}
+    keys = ("theta0", "start") if outer.overlap else ("theta0",)
+    sd["state"] = {i: {k: p.detach().clone() for k in keys} for i, p in enumerate(params)}
     sd["outer"]["window"] = window
     return sd
 

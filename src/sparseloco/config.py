@@ -240,9 +240,10 @@ class OverlapConfig:
     progress Δ_k, for its own part (under ``mean_selected`` between 1/R, where every peer
     picked the same coordinates, and 1, where no other peer did). g_k itself cannot be
     predicted coordinate by coordinate (each round's top-k picks other coordinates); what a
-    and w set is how far ahead the next window starts. When g_k arrives, the progress made
-    since s_{k+1} is kept on top of Θ_{k+1}, so every peer's Θ stays the same whatever a
-    and w.
+    and w set is how far ahead the next window starts. g_k is applied to Θ alone (at the
+    next boundary, which starts window k+2 the same way, or by a ``finish()`` τ steps in,
+    which keeps the progress since s_{k+1} on top of Θ_{k+1}), so every peer's Θ stays the
+    same whatever a and w.
 
     a = 0, w = 1 (``OverlapConfig.local()``) continues from the own progress alone, the rule
     of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s default): exact for one peer

@@ -48,9 +48,10 @@ progress (for its own part); a and w are :class:`~sparseloco.config.OverlapConfi
 SparseLoCo's ``overlap=True`` takes a = 0.5, w = 0.75. a = 0, w = 1 (θ ← Θ_k − Δ_k: the
 global model plus the own progress alone) is the rule of earlier versions and DiLoCo's
 default (its Nesterov step already runs ahead); with SparseLoCo's sparse updates it ends
-several per cent above blocking rounds' loss (``benchmarks/utilisation.py``). When g_k
-arrives at the next boundary the progress made since s_{k+1} is kept on top of Θ_{k+1}
-(θ ← Θ_{k+1} − Δ_{k+1}). At the first boundary the last step is zero: θ ← Θ₀ − w·Δ₀.
+several per cent above blocking rounds' loss (``benchmarks/utilisation.py``). The next
+boundary applies g_k, publishes Δ_{k+1} = s_{k+1} − θ and starts window k+2 the same way,
+θ ← Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − w·Δ_{k+1}. At the first boundary the last step is zero:
+θ ← Θ₀ − w·Δ₀.
 ``finish()`` applies the last aggregate and keeps only the unpublished progress:
 Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
 
@@ -76,9 +77,9 @@ does not change it.
 Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
 CPU with ``offload``), and Δ_k in float32 from the boundary until its round has encoded it
-(4 bytes per parameter, CPU with ``offload``); with a > 0, while a boundary steps, a
-float32 copy of Θ_{k−1}, and from a ``finish()`` to the next boundary the step it took (4
-bytes per parameter each, beside θ₀). The error
+(4 bytes per parameter, CPU with ``offload``); while a boundary steps, the float32 start
+(4 bytes per parameter) and with a > 0 a float32 copy of Θ_{k−1} beside θ₀ (4 more), which
+after a ``finish()`` or ``apply()`` stays as the step taken until the next boundary. The error
 buffers belong to the round's thread until it has committed them: ``state_dict()`` waits
 for that.
 """
@@ -268,6 +269,8 @@ class OuterOptimizer(Optimizer):
     owner_state: tuple[str, ...] = ()
     #: the start rule ``overlap=True`` means
     default_overlap = OverlapConfig()
+    #: state keys that live only between two calls (a loaded state without them drops them)
+    transient_state: tuple[str, ...] = ("last_step",)
     #: whether :class:`~sparseloco.loop.OuterLoop` runs ``step`` after every H inner steps
     #: ("post") or before every inner step ("pre", gradient averaging).
     hook = "post"
@@ -386,7 +389,8 @@ class OuterOptimizer(Optimizer):
 
         In blocking rounds Θ equals the parameters right after ``step()`` or ``apply()``;
         with ``overlap=True`` the parameters also carry this peer's own unapplied progress
-        (θ = Θ − Δ after a boundary), so Θ is what peers compare. Offloaded state stays on
+        and the start rule's look-ahead (:class:`~sparseloco.config.OverlapConfig`), so Θ
+        is what peers compare. Offloaded state stays on
         the CPU. Do not modify the tensors.
         """
         for name, p, _ in self.named_params():
@@ -649,19 +653,30 @@ class OuterOptimizer(Optimizer):
         assert self.overlap_config is not None
         a, w = self.overlap_config.extrapolation, self.overlap_config.own_weight
         if aggregates is not None:
+            starts = {n: torch.empty_like(p, dtype=torch.float32) for n, p, _ in params}
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
-                start = self.state[p]["theta0"].to(p.device, torch.float32, copy=True)
+                start = starts.pop(name).copy_(self.state[p]["theta0"])
                 if last:
                     start.add_(last[name].to(p.device), alpha=a)
                 p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
+                self.state[p].pop("last_step", None)
             return
-        for name, p, _ in params:  # θ = s_k − Δ_k = Θ_k − Δ_k: only the changes to it
-            last_step = self.state[p].pop("last_step", None)
-            if last_step is not None:
-                p.add_(last_step.to(p.device), alpha=a)
+        # θ = s_k − Δ_k = Θ_k − Δ_k: only the changes to it, all computed before any is made
+        changes = {}
+        for name, p, _ in params:
+            last_step = self.state[p].get("last_step")
+            change = None
+            if last_step is not None and a:
+                change = last_step.to(p.device, torch.float32, copy=True).mul_(a)
             if w != 1.0:
-                p.add_(deltas[name].to(p.device), alpha=1.0 - w)
+                own = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
+                change = own if change is None else change.add_(own)
+            changes[name] = change
+        for name, p, _ in params:
+            if changes[name] is not None:
+                p.add_(changes[name])
+            self.state[p].pop("last_step", None)
 
     def _outer_step_taken(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -674,7 +689,11 @@ class OuterOptimizer(Optimizer):
             return None
         before = {n: self.state[p]["theta0"].to(torch.float32, copy=True) for n, p, _ in params}
         self._outer_step(params, aggregates)
-        return {n: torch.sub(self.state[p]["theta0"], before[n]) for n, p, _ in params}
+        return {
+            n: torch.sub(self.state[p]["theta0"], b, out=b)
+            for n, p, _ in params
+            for b in [before[n]]
+        }
 
     def _keep_local_progress(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -1055,6 +1074,11 @@ class OuterOptimizer(Optimizer):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
                     group[key] = value
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                for key in self.transient_state:
+                    if key not in saved_state.get(pid, {}):
+                        self.state[p].pop(key, None)
         owned = self._owned()
         for p, key, value in plan:
             if key in self.owner_state and sharded.is_sharded(p) and self._names[p] not in owned:

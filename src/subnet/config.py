@@ -345,6 +345,10 @@ class MinerSettings:
         )
         for name in ("overlap_extrapolation", "overlap_own_weight"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"miner.{name} must lie in [0, 1]")
+            _check(
+                self.overlap or getattr(self, name) == getattr(OverlapConfig, name[8:]),
+                f"miner.{name} needs miner.overlap = true",
+            )
 
     def overlap_config(self) -> OverlapConfig | bool:
         """The outer optimizer's ``overlap=``: ``False``, or where each window starts."""

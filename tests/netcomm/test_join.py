@@ -218,3 +218,19 @@ def test_a_two_rank_fsdp2_peer_joins_at_window_5_bit_identical_and_runs_window_5
     assert sorted(peers["a"][2].last_report.peers) == ["a", "b", "c"]
     for key, value in _state(peers["a"][0], peers["a"][2]).items():
         assert torch.equal(final[key], value), key
+
+
+def test_an_overlapped_peer_joining_from_a_model_only_checkpoint_starts_its_window_there(tmp_path):
+    """θ₀ and the next window's start s both become the checkpoint's model (s left at the
+    initial weights would publish their difference as this peer's progress)."""
+    net = Net(tmp_path / "bucket")
+    store = CheckpointStore(LocalStorage(tmp_path / "ckpt"))
+    source = model_of(3)
+    store.save(0, source.state_dict(), None)
+    model = model_of(7)
+    outer = SparseLoCo(model.named_parameters(), net.record("c"), codec={"topk": 8}, overlap=True)
+    join(model, outer, store, deadline_s=0.3)
+    for p, q in zip(model.parameters(), source.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(outer.state[p]["theta0"], q)
+        assert torch.equal(outer.state[p]["start"], q)

@@ -7,6 +7,7 @@ returns while the gather is still running.
 
 from __future__ import annotations
 
+import copy
 import io
 import threading
 
@@ -477,3 +478,22 @@ def test_overlap_must_be_a_bool_or_an_overlap_config():
     assert SparseLoCo(model.named_parameters(), Scripted({})).overlap_config is None
     diloco = DiLoCo(model.named_parameters(), Scripted({}), overlap=True)
     assert diloco.overlap_config == OverlapConfig.local()
+
+
+def test_loading_a_state_without_a_kept_step_drops_the_one_held():
+    """A finish() keeps its step for the next boundary; loading an earlier state (which has
+    none) must not leave it behind, or the next step differs from a fresh process's."""
+    rule = OverlapConfig(0.5, 0.75)
+    model = _model()
+    others = {k: {"b": _dense(model, 80 + k)} for k in range(3)}
+    outer = _diloco(model, others, rule)
+    _perturb(model, 1)
+    outer.step()
+    saved = copy.deepcopy(outer.state_dict())  # as a checkpoint holds it (torch's is live)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    _perturb(model, 2)
+    outer.finish()
+    assert all("last_step" in outer.state[p] for p in model.parameters())
+    model.load_state_dict(weights)
+    outer.load_state_dict(saved)
+    assert all("last_step" not in outer.state[p] for p in model.parameters())

@@ -88,6 +88,10 @@ def _minimal(**sections):
             _minimal(miner={"overlap_extrapolation": "0.5"}),
             "miner.overlap_extrapolation must be a number",
         ),
+        (
+            _minimal(miner={"overlap_own_weight": 1.0}),
+            "miner.overlap_own_weight needs miner.overlap = true",
+        ),
     ],
 )
 def test_bad_values_name_the_field(data, message):
