@@ -501,7 +501,7 @@ def report(runs, args, load_before, load_after, seconds) -> None:
     path = write_json(
         args.name,
         {
-            "command": "python benchmarks/utilisation.py" + (" --quick" if args.quick else ""),
+            "command": " ".join(["python benchmarks/utilisation.py", *sys.argv[1:]]),
             "args": vars(args),
             "model": MODEL.to_dict(),
             "tokens_per_peer": args.rounds * args.inner_steps * args.batch * MODEL.block_size,
