@@ -185,12 +185,8 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("rule", [True, OverlapConfig.local(), OverlapConfig(0.3, 0.6)])
-def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
-    a, w = (0.0, 1.0) if rule is True else (rule.extrapolation, rule.own_weight)
-    model = _model()
-    others = {w: {"b": _dense(model, 50 + w)} for w in range(2)}
-    outer = DiLoCo(
+def _diloco(model, others, rule):
+    return DiLoCo(
         model.named_parameters(),
         Scripted(others),
         lr=0.5,
@@ -198,6 +194,14 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
         nesterov=False,
         overlap=rule,
     )
+
+
+@pytest.mark.parametrize("rule", [True, OverlapConfig.local(), OverlapConfig(0.3, 0.6)])
+def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
+    a, w = (0.0, 1.0) if rule is True else (rule.extrapolation, rule.own_weight)
+    model = _model()
+    others = {k: {"b": _dense(model, 50 + k)} for k in range(2)}
+    outer = _diloco(model, others, rule)
     theta0 = _params(model)  # Θ₀ = s₀
     _perturb(model, 1)
     d0 = {n: theta0[n] - p for n, p in _params(model).items()}  # Δ₀ = s₀ − θ
@@ -227,17 +231,6 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
         assert torch.equal(p, outer.state[named[n]]["theta0"])
         assert torch.equal(p, outer.state[named[n]]["start"])
     assert outer.in_flight is None and outer.finish() is None
-
-
-def _diloco(model, others, rule):
-    return DiLoCo(
-        model.named_parameters(),
-        Scripted(others),
-        lr=0.5,
-        momentum=0.0,
-        nesterov=False,
-        overlap=rule,
-    )
 
 
 def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
