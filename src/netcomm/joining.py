@@ -114,7 +114,8 @@ def join(
 
     This peer's own published updates (a restart after publishing) are replayed too. Raises
     :class:`~netcomm.errors.CheckpointError` when the checkpoint's outer state is for another
-    window than its step or the checkpoint is past ``until``; the replay's typed errors
+    window than its step, is another peer's with an overlapped round in flight, or the
+    checkpoint is past ``until``; the replay's typed errors
     (a payload that does not fit the model) propagate, with the windows before applied.
     """
     ranks = outer.exchange if isinstance(outer.exchange, RankZeroExchange) else None
@@ -215,6 +216,14 @@ def _load(
             raise CheckpointError(
                 f"checkpoint {ck.step} holds an outer optimizer of window {saved}; save it as "
                 "step outer.window"
+            )
+        flight = state.get("outer", {}).get("in_flight")
+        if flight is not None and not own:
+            raise CheckpointError(
+                f"checkpoint {ck.step} holds another peer's round of window "
+                f"{flight.get('window')} in flight, which is not this peer's to publish; join "
+                "from a checkpoint saved with nothing in flight (after outer.finish()) or from "
+                "a model-only one"
             )
         outer.load_state_dict(state if own else _shared_state(outer, state))
     if inner is not None and "inner" in optimizers:

@@ -234,3 +234,21 @@ def test_an_overlapped_peer_joining_from_a_model_only_checkpoint_starts_its_wind
         assert torch.equal(p, q)
         assert torch.equal(outer.state[p]["theta0"], q)
         assert torch.equal(outer.state[p]["start"], q)
+
+
+def test_joining_from_another_peers_checkpoint_with_a_round_in_flight_is_refused(tmp_path):
+    """Loading it would make this peer publish the other peer's in-flight update as its own."""
+    net = Net(tmp_path / "bucket")
+    store = CheckpointStore(LocalStorage(tmp_path / "ckpt"))
+    model = model_of(0)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    outer = SparseLoCo(model.named_parameters(), net.record("a"), codec={"topk": 8}, overlap=True)
+    train_window(model, inner, outer, seed=1)  # window 0 is now in flight
+    state = {"outer": outer.state_dict(), "inner": inner.state_dict()}
+    store.save(outer.window, model.state_dict(), state)
+    outer.finish()
+    joiner = model_of(7)
+    other = SparseLoCo(joiner.named_parameters(), net.record("c"), codec={"topk": 8}, overlap=True)
+    with pytest.raises(CheckpointError, match="in flight"):
+        join(joiner, other, store, deadline_s=0.3)
+    assert other.window == 0 and other.in_flight is None
