@@ -64,6 +64,7 @@ def _simulate(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         overlap=args.overlap or args.apply_after is not None,
         apply_after=args.apply_after or 0,
+        apply_wait=not args.no_wait,
     )
     _check_s3_credentials(cfg.storage)
     created = _make_run_folder(out)
@@ -226,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TAU",
         help="with --overlap (implied): apply the last window's aggregate TAU inner steps "
         "into the next window instead of at its end",
+    )
+    sim.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with --apply-after: apply the aggregate at the first step from TAU on at which "
+        "it has arrived (else at the window's end) instead of waiting for it at TAU "
+        "(miner.apply_wait = false)",
     )
     sim.add_argument(
         "--real-time",

@@ -308,6 +308,10 @@ class MinerSettings:
             inner steps of the next window (waiting there if it has not arrived: Streaming
             DiLoCo's τ, a smaller loss cost than a whole window late); 0 = at the window's
             end.
+        apply_wait: with ``apply_after``: ``true`` waits there for the aggregate if it has
+            not arrived; ``false`` applies it at the first inner step from ``apply_after``
+            on at which it has (else at the window's end), so training never waits
+            (``OuterLoop(wait=False)``).
         overlap_extrapolation / overlap_own_weight: with ``overlap``: a and w of
             :class:`sparseloco.OverlapConfig`, where each window starts (0.5 and 0.75).
     """
@@ -321,6 +325,7 @@ class MinerSettings:
     victim: str = ""
     overlap: bool = False
     apply_after: int = 0
+    apply_wait: bool = True
     overlap_extrapolation: float = OverlapConfig.extrapolation
     overlap_own_weight: float = OverlapConfig.own_weight
 
@@ -342,6 +347,10 @@ class MinerSettings:
         _check(
             self.overlap or self.apply_after == 0,
             "miner.apply_after needs miner.overlap = true",
+        )
+        _check(
+            self.apply_wait or self.apply_after > 0,
+            "miner.apply_wait = false needs miner.apply_after >= 1",
         )
         for name in ("overlap_extrapolation", "overlap_own_weight"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"miner.{name} must lie in [0, 1]")

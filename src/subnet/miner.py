@@ -47,6 +47,7 @@ from netcomm import (
 )
 from sparseloco.errors import BackgroundRoundError
 from sparseloco.exchange import GatherResult
+from sparseloco.loop import apply_due
 from sparseloco.optim import RoundReport, SparseLoCo
 from sparseloco.payload import Payload
 from subnet.base import Node
@@ -362,12 +363,13 @@ class Miner(Node):
 
     def _train(self, ids: list[int]) -> tuple[list[float], RoundReport | None]:
         """The window's inner steps; with ``miner.apply_after``, the report of the previous
-        window's aggregate applied that many steps in (else ``None``)."""
+        window's aggregate applied that many steps in (or, without ``miner.apply_wait``,
+        at the first step from there on at which it had arrived), else ``None``."""
         self.model.train()
         losses, applied = [], None
-        tau = self.cfg.miner.apply_after
+        tau = self.cfg.miner.apply_after or None
         for step, batch in enumerate(self.protocol.batches(ids)):
-            if tau and step == tau and self.outer.in_flight is not None:
+            if apply_due(self.outer, step, tau, wait=self.cfg.miner.apply_wait):
                 applied = self.outer.finish()
             loss = self.task.loss_fn(self.model, batch)
             loss.backward()

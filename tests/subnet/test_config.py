@@ -89,6 +89,10 @@ def _minimal(**sections):
             "miner.overlap_extrapolation must be a number",
         ),
         (
+            _minimal(miner={"overlap": True, "apply_wait": False}),
+            "miner.apply_wait = false needs miner.apply_after >= 1",
+        ),
+        (
             _minimal(miner={"overlap_own_weight": 1.0}),
             "miner.overlap_own_weight needs miner.overlap = true",
         ),

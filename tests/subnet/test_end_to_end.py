@@ -302,14 +302,17 @@ def test_a_miner_out_of_sync_knows_it_and_resyncs(network):
             assert torch.equal(p, reference[name]), (miner.hotkey, name)
 
 
-def test_overlapped_miners_restart_catch_up_and_end_on_the_validators_model(network):
+@pytest.mark.parametrize("wait", [True, False], ids=["b waits", "b applies when arrived"])
+def test_overlapped_miners_restart_catch_up_and_end_on_the_validators_model(network, wait):
     """Miners with ``miner.overlap``: A applies each aggregate at the next window's end, B
-    one inner step into it. A is stopped right after its window-1 boundary (its checkpoint
+    one inner step into it (waiting there for it, or from there on once it has arrived:
+    ``miner.apply_wait``). A is stopped right after its window-1 boundary (its checkpoint
     holds window 1's round in flight) and restarts; B stops after window 2, misses window 3
     and comes back in window 4 (replaying 3). Every node ends on the validator's model and
     no miner is ever out of sync."""
     subnet, make = network
-    at_end, early = MinerSettings(overlap=True), MinerSettings(overlap=True, apply_after=1)
+    at_end = MinerSettings(overlap=True)
+    early = MinerSettings(overlap=True, apply_after=1, apply_wait=wait)
     driver = Driver(subnet, 10)
     driver.set_window(0)
     val, a, b = make("val"), make("miner-a", at_end), make("miner-b", early)

@@ -81,18 +81,24 @@ def test_bad_config_is_rejected(tmp_path):
         SimConfig(adversaries=("sybil",), out=tmp_path)
     with pytest.raises(ConfigError, match="preset"):
         SimConfig(preset="nope", out=tmp_path)
-    for bad in ({"apply_after": 3}, {"overlap": True, "apply_after": 10}):
+    for bad in ({"apply_after": 3}, {"overlap": True, "apply_after": 10}, {"apply_wait": False}):
         with pytest.raises(ConfigError, match="apply_after"):
             SimConfig(**bad, out=tmp_path)
 
 
 def test_overlap_and_evaluation_sizes_reach_the_nodes(tmp_path):
     cfg = SimConfig(
-        adversaries=("noise",), overlap=True, apply_after=4, eval_samples=16, out=tmp_path
+        adversaries=("noise",),
+        overlap=True,
+        apply_after=4,
+        apply_wait=False,
+        eval_samples=16,
+        out=tmp_path,
     )
     specs = node_specs(cfg)
     miners = [s.config.miner for s in specs if s.config.role == "miner"]
-    assert len(miners) == 5 and all((m.overlap, m.apply_after) == (True, 4) for m in miners)
+    assert len(miners) == 5
+    assert all((m.overlap, m.apply_after, m.apply_wait) == (True, 4, False) for m in miners)
     (validator,) = [s.config.validator for s in specs if s.config.role == "validator"]
     assert (validator.eval_assigned, validator.eval_random) == (16, 16)
 

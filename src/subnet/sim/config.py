@@ -75,6 +75,8 @@ class SimConfig:
             (``miner.overlap``); its aggregate is applied one window late.
         apply_after: with ``overlap``, apply it this many inner steps into the next window
             (``miner.apply_after``; 0 = at that window's end).
+        apply_wait: with ``apply_after``: wait there for it (default), or apply it at the
+            first step from there on at which it has arrived (``miner.apply_wait``).
     """
 
     peers: int = 4
@@ -104,6 +106,7 @@ class SimConfig:
     eval_samples: int = 64
     overlap: bool = False
     apply_after: int = 0
+    apply_wait: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -144,6 +147,8 @@ class SimConfig:
                 f"apply_after must be in [0, inner_steps) = [0, {self.inner_steps}) and needs "
                 f"overlap; got {self.apply_after}"
             )
+        if not (self.apply_wait or self.apply_after):
+            raise ConfigError("apply_wait=False (--no-wait) needs apply_after >= 1")
 
     @property
     def honest_ids(self) -> list[str]:

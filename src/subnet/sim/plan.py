@@ -124,6 +124,7 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
             victim=cfg.honest_ids[0] if kind == "copier" else "",
             overlap=cfg.overlap,
             apply_after=cfg.apply_after,
+            apply_wait=cfg.apply_wait,
         )
         chain = ChainConfig(kind="local", path=path)
         specs.append(
