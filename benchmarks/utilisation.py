@@ -47,7 +47,7 @@ steeply). Prints tables,
 writes ``results/utilisation.json`` and ``results/utilisation.png`` (``--from-json`` redraws
 them from a saved run).
 
-    python benchmarks/utilisation.py            # ~10 min on 2 CPU cores
+    python benchmarks/utilisation.py            # ~8 min on 2 idle CPU cores (4 seeds: ~15)
     python benchmarks/utilisation.py --quick    # 4 rounds of 10 steps, one seed
 """
 
@@ -456,8 +456,11 @@ def print_progress(run: dict[str, Any]) -> None:
 
 
 def report(runs, args, load_before, load_after, seconds) -> None:
-    seed0 = [r for r in runs if r["seed"] == args.seeds[0] and r["mode"] in MODES]
-    seed0 = [r for r in seed0 if r["setting"] != LONG]
+    seed0 = [
+        r
+        for r in runs
+        if r["seed"] == args.seeds[0] and r["mode"] in MODES and r["setting"] != LONG
+    ]
     rows = []
     for r in seed0:
         m = r["mean"]

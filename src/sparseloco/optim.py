@@ -304,7 +304,7 @@ class OuterOptimizer(Optimizer):
         self.offload = offload
         self.overlap = overlap is not False
         #: where the window after a one-round-late boundary starts (overlapped rounds)
-        self.overlap_config = self.default_overlap if overlap is True else _overlap_config(overlap)
+        self.overlap_config = _overlap_config(overlap, self.default_overlap)
         self._inflight: _InFlight | None = None
         self.window = 0
         self.last_report: RoundReport | None = None
@@ -687,13 +687,11 @@ class OuterOptimizer(Optimizer):
         if not self.overlap_config.extrapolation:
             self._outer_step(params, aggregates)
             return None
-        before = {n: self.state[p]["theta0"].to(torch.float32, copy=True) for n, p, _ in params}
+        steps = {n: self.state[p]["theta0"].to(torch.float32, copy=True) for n, p, _ in params}
         self._outer_step(params, aggregates)
-        return {
-            n: torch.sub(self.state[p]["theta0"], b, out=b)
-            for n, p, _ in params
-            for b in [before[n]]
-        }
+        for name, p, _ in params:  # Θ_old → Θ_new − Θ_old, in place
+            torch.sub(self.state[p]["theta0"], steps[name], out=steps[name])
+        return steps
 
     def _keep_local_progress(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -1060,9 +1058,12 @@ class OuterOptimizer(Optimizer):
         flight = self._saved_flight(outer.get("in_flight"))
         saved_state = state_dict["state"]
         plan: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        dropped: list[tuple[torch.Tensor, str]] = []  # transient keys the saved state lacks
         for saved, group in zip(groups, self.param_groups, strict=True):
             for pid, p in zip(saved["params"], group["params"], strict=True):
-                for key, value in saved_state.get(pid, {}).items():
+                kept = saved_state.get(pid, {})
+                dropped += [(p, key) for key in self.transient_state if key not in kept]
+                for key, value in kept.items():
                     current = self.state[p].get(key)
                     if current is not None and tuple(current.shape) != tuple(value.shape):
                         raise ConfigError(
@@ -1074,11 +1075,8 @@ class OuterOptimizer(Optimizer):
             for key, value in saved.items():
                 if key not in ("params", "param_names"):
                     group[key] = value
-        for saved, group in zip(groups, self.param_groups, strict=True):
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                for key in self.transient_state:
-                    if key not in saved_state.get(pid, {}):
-                        self.state[p].pop(key, None)
+        for p, key in dropped:
+            self.state[p].pop(key, None)
         owned = self._owned()
         for p, key, value in plan:
             if key in self.owner_state and sharded.is_sharded(p) and self._names[p] not in owned:
@@ -1574,10 +1572,12 @@ def _dense_mean(name: str, updates: dict[str, Payload], device: torch.device) ->
     return agg
 
 
-def _overlap_config(overlap: object) -> OverlapConfig | None:
-    """``overlap=``'s :class:`OverlapConfig`, ``None`` for ``False``."""
+def _overlap_config(overlap: object, default: OverlapConfig) -> OverlapConfig | None:
+    """``overlap=``'s :class:`OverlapConfig` (``True``: ``default``), ``None`` for ``False``."""
     if overlap is False:
         return None
+    if overlap is True:
+        return default
     if isinstance(overlap, OverlapConfig):
         return overlap
     raise ConfigError(f"overlap must be a bool or an OverlapConfig, got {type(overlap).__name__}")

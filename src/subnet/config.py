@@ -286,6 +286,10 @@ class ExchangeSettings:
                 raise NodeConfigError(f"exchange.link: {exc}") from None
 
 
+#: miner settings → the :class:`sparseloco.OverlapConfig` field each sets
+_OVERLAP_FIELDS = {"overlap_extrapolation": "extrapolation", "overlap_own_weight": "own_weight"}
+
+
 @dataclass(frozen=True)
 class MinerSettings:
     """Miner-only settings.
@@ -352,10 +356,10 @@ class MinerSettings:
             self.apply_wait or self.apply_after > 0,
             "miner.apply_wait = false needs miner.apply_after >= 1",
         )
-        for name in ("overlap_extrapolation", "overlap_own_weight"):
+        for name, field_ in _OVERLAP_FIELDS.items():
             _check(0.0 <= getattr(self, name) <= 1.0, f"miner.{name} must lie in [0, 1]")
             _check(
-                self.overlap or getattr(self, name) == getattr(OverlapConfig, name[8:]),
+                self.overlap or getattr(self, name) == getattr(OverlapConfig, field_),
                 f"miner.{name} needs miner.overlap = true",
             )
 
@@ -363,7 +367,7 @@ class MinerSettings:
         """The outer optimizer's ``overlap=``: ``False``, or where each window starts."""
         if not self.overlap:
             return False
-        return OverlapConfig(self.overlap_extrapolation, self.overlap_own_weight)
+        return OverlapConfig(**{f: getattr(self, n) for n, f in _OVERLAP_FIELDS.items()})
 
 
 @dataclass(frozen=True)
