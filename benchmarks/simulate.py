@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -118,6 +119,7 @@ def main() -> None:
         help="process variants to run (default: all)",
     )
     args = ap.parse_args()
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {"threads (old)": [], **{v: [] for v in args.only}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -142,7 +144,10 @@ def main() -> None:
     base = statistics.median(r["wall"] for r in runs["threads (old)"]) if tree else None
     rows = [_row(label, r, base) for label, r in runs.items() if r]
     print_table(rows, list(rows[0]))
-    path = write_json("simulate", {"args": vars(args), "rows": rows, "environment": environment()})
+    load = {"load_average_before": load_before, "load_average_after": os.getloadavg()}
+    path = write_json(
+        "simulate", {"args": vars(args), "rows": rows, "environment": environment(), **load}
+    )
     print(f"wrote {path}")
 
 
