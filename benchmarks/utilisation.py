@@ -16,7 +16,9 @@ the link differ:
   the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
 * ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
   arrived (``OuterLoop(apply_after=τ, wait=False)``): training never waits before the
-  boundary, and the step it is applied at, so the run's trajectory, depends on timing.
+  boundary, and the step it is applied at, so the run's trajectory, depends on timing
+  (printed per run, and saved per peer as ``applied_after``: the window's inner steps done
+  before each apply).
 
 The exchange is netcomm's ``StorageExchange`` on a moto S3 server on loopback (its own
 process). Each peer reaches it through its own :class:`netcomm.LinkProxy` (all proxies in
@@ -176,7 +178,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
             # τ steps in, as OuterLoop(apply_after=τ, wait=...) does: apply g (finish)
             if apply_due(outer, step, tau, wait=mode != "overlap-ready"):
                 compute += time.perf_counter() - t0
-                mid = outer_call(outer.finish)
+                mid = outer_call(outer.finish) | {"applied_after": step}
                 t0 = time.perf_counter()
             ids = torch.randint(0, data.num_train, (job["batch"],), generator=gen).tolist()
             _, loss = model(*data.train_batch(ids))
@@ -319,6 +321,8 @@ def summarise(link: str, mode: str, seed: int, peers: list[dict[str, Any]]) -> d
                 "bytes_sent": p["bytes_sent"],
                 "bytes_received": p["bytes_received"],
                 "not_ok_statuses": p["not_ok_statuses"],
+                # inner steps of the window done before each mid-window apply
+                "applied_after": [r["mid"]["applied_after"] for r in p["rounds"] if r["mid"]],
                 "report_timings_mean": {
                     k: statistics.mean(r["timings"].get(k, 0.0) for r in p["rounds"])
                     for k in sorted({k for r in p["rounds"] for k in r["timings"]})
@@ -455,6 +459,29 @@ def print_progress(run: dict[str, Any]) -> None:
     )
 
 
+def applied_steps(runs: list[dict[str, Any]]) -> list[str]:
+    """Where the no-wait runs applied their aggregates: the inner steps of the window done
+    before each mid-window apply, over all peers (median and range); the others were applied
+    at the window's end."""
+    lines = []
+    for r in runs:
+        if r["mode"] != "overlap-ready" or "applied_after" not in r["per_peer"][0]:
+            continue
+        steps = sorted(s for p in r["per_peer"] for s in p["applied_after"])
+        where = (
+            f"after {statistics.median(steps):g} inner steps (median; {steps[0]}-{steps[-1]})"
+            if steps
+            else "none"
+        )
+        mid = sum(len(p["applied_after"]) for p in r["per_peer"])
+        total = r["rounds"] * len(r["per_peer"])
+        lines.append(
+            f"no wait, {r['link']}, {r['rounds']} rounds, seed {r['seed']}: "
+            f"{mid} of {total} aggregates applied mid-window, {where}"
+        )
+    return lines
+
+
 def report(runs, args, load_before, load_after, seconds) -> None:
     seed0 = [
         r
@@ -498,6 +525,8 @@ def report(runs, args, load_before, load_after, seconds) -> None:
         for mode in MODES
         if mode not in TIMED
     }
+    for line in applied_steps(runs):
+        print(line)
     print(f"final model identical across links (per mode): {same}")
     print(f"load average before {load_before}, after {load_after}; {seconds:.0f} s")
     png = plot(seed0, args)
