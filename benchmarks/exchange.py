@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from blake3 import blake3
 
 from netcomm import (
     BodyHasher,
@@ -155,7 +156,10 @@ def verify_breakdown(blob: bytearray, peer: str, signer, spec: ModelSpec) -> dic
     body = memoryview(blob)[start : start + header["body_len"]]
     hasher = BodyHasher()
     hasher.update(0, memoryview(blob))
-    steps = {"sha256_ms": timed(lambda: hashlib.sha256(body).digest())}
+    steps = {  # BLAKE3 is the body's checksum; SHA-256 was it before format version 3
+        "blake3_ms": timed(lambda: blake3(body).digest()),
+        "sha256_ms": timed(lambda: hashlib.sha256(body).digest()),
+    }
     if header["compression"] == "none":
         payload = payload_from_tensors(*load_safetensors(body))
         steps["load_safetensors_ms"] = timed(lambda: load_safetensors(body))

@@ -22,7 +22,6 @@ benchmark.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import resource
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 import zstandard
+from blake3 import blake3
 
 from netcomm import (
     Ed25519Signer,
@@ -54,7 +54,7 @@ from netcomm import (
     seal_envelope,
     update_key,
 )
-from netcomm.envelope import PREFIX_SIZE, _canonical, _signed_message
+from netcomm.envelope import FORMAT_VERSION, PREFIX_SIZE, _canonical, _signed_message
 from sparseloco import CodecConfig, CompressedUpdate, ErrorFeedback, encode
 from sparseloco.chunking import ChunkLayout
 from sparseloco.codec import CompressedTensor
@@ -201,7 +201,7 @@ def _header_for(payload: Payload, raw: bytes, body: bytes, target: Target) -> di
     codec = payload.codec.wire_fields() if isinstance(payload, CompressedUpdate) else None
     return {
         "format": "netcomm.envelope",
-        "version": 1,
+        "version": FORMAT_VERSION,
         "scheme": "ed25519",
         "publisher": PEER,
         "window": WINDOW,
@@ -211,37 +211,33 @@ def _header_for(payload: Payload, raw: bytes, body: bytes, target: Target) -> di
         "compression": "zstd",
         "raw_len": len(raw),
         "body_len": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "body_blake3": blake3(body).hexdigest(),
         "tensors": len(payload.to_tensors()[0]),
     }
 
 
-def sign_raw(
-    target: Target, header: dict[str, Any] | bytes, body: bytes, version: int = 1
-) -> bytes:
+def sign_raw(target: Target, header: dict[str, Any] | bytes, body: bytes) -> bytes:
     """A correctly signed envelope around any header and body (the malicious-peer case)."""
     hdr = header if isinstance(header, bytes) else _canonical(header)
-    unsigned = struct.pack("<4sHHIQ", b"NCEN", version, 0, len(hdr), len(body))
+    unsigned = struct.pack("<4sHHIQ", b"NCEN", FORMAT_VERSION, 0, len(hdr), len(body))
     sig = target.signer.sign(_signed_message(unsigned, hdr))
-    prefix = struct.pack("<4sHHIQ", b"NCEN", version, len(sig), len(hdr), len(body))
+    prefix = struct.pack("<4sHHIQ", b"NCEN", FORMAT_VERSION, len(sig), len(hdr), len(body))
     return prefix + hdr + body + sig
 
 
 def _resign_raw(
     target: Target, payload: Payload, raw: bytes, rng: random.Random, **header_changes: Any
 ) -> bytes:
-    """Sign ``raw`` as a zstd body (format version 1) or, half the time, as it is (version 2)."""
+    """Sign ``raw`` as a zstd body or, half the time, as it is."""
     if rng.random() < 0.5:
         body = zstandard.ZstdCompressor(level=1).compress(raw)
         header = _header_for(payload, raw, body, target)
-        version = 1
     else:
         body = raw
         header = _header_for(payload, raw, body, target)
-        header.update(version=2, compression="none")
-        version = 2
+        header.update(compression="none")
     header.update(header_changes)
-    return sign_raw(target, header, body, version)
+    return sign_raw(target, header, body)
 
 
 def _hostile_int(rng: random.Random) -> int:
@@ -334,7 +330,7 @@ def m_length_field(t: Target, rng: random.Random) -> Case:
     fields = [sig_len, header_len, body_len]
     limits = [0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF]
     fields[which] = max(0, value) & limits[which]
-    prefix = struct.pack("<4sHHIQ", b"NCEN", 1, *fields)
+    prefix = struct.pack("<4sHHIQ", b"NCEN", FORMAT_VERSION, *fields)
     return Case(prefix + blob[PREFIX_SIZE:], False, codec, blob)
 
 
@@ -344,7 +340,7 @@ def m_magic_version(t: Target, rng: random.Random) -> Case:
     if rng.random() < 0.5:
         out = rng.randbytes(4) + blob[4:]
     else:
-        out = blob[:4] + struct.pack("<H", rng.choice([0, 2, 0xFFFF])) + blob[6:]
+        out = blob[:4] + struct.pack("<H", rng.choice([0, 1, 2, 0xFFFF])) + blob[6:]
     return Case(out, False, codec, blob)
 
 
@@ -644,12 +640,12 @@ def ms_type_confusion(t: Target, rng: random.Random) -> Case:
     header = None
     if place == 0 or (place == 1 and not isinstance(payload, CompressedUpdate)):
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
+        header.update(compression="none")
         name = rng.choice(sorted(header))
         header[name] = _confuse(header[name], rng)
     elif place == 1:
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
+        header.update(compression="none")
         name = rng.choice(sorted(header["codec"]))
         header["codec"][name] = _confuse(header["codec"][name], rng)
     elif place == 2:
@@ -674,8 +670,8 @@ def ms_type_confusion(t: Target, rng: random.Random) -> Case:
         raw = _join_raw(st_header, data)
     if header is None:
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
-    return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="type_confusion")
+        header.update(compression="none")
+    return Case(sign_raw(t, header, raw), True, codec, must_reject="type_confusion")
 
 
 def ms_canonical_break(t: Target, rng: random.Random) -> Case:
@@ -697,10 +693,10 @@ def ms_canonical_break(t: Target, rng: random.Random) -> Case:
         else:  # nonzero pad bits, or a non-canonical metadata string
             raw = _pad_bits_or_meta(payload, st_header, data, rng)
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
-        return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="canonical")
+        header.update(compression="none")
+        return Case(sign_raw(t, header, raw), True, codec, must_reject="canonical")
     header = _header_for(payload, raw, raw, t)
-    header.update(version=2, compression="none")
+    header.update(compression="none")
     hdr = _canonical(header)
     if choice == 0:
         hdr = b"\xef\xbb\xbf" + hdr
@@ -712,7 +708,7 @@ def ms_canonical_break(t: Target, rng: random.Random) -> Case:
         hdr = json.dumps(header, sort_keys=True).encode()  # spaces
     else:
         hdr = json.dumps(header, separators=(",", ":")).encode()  # key order
-    return Case(sign_raw(t, hdr, raw, 2), True, codec, must_reject="canonical")
+    return Case(sign_raw(t, hdr, raw), True, codec, must_reject="canonical")
 
 
 def _pad_bits_or_meta(
@@ -747,7 +743,7 @@ def ms_length_offset(t: Target, rng: random.Random) -> Case:
         header["tensors"] += rng.choice([-1, 1])
     elif choice == 2:  # the zstd frame declares another size than the header
         body = zstandard.ZstdCompressor(level=1).compress(raw + b"\0" * 8)
-        header.update(body_len=len(body), body_sha256=hashlib.sha256(body).hexdigest())
+        header.update(body_len=len(body), body_blake3=blake3(body).hexdigest())
     else:
         st_header, data = _split_raw(raw)
         names = [k for k in st_header if k != "__metadata__"]
@@ -763,8 +759,8 @@ def ms_length_offset(t: Target, rng: random.Random) -> Case:
         raw = _join_raw(st_header, data)
         body = raw
         header = _header_for(payload, raw, body, t)
-        header.update(version=2, compression="none")
-        return Case(sign_raw(t, header, body, 2), True, codec, must_reject="length_offset")
+        header.update(compression="none")
+        return Case(sign_raw(t, header, body), True, codec, must_reject="length_offset")
     return Case(sign_raw(t, header, body), True, codec, must_reject="length_offset")
 
 
@@ -776,7 +772,7 @@ def ms_overflow_shape(t: Target, rng: random.Random) -> Case:
     header = None
     if choice == 0:
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
+        header.update(compression="none")
         header[rng.choice(["window", "tensors", "raw_len"])] = huge
     else:
         st_header, data = _split_raw(raw)
@@ -792,8 +788,8 @@ def ms_overflow_shape(t: Target, rng: random.Random) -> Case:
         raw = _join_raw(st_header, data)
     if header is None:
         header = _header_for(payload, raw, raw, t)
-        header.update(version=2, compression="none")
-    return Case(sign_raw(t, header, raw, 2), True, codec, must_reject="overflow_shape")
+        header.update(compression="none")
+    return Case(sign_raw(t, header, raw), True, codec, must_reject="overflow_shape")
 
 
 def ms_cross_window_replay(t: Target, rng: random.Random) -> Case:

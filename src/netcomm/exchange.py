@@ -73,7 +73,7 @@ from netcomm.errors import (
 )
 from netcomm.signing import Signer, Verifier, default_verifiers
 from netcomm.spec import ModelSpec
-from netcomm.storage import ObjectInfo, Storage, read_range
+from netcomm.storage import Bytes, ObjectInfo, Storage, read_range
 from sparseloco.config import CodecConfig
 from sparseloco.exchange import GatherResult, PeerStatus
 from sparseloco.payload import Payload
@@ -188,7 +188,7 @@ class _PeerState:
 class _Download(NamedTuple):
     """A whole object, and its body's SHA-256 as hashed while it arrived."""
 
-    blob: bytes | bytearray
+    blob: Bytes
     body_digest: BodyDigest | None
 
 
@@ -460,7 +460,7 @@ class StorageExchange:
 
     def _first_window(self, envelope: Envelope, window: int) -> int | None:
         """The earlier window this payload was accepted in, else None (and remember it)."""
-        digest = envelope.payload_sha256
+        digest = envelope.payload_digest
         with self._lock:
             first = self._seen.setdefault(digest, window)
             while len(self._seen) > self.config.replay_memory:
@@ -532,7 +532,7 @@ class StorageExchange:
 
     def _open(
         self,
-        blob: bytes | bytearray,
+        blob: Bytes,
         peer: str,
         public_key: bytes,
         window: int,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from netcomm.errors import NetcommConfigError
-from netcomm.storage import ObjectInfo, Progress, Storage, read_range
+from netcomm.storage import Bytes, ObjectInfo, Progress, Storage, read_range
 
 MIN_CHUNK, MAX_CHUNK = 16 * 1024, 256 * 1024  # bounds of what the proxy reads at once
 _RATE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(bit|kbit|mbit|gbit)(?:/s)?", re.IGNORECASE)
@@ -411,13 +411,11 @@ class ShapedStorage:
         self._round_trip()
         return self._fetched(self.inner.get(key))
 
-    def get_range(self, key: str, start: int, end: int) -> bytes | bytearray:
+    def get_range(self, key: str, start: int, end: int) -> Bytes:
         self._round_trip()
         return self._fetched(self.inner.get_range(key, start, end))
 
-    def get_range_streamed(
-        self, key: str, start: int, end: int, progress: Progress
-    ) -> bytes | bytearray:
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> Bytes:
         self._round_trip()
         return self._fetched(read_range(self.inner, key, start, end, progress))
 
@@ -433,7 +431,7 @@ class ShapedStorage:
         self._round_trip()
         self.inner.delete(key)
 
-    def _fetched(self, data: bytes | bytearray) -> bytes | bytearray:
+    def _fetched(self, data: Bytes) -> Bytes:
         self.link.down(len(data))
         return data
 

@@ -26,7 +26,7 @@ from netcomm.errors import (
     StorageError,
     TransientStorageError,
 )
-from netcomm.storage import ObjectInfo, Progress, join_key, validate_key
+from netcomm.storage import ObjectInfo, Progress, fresh_buffer, join_key, validate_key
 
 T = TypeVar("T")
 _SESSION: Any = None
@@ -221,43 +221,42 @@ class S3Storage:
             return bytes(first)
         return bytes(first) + self.get_range(key, len(first), total)
 
-    def get_range(self, key: str, start: int, end: int) -> bytearray:
+    def get_range(self, key: str, start: int, end: int) -> memoryview:
         """Bytes ``[start, end)`` (fewer if the object is shorter), read straight into one
         writable buffer (ranges longer than ``download_part_size`` as parallel ranged GETs,
         each into its own slice), so a reader can build tensors on it without a copy."""
         return self._read_range(key, start, end, None)
 
-    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> bytearray:
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> memoryview:
         """:meth:`get_range`, telling ``progress`` of the bytes as they arrive
         (:class:`~netcomm.storage.StreamingStorage`): the first part chunk by chunk, the parts
         fetched beside it once all are in."""
         return self._read_range(key, start, end, progress)
 
-    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> bytearray:
+    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> memoryview:
         if start < 0 or end < start:
             raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
-        out = bytearray(end - start)
+        out = fresh_buffer(end - start)
         if end == start:
             return out
         step = self.config.download_part_size
         bounds = [(lo - start, min(lo + step, end) - start) for lo in range(start, end, step)]
-        with memoryview(out) as view:
 
-            def read(part: tuple[int, int]) -> tuple[int, int]:
-                lo, hi = part
-                # only the first part can stream: the others arrive beside it, out of order
-                told = progress if lo == 0 else None
-                data, total = self._get_part(key, start + lo, start + hi, view[lo:hi], told)
-                return len(data), total
+        def read(part: tuple[int, int]) -> tuple[int, int]:
+            lo, hi = part
+            # only the first part can stream: the others arrive beside it, out of order
+            told = progress if lo == 0 else None
+            data, total = self._get_part(key, start + lo, start + hi, out[lo:hi], told)
+            return len(data), total
 
-            parts = [read(bounds[0])] if len(bounds) == 1 else list(self._pool.map(read, bounds))
-            got = 0
-            for i, ((lo, hi), (n, _)) in enumerate(zip(bounds, parts, strict=True)):
-                if i and progress is not None and n:
-                    progress(lo, view[lo : lo + n])
-                got += n
-                if n < hi - lo:  # the object ends inside this part
-                    break
+        parts = [read(bounds[0])] if len(bounds) == 1 else list(self._pool.map(read, bounds))
+        got = 0
+        for i, ((lo, hi), (n, _)) in enumerate(zip(bounds, parts, strict=True)):
+            if i and progress is not None and n:
+                progress(lo, out[lo : lo + n])
+            got += n
+            if n < hi - lo:  # the object ends inside this part
+                break
         if got != min(end, parts[0][1]) - start:
             raise TransientStorageError(f"{key}: object changed size during a ranged download")
         return out if got == len(out) else out[:got]

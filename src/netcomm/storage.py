@@ -15,11 +15,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+import numpy as np
+
 from netcomm.errors import InvalidKeyError, ObjectNotFoundError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 MAX_KEY_LENGTH = 1024
 _CHUNK = 4 << 20  # bytes a local ranged read reads (and reports) at a time
+
+#: What a read returns: the built-in backends' ranged reads give a writable ``memoryview``.
+Bytes = bytes | bytearray | memoryview
+
+
+def fresh_buffer(size: int) -> memoryview:
+    """A writable ``size``-byte buffer whose bytes are undefined until written.
+
+    ``bytearray(size)`` zeroes its memory before a download overwrites it: for a 27 MB
+    update that pass (and the page faults of fresh memory it takes) costs the client about
+    as much CPU as hashing the bytes. Every reader here returns only the bytes it wrote, so
+    nothing unwritten is ever seen.
+    """
+    return memoryview(np.empty(size, dtype=np.uint8))
 
 
 @dataclass(frozen=True)
@@ -51,11 +67,11 @@ class Storage(Protocol):
         """The whole object; raises :class:`ObjectNotFoundError` if absent."""
         ...
 
-    def get_range(self, key: str, start: int, end: int) -> bytes | bytearray:
+    def get_range(self, key: str, start: int, end: int) -> Bytes:
         """Bytes ``[start, end)`` of the object (fewer if it is shorter).
 
-        The built-in backends return a ``bytearray`` the caller owns, so a reader can build
-        writable tensors on it without copying it.
+        The built-in backends return a writable ``memoryview`` the caller owns (see
+        :func:`fresh_buffer`), so a reader can build writable tensors on it without copying it.
         """
         ...
 
@@ -89,17 +105,13 @@ class StreamingStorage(Storage, Protocol):
     have its own reads bypassed.
     """
 
-    def get_range_streamed(
-        self, key: str, start: int, end: int, progress: Progress
-    ) -> bytes | bytearray:
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> Bytes:
         """:meth:`Storage.get_range`, telling ``progress`` of the result's bytes as they
         arrive, all of them, before it returns."""
         ...
 
 
-def read_range(
-    storage: Storage, key: str, start: int, end: int, progress: Progress
-) -> bytes | bytearray:
+def read_range(storage: Storage, key: str, start: int, end: int, progress: Progress) -> Bytes:
     """``storage.get_range(key, start, end)``, telling ``progress`` of the bytes: as they
     arrive from a :class:`StreamingStorage`, else in one chunk once the read has returned."""
     if _streams(storage):
@@ -224,19 +236,19 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
 
-    def get_range(self, key: str, start: int, end: int) -> bytearray:
+    def get_range(self, key: str, start: int, end: int) -> memoryview:
         return self._read_range(key, start, end, None)
 
-    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> bytearray:
+    def get_range_streamed(self, key: str, start: int, end: int, progress: Progress) -> memoryview:
         return self._read_range(key, start, end, progress)
 
-    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> bytearray:
+    def _read_range(self, key: str, start: int, end: int, progress: Progress | None) -> memoryview:
         _check_range(start, end)
         try:
             with self._path(key).open("rb") as f:
-                out = bytearray(max(0, min(end, os.fstat(f.fileno()).st_size) - start))
+                out = fresh_buffer(max(0, min(end, os.fstat(f.fileno()).st_size) - start))
                 f.seek(start)
-                got = _read_chunks(f, memoryview(out), progress)
+                got = _read_chunks(f, out, progress)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
         return out if got == len(out) else out[:got]  # the file shrank meanwhile

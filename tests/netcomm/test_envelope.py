@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pickle
 import struct
@@ -11,6 +10,7 @@ import struct
 import pytest
 import torch
 import zstandard
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -88,7 +88,7 @@ def craft(
         "compression": "zstd",
         "raw_len": len(raw),
         "body_len": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "body_blake3": blake3(body).hexdigest(),
         "tensors": count if count is not None else len(tensors or {}),
     }
     header.update(header_changes)
@@ -109,7 +109,7 @@ def test_sparse_roundtrip_is_exact(model, spec, signer, kit):
     header, _ = read_header(blob, EnvelopeLimits())
     assert header["kind"] == "sparse" and header["tensors"] == 16
     assert header["compression"] == "zstd"  # the codes of a real update compress
-    assert blob[:4] == b"NCEN" and struct.unpack_from("<H", blob, 4)[0] == header["version"] == 1
+    assert blob[:4] == b"NCEN" and struct.unpack_from("<H", blob, 4)[0] == header["version"] == 3
 
 
 def test_dense_roundtrip_is_exact(model, spec, signer, kit):
@@ -137,12 +137,7 @@ def test_roundtrip_with_each_compression(model, spec, signer, kit, compression):
     header, _ = read_header(blob, EnvelopeLimits())
     assert header["compression"] == compression
     assert (header["raw_len"] == header["body_len"]) == (compression == "none")
-    # zstd envelopes stay version 1 (readable by version-1 peers); only "none" needs 2.
-    assert (
-        header["version"]
-        == struct.unpack_from("<H", blob, 4)[0]
-        == {"zstd": 1, "none": 2}[compression]
-    )
+    assert header["version"] == struct.unpack_from("<H", blob, 4)[0] == FORMAT_VERSION
     env = open_(blob, signer, spec)
     assert kit.payload_bytes(env.payload) == kit.payload_bytes(update)
 
@@ -220,8 +215,9 @@ def test_signed_by_another_key(model, spec, signer, kit):
         (lambda b: b[:10], "format"),
         (lambda b: b"XXXX" + b[4:], "format"),
         (lambda b: b[:4] + struct.pack("<H", 0) + b[6:], "version"),
-        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "version"),  # header says 1
-        (lambda b: b[:4] + struct.pack("<H", 3) + b[6:], "version"),
+        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "version"),  # SHA-256 versions
+        (lambda b: b[:4] + struct.pack("<H", 1) + b[6:], "version"),
+        (lambda b: b[:4] + struct.pack("<H", 4) + b[6:], "version"),
         (lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], "signature"),
         (lambda b: b[:600] + bytes([b[600] ^ 1]) + b[601:], "checksum"),
     ],
@@ -366,8 +362,8 @@ def test_uncompressed_body_rules(model, spec, signer, kit):
     assert reason_of(lambda: open_(padded, signer, spec)) == "format"
     blob = craft(signer, spec, raw=raw, tensors=tensors, compression="brotli")
     assert reason_of(lambda: open_(blob, signer, spec)) == "format"
-    v1 = craft(signer, spec, raw=raw, body=raw, tensors=tensors, compression="none", version=1)
-    assert reason_of(lambda: open_(v1, signer, spec)) == "format"  # version 1 is zstd only
+    v2 = craft(signer, spec, raw=raw, body=raw, tensors=tensors, compression="none", version=2)
+    assert reason_of(lambda: open_(v2, signer, spec)) == "version"  # SHA-256 era: not read
     # A zstd frame labelled uncompressed is read as safetensors bytes, which it is not.
     frame = zstandard.ZstdCompressor().compress(raw)
     blob = craft(signer, spec, raw=frame, body=frame, tensors=tensors, compression="none")
@@ -417,8 +413,8 @@ def test_body_hasher_digest_equals_the_body_checksum_wherever_chunks_split(
     header, header_len = read_header(blob, EnvelopeLimits())
     start = PREFIX_SIZE + header_len
     digest = _hashed(blob, cuts).digest()
-    assert digest == BodyDigest(start, start + header["body_len"], len(blob), header["body_sha256"])
-    assert open_(bytearray(blob), signer, spec, body_digest=digest).payload_sha256
+    assert digest == BodyDigest(start, start + header["body_len"], len(blob), header["body_blake3"])
+    assert open_(bytearray(blob), signer, spec, body_digest=digest).payload_digest
 
 
 def test_body_hasher_starts_over_and_rejects_chunks_out_of_order(model, spec, signer, kit):
@@ -429,7 +425,7 @@ def test_body_hasher_starts_over_and_rejects_chunks_out_of_order(model, spec, si
     hasher.update(50, memoryview(blob)[50:])
     assert hasher.digest() == _hashed(blob, []).digest()
     # one byte short of the signature the body is all there; inside the prefix, nothing is known
-    assert _hashed(blob[:-1], []).digest().sha256 == hasher.digest().sha256
+    assert _hashed(blob[:-1], []).digest().blake3 == hasher.digest().blake3
     assert _hashed(blob[: PREFIX_SIZE + 10], []).digest() is None
     with pytest.raises(ValueError, match="in order"):
         hasher.update(7, memoryview(b"x"))
@@ -438,7 +434,7 @@ def test_body_hasher_starts_over_and_rejects_chunks_out_of_order(model, spec, si
 def test_a_digest_is_used_only_for_the_span_and_size_it_was_made_for(model, spec, signer, kit):
     blob = seal(kit.sparse_update(model), signer, spec)
     good = _hashed(blob, []).digest()
-    wrong = dataclasses.replace(good, sha256="0" * 64)
+    wrong = dataclasses.replace(good, blake3="0" * 64)
     # it vouches for the bytes: a wrong digest for this very span and size fails the checksum
     assert reason_of(lambda: open_(blob, signer, spec, body_digest=wrong)) == "checksum"
     for other in ({"size": good.size + 1}, {"start": good.start + 1}, {"end": good.end - 1}):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import struct
@@ -11,6 +10,7 @@ import tracemalloc
 import pytest
 import torch
 import zstandard
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ from netcomm import (
     seal_envelope,
     update_key,
 )
-from netcomm.envelope import _canonical, _signed_message
+from netcomm.envelope import FORMAT_VERSION, _canonical, _signed_message
 from sparseloco import CodecConfig
 from sparseloco.errors import CorruptUpdateError
 from sparseloco.packing import pack_codes, unpack_codes
@@ -42,7 +42,7 @@ WINDOW = 7
 def header_for(spec, raw: bytes, body: bytes, compression: str = "none", **changes) -> dict:
     header = {
         "format": "netcomm.envelope",
-        "version": 2 if compression == "none" else 1,
+        "version": FORMAT_VERSION,
         "scheme": "ed25519",
         "publisher": "alice",
         "window": WINDOW,
@@ -52,14 +52,14 @@ def header_for(spec, raw: bytes, body: bytes, compression: str = "none", **chang
         "compression": compression,
         "raw_len": len(raw),
         "body_len": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "body_blake3": blake3(body).hexdigest(),
         "tensors": 0,
     }
     header.update(changes)
     return header
 
 
-def sign(signer, header: dict | bytes, body: bytes, version: int = 2) -> bytes:
+def sign(signer, header: dict | bytes, body: bytes, version: int = FORMAT_VERSION) -> bytes:
     hdr = header if isinstance(header, bytes) else _canonical(header)
     unsigned = struct.pack("<4sHHIQ", b"NCEN", version, 0, len(hdr), len(body))
     sig = signer.sign(_signed_message(unsigned, hdr))
@@ -218,7 +218,7 @@ def test_small_envelope_claiming_1_gib_allocates_little(spec, signer):
     frame = _rle_frame(1 << 30, 1 << 16)
     assert zstandard.get_frame_parameters(frame).content_size == 1 << 30
     header = header_for(spec, b"", frame, compression="zstd", raw_len=1 << 30, tensors=4)
-    blob = sign(signer, header, frame, version=1)
+    blob = sign(signer, header, frame)
     assert len(blob) < 600
     tracemalloc.start()
     try:
@@ -246,7 +246,7 @@ def test_default_limits_follow_the_expected_shapes(spec, signer):
     raw_len = 32 << 20
     frame = zstandard.ZstdCompressor(level=3).compress(bytes(raw_len))
     header = header_for(spec, b"", frame, compression="zstd", raw_len=raw_len, tensors=4)
-    blob = sign(signer, header, frame, version=1)
+    blob = sign(signer, header, frame)
     cap = EnvelopeLimits.for_shapes(spec.shapes).max_decompressed_bytes
     assert len(blob) < 64 << 10 and cap < 1 << 20
     tracemalloc.start()
@@ -346,7 +346,7 @@ def test_no_object_makes_gather_raise(tmp_path_factory, model, spec, kit, rng):
         _, _, _, header_len, body_len = struct.unpack_from("<4sHHIQ", honest)
         signed = _mutate(honest[20 : 20 + header_len + body_len], rng)
         header, body = signed[:header_len], signed[header_len:]
-        hostile = sign(signers["b"], header, body, version=struct.unpack_from("<H", honest, 4)[0])
+        hostile = sign(signers["b"], header, body)
     storage.put(update_key("", 0, "b"), hostile)
     status = ex["a"].gather(0).statuses["b"]
     assert status.status in ("ok", "invalid")
