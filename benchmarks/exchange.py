@@ -427,7 +427,7 @@ def main() -> None:
     parser.add_argument("--update-mb", type=float, default=27.0, help="size of one peer update")
     parser.add_argument("--large-mb", type=float, default=64.0, help="size of the large object")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--link", default="1gbit", help="the shaped link (netcomm.parse_link)")
     parser.add_argument(
         "--compression", choices=("auto", "zstd", "none"), default="auto", help="publishers' choice"

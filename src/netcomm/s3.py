@@ -26,15 +26,14 @@ from netcomm.errors import (
     StorageError,
     TransientStorageError,
 )
+from netcomm.s3_body import read_into
 from netcomm.storage import ObjectInfo, Progress, fresh_buffer, join_key, validate_key
 
 T = TypeVar("T")
 _SESSION: Any = None
 _SESSION_LOCK = threading.Lock()
 _MIB = 1 << 20
-# Bytes read from a response per call: urllib3 reads each into a temporary object that is
-# then copied into the caller's buffer, so this bounds the temporary and keeps calls few.
-_READ_STEP = 4 * _MIB
+_READ_STEP = 4 * _MIB  # bytes read from a response (and told to ``progress``) per call
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -348,7 +347,7 @@ class S3Storage:
                 if out is None:
                     data = body.read()
                 else:
-                    data = out[: _read_into(body, out[:expected], progress)]
+                    data = out[: read_into(body, out[:expected], progress, _READ_STEP)]
             else:  # a server that ignores Range sends the whole object
                 total = int(resp["ContentLength"])
                 data = resp["Body"].read()
@@ -441,19 +440,3 @@ class S3Storage:
         if isinstance(exc, transient) or type(exc).__module__.startswith("urllib3"):
             return TransientStorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
         return StorageError(f"{op} {key!r}: {type(exc).__name__}: {exc}")
-
-
-def _read_into(body: Any, out: memoryview, progress: Progress | None) -> int:
-    """Read a response body into ``out``, telling ``progress`` of each chunk; returns the bytes
-    read, or raises :class:`TransientStorageError` if the body holds more than ``out`` takes."""
-    got = 0
-    while got < len(out):
-        n = body.readinto(out[got : got + _READ_STEP])
-        if not n:
-            return got
-        if progress is not None:
-            progress(got, out[got : got + n])
-        got += n
-    if body.read(1):
-        raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
-    return got

@@ -1,0 +1,89 @@
+"""Reading an S3 response body straight from the socket into the caller's buffer.
+
+botocore's ``StreamingBody.readinto`` goes through urllib3's ``HTTPResponse.readinto``, which
+reads each chunk into a temporary ``bytes`` and then copies it into the buffer: a second pass
+over every downloaded byte, a seventh of the client's CPU in a bare-loopback gather
+(``benchmarks/exchange.py``). The ``http.client`` response under both reads from the socket
+into the buffer itself. :func:`read_into` reads through it when the body is the stack this was
+written for (botocore's ``StreamingBody`` over urllib3's ``HTTPResponse`` over
+``http.client.HTTPResponse``, no content encoding, not chunked), then tells urllib3 and botocore
+how many bytes were consumed, so that their own length checks (urllib3's ``IncompleteRead``,
+botocore's content-length check) and the connection's return to the pool run as if they had
+read the bytes themselves. Any other body is read through the public ``readinto``, with a
+warning, once per reason, that says why; the bytes are the same either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import logging
+from typing import Any
+
+from netcomm.errors import TransientStorageError
+from netcomm.storage import Progress
+
+_log = logging.getLogger(__name__)
+
+
+def socket_response(body: Any) -> tuple[Any, http.client.HTTPResponse] | str:
+    """``(urllib3 response, http.client response)`` under a botocore body, or why not."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if not isinstance(fp, http.client.HTTPResponse):
+        return f"{type(body).__name__} is not botocore's body over urllib3 over http.client"
+    counters = (getattr(raw, "_fp_bytes_read", None), getattr(body, "_amount_read", None))
+    if not all(type(c) is int for c in counters) or not hasattr(raw, "length_remaining"):
+        return "urllib3's or botocore's read counters are not where this reader expects them"
+    if raw.headers.get("content-encoding"):
+        return "the response has a content encoding, which urllib3 decodes"
+    if fp.chunked:
+        return "the response is chunked"
+    return raw, fp
+
+
+def read_into(body: Any, out: memoryview, progress: Progress | None, step: int) -> int:
+    """Read a response body into ``out``, ``step`` bytes at most per call, telling
+    ``progress`` of each chunk; returns the bytes read (fewer if the body ends first), or
+    raises :class:`TransientStorageError` if the body holds more than ``out`` takes."""
+    found = socket_response(body)
+    if isinstance(found, str):
+        _warn_copying(found)
+        got = _read_chunks(body.readinto, out, progress, step)
+    else:
+        raw, fp = found
+        try:
+            got = _read_chunks(fp.readinto, out, progress, step)
+        except BaseException:
+            raw.close()  # what urllib3 does after a failed read: drop the connection
+            raw.release_conn()
+            raise
+        raw._fp_bytes_read += got
+        if raw.length_remaining is not None:
+            raw.length_remaining -= got
+        body._amount_read += got
+    # Past the end this reads nothing (and lets urllib3 and botocore check the length and
+    # release the connection); a short body raises here, or is returned short.
+    if body.read(1):
+        raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
+    return got
+
+
+def _read_chunks(readinto: Any, out: memoryview, progress: Progress | None, step: int) -> int:
+    got = 0
+    while got < len(out):
+        n = readinto(out[got : got + step])
+        if not n:
+            break
+        if progress is not None:
+            progress(got, out[got : got + n])
+        got += n
+    return got
+
+
+@functools.cache
+def _warn_copying(reason: str) -> None:
+    _log.warning(
+        "netcomm.s3: reading response bodies through urllib3, one extra copy of every byte: %s",
+        reason,
+    )
