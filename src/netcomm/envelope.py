@@ -23,8 +23,8 @@ least ``min_saving`` of the bytes (SparseLoCo updates: the 12-bit indices do not
 2-bit codes of real updates halve, ~5% overall).
 Since the header carries the body's BLAKE3 digest and the signature covers the header, the
 signature covers every byte of the object. Version 3 replaced versions 1 and 2's SHA-256 with
-BLAKE3 (single-threaded, ~2.4x faster here with SHA extensions): hashing was the largest
-verification cost of a gather; objects of those versions are rejected as ``version``.
+BLAKE3 (one thread, ~2.3x faster here than SHA-256 with SHA extensions): hashing was the
+largest verification cost of a gather; objects of those versions are rejected as ``version``.
 
 :func:`open_envelope` checks, in this order and before decompressing or allocating anything
 large: lengths and caps, header schema (exact JSON types, ranges, and byte-for-byte canonical
