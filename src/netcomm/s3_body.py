@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from netcomm.errors import TransientStorageError
-from netcomm.storage import Progress
+from netcomm.storage import Progress, fill_buffer
 
 _log = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ def read_into(body: Any, out: memoryview, progress: Progress | None, step: int) 
     found = socket_response(body)
     if isinstance(found, str):
         _warn_copying(found)
-        got = _read_chunks(body.readinto, out, progress, step)
+        got = fill_buffer(body.readinto, out, progress, step)
     else:
         raw, fp = found
         try:
-            got = _read_chunks(fp.readinto, out, progress, step)
+            got = fill_buffer(fp.readinto, out, progress, step)
         except BaseException:
             raw.close()  # what urllib3 does after a failed read: drop the connection
             raw.release_conn()
@@ -66,18 +66,6 @@ def read_into(body: Any, out: memoryview, progress: Progress | None, step: int) 
     # release the connection); a short body raises here, or is returned short.
     if body.read(1):
         raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
-    return got
-
-
-def _read_chunks(readinto: Any, out: memoryview, progress: Progress | None, step: int) -> int:
-    got = 0
-    while got < len(out):
-        n = readinto(out[got : got + step])
-        if not n:
-            break
-        if progress is not None:
-            progress(got, out[got : got + n])
-        got += n
     return got
 
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -159,11 +159,15 @@ def _check_range(start: int, end: int) -> None:
         raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
 
 
-def _read_chunks(f: BinaryIO, out: memoryview, progress: Progress | None) -> int:
-    """Fill ``out`` from ``f`` (fewer bytes at its end), telling ``progress`` of each chunk."""
+def fill_buffer(
+    readinto: Callable[[memoryview], int], out: memoryview, progress: Progress | None, step: int
+) -> int:
+    """Fill ``out`` through ``readinto``, ``step`` bytes at most per call, until it is full or
+    a call reads nothing (the end); tells ``progress`` of each chunk and returns the bytes
+    read."""
     got = 0
     while got < len(out):
-        n = f.readinto(out[got : got + _CHUNK])
+        n = readinto(out[got : got + step])
         if not n:
             break
         if progress is not None:
@@ -251,7 +255,7 @@ class LocalStorage:
             with self._path(key).open("rb") as f:
                 out = fresh_buffer(max(0, min(end, os.fstat(f.fileno()).st_size) - start))
                 f.seek(start)
-                got = _read_chunks(f, out, progress)
+                got = fill_buffer(f.readinto, out, progress, _CHUNK)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(key) from None
         return out if got == len(out) else out[:got]  # the file shrank meanwhile
