@@ -10,7 +10,7 @@ Gather semantics (every requested peer gets exactly one status):
 * ``late``: the object's storage timestamp is after the ``cutoff``; it is not downloaded.
 * ``invalid``: the object was rejected (``reason`` starts with the
   :class:`~netcomm.errors.EnvelopeError` reason code), or it is larger than the cap. A
-  ``replay`` is an envelope signed for another window, or one whose payload (SHA-256 of its
+  ``replay`` is an envelope signed for another window, or one whose payload (BLAKE3 of its
   canonical safetensors bytes) was already accepted in an earlier window from any peer. Any
   other exception while reading one peer's bytes is a reader bug; it is logged and that peer
   is ``invalid`` with reason ``internal``, so no object can make ``gather`` raise.
@@ -186,7 +186,7 @@ class _PeerState:
 
 
 class _Download(NamedTuple):
-    """A whole object, and its body's SHA-256 as hashed while it arrived."""
+    """A whole object, and its body's BLAKE3 digest as hashed while it arrived."""
 
     blob: Bytes
     body_digest: BodyDigest | None

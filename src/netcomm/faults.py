@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from netcomm.errors import NetcommConfigError, TransientStorageError
-from netcomm.storage import ObjectInfo, Storage
+from netcomm.storage import Bytes, ObjectInfo, Storage
 
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
@@ -84,7 +84,7 @@ class _Dice:
         return None
 
 
-def _flip(data: bytes, spec: str) -> bytes:
+def _flip(data: Bytes, spec: str) -> Bytes:
     if not data:
         return data
     pos = int(float(spec.split(":", 1)[1]) * len(data))
@@ -118,7 +118,7 @@ class FaultyStorage:
         return fault
 
     @staticmethod
-    def _after(fault: str | None, data: bytes) -> bytes:
+    def _after(fault: str | None, data: Bytes) -> Bytes:
         if fault == "truncate":
             return data[: len(data) // 2]
         if fault and fault.startswith("corrupt"):
@@ -130,9 +130,9 @@ class FaultyStorage:
 
     def get(self, key: str) -> bytes:
         fault = self._before(key)
-        return self._after(fault, self.inner.get(key))
+        return bytes(self._after(fault, self.inner.get(key)))
 
-    def get_range(self, key: str, start: int, end: int) -> bytes:
+    def get_range(self, key: str, start: int, end: int) -> Bytes:
         fault = self._before(key)
         return self._after(fault, self.inner.get_range(key, start, end))
 

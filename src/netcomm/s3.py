@@ -158,7 +158,7 @@ class S3Storage:
             max_pool_connections=4 * config.max_concurrency,
             s3={"addressing_style": config.addressing_style},
             # botocore >= 1.36 adds CRC trailers by default, which R2 and older MinIO reject;
-            # integrity is checked by the envelope's signed SHA-256 instead.
+            # integrity is checked by the envelope's signed BLAKE3 digest instead.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

@@ -5,8 +5,9 @@ reads each chunk into a temporary ``bytes`` and then copies it into the buffer: 
 over every downloaded byte, a seventh of the client's CPU in a bare-loopback gather
 (``benchmarks/exchange.py``). The ``http.client`` response under both reads from the socket
 into the buffer itself. :func:`read_into` reads through it when the body is the stack this was
-written for (botocore's ``StreamingBody`` over urllib3's ``HTTPResponse`` over
-``http.client.HTTPResponse``, no content encoding, not chunked), then tells urllib3 and botocore
+written for (exactly botocore's ``StreamingBody``, not a subclass such as the checksumming one,
+over urllib3's ``HTTPResponse`` over ``http.client.HTTPResponse``, nothing read yet, not
+chunked; botocore asks urllib3 not to decode content encodings), then tells urllib3 and botocore
 how many bytes were consumed, so that their own length checks (urllib3's ``IncompleteRead``,
 botocore's content-length check) and the connection's return to the pool run as if they had
 read the bytes themselves. Any other body is read through the public ``readinto``, with a
@@ -28,15 +29,18 @@ _log = logging.getLogger(__name__)
 
 def socket_response(body: Any) -> tuple[Any, http.client.HTTPResponse] | str:
     """``(urllib3 response, http.client response)`` under a botocore body, or why not."""
+    from botocore.response import StreamingBody  # boto3 is an optional extra
+
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
-    if not isinstance(fp, http.client.HTTPResponse):
-        return f"{type(body).__name__} is not botocore's body over urllib3 over http.client"
+    if type(body) is not StreamingBody or not isinstance(fp, http.client.HTTPResponse):
+        name = type(body).__name__
+        return f"{name} is not botocore's StreamingBody over urllib3 over http.client"
     counters = (getattr(raw, "_fp_bytes_read", None), getattr(body, "_amount_read", None))
-    if not all(type(c) is int for c in counters) or not hasattr(raw, "length_remaining"):
+    if any(type(c) is not int for c in counters) or not hasattr(raw, "length_remaining"):
         return "urllib3's or botocore's read counters are not where this reader expects them"
-    if raw.headers.get("content-encoding"):
-        return "the response has a content encoding, which urllib3 decodes"
+    if any(counters):
+        return "part of the body was already read"
     if fp.chunked:
         return "the response is chunked"
     return raw, fp
@@ -55,8 +59,7 @@ def read_into(body: Any, out: memoryview, progress: Progress | None, step: int) 
         try:
             got = fill_buffer(fp.readinto, out, progress, step)
         except BaseException:
-            raw.close()  # what urllib3 does after a failed read: drop the connection
-            raw.release_conn()
+            _drop(body)
             raise
         raw._fp_bytes_read += got
         if raw.length_remaining is not None:
@@ -65,8 +68,18 @@ def read_into(body: Any, out: memoryview, progress: Progress | None, step: int) 
     # Past the end this reads nothing (and lets urllib3 and botocore check the length and
     # release the connection); a short body raises here, or is returned short.
     if body.read(1):
+        _drop(body)  # bytes are left unread: the connection cannot serve another request
         raise TransientStorageError(f"response body is longer than the {len(out)} bytes expected")
     return got
+
+
+def _drop(body: Any) -> None:
+    """Close the connection under ``body`` and give its pool slot back, as urllib3 does
+    after a failed read."""
+    body.close()
+    raw = getattr(body, "_raw_stream", None)
+    if raw is not None and hasattr(raw, "release_conn"):
+        raw.release_conn()
 
 
 @functools.cache

@@ -36,7 +36,9 @@ def fresh_buffer(size: int) -> memoryview:
     transparent huge pages for large arrays, which cost more CPU where the bytes trickle in
     through a shaped link (1.3-1.5 against 1.0 client CPU-seconds per 20 updates of 27.5 MB
     in ``benchmarks/exchange.py`` at 1 Gbit/s). Every reader here returns only the bytes it
-    wrote, so nothing unwritten is ever seen.
+    wrote, so nothing unwritten is ever seen. In a process that turned on
+    ``torch.use_deterministic_algorithms`` (with ``fill_uninitialized_memory``, its default),
+    ``torch.empty`` fills the memory, and this costs what a ``bytearray`` does.
     """
     return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
 

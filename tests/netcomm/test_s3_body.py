@@ -37,11 +37,28 @@ def test_the_installed_sdk_is_read_from_the_socket_and_left_consistent(s3_factor
     assert raw.connection is None
 
 
-def test_a_body_longer_than_the_buffer_is_transient(s3_factory):
+def test_a_body_longer_than_the_buffer_is_transient_and_drops_its_connection(s3_factory):
     storage = s3_factory()
     storage.put("k", b"0123456789")
+    body = _response(storage, "k")["Body"]
     with pytest.raises(TransientStorageError, match="longer than the 9 bytes"):
-        read_into(_response(storage, "k")["Body"], memoryview(bytearray(9)), None, step=4)
+        read_into(body, memoryview(bytearray(9)), None, step=4)
+    assert body._raw_stream.closed and body._raw_stream.connection is None
+
+
+def test_only_a_plain_unread_botocore_body_is_read_from_the_socket(s3_factory):
+    from botocore.response import StreamingBody
+
+    class ChecksummingBody(StreamingBody):
+        """Like botocore's StreamingChecksumBody: it must see every byte itself."""
+
+    storage = s3_factory()
+    storage.put("k", b"0123456789")
+    body = _response(storage, "k")["Body"]
+    sub = ChecksummingBody(body._raw_stream, body._content_length)
+    assert "ChecksummingBody is not" in socket_response(sub)
+    body.read(2)
+    assert socket_response(body) == "part of the body was already read"
 
 
 def test_range_reads_stay_exact_across_many_requests(s3_factory, caplog):
