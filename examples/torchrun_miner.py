@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import tempfile
 import time
 
@@ -44,7 +43,7 @@ from netcomm import (
     StaticDirectory,
     StorageExchange,
 )
-from sparseloco import OuterLoop, RankZeroExchange, RoundReport, SparseLoCo
+from sparseloco import OuterLoop, RankZeroExchange, RoundReport, SparseLoCo, leave_rank
 from sparseloco.data import TokenDataset, stdlib_corpus
 from sparseloco.models import GPT, GPTConfig
 from sparseloco.sharded import full
@@ -174,11 +173,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
     if "RANK" in os.environ:
-        # gloo's worker threads drop a finished collective's tensors a moment after its
-        # caller has seen it complete; one that does so while the interpreter finalizes
-        # cannot take the GIL and aborts the rank (seen with torch 2.13 after main()'s closing
-        # barrier: 1 run in 15 on 2 loaded cores). The work is done and flushed, so the rank
-        # leaves without finalizing.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_rank()  # see its docstring: gloo can abort a rank that finalizes

@@ -56,7 +56,7 @@ from sparseloco.optim import (
     SparseLoCo,
 )
 from sparseloco.payload import DenseUpdate, Payload, payload_from_tensors, validate_payload
-from sparseloco.ranks import RankZeroExchange
+from sparseloco.ranks import RankZeroExchange, leave_rank
 
 __version__ = "0.1.0"
 
@@ -107,6 +107,7 @@ __all__ = [
     "encode_tensor",
     "iter_aggregate",
     "iter_aggregate_dense",
+    "leave_rank",
     "payload_from_tensors",
     "preset",
     "skipped_by_grad_scaler",

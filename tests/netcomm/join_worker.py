@@ -9,7 +9,6 @@ after joining and after window 5.
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from test_join import WINDOWS, Net, model_of, outer_optimizer, train_window
 from torch.distributed.fsdp import fully_shard
 
 from netcomm import CheckpointStore, LocalStorage, join
-from sparseloco import RankZeroExchange
+from sparseloco import RankZeroExchange, leave_rank
 from sparseloco.sharded import full
 
 
@@ -66,8 +65,4 @@ def main(root: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    # as examples/torchrun_miner.py: a gloo worker thread dropping the last collectives'
-    # tensors while the interpreter finalizes aborts the rank, so it leaves without finalizing
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_rank()

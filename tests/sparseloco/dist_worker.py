@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from sparseloco import DistributedExchange, ExchangeError, OuterLoop, SparseLoCo
+from sparseloco import DistributedExchange, ExchangeError, OuterLoop, SparseLoCo, leave_rank
 
 
 def _model():
@@ -108,3 +108,4 @@ def main(out_path: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "train")
+    leave_rank()

@@ -27,7 +27,15 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sparseloco import GatherResult, PeerStatus, RankZeroExchange, SparseLoCo, UpdateError, optim
+from sparseloco import (
+    GatherResult,
+    PeerStatus,
+    RankZeroExchange,
+    SparseLoCo,
+    UpdateError,
+    leave_rank,
+    optim,
+)
 from sparseloco.sharded import full, shard_like
 
 
@@ -172,3 +180,4 @@ if __name__ == "__main__":
     gc.collect()  # the DDP/FSDP2 module and optimizers go before the process group
     dist.barrier()
     dist.destroy_process_group()
+    leave_rank()

@@ -34,7 +34,7 @@ from sparseloco import (
     optim,
 )
 from sparseloco.payload import payload_from_tensors
-from sparseloco.ranks import RankZeroExchange
+from sparseloco.ranks import RankZeroExchange, leave_rank
 from sparseloco.serialization import dump_safetensors, load_safetensors
 from sparseloco.sharded import full, shard_like
 
@@ -178,3 +178,4 @@ if __name__ == "__main__":
         gc.collect()
         dist.barrier()  # tear down together: a rank leaving early can abort the other's gloo
         dist.destroy_process_group()
+    leave_rank()
