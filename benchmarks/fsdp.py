@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from sparseloco import GatherResult, RankZeroExchange, SparseLoCo  # noqa: E402
+from sparseloco import GatherResult, RankZeroExchange, SparseLoCo, leave_rank  # noqa: E402
 from sparseloco.models import GPT, GPTConfig  # noqa: E402
 from sparseloco.serialization import dump_safetensors  # noqa: E402
 from sparseloco.sharded import is_sharded, shard_like  # noqa: E402
@@ -138,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
     if sharded:
         dist.barrier()
         dist.destroy_process_group()
+        leave_rank()
 
 
 def _run(name: str, ranks: int, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
