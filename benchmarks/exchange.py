@@ -465,7 +465,7 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     out = {
-        "command": "python benchmarks/exchange.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/exchange.py", *sys.argv[1:]]),
         "args": vars(args),
         "machine": {
             "cpus": os.cpu_count(),
