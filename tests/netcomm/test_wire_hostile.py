@@ -14,6 +14,7 @@ from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import netcomm.envelope
 from gauntlet.decoding import InvalidUpdate, decode_update
 from netcomm import (
     Ed25519Signer,
@@ -30,6 +31,7 @@ from netcomm import (
     update_key,
 )
 from netcomm.envelope import FORMAT_VERSION, _canonical, _signed_message
+from netcomm.storage import fresh_buffer
 from sparseloco import CodecConfig
 from sparseloco.errors import CorruptUpdateError
 from sparseloco.packing import pack_codes, unpack_codes
@@ -214,7 +216,21 @@ def _rle_frame(claimed: int, produced: int) -> bytes:
     return struct.pack("<I", 0xFD2FB528) + descriptor + struct.pack("<Q", claimed) + block
 
 
-def test_small_envelope_claiming_1_gib_allocates_little(spec, signer):
+@pytest.fixture
+def buffers(monkeypatch) -> list[int]:
+    """The size of every output buffer the envelope reader allocates (torch memory, which
+    ``tracemalloc`` does not see)."""
+    sizes: list[int] = []
+
+    def counted(size: int) -> memoryview:
+        sizes.append(size)
+        return fresh_buffer(size)
+
+    monkeypatch.setattr(netcomm.envelope, "fresh_buffer", counted)
+    return sizes
+
+
+def test_small_envelope_claiming_1_gib_allocates_little(spec, signer, buffers):
     frame = _rle_frame(1 << 30, 1 << 16)
     assert zstandard.get_frame_parameters(frame).content_size == 1 << 30
     header = header_for(spec, b"", frame, compression="zstd", raw_len=1 << 30, tensors=4)
@@ -238,6 +254,23 @@ def test_small_envelope_claiming_1_gib_allocates_little(spec, signer):
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+    assert buffers == [1 << 20]  # the first buffer, never grown: the frame yields 64 KiB
+
+
+def test_a_bomb_under_loose_limits_grows_its_buffer_only_as_bytes_arrive(spec, signer, buffers):
+    """Without the model's shapes the default 4 GiB cap lets a 32 MiB bomb decompress; the
+    buffers double from 1 MiB as its bytes come, none sized by the declared length alone."""
+    raw_len = 32 << 20
+    frame = zstandard.ZstdCompressor(level=3).compress(bytes(raw_len))
+    header = header_for(spec, b"", frame, compression="zstd", raw_len=raw_len, tensors=4)
+    blob = sign(signer, header, frame)
+    got = reason(
+        lambda: open_envelope(
+            blob, expected_peer="alice", public_key=signer.public_key, verifiers=default_verifiers()
+        )
+    )
+    assert got == "tensors", got  # zeros are no safetensors header
+    assert buffers == [1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20]
 
 
 def test_default_limits_follow_the_expected_shapes(spec, signer):
