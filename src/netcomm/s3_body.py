@@ -2,8 +2,7 @@
 
 botocore's ``StreamingBody.readinto`` goes through urllib3's ``HTTPResponse.readinto``, which
 reads each chunk into a temporary ``bytes`` and then copies it into the buffer: a second pass
-over every downloaded byte, a seventh of the client's CPU in a bare-loopback gather
-(``benchmarks/exchange.py``). The ``http.client`` response under both reads from the socket
+over every downloaded byte. The ``http.client`` response under both reads from the socket
 into the buffer itself. :func:`read_into` reads through it when the body is the stack this was
 written for (exactly botocore's ``StreamingBody``, not a subclass such as the checksumming one,
 over urllib3's ``HTTPResponse`` over ``http.client.HTTPResponse``, nothing read yet, not

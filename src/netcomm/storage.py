@@ -30,15 +30,14 @@ Bytes = bytes | bytearray | memoryview
 def fresh_buffer(size: int) -> memoryview:
     """A writable ``size``-byte buffer whose bytes are undefined until written.
 
-    ``bytearray(size)`` zeroes its memory before a download overwrites it: for a 27 MB
-    update that pass (and the page faults of fresh memory it takes) cost the client about as
-    much CPU as hashing the bytes. ``torch.empty`` rather than ``numpy.empty``: numpy advises
-    transparent huge pages for large arrays, which cost more CPU where the bytes trickle in
-    through a shaped link (1.3-1.5 against 1.0 client CPU-seconds per 20 updates of 27.5 MB
-    in ``benchmarks/exchange.py`` at 1 Gbit/s). Every reader here returns only the bytes it
-    wrote, so nothing unwritten is ever seen. In a process that turned on
-    ``torch.use_deterministic_algorithms`` (with ``fill_uninitialized_memory``, its default),
-    ``torch.empty`` fills the memory, and this costs what a ``bytearray`` does.
+    ``bytearray(size)`` zeroes its memory before a download overwrites it, a whole extra pass
+    (with the page faults of fresh memory) over every downloaded byte. ``torch.empty`` rather
+    than ``numpy.empty``: numpy advises transparent huge pages for large arrays, which in
+    trial runs cost the client more CPU where the bytes trickle in through a shaped link.
+    Every reader here returns only the bytes it wrote, so nothing unwritten is ever seen.
+    In a process that turned on ``torch.use_deterministic_algorithms`` (with
+    ``fill_uninitialized_memory``, its default), ``torch.empty`` fills the memory, and this
+    costs what a ``bytearray`` does.
     """
     return memoryview(torch.empty(size, dtype=torch.uint8).numpy())
 
