@@ -231,33 +231,38 @@ class OverlapConfig:
     At the boundary after window k the global model Θ_k = OuterStep(Θ_{k−1}, g_{k−1}) is
     known (applied there, or by a ``finish()`` during window k), but Θ_{k+1} =
     OuterStep(Θ_k, g_k), which blocking rounds would start window k+1 from, is not: g_k is
-    still being gathered. The local model starts window k+1 ahead of Θ_k::
+    still being gathered. The local model starts window k+1 from a prediction of it::
 
-        θ ← s_{k+1} = Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k
+        θ ← s_{k+1} = Θ_k + a·(Θ_k − Θ_{k−1}) − v·α·D(m_k) − w·Δ_k
 
     a (``extrapolation``) moves it along the global model's last step, a look-ahead for the
-    other peers' part of g_k; w (``own_weight``) adds that share of this peer's fresh
-    progress Δ_k, for its own part (under ``mean_selected`` between 1/R, where every peer
-    picked the same coordinates, and 1, where no other peer did). g_k itself cannot be
-    predicted coordinate by coordinate (each round's top-k picks other coordinates); what a
-    and w set is how far ahead the next window starts. g_k is applied to Θ alone (at the
-    next boundary, which starts window k+2 the same way, or by a ``finish()`` τ steps in,
-    which keeps the progress since s_{k+1} on top of Θ_{k+1}), so every peer's Θ stays the
-    same whatever a and w.
+    other peers' part of g_k. v (``message_weight``) takes that share of the step this
+    peer's own message m_k (encoded at the boundary, with error feedback) would make were it
+    the only one: D(m_k) is g_k with this peer alone (its decoded values, zero elsewhere),
+    α the outer learning rate of the parameter's group; under ``mean_selected`` it is g_k
+    exactly on the coordinates no other peer selected. w (``own_weight``) adds that share of
+    this peer's dense fresh progress Δ_k, most of which the message leaves in the error
+    buffer for later rounds. The rest of g_k cannot be predicted coordinate by coordinate
+    (each peer's top-k picks other coordinates); what a, v and w set is how far ahead, and
+    along what, the next window starts. g_k is applied to Θ alone (at the next boundary,
+    which starts window k+2 the same way, or by a ``finish()`` τ steps in, which keeps the
+    progress since s_{k+1} on top of Θ_{k+1}), so every peer's Θ stays the same whatever
+    a, v and w.
 
-    a = 0, w = 1 (``OverlapConfig.local()``) continues from the own progress alone, the rule
-    of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s default): exact for one peer
-    with dense updates, but with 2 peers and Covenant's codec it ends 7.6 % above blocking
-    rounds' held-out loss after 60 rounds of ``benchmarks/utilisation.py`` (mean of 4 seeds),
-    the defaults 1.2 % above. They were chosen by a sweep of a and w on that model with 2
-    peers (seeds 0 and 1).
+    The defaults were chosen by a sweep on ``benchmarks/utilisation.py``'s model with 2
+    peers and seeds 0 and 1 (other seeds and 4 peers out of sample; README, "Communication
+    and utilisation"). a = 0, v = 0, w = 1 (``OverlapConfig.local()``) continues from the own
+    progress alone, the rule of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s
+    default): exact for one peer with dense updates, but with 2 peers and Covenant's codec it
+    ends several per cent above blocking rounds' held-out loss.
     """
 
-    extrapolation: float = 0.5
-    own_weight: float = 0.75
+    extrapolation: float = 0.75
+    own_weight: float = 0.5
+    message_weight: float = 0.75
 
     def __post_init__(self) -> None:
-        for name in ("extrapolation", "own_weight"):
+        for name in ("extrapolation", "own_weight", "message_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -266,8 +271,9 @@ class OverlapConfig:
 
     @classmethod
     def local(cls) -> OverlapConfig:
-        """a = 0, w = 1: start from the own progress only (the rule of earlier versions)."""
-        return cls(extrapolation=0.0, own_weight=1.0)
+        """a = 0, v = 0, w = 1: start from the own progress only (the rule of earlier
+        versions)."""
+        return cls(extrapolation=0.0, own_weight=1.0, message_weight=0.0)
 
 
 _COVENANT = OuterConfig(

@@ -30,28 +30,30 @@ commits the error buffers once its message exists and before its upload, and a r
 a failure finishes exactly what is left (the same message, each buffer committed once).
 
 Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` keeps window k's
-progress Δ_k, applies window k−1's aggregate g_{k−1} (encoded with error feedback,
-published, gathered, checked and aggregated on a background thread while window k's inner
-steps ran) and returns, while window k's round runs in the background in turn; the
-boundary itself does only elementwise work. With Θ the global model (``θ₀``), s the point window k's
-inner steps started from (state ``"start"``) and Θ₀ the initial model (s₀ = Θ₀), the
-boundary after window k's inner steps is::
+progress Δ_k, encodes its message m_k with error feedback, applies window k−1's aggregate
+g_{k−1} (published, gathered, checked and aggregated on a background thread while window
+k's inner steps ran) and returns, while window k's round runs in the background in turn;
+the boundary itself does the encode and elementwise work only. With Θ the global model
+(``θ₀``), s the point window k's inner steps started from (state ``"start"``) and Θ₀ the
+initial model (s₀ = Θ₀), the boundary after window k's inner steps is::
 
-    Δ_k = s_k − θ                            this window's own progress; published as above
+    Δ_k = s_k − θ                            this window's own progress, encoded to m_k
     Θ_k = OuterStep(Θ_{k−1}, g_{k−1})        window k−1's aggregate, one round late (k ≥ 1)
-    θ ← s_{k+1} = Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k    a prediction of Θ_{k+1}
+    θ ← s_{k+1} = Θ_k + a·(Θ_k − Θ_{k−1}) − v·α·D(m_k) − w·Δ_k    a prediction of Θ_{k+1}
 
 Window k+1 starts from a prediction of the global model it would start from in blocking
 rounds, Θ_{k+1} = OuterStep(Θ_k, g_k), whose g_k is still being gathered: the global model's
-last step repeated a times (for the others' part of g_k) plus w times this peer's fresh
-progress (for its own part); a and w are :class:`~sparseloco.config.OverlapConfig`'s.
-SparseLoCo's ``overlap=True`` takes a = 0.5, w = 0.75. a = 0, w = 1 (θ ← Θ_k − Δ_k: the
-global model plus the own progress alone) is the rule of earlier versions and DiLoCo's
-default (its Nesterov step already runs ahead); with SparseLoCo's sparse updates it ends
-several per cent above blocking rounds' loss (``benchmarks/utilisation.py``). The next
-boundary applies g_k, publishes Δ_{k+1} = s_{k+1} − θ and starts window k+2 the same way,
-θ ← Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − w·Δ_{k+1}. At the first boundary the last step is zero:
-θ ← Θ₀ − w·Δ₀.
+last step repeated a times (for the others' part of g_k), v times the step this peer's own
+message would make alone (D(m_k): its decoded values, α the outer learning rate) and w
+times its dense fresh progress (for its own part); a, v and w are
+:class:`~sparseloco.config.OverlapConfig`'s. SparseLoCo's ``overlap=True`` takes a = 0.75,
+v = 0.75, w = 0.5. a = 0, v = 0, w = 1 (θ ← Θ_k − Δ_k: the global model plus the own
+progress alone) is the rule of earlier versions and DiLoCo's default (its Nesterov step
+already runs ahead); with SparseLoCo's sparse updates it ends several per cent above
+blocking rounds' loss (``benchmarks/utilisation.py``). The next boundary applies g_k,
+publishes m_{k+1} (from Δ_{k+1} = s_{k+1} − θ) and starts window k+2 the same way,
+θ ← Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − v·α·D(m_{k+1}) − w·Δ_{k+1}. At the first boundary the
+last step is zero: θ ← Θ₀ − v·α·D(m₀) − w·Δ₀.
 ``finish()`` applies the last aggregate and keeps only the unpublished progress:
 Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
 
@@ -60,9 +62,10 @@ Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of 
 Θ_{k+1} = OuterStep(Θ_k, g_k), θ ← Θ_{k+1} + (θ − s_{k+1}), s_{k+1} ← Θ_{k+1}, so the
 local model is again the global one plus the current window's progress only, and the next
 boundary (nothing in flight) publishes Δ_{k+1} = Θ_{k+1} − θ and starts window k+2 from the
-same prediction, Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − w·Δ_{k+1}, the step Θ_k → Θ_{k+1} kept from
-the ``finish()`` until then (state ``"last_step"``). The communication must then fit in τ
-inner steps (``benchmarks/utilisation.py`` measures the loss of each way).
+same prediction, Θ_{k+1} + a·(Θ_{k+1} − Θ_k) − v·α·D(m_{k+1}) − w·Δ_{k+1}, the step
+Θ_k → Θ_{k+1} kept from the ``finish()`` until then (state ``"last_step"``). The
+communication must then fit in τ inner steps (``benchmarks/utilisation.py`` measures the
+loss of each way).
 
 What is identical: every peer applies the same aggregate sequence g₀, g₁, … to the same Θ₀
 with the same outer step, so Θ (``θ₀``), the momentum buffers, the outer optimizer's state
@@ -76,9 +79,10 @@ does not change it.
 
 Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, the in-flight
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
-CPU with ``offload``), and Δ_k in float32 from the boundary until its round has encoded it
-(4 bytes per parameter, CPU with ``offload``); while a boundary steps, the float32 start
-(4 bytes per parameter) and with a > 0 a float32 copy of Θ_{k−1} beside θ₀ (4 more), which
+CPU with ``offload``), and Δ_k in float32 from the boundary until its round has committed
+the error buffers (4 bytes per parameter, CPU with ``offload``); while a boundary steps,
+the float32 start (4 bytes per parameter, holding v·α·D(m_k) until then) and with a > 0 a
+float32 copy of Θ_{k−1} beside θ₀ (4 more), which
 after a ``finish()`` or ``apply()`` stays as the step taken until the next boundary. The error
 buffers belong to the round's thread until it has committed them: ``state_dict()`` waits
 for that.
@@ -216,17 +220,17 @@ class _PhaseFailed(Exception):
 class _InFlight:
     """The window whose round an overlapped optimizer started and has not applied yet.
 
-    It starts with its own progress ``deltas`` (Δ in float32, by name) and no ``own``
-    payload. The round encodes ``own`` (``norm``: ‖Δ‖), then commits the error buffers
-    tensor by tensor, naming each in ``committed``, and drops ``deltas`` once all are: a
-    retry after a failure encodes nothing twice and commits only the rest. ``encoded`` is
-    set when that part ends (also by failing), ``published`` when the publish does.
+    It starts with its own progress ``deltas`` (Δ in float32, by name) and the ``own``
+    payload the boundary encoded from them (``norm``: ‖Δ‖). The round commits the error
+    buffers tensor by tensor, naming each in ``committed``, and drops ``deltas`` once all
+    are: a retry after a failure commits only the rest. ``encoded`` is set when that part
+    ends (also by failing), ``published`` when the publish does.
     ``future`` is its background round (``None`` after ``load_state_dict``, or once its
     failure was raised: the next boundary then runs it in the foreground).
     """
 
     window: int
-    own: Payload | None
+    own: Payload
     future: Future[_Round] | None
     deltas: dict[str, torch.Tensor] | None = None
     norm: float = 0.0
@@ -562,13 +566,14 @@ class OuterOptimizer(Optimizer):
     def _step_overlapped(self) -> RoundReport:
         """An overlapped boundary: apply window k−1, start window k's round behind.
 
-        Atomic like a blocking round: the finite check and waiting for window k−1's
-        background round (its failure raises :class:`BackgroundRoundError`) run before θ,
-        θ₀, s, the momentum buffers, the window or the in-flight round change. The boundary
-        keeps Δ_k and leaves everything else of window k's round to a background thread:
-        encoding with error feedback (the error buffers are committed there, once the
-        message exists), publish, gather, payload checks and aggregate; a retry after a
-        failed one does what is left of it in the foreground (publishing the same bytes).
+        Atomic like a blocking round: the finite check, waiting for window k−1's background
+        round (its failure raises :class:`BackgroundRoundError`) and encoding window k's
+        message run before θ, θ₀, s, the momentum buffers, the error buffers, the window or
+        the in-flight round change. The boundary keeps Δ_k, encodes its message (the start
+        rule needs it) and leaves the rest of window k's round to a background thread:
+        committing the error buffers, publish, gather, payload checks and aggregate; a
+        retry after a failed one does what is left of it in the foreground (publishing the
+        same bytes).
         """
         timer = _Timer()
         window = self.window
@@ -581,11 +586,13 @@ class OuterOptimizer(Optimizer):
         if self._inflight is not None:
             with timer("wait"):
                 done = self._collect(self._inflight, params)
+        with timer("encode"):  # after the collect: it reads the error buffers k−1 committed
+            own, norm = self._encode(params, deltas)
         with timer("step"):
-            self._predicted_start(params, deltas, None if done is None else done.aggregates)
+            self._predicted_start(params, deltas, own, None if done is None else done.aggregates)
             for _, p, _ in params:  # s_{k+1} ← θ
                 self.state[p]["start"].copy_(p)
-        self._inflight = _InFlight(window, None, None, deltas)  # if no thread starts: done later
+        self._inflight = _InFlight(window, own, None, deltas, norm)  # no thread: done later
         self.window = window + 1
         self._inflight.future = self._launch(self._inflight, params)
         report = self._overlapped_report(window, choice, done, timer)
@@ -641,9 +648,11 @@ class OuterOptimizer(Optimizer):
         self,
         params: list[NamedParam],
         deltas: dict[str, torch.Tensor],
+        own: Payload,
         aggregates: dict[str, torch.Tensor] | None,
     ) -> None:
-        """θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k (:class:`~sparseloco.config.OverlapConfig`).
+        """θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − v·α·D(m_k) − w·Δ_k
+        (:class:`~sparseloco.config.OverlapConfig`; m_k = ``own``).
 
         With ``aggregates`` (g_{k−1}, one round late) this boundary takes the step
         Θ_k = OuterStep(Θ_{k−1}, g_{k−1}); without, Θ_k is θ₀ as it is (= s_k) and its last
@@ -652,11 +661,16 @@ class OuterOptimizer(Optimizer):
         """
         assert self.overlap_config is not None
         a, w = self.overlap_config.extrapolation, self.overlap_config.own_weight
+        messages = {n: self._message_step(n, p, g, own) for n, p, g in params}  # v·α·D(m_k)
         if aggregates is not None:
-            starts = {n: torch.empty_like(p, dtype=torch.float32) for n, p, _ in params}
+            starts = {  # −v·α·D(m_k), or zeros: the start is built on it
+                n: torch.zeros_like(p, dtype=torch.float32) if m is None else m.neg_()
+                for (n, p, _), m in zip(params, messages.values(), strict=True)
+            }
+            del messages
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
-                start = starts.pop(name).copy_(self.state[p]["theta0"])
+                start = starts.pop(name).add_(self.state[p]["theta0"])
                 if last:
                     start.add_(last[name].to(p.device), alpha=a)
                 p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
@@ -670,13 +684,27 @@ class OuterOptimizer(Optimizer):
             if last_step is not None and a:
                 change = last_step.to(p.device, torch.float32, copy=True).mul_(a)
             if w != 1.0:
-                own = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
-                change = own if change is None else change.add_(own)
+                kept = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
+                change = kept if change is None else change.add_(kept)
+            if messages[name] is not None:
+                change = messages[name].neg_() if change is None else change.sub_(messages[name])
             changes[name] = change
         for name, p, _ in params:
             if changes[name] is not None:
                 p.add_(changes[name])
             self.state[p].pop("last_step", None)
+
+    def _message_step(
+        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload
+    ) -> torch.Tensor | None:
+        """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
+        would make alone (its aggregate with no other peer), times v; ``None`` if v = 0."""
+        assert self.overlap_config is not None
+        v = self.overlap_config.message_weight
+        if not v:
+            return None
+        alone = self._aggregate_tensor(name, {self.exchange.peer_id: own}, p.device)
+        return alone.to(torch.float32, copy=True).mul_(v * group["lr"])
 
     def _outer_step_taken(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -715,14 +743,12 @@ class OuterOptimizer(Optimizer):
         """``p`` → its Δ as ``deltas`` kept it (an overlapped round's), on ``p``'s device."""
         return lambda p: deltas[self._names[p]].to(p.device)
 
-    def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
-        """Encode the in-flight window's Δ with error feedback and commit the error buffers
+    def _commit_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
+        """Commit the in-flight window's error buffers with the message the boundary encoded
         (only the round's thread touches them until it is collected)."""
         try:
             if flight.deltas is None:
-                return  # encoded and committed before
-            if flight.own is None:
-                flight.own, flight.norm = self._encode(params, flight.deltas)
+                return  # committed before
             self._commit_own(params, flight.own, flight.deltas, flight.committed)
             flight.deltas = None
         finally:
@@ -786,9 +812,8 @@ class OuterOptimizer(Optimizer):
         became of it."""
         timer = _Timer()
         try:
-            with timer("encode"):
-                self._encode_flight(flight, params)
-            assert flight.own is not None
+            with timer("commit"):
+                self._commit_flight(flight, params)
             return self._exchange_round(
                 flight.window,
                 flight.own,
@@ -985,14 +1010,14 @@ class OuterOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus ``"outer"``: window, method, the outer
         optimizer's state and, when overlapping, the in-flight round (its window, this
-        peer's payload as flat tensors once encoded, and the Δ of every tensor whose error
-        buffer its round has not committed yet): after :meth:`load_state_dict` the next
-        boundary finishes that round (the same bytes), gathers and aggregates it. With a
-        round in flight in the background it first waits for the round's encode.
+        peer's payload as flat tensors, and the Δ of every tensor whose error buffer its
+        round has not committed yet): after :meth:`load_state_dict` the next boundary
+        finishes that round (the same bytes), gathers and aggregates it. With a round in
+        flight in the background it first waits for the round's commit.
         """
         flight = self._inflight
         if flight is not None and flight.future is not None:
-            flight.encoded.wait()  # the error buffers are final once its round has encoded
+            flight.encoded.wait()  # the error buffers are final once its round committed
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
         if self.outer_optimizer is not None:
@@ -1005,12 +1030,11 @@ class OuterOptimizer(Optimizer):
 
     @staticmethod
     def _flight_state(flight: _InFlight) -> dict[str, Any]:
-        """The in-flight window, its payload once encoded, and its Δ of the tensors whose
-        error buffers are not committed yet (all of them before the encode)."""
+        """The in-flight window, its payload, and its Δ of the tensors whose error buffers
+        are not committed yet."""
+        tensors, meta = flight.own.to_tensors()
         out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
-        if flight.own is not None:
-            tensors, meta = flight.own.to_tensors()
-            out.update(tensors=tensors, meta=dict(meta))
+        out.update(tensors=tensors, meta=dict(meta))
         if flight.deltas is not None:
             out["deltas"] = {n: d for n, d in flight.deltas.items() if n not in flight.committed}
             out["committed"] = sorted(flight.committed)
@@ -1108,26 +1132,25 @@ class OuterOptimizer(Optimizer):
         if saved is None:
             return None
         shapes = self._shapes(self._round_params())
-        own = None
-        if "tensors" in saved:
-            own = payload_from_tensors(saved["tensors"], saved["meta"])
-            self._check(own, shapes)
-            validate_payload(own)
+        if "tensors" not in saved:
+            raise ConfigError(
+                "state_dict's in-flight round has no payload (saved by a version that encoded "
+                "in the background): finish() it with that version before saving"
+            )
+        own = payload_from_tensors(saved["tensors"], saved["meta"])
+        self._check(own, shapes)
+        validate_payload(own)
         flight = _InFlight(int(saved["window"]), own, None, norm=float(saved.get("norm", 0.0)))
-        if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
+        if "deltas" in saved:  # error buffers still to commit
             committed = set(saved.get("committed", ()))
             deltas = saved["deltas"]
             expected = {n: shape for n, shape in shapes.items() if n not in committed}
-            if {n: tuple(d.shape) for n, d in deltas.items()} != expected or (
-                own is None and committed
-            ):
+            if {n: tuple(d.shape) for n, d in deltas.items()} != expected:
                 raise ConfigError("state_dict's in-flight progress does not fit this model")
             flight.deltas = {
                 n: self._store(d.to(torch.float32, copy=True)) for n, d in deltas.items()
             }
             flight.committed = committed
-        elif own is None:
-            raise ConfigError("state_dict's in-flight round has neither payload nor progress")
         return flight
 
 

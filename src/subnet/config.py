@@ -287,7 +287,11 @@ class ExchangeSettings:
 
 
 #: miner settings → the :class:`sparseloco.OverlapConfig` field each sets
-_OVERLAP_FIELDS = {"overlap_extrapolation": "extrapolation", "overlap_own_weight": "own_weight"}
+_OVERLAP_FIELDS = {
+    "overlap_extrapolation": "extrapolation",
+    "overlap_message_weight": "message_weight",
+    "overlap_own_weight": "own_weight",
+}
 
 
 @dataclass(frozen=True)
@@ -316,8 +320,9 @@ class MinerSettings:
             not arrived; ``false`` applies it at the first inner step from ``apply_after``
             on at which it has (else at the window's end), so training never waits
             (``OuterLoop(wait=False)``).
-        overlap_extrapolation / overlap_own_weight: with ``overlap``: a and w of
-            :class:`sparseloco.OverlapConfig`, where each window starts (0.5 and 0.75).
+        overlap_extrapolation / overlap_message_weight / overlap_own_weight: with
+            ``overlap``: a, v and w of :class:`sparseloco.OverlapConfig`, where each window
+            starts (0.75, 0.75 and 0.5).
     """
 
     aggregate: Literal["validator", "all"] = "validator"
@@ -331,6 +336,7 @@ class MinerSettings:
     apply_after: int = 0
     apply_wait: bool = True
     overlap_extrapolation: float = OverlapConfig.extrapolation
+    overlap_message_weight: float = OverlapConfig.message_weight
     overlap_own_weight: float = OverlapConfig.own_weight
 
     def __post_init__(self) -> None:

@@ -360,40 +360,63 @@ def test_background_publish_failure_is_raised_and_the_retry_publishes_again():
     assert [w for w, _ in ex.published] == [0, 1, 2]
 
 
-def _window_2(model, outer, monkeypatch=None, failing="encode_tensor"):
+def _fail_second(monkeypatch, failing):
+    """``failing`` (a function sparseloco.optim calls) raises on the second tensor it sees."""
+    real, seen = getattr(sparseloco.optim, failing), []
+
+    def fail_second(name, *args, **kwargs):
+        seen.append(name)
+        if len(seen) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(sparseloco.optim, failing, fail_second)
+
+
+def _window_2(model, outer, monkeypatch=None):
     """Finish the set-up's window 1, then train and step window 2 (with ``monkeypatch``,
-    ``failing`` raises on the second tensor it sees, in the background round)."""
+    its error-buffer commit fails on the second tensor, in the background round)."""
     outer.finish()
     if monkeypatch is not None:
-        real, seen = getattr(sparseloco.optim, failing), []
-
-        def fail_second(name, *args, **kwargs):
-            seen.append(name)
-            if len(seen) == 2:
-                raise RuntimeError("out of memory (injected)")
-            return real(name, *args, **kwargs)
-
-        monkeypatch.setattr(sparseloco.optim, failing, fail_second)
+        _fail_second(monkeypatch, "commit_tensor")
     _perturb(model, outer, 13)
     outer.step()
 
 
-@pytest.mark.parametrize("failing", ["encode_tensor", "commit_tensor"])
-def test_failed_background_encode_or_commit_is_finished_exactly_once(monkeypatch, failing):
-    """A window whose encode (or error-buffer commit) failed in the background keeps its Δ
-    for what is not done; the retry (here, and in a peer restarted from that state)
-    encodes nothing twice, commits only the rest and publishes what a clean run does."""
+def test_failed_encode_at_the_boundary_changes_nothing_and_the_retry_is_clean(monkeypatch):
+    """The overlapped boundary encodes its window's message (the start rule needs it)
+    before it changes anything: a failure there leaves every tensor as it was and the
+    retry publishes what a clean run does."""
     model, outer, ex = _overlapped_setup("sparseloco")
-    _window_2(model, outer, monkeypatch, failing)
+    outer.finish()
+    _perturb(model, outer, 13)
+    before = _overlapped_snapshot(model, outer)
+    _fail_second(monkeypatch, "encode_tensor")
+    with pytest.raises(RuntimeError, match="injected"):
+        outer.step()
+    _assert_identical(_overlapped_snapshot(model, outer), before)
+    monkeypatch.undo()
+    outer.step()
+    clean_model, clean, clean_ex = _overlapped_setup("sparseloco")
+    _window_2(clean_model, clean)
+    assert _published(outer, ex, 2) == _published(clean, clean_ex, 2)
+    _assert_identical(_overlapped_snapshot(model, outer), _overlapped_snapshot(clean_model, clean))
+
+
+def test_failed_background_commit_is_finished_exactly_once(monkeypatch):
+    """A window whose error-buffer commit failed in the background keeps its Δ for the
+    tensors not committed; the retry (here, and in a peer restarted from that state)
+    encodes nothing again, commits only the rest and publishes what a clean run does."""
+    model, outer, ex = _overlapped_setup("sparseloco")
+    _window_2(model, outer, monkeypatch)
     saved = outer.state_dict()
     params = {k: v.clone() for k, v in model.state_dict().items()}
     flight = saved["outer"]["in_flight"]
-    done_before = 0 if failing == "encode_tensor" else 1  # the commit failed on the second
-    assert flight["window"] == 2 and len(flight["deltas"]) == len(NAMES) - done_before
-    assert ("tensors" in flight) == (failing == "commit_tensor")
+    assert flight["window"] == 2 and len(flight["deltas"]) == len(NAMES) - 1
+    assert "tensors" in flight
     with pytest.raises(BackgroundRoundError, match="injected") as info:
         outer.finish()
-    assert (info.value.window, info.value.phase) == (2, "encode")
+    assert (info.value.window, info.value.phase) == (2, "commit")
     monkeypatch.undo()
     clean_model, clean, clean_ex = _overlapped_setup("sparseloco")
     _window_2(clean_model, clean)

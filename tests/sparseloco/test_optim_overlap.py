@@ -25,6 +25,7 @@ from sparseloco import (
     OverlapConfig,
     PeerStatus,
     SparseLoCo,
+    decode,
     encode,
 )
 from sparseloco.serialization import dump_safetensors
@@ -196,9 +197,16 @@ def _diloco(model, others, rule):
     )
 
 
-@pytest.mark.parametrize("rule", [True, OverlapConfig.local(), OverlapConfig(0.3, 0.6)])
+@pytest.mark.parametrize(
+    "rule", [True, OverlapConfig.local(), OverlapConfig(0.3, 0.6, 0.0), OverlapConfig(0.3, 0.6)]
+)
 def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
-    a, w = (0.0, 1.0) if rule is True else (rule.extrapolation, rule.own_weight)
+    """DiLoCo's message is Δ itself (float32 on the wire), so D(m_k) = Δ_k."""
+    a, w, v = (
+        (0.0, 1.0, 0.0)
+        if rule is True
+        else (rule.extrapolation, rule.own_weight, rule.message_weight)
+    )
     model = _model()
     others = {k: {"b": _dense(model, 50 + k)} for k in range(2)}
     outer = _diloco(model, others, rule)
@@ -206,18 +214,18 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
     _perturb(model, 1)
     d0 = {n: theta0[n] - p for n, p in _params(model).items()}  # Δ₀ = s₀ − θ
     ended = _params(model)
-    outer.step()  # publishes Δ₀, nothing to apply: θ ← Θ₀ − w·Δ₀ (w = 1: θ stays, exactly)
+    outer.step()  # publishes Δ₀, nothing to apply: θ ← Θ₀ − v·α·Δ₀ − w·Δ₀ (local: θ stays)
     s1 = _params(model)
     for n, p in s1.items():
-        if w == 1.0:
+        if (w, v) == (1.0, 0.0):
             assert torch.equal(p, ended[n])
-        torch.testing.assert_close(p, theta0[n] - w * d0[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(p, theta0[n] - (w + 0.5 * v) * d0[n], rtol=0, atol=1e-6)
     _perturb(model, 2)
     d1 = {n: s1[n] - p for n, p in _params(model).items()}  # Δ₁ = s₁ − θ
-    outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁
+    outer.step()  # Θ₁ = Θ₀ − α·mean(Δ₀, B₀);  θ ← Θ₁ + a·(Θ₁ − Θ₀) − v·α·Δ₁ − w·Δ₁
     theta1 = {n: theta0[n] - 0.5 * (d0[n] + others[0]["b"].tensors[n]) / 2 for n in theta0}
     for n, p in _params(model).items():
-        start = theta1[n] + a * (theta1[n] - theta0[n]) - w * d1[n]
+        start = theta1[n] + a * (theta1[n] - theta0[n]) - (w + 0.5 * v) * d1[n]
         torch.testing.assert_close(p, start, rtol=0, atol=1e-6)
         torch.testing.assert_close(
             outer.state[dict(model.named_parameters())[n]]["theta0"], theta1[n], rtol=0, atol=1e-6
@@ -235,15 +243,15 @@ def test_overlapped_diloco_follows_the_delayed_update_rule(rule):
 
 def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
     """finish() τ steps in keeps its step Θ₀ → Θ₁ (state "last_step", saved with the
-    state) for the next boundary: θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁."""
-    a, w = 0.3, 0.6
+    state) for the next boundary: θ ← Θ₁ + a·(Θ₁ − Θ₀) − v·α·Δ₁ − w·Δ₁."""
+    a, w, v = 0.3, 0.6, 0.4
     model = _model()
     others = {k: {"b": _dense(model, 70 + k)} for k in range(2)}
-    outer = _diloco(model, others, OverlapConfig(a, w))
+    outer = _diloco(model, others, OverlapConfig(a, w, v))
     theta0 = _params(model)
     _perturb(model, 1)
     d0 = {n: theta0[n] - p for n, p in _params(model).items()}
-    outer.step()  # θ ← Θ₀ − w·Δ₀ = s₁
+    outer.step()  # θ ← Θ₀ − v·α·Δ₀ − w·Δ₀ = s₁
     s1 = _params(model)
     _perturb(model, 2)  # τ inner steps into window 1
     before = _params(model)
@@ -256,15 +264,34 @@ def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
     saved = outer.state_dict()
     copy = _model()
     copy.load_state_dict(model.state_dict())
-    resumed = _diloco(copy, others, OverlapConfig(a, w))
+    resumed = _diloco(copy, others, OverlapConfig(a, w, v))
     resumed.load_state_dict(saved)
-    outer.step()  # nothing in flight: θ ← Θ₁ + a·(Θ₁ − Θ₀) − w·Δ₁
+    outer.step()  # nothing in flight: θ ← Θ₁ + a·(Θ₁ − Θ₀) − v·α·Δ₁ − w·Δ₁
     resumed.step()
     for (n, p), q in zip(_params(model).items(), copy.parameters(), strict=True):
-        start = theta1[n] + a * (theta1[n] - theta0[n]) - w * d1[n]
+        start = theta1[n] + a * (theta1[n] - theta0[n]) - (w + 0.5 * v) * d1[n]
         torch.testing.assert_close(p, start, rtol=0, atol=1e-6)
         assert torch.equal(p, q)  # the kept step came back with the state
     assert all("last_step" not in outer.state[p] for p in model.parameters())
+
+
+def test_the_message_term_is_the_own_sparse_message_decoded():
+    """SparseLoCo with a = 0, w = 0, v = 1 starts window 1 from Θ₀ − α·D(m₀): the step the
+    message it published would make alone, its top-k values only (zero elsewhere)."""
+    model = _model()
+    ex = Scripted({})
+    rule = OverlapConfig(extrapolation=0.0, own_weight=0.0, message_weight=1.0)
+    outer = SparseLoCo(model.named_parameters(), ex, codec={"topk": 8}, lr=0.7, overlap=rule)
+    theta0 = _params(model)
+    _perturb(model, 5)
+    outer.step()
+    outer.wait_published()
+    ((window, sent),) = ex.published
+    decoded = decode(sent)
+    assert window == 0
+    assert any(int(t.count_nonzero()) < t.numel() for t in decoded.values())
+    for n, p in _params(model).items():
+        torch.testing.assert_close(p, theta0[n] - 0.7 * decoded[n], rtol=0, atol=1e-6)
 
 
 def test_error_feedback_under_the_delay_sees_each_window_once():

@@ -85,6 +85,10 @@ def _minimal(**sections):
             "miner.overlap_own_weight must lie in .0, 1.",
         ),
         (
+            _minimal(miner={"overlap": True, "overlap_message_weight": -0.5}),
+            "miner.overlap_message_weight must lie in .0, 1.",
+        ),
+        (
             _minimal(miner={"overlap_extrapolation": "0.5"}),
             "miner.overlap_extrapolation must be a number",
         ),
@@ -150,8 +154,15 @@ def test_bittensor_chain_needs_no_hotkey():
 
 def test_the_overlap_start_rule_reaches_the_optimizer_settings():
     cfg = config_from_dict(
-        _minimal(miner={"overlap": True, "overlap_extrapolation": 0.25, "overlap_own_weight": 1}),
+        _minimal(
+            miner={
+                "overlap": True,
+                "overlap_extrapolation": 0.25,
+                "overlap_own_weight": 1,
+                "overlap_message_weight": 0,
+            }
+        ),
         environ={},
     )
-    assert cfg.miner.overlap_config() == OverlapConfig(0.25, 1.0)
+    assert cfg.miner.overlap_config() == OverlapConfig(0.25, 1.0, 0.0)
     assert config_from_dict(_minimal(), environ={}).miner.overlap_config() is False
