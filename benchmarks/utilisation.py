@@ -7,11 +7,13 @@ the link differ:
 
 * ``blocking``: ``outer.step()`` publishes, gathers and applies before the next inner step;
 * ``overlap τ=H``: ``SparseLoCo(..., overlap=True)``; the boundary keeps window k's Δ,
-  applies window k−1's aggregate (encoded, published, gathered and aggregated in the
-  background during window k's inner steps), starts window k+1 from
+  encodes its message, applies window k−1's aggregate (published, gathered and aggregated
+  in the background during window k's inner steps), starts window k+1 from
   :class:`~sparseloco.OverlapConfig`'s prediction of the next global model and returns;
-  ``own progress only`` is the same with ``OverlapConfig.local()`` (a = 0, w = 1: the
-  global model plus the own progress, the earlier rule), run at 1 Gbit/s for the loss only;
+  ``own progress only`` is the same with ``OverlapConfig.local()`` (a = 0, w = 1, v = 0:
+  the global model plus the own progress, the earliest rule) and ``previous rule`` with
+  a = 0.5, w = 0.75, v = 0 (the default before the own message's step), each run at
+  1 Gbit/s for the loss only;
 * ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
   the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
 * ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
@@ -95,8 +97,12 @@ from sparseloco.models import GPT, GPTConfig  # noqa: E402
 MODEL = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 CORPUS_BYTES = 2_000_000
 MODES = ("blocking", "overlap", "overlap-tau", "overlap-ready")
-#: the earlier start rule (OverlapConfig.local()), run for the loss tables only
-LOCAL = "overlap-local"
+#: earlier start rules at τ = H, run for the loss tables only: the global model plus the own
+#: progress (OverlapConfig.local()), and the default before the message term (v = 0)
+RULES = {
+    "overlap-local": OverlapConfig.local(),
+    "overlap-prev": OverlapConfig(extrapolation=0.5, own_weight=0.75, message_weight=0.0),
+}
 #: modes whose trajectory depends on timing (the step at which an aggregate arrives)
 TIMED = ("overlap-ready",)
 #: the setting of the longer runs at 1 Gbit/s (``--loss-rounds``)
@@ -153,7 +159,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         compression_level=1,
     )
     ex = StorageExchange(me, storage, directory, signers[me], ModelSpec.from_module(model), config)
-    overlap = OverlapConfig.local() if mode == LOCAL else mode != "blocking"
+    overlap = RULES.get(mode, mode != "blocking")
     outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=overlap)
     tau = job["apply_after"] if mode in ("overlap-tau", "overlap-ready") else None
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
@@ -432,12 +438,12 @@ def main() -> None:
                 runs[-1]["setting"] = "matched" if link == "matched" else link
                 print_progress(runs[-1])
         for seed in args.seeds:
-            for mode in (*MODES, LOCAL) if seed != args.seeds[0] else (LOCAL,):
+            for mode in (*MODES, *RULES) if seed != args.seeds[0] else RULES:
                 runs.append(one_run(swarm, endpoint, "1gbit" + suffix, mode, seed, args))
                 runs[-1]["setting"] = "1gbit"
                 print_progress(runs[-1])
         for seed in args.seeds if args.loss_rounds else ():
-            for mode in (*MODES, LOCAL):
+            for mode in (*MODES, *RULES):
                 long = one_run(
                     swarm, endpoint, "1gbit" + suffix, mode, seed, args, args.loss_rounds
                 )
@@ -556,7 +562,7 @@ def report(runs, args, load_before, load_after, seconds) -> None:
 def loss_table(runs: list[dict[str, Any]], setting: str, args: Any) -> list[dict[str, Any]]:
     """Held-out loss per mode and seed in ``setting``'s runs, and the mean vs blocking's."""
     rows = []
-    for mode in (*MODES, LOCAL):
+    for mode in (*MODES, *RULES):
         by_seed = {
             r["seed"]: r["heldout_loss"]
             for r in runs
@@ -580,7 +586,8 @@ def label(mode: str, args: Any) -> str:
         "overlap": f"overlap τ=H={args.inner_steps}",
         "overlap-tau": f"overlap τ={args.apply_after}",
         "overlap-ready": f"overlap τ≥{args.apply_after}, no wait",
-        LOCAL: f"overlap τ=H={args.inner_steps}, own progress only (a=0, w=1)",
+        "overlap-local": f"overlap τ=H={args.inner_steps}, own progress only (a=0, w=1, v=0)",
+        "overlap-prev": f"overlap τ=H={args.inner_steps}, previous rule (a=0.5, w=0.75, v=0)",
     }[mode]
 
 
