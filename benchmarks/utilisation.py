@@ -119,12 +119,12 @@ def _storage(bucket: str, endpoint: str) -> S3Storage:
 def _split(report: Any, mode: str) -> dict[str, float]:
     """One boundary's seconds that hold up training, and the overlapped round's hidden ones.
 
-    publish: check + encode + the upload (overlapped: the finite check, keeping Δ and
-    encoding the message, which the start rule needs; the upload is in the background);
-    gather: the gather (overlapped: the wait for the background round); apply: aggregate and
-    outer step (overlapped: the outer step and the start; the aggregate is in the
-    background); hidden: the background round's error-feedback commit + publish + gather +
-    aggregate.
+    publish: check + encode + the upload (overlapped: the finite check, keeping Δ and, when
+    the start rule needs it (v > 0), encoding the message; the upload is in the
+    background); gather: the gather (overlapped: the wait for the background round); apply:
+    aggregate and outer step (overlapped: the outer step and the start; the aggregate is in
+    the background); hidden: the background round's encode (unless the boundary did) and
+    error-feedback commit + publish + gather + aggregate.
     """
     t = report.timings
     if mode == "blocking":
@@ -134,9 +134,9 @@ def _split(report: Any, mode: str) -> dict[str, float]:
             "apply": t.get("aggregate_step", 0.0),
             "hidden": 0.0,
         }
-    background = ("commit", "publish", "gather", "aggregate")
+    background = ("encode", "publish", "gather", "aggregate")
     return {
-        "publish": t.get("check", 0.0) + t.get("encode", 0.0),
+        "publish": t.get("check", 0.0) + t.get("encode_message", 0.0),
         "gather": t.get("wait", 0.0),
         "apply": t.get("step", 0.0),
         "hidden": sum(t.get(k, 0.0) for k in background),

@@ -147,8 +147,11 @@ class RoundReport:
     as both), and ``bytes_sent``, ``bytes_received``, ``statuses``, ``peers``,
     ``pseudo_grad_norm``, ``update_norm`` and the timings
     ``encode``/``publish``/``gather``/``aggregate`` are that applied window's background
-    round; ``check`` (finite check and keeping Δ), ``wait`` (blocked on the background
-    round) and ``step`` (outer step) are this boundary's.
+    round (``encode``: encoding its message unless the boundary did, and committing the
+    error buffers); ``check`` (finite check and keeping Δ), ``encode_message`` (this
+    window's message, encoded at the boundary when the start rule needs it: v > 0),
+    ``wait`` (blocked on the background round) and ``step`` (outer step and start) are this
+    boundary's.
     """
 
     window: int
@@ -221,16 +224,17 @@ class _InFlight:
     """The window whose round an overlapped optimizer started and has not applied yet.
 
     It starts with its own progress ``deltas`` (Δ in float32, by name) and the ``own``
-    payload the boundary encoded from them (``norm``: ‖Δ‖). The round commits the error
-    buffers tensor by tensor, naming each in ``committed``, and drops ``deltas`` once all
-    are: a retry after a failure commits only the rest. ``encoded`` is set when that part
-    ends (also by failing), ``published`` when the publish does.
+    payload when the boundary encoded it (the start rule needs it: v > 0), else none. The
+    round encodes ``own`` if it is missing (``norm``: ‖Δ‖), then commits the error buffers
+    tensor by tensor, naming each in ``committed``, and drops ``deltas`` once all are: a
+    retry after a failure encodes nothing twice and commits only the rest. ``encoded`` is
+    set when that part ends (also by failing), ``published`` when the publish does.
     ``future`` is its background round (``None`` after ``load_state_dict``, or once its
     failure was raised: the next boundary then runs it in the foreground).
     """
 
     window: int
-    own: Payload
+    own: Payload | None
     future: Future[_Round] | None
     deltas: dict[str, torch.Tensor] | None = None
     norm: float = 0.0
@@ -586,8 +590,10 @@ class OuterOptimizer(Optimizer):
         if self._inflight is not None:
             with timer("wait"):
                 done = self._collect(self._inflight, params)
-        with timer("encode"):  # after the collect: it reads the error buffers k−1 committed
-            own, norm = self._encode(params, deltas)
+        own, norm = None, 0.0
+        if self.overlap_config.message_weight:  # the start needs m_k: encode it here
+            with timer("encode_message"):  # after the collect: it reads k−1's error buffers
+                own, norm = self._encode(params, deltas)
         with timer("step"):
             self._predicted_start(params, deltas, own, None if done is None else done.aggregates)
             for _, p, _ in params:  # s_{k+1} ← θ
@@ -648,11 +654,11 @@ class OuterOptimizer(Optimizer):
         self,
         params: list[NamedParam],
         deltas: dict[str, torch.Tensor],
-        own: Payload,
+        own: Payload | None,
         aggregates: dict[str, torch.Tensor] | None,
     ) -> None:
         """θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − v·α·D(m_k) − w·Δ_k
-        (:class:`~sparseloco.config.OverlapConfig`; m_k = ``own``).
+        (:class:`~sparseloco.config.OverlapConfig`; m_k = ``own``, ``None`` when v = 0).
 
         With ``aggregates`` (g_{k−1}, one round late) this boundary takes the step
         Θ_k = OuterStep(Θ_{k−1}, g_{k−1}); without, Θ_k is θ₀ as it is (= s_k) and its last
@@ -695,13 +701,13 @@ class OuterOptimizer(Optimizer):
             self.state[p].pop("last_step", None)
 
     def _message_step(
-        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload
+        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload | None
     ) -> torch.Tensor | None:
         """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
         would make alone (its aggregate with no other peer), times v; ``None`` if v = 0."""
         assert self.overlap_config is not None
         v = self.overlap_config.message_weight
-        if not v:
+        if own is None or not v:
             return None
         alone = self._aggregate_tensor(name, {self.exchange.peer_id: own}, p.device)
         return alone.to(torch.float32, copy=True).mul_(v * group["lr"])
@@ -743,12 +749,15 @@ class OuterOptimizer(Optimizer):
         """``p`` → its Δ as ``deltas`` kept it (an overlapped round's), on ``p``'s device."""
         return lambda p: deltas[self._names[p]].to(p.device)
 
-    def _commit_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
-        """Commit the in-flight window's error buffers with the message the boundary encoded
-        (only the round's thread touches them until it is collected)."""
+    def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
+        """Encode the in-flight window's Δ with error feedback unless the boundary did, and
+        commit the error buffers (only the round's thread touches them until it is
+        collected)."""
         try:
             if flight.deltas is None:
-                return  # committed before
+                return  # encoded and committed before
+            if flight.own is None:
+                flight.own, flight.norm = self._encode(params, flight.deltas)
             self._commit_own(params, flight.own, flight.deltas, flight.committed)
             flight.deltas = None
         finally:
@@ -812,8 +821,9 @@ class OuterOptimizer(Optimizer):
         became of it."""
         timer = _Timer()
         try:
-            with timer("commit"):
-                self._commit_flight(flight, params)
+            with timer("encode"):
+                self._encode_flight(flight, params)
+            assert flight.own is not None
             return self._exchange_round(
                 flight.window,
                 flight.own,
@@ -1010,14 +1020,14 @@ class OuterOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim``'s state dict plus ``"outer"``: window, method, the outer
         optimizer's state and, when overlapping, the in-flight round (its window, this
-        peer's payload as flat tensors, and the Δ of every tensor whose error buffer its
-        round has not committed yet): after :meth:`load_state_dict` the next boundary
-        finishes that round (the same bytes), gathers and aggregates it. With a round in
-        flight in the background it first waits for the round's commit.
+        peer's payload as flat tensors once encoded, and the Δ of every tensor whose error
+        buffer its round has not committed yet): after :meth:`load_state_dict` the next
+        boundary finishes that round (the same bytes), gathers and aggregates it. With a
+        round in flight in the background it first waits for the round's encode and commit.
         """
         flight = self._inflight
         if flight is not None and flight.future is not None:
-            flight.encoded.wait()  # the error buffers are final once its round committed
+            flight.encoded.wait()  # the error buffers are final once its round committed them
         sd = super().state_dict()
         sd["outer"] = {"window": self.window, "method": self.method}
         if self.outer_optimizer is not None:
@@ -1030,11 +1040,12 @@ class OuterOptimizer(Optimizer):
 
     @staticmethod
     def _flight_state(flight: _InFlight) -> dict[str, Any]:
-        """The in-flight window, its payload, and its Δ of the tensors whose error buffers
-        are not committed yet."""
-        tensors, meta = flight.own.to_tensors()
+        """The in-flight window, its payload once encoded, and its Δ of the tensors whose
+        error buffers are not committed yet (all of them before the encode)."""
         out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
-        out.update(tensors=tensors, meta=dict(meta))
+        if flight.own is not None:
+            tensors, meta = flight.own.to_tensors()
+            out.update(tensors=tensors, meta=dict(meta))
         if flight.deltas is not None:
             out["deltas"] = {n: d for n, d in flight.deltas.items() if n not in flight.committed}
             out["committed"] = sorted(flight.committed)
@@ -1132,25 +1143,26 @@ class OuterOptimizer(Optimizer):
         if saved is None:
             return None
         shapes = self._shapes(self._round_params())
-        if "tensors" not in saved:
-            raise ConfigError(
-                "state_dict's in-flight round has no payload (saved by a version that encoded "
-                "in the background): finish() it with that version before saving"
-            )
-        own = payload_from_tensors(saved["tensors"], saved["meta"])
-        self._check(own, shapes)
-        validate_payload(own)
+        own = None
+        if "tensors" in saved:
+            own = payload_from_tensors(saved["tensors"], saved["meta"])
+            self._check(own, shapes)
+            validate_payload(own)
         flight = _InFlight(int(saved["window"]), own, None, norm=float(saved.get("norm", 0.0)))
-        if "deltas" in saved:  # error buffers still to commit
+        if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
             committed = set(saved.get("committed", ()))
             deltas = saved["deltas"]
             expected = {n: shape for n, shape in shapes.items() if n not in committed}
-            if {n: tuple(d.shape) for n, d in deltas.items()} != expected:
+            if {n: tuple(d.shape) for n, d in deltas.items()} != expected or (
+                own is None and committed
+            ):
                 raise ConfigError("state_dict's in-flight progress does not fit this model")
             flight.deltas = {
                 n: self._store(d.to(torch.float32, copy=True)) for n, d in deltas.items()
             }
             flight.committed = committed
+        elif own is None:
+            raise ConfigError("state_dict's in-flight round has neither payload nor progress")
         return flight
 
 

@@ -33,6 +33,7 @@ from sparseloco import (
     ExchangeError,
     GatherResult,
     NonFiniteError,
+    OverlapConfig,
     PeerStatus,
     SparseLoCo,
     decode_tensor,
@@ -64,6 +65,13 @@ OVERLAPPED = {
         nesterov=True,
         lr=0.7,
         overlap=True,
+    ),
+    # v = 0: the message is encoded in the background, not at the boundary
+    "sparseloco-v0": lambda m, ex: SparseLoCo(
+        m.named_parameters(),
+        ex,
+        codec={"topk": 8},
+        overlap=OverlapConfig(extrapolation=0.5, own_weight=0.75, message_weight=0.0),
     ),
     "sparseloco-offload": lambda m, ex: SparseLoCo(
         m.named_parameters(), ex, codec={"topk": 8}, momentum=0.5, offload=True, overlap=True
@@ -373,12 +381,12 @@ def _fail_second(monkeypatch, failing):
     monkeypatch.setattr(sparseloco.optim, failing, fail_second)
 
 
-def _window_2(model, outer, monkeypatch=None):
+def _window_2(model, outer, monkeypatch=None, failing="commit_tensor"):
     """Finish the set-up's window 1, then train and step window 2 (with ``monkeypatch``,
-    its error-buffer commit fails on the second tensor, in the background round)."""
+    ``failing`` raises on the second tensor it sees, in the background round)."""
     outer.finish()
     if monkeypatch is not None:
-        _fail_second(monkeypatch, "commit_tensor")
+        _fail_second(monkeypatch, failing)
     _perturb(model, outer, 13)
     outer.step()
 
@@ -403,25 +411,34 @@ def test_failed_encode_at_the_boundary_changes_nothing_and_the_retry_is_clean(mo
     _assert_identical(_overlapped_snapshot(model, outer), _overlapped_snapshot(clean_model, clean))
 
 
-def test_failed_background_commit_is_finished_exactly_once(monkeypatch):
-    """A window whose error-buffer commit failed in the background keeps its Δ for the
-    tensors not committed; the retry (here, and in a peer restarted from that state)
-    encodes nothing again, commits only the rest and publishes what a clean run does."""
-    model, outer, ex = _overlapped_setup("sparseloco")
-    _window_2(model, outer, monkeypatch)
+@pytest.mark.parametrize(
+    ("method", "failing"),
+    [
+        ("sparseloco-v0", "encode_tensor"),
+        ("sparseloco-v0", "commit_tensor"),
+        ("sparseloco", "commit_tensor"),  # encoded at the boundary
+    ],
+)
+def test_failed_background_encode_or_commit_is_finished_exactly_once(monkeypatch, method, failing):
+    """A window whose encode (or error-buffer commit) failed in the background keeps its Δ
+    for what is not done; the retry (here, and in a peer restarted from that state)
+    encodes nothing twice, commits only the rest and publishes what a clean run does."""
+    model, outer, ex = _overlapped_setup(method)
+    _window_2(model, outer, monkeypatch, failing)
     saved = outer.state_dict()
     params = {k: v.clone() for k, v in model.state_dict().items()}
     flight = saved["outer"]["in_flight"]
-    assert flight["window"] == 2 and len(flight["deltas"]) == len(NAMES) - 1
-    assert "tensors" in flight
+    done_before = 0 if failing == "encode_tensor" else 1  # the commit failed on the second
+    assert flight["window"] == 2 and len(flight["deltas"]) == len(NAMES) - done_before
+    assert ("tensors" in flight) == (failing == "commit_tensor")
     with pytest.raises(BackgroundRoundError, match="injected") as info:
         outer.finish()
-    assert (info.value.window, info.value.phase) == (2, "commit")
+    assert (info.value.window, info.value.phase) == (2, "encode")
     monkeypatch.undo()
-    clean_model, clean, clean_ex = _overlapped_setup("sparseloco")
+    clean_model, clean, clean_ex = _overlapped_setup(method)
     _window_2(clean_model, clean)
     expected = _published(clean, clean_ex, 2)
-    restarted_model, restarted, restarted_ex = _overlapped_setup("sparseloco")
+    restarted_model, restarted, restarted_ex = _overlapped_setup(method)
     restarted.finish()
     restarted_model.load_state_dict(params)
     restarted.load_state_dict(saved)
