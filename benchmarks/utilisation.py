@@ -187,12 +187,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
                 compute += time.perf_counter() - t0
                 mid = outer_call(outer.finish) | {"applied_after": step}
                 t0 = time.perf_counter()
-            ids = torch.randint(0, data.num_train, (job["batch"],), generator=gen).tolist()
-            _, loss = model(*data.train_batch(ids))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            inner.step()
-            inner.zero_grad(set_to_none=True)
+            inner_step(model, inner, data, gen, job["batch"])
         compute += time.perf_counter() - t0
         rounds.append({"compute": compute, **outer_call(outer.step), "mid": mid})
     drain = outer_call(outer.finish) if outer.in_flight is not None else None
@@ -212,6 +207,18 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         out["heldout_loss"] = heldout_loss(model, data, job["batch"])
     storage.close()
     return out
+
+
+def inner_step(
+    model: GPT, inner: torch.optim.Optimizer, data: TokenDataset, gen: torch.Generator, batch: int
+) -> None:
+    """One inner step on ``batch`` random training samples drawn from ``gen``."""
+    ids = torch.randint(0, data.num_train, (batch,), generator=gen).tolist()
+    _, loss = model(*data.train_batch(ids))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    inner.step()
+    inner.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

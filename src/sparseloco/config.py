@@ -239,7 +239,8 @@ class OverlapConfig:
     other peers' part of g_k. v (``message_weight``) takes that share of the step this
     peer's own message m_k (encoded at the boundary, with error feedback) would make were it
     the only one: D(m_k) is g_k with this peer alone (its decoded values, zero elsewhere),
-    α the outer learning rate of the parameter's group; under ``mean_selected`` it is g_k
+    α the ``lr`` of the parameter's group (read even where an ``outer_optimizer`` takes the
+    step, which ignores it otherwise); under ``mean_selected`` it is g_k
     exactly on the coordinates no other peer selected. w (``own_weight``) adds that share of
     this peer's dense fresh progress Δ_k, most of which the message leaves in the error
     buffer for later rounds. The rest of g_k cannot be predicted coordinate by coordinate
@@ -249,9 +250,11 @@ class OverlapConfig:
     progress since s_{k+1} on top of Θ_{k+1}), so every peer's Θ stays the same whatever
     a, v and w.
 
-    The defaults were chosen by a sweep on ``benchmarks/utilisation.py``'s model with 2
-    peers and seeds 0 and 1 (other seeds and 4 peers out of sample; README, "Communication
-    and utilisation"). a = 0, v = 0, w = 1 (``OverlapConfig.local()``) continues from the own
+    The defaults were chosen by a sweep (``benchmarks/overlap_rule.py``) on
+    ``benchmarks/utilisation.py``'s model with 2 peers, 60 rounds and seeds 0 and 1 (other
+    seeds and 4 peers out of sample; README, "Communication and utilisation"). With v > 0
+    the boundary encodes the message itself (the background round does with v = 0), which
+    costs time there. a = 0, v = 0, w = 1 (``OverlapConfig.local()``) continues from the own
     progress alone, the rule of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s
     default): exact for one peer with dense updates, but with 2 peers and Covenant's codec it
     ends several per cent above blocking rounds' held-out loss.
