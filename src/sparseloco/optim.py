@@ -676,7 +676,8 @@ class OuterOptimizer(Optimizer):
             del messages
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
-                start = starts.pop(name).add_(self.state[p]["theta0"])
+                theta0 = self.state[p]["theta0"].to(p.device, non_blocking=self.offload)
+                start = starts.pop(name).add_(theta0)
                 if last:
                     start.add_(last[name].to(p.device), alpha=a)
                 p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
