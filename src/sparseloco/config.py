@@ -238,17 +238,17 @@ class OverlapConfig:
     a (``extrapolation``) moves it along the global model's last step, a look-ahead for the
     other peers' part of g_k. v (``message_weight``) takes that share of the step this
     peer's own message m_k (encoded at the boundary, with error feedback) would make were it
-    the only one: D(m_k) is g_k with this peer alone (its decoded values, zero elsewhere),
-    α the ``lr`` of the parameter's group (read even where an ``outer_optimizer`` takes the
-    step, which ignores it otherwise); under ``mean_selected`` it is g_k
-    exactly on the coordinates no other peer selected. w (``own_weight``) adds that share of
-    this peer's dense fresh progress Δ_k, most of which the message leaves in the error
-    buffer for later rounds. The rest of g_k cannot be predicted coordinate by coordinate
-    (each peer's top-k picks other coordinates); what a, v and w set is how far ahead, and
-    along what, the next window starts. g_k is applied to Θ alone (at the next boundary,
-    which starts window k+2 the same way, or by a ``finish()`` τ steps in, which keeps the
-    progress since s_{k+1} on top of Θ_{k+1}), so every peer's Θ stays the same whatever
-    a, v and w.
+    the only one: D(m_k) is g_k with this peer alone (its decoded values, zero elsewhere), α
+    the ``lr`` of the parameter's group (read even where an ``outer_optimizer`` takes the
+    step, which ignores it otherwise); under ``mean_selected`` it is g_k on the coordinates
+    no other peer selected, up to the median-norm clipping (``clip_to_median``). w
+    (``own_weight``) adds that share of this peer's dense fresh progress Δ_k, most of which
+    the message leaves in the error buffer for later rounds. The rest of g_k cannot be
+    predicted coordinate by coordinate (each peer's top-k picks other coordinates); what a,
+    v and w set is how far ahead, and along what, the next window starts. g_k is applied to
+    Θ alone (at the next boundary, which starts window k+2 the same way, or by a
+    ``finish()`` τ steps in, which keeps the progress since s_{k+1} on top of Θ_{k+1}), so
+    every peer's Θ stays the same whatever a, v and w.
 
     The defaults were chosen by a sweep (``benchmarks/overlap_rule.py``) on
     ``benchmarks/utilisation.py``'s model with 2 peers, 60 rounds and seeds 0 and 1 (other

@@ -30,10 +30,11 @@ commits the error buffers once its message exists and before its upload, and a r
 a failure finishes exactly what is left (the same message, each buffer committed once).
 
 Overlapped rounds (``overlap=True``, SparseLoCo and DiLoCo): ``step()`` keeps window k's
-progress Δ_k, encodes its message m_k with error feedback, applies window k−1's aggregate
-g_{k−1} (published, gathered, checked and aggregated on a background thread while window
-k's inner steps ran) and returns, while window k's round runs in the background in turn;
-the boundary itself does the encode and elementwise work only. With Θ the global model
+progress Δ_k, encodes its message m_k with error feedback when the start rule needs it
+(v > 0; else the background round does), applies window k−1's aggregate g_{k−1}
+(published, gathered, checked and aggregated on a background thread while window k's inner
+steps ran) and returns, while window k's round runs in the background in turn; the
+boundary itself does that encode and elementwise work only. With Θ the global model
 (``θ₀``), s the point window k's inner steps started from (state ``"start"``) and Θ₀ the
 initial model (s₀ = Θ₀), the boundary after window k's inner steps is::
 
@@ -571,13 +572,14 @@ class OuterOptimizer(Optimizer):
         """An overlapped boundary: apply window k−1, start window k's round behind.
 
         Atomic like a blocking round: the finite check, waiting for window k−1's background
-        round (its failure raises :class:`BackgroundRoundError`) and encoding window k's
-        message run before θ, θ₀, s, the momentum buffers, the error buffers, the window or
-        the in-flight round change. The boundary keeps Δ_k, encodes its message (the start
-        rule needs it) and leaves the rest of window k's round to a background thread:
-        committing the error buffers, publish, gather, payload checks and aggregate; a
-        retry after a failed one does what is left of it in the foreground (publishing the
-        same bytes).
+        round (its failure raises :class:`BackgroundRoundError`) and, with v > 0, encoding
+        window k's message run before θ, θ₀, s, the momentum buffers, the error buffers, the
+        window or the in-flight round change; window k−1's round, once collected, is kept
+        done, so a failure after it does not run it again. The boundary keeps Δ_k, encodes
+        its message if the start rule needs it (v > 0) and leaves the rest of window k's round
+        to a background thread: encoding (v = 0) and committing the error buffers, publish,
+        gather, payload checks and aggregate; a retry after a failed one does what is left of
+        it in the foreground (publishing the same bytes).
         """
         timer = _Timer()
         window = self.window
@@ -667,13 +669,11 @@ class OuterOptimizer(Optimizer):
         """
         assert self.overlap_config is not None
         a, w = self.overlap_config.extrapolation, self.overlap_config.own_weight
-        messages = {n: self._message_step(n, p, g, own) for n, p, g in params}  # v·α·D(m_k)
         if aggregates is not None:
-            starts = {  # −v·α·D(m_k), or zeros: the start is built on it
-                n: torch.zeros_like(p, dtype=torch.float32) if m is None else m.neg_()
-                for (n, p, _), m in zip(params, messages.values(), strict=True)
-            }
-            del messages
+            starts = {}  # −v·α·D(m_k), or zeros: each start is built on it
+            for name, p, group in params:
+                m = self._message_step(name, p, group, own)
+                starts[name] = torch.zeros_like(p, dtype=torch.float32) if m is None else m.neg_()
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
                 theta0 = self.state[p]["theta0"].to(p.device, non_blocking=self.offload)
@@ -685,16 +685,17 @@ class OuterOptimizer(Optimizer):
             return
         # θ = s_k − Δ_k = Θ_k − Δ_k: only the changes to it, all computed before any is made
         changes = {}
-        for name, p, _ in params:
+        for name, p, group in params:
+            change = self._message_step(name, p, group, own)
+            if change is not None:
+                change.neg_()
             last_step = self.state[p].get("last_step")
-            change = None
             if last_step is not None and a:
-                change = last_step.to(p.device, torch.float32, copy=True).mul_(a)
+                step = last_step.to(p.device, torch.float32, copy=True).mul_(a)
+                change = step if change is None else change.add_(step)
             if w != 1.0:
                 kept = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
                 change = kept if change is None else change.add_(kept)
-            if messages[name] is not None:
-                change = messages[name].neg_() if change is None else change.sub_(messages[name])
             changes[name] = change
         for name, p, _ in params:
             if changes[name] is not None:
@@ -866,6 +867,9 @@ class OuterOptimizer(Optimizer):
                 window=flight.window,
                 phase=exc.phase,
             ) from cause
+        if future is None:  # run here: kept as done, so a failure after it reuses the result
+            future = Future()
+            future.set_result(done)
         flight.future = future  # kept until the commit: a failure after it reuses the result
         return done
 

@@ -366,7 +366,9 @@ class MinerSettings:
             _check(0.0 <= getattr(self, name) <= 1.0, f"miner.{name} must lie in [0, 1]")
             _check(
                 self.overlap or getattr(self, name) == getattr(OverlapConfig, field_),
-                f"miner.{name} needs miner.overlap = true",
+                f"miner.{name} needs miner.overlap = true (with overlap off, remove it; the "
+                f"defaults are a = {OverlapConfig.extrapolation}, w = {OverlapConfig.own_weight}, "
+                f"v = {OverlapConfig.message_weight})",
             )
 
     def overlap_config(self) -> OverlapConfig | bool:

@@ -411,6 +411,36 @@ def test_failed_encode_at_the_boundary_changes_nothing_and_the_retry_is_clean(mo
     _assert_identical(_overlapped_snapshot(model, outer), _overlapped_snapshot(clean_model, clean))
 
 
+def test_a_failed_encode_after_a_round_run_at_the_boundary_does_not_run_it_again(monkeypatch):
+    """A restarted peer runs the in-flight round at its next boundary (publish, gather,
+    aggregate); if the encode after it fails, the retry reuses that round: window 1 is
+    published once, and the peer ends where one that never stopped does."""
+    model, outer, _ = _overlapped_setup("sparseloco")
+    saved = outer.state_dict()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    restarted_model, restarted, restarted_ex = _overlapped_setup("sparseloco")
+    restarted.finish()
+    restarted_model.load_state_dict(params)
+    restarted.load_state_dict(saved)
+    before = len(restarted_ex.published)
+    _fail_second(monkeypatch, "encode_tensor")
+    with pytest.raises(RuntimeError, match="injected"):
+        restarted.step()
+    monkeypatch.undo()
+    restarted.step()
+    outer.step()
+    assert [w for w, _ in restarted_ex.published[before:]].count(1) == 1
+    _assert_identical(
+        _overlapped_snapshot(restarted_model, restarted), _overlapped_snapshot(model, outer)
+    )
+
+
+def test_the_boundary_times_its_encode_only_when_the_start_needs_the_message():
+    for method, expected in (("sparseloco", True), ("sparseloco-v0", False)):
+        _, outer, _ = _overlapped_setup(method)
+        assert ("encode_message" in outer.step().timings) is expected
+
+
 @pytest.mark.parametrize(
     ("method", "failing"),
     [
