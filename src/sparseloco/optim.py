@@ -686,16 +686,16 @@ class OuterOptimizer(Optimizer):
         # θ = s_k − Δ_k = Θ_k − Δ_k: only the changes to it, all computed before any is made
         changes = {}
         for name, p, group in params:
-            change = self._message_step(name, p, group, own)
-            if change is not None:
-                change.neg_()
             last_step = self.state[p].get("last_step")
+            change = None
             if last_step is not None and a:
-                step = last_step.to(p.device, torch.float32, copy=True).mul_(a)
-                change = step if change is None else change.add_(step)
+                change = last_step.to(p.device, torch.float32, copy=True).mul_(a)
             if w != 1.0:
                 kept = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
                 change = kept if change is None else change.add_(kept)
+            message = self._message_step(name, p, group, own)
+            if message is not None:
+                change = message.neg_() if change is None else change.sub_(message)
             changes[name] = change
         for name, p, _ in params:
             if changes[name] is not None:
