@@ -275,10 +275,12 @@ def test_a_window_after_a_mid_window_finish_starts_from_the_prediction_too():
     assert all("last_step" not in outer.state[p] for p in model.parameters())
 
 
-def test_the_message_term_is_the_own_sparse_message_decoded():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_message_term_is_the_own_sparse_message_decoded(dtype):
     """SparseLoCo with a = 0, w = 0, v = 1 starts window 1 from Θ₀ − α·D(m₀): the step the
-    message it published would make alone, its top-k values only (zero elsewhere)."""
-    model = _model()
+    message it published would make alone, its top-k values only (zero elsewhere); a
+    bfloat16 model gets it rounded once to its dtype."""
+    model = _model().to(dtype)
     ex = Scripted({})
     rule = OverlapConfig(extrapolation=0.0, own_weight=0.0, message_weight=1.0)
     outer = SparseLoCo(model.named_parameters(), ex, codec={"topk": 8}, lr=0.7, overlap=rule)
@@ -291,7 +293,12 @@ def test_the_message_term_is_the_own_sparse_message_decoded():
     assert window == 0
     assert any(int(t.count_nonzero()) < t.numel() for t in decoded.values())
     for n, p in _params(model).items():
-        torch.testing.assert_close(p, theta0[n] - 0.7 * decoded[n], rtol=0, atol=1e-6)
+        expected = (theta0[n].float() - 0.7 * decoded[n]).to(dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
+        else:
+            assert p.dtype == dtype
+            torch.testing.assert_close(p, expected)
 
 
 def test_error_feedback_under_the_delay_sees_each_window_once():
