@@ -670,14 +670,18 @@ class OuterOptimizer(Optimizer):
         assert self.overlap_config is not None
         a, w = self.overlap_config.extrapolation, self.overlap_config.own_weight
         if aggregates is not None:
-            starts = {}  # −v·α·D(m_k), or zeros: each start is built on it
+            starts = {}  # −v·α·D(m_k) (v > 0), else uninitialised: each start is built in it
             for name, p, group in params:
                 m = self._message_step(name, p, group, own)
-                starts[name] = torch.zeros_like(p, dtype=torch.float32) if m is None else m.neg_()
+                starts[name] = torch.empty_like(p, dtype=torch.float32) if m is None else m.neg_()
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
-                theta0 = self.state[p]["theta0"].to(p.device, non_blocking=self.offload)
-                start = starts.pop(name).add_(theta0)
+                theta0 = self.state[p]["theta0"]
+                start = starts.pop(name)
+                if own is None:
+                    start.copy_(theta0)
+                else:
+                    start.add_(theta0.to(p.device, non_blocking=self.offload))
                 if last:
                     start.add_(last[name].to(p.device), alpha=a)
                 p.copy_(start.sub_(deltas[name].to(p.device), alpha=w))
@@ -706,13 +710,15 @@ class OuterOptimizer(Optimizer):
         self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload | None
     ) -> torch.Tensor | None:
         """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
-        would make alone (its aggregate with no other peer), times v; ``None`` if v = 0."""
-        assert self.overlap_config is not None
-        v = self.overlap_config.message_weight
-        if own is None or not v:
+        would make alone (its aggregate with no other peer), times v; ``None`` if v = 0
+        (``own`` is then ``None``)."""
+        if own is None:  # the boundary encodes m_k only for v > 0
             return None
+        assert self.overlap_config is not None
         alone = self._aggregate_tensor(name, {self.exchange.peer_id: own}, p.device)
-        return alone.to(torch.float32, copy=True).mul_(v * group["lr"])
+        return alone.to(torch.float32, copy=True).mul_(
+            self.overlap_config.message_weight * group["lr"]
+        )
 
     def _outer_step_taken(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -867,7 +873,7 @@ class OuterOptimizer(Optimizer):
                 window=flight.window,
                 phase=exc.phase,
             ) from cause
-        if future is None:  # run here: kept as done, so a failure after it reuses the result
+        if future is None:  # run here: kept as a done one
             future = Future()
             future.set_result(done)
         flight.future = future  # kept until the commit: a failure after it reuses the result
