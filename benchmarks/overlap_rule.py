@@ -7,7 +7,10 @@ with ``--peers`` peers as threads of one process exchanging through an
 deterministic modes end where that benchmark's do (blocking and overlap at τ = H: the same
 held-out loss, bit for bit, as its JSON's). Each rule is ``a,w,v``
 (``extrapolation,own_weight,message_weight``); every rule and seed runs in its own process,
-``--jobs`` at a time. Prints the table and writes ``results/<name>.json``.
+``--jobs`` at a time. Each peer steps as :class:`~sparseloco.OuterLoop` does: the boundary
+leaves the own message's step to :meth:`~sparseloco.SparseLoCo.apply_message` after the next
+window's first inner step (``--at-boundary``: the boundary adds it, encoding the message
+itself). Prints the table and writes ``results/<name>.json``.
 
     python benchmarks/overlap_rule.py                          # the defaults' sweep, ~10 min
     python benchmarks/overlap_rule.py --rules 0.5,0.75,0 --seeds 0 --rounds 60
@@ -79,7 +82,8 @@ def _train(
     for _ in range(job["rounds"]):
         for _ in range(job["inner_steps"]):
             inner_step(model, inner, data, gen, job["batch"])
-        outer.step()
+            outer.apply_message()  # after the first inner step, as OuterLoop does
+        outer.step(defer_message=not job["at_boundary"])
     outer.finish()
     if index == 0:
         out["loss"] = heldout_loss(model, data, job["batch"])
@@ -136,6 +140,11 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--inner-lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--at-boundary",
+        action="store_true",
+        help="the boundary adds the own message's step (else: after the first inner step)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--name", default="overlap_rule")
     args = ap.parse_args()
@@ -148,6 +157,7 @@ def main() -> None:
         "batch": args.batch,
         "inner_lr": args.inner_lr,
         "timeout_s": 600.0,
+        "at_boundary": args.at_boundary,
     }
     jobs = [
         common | {"rule": rule, "seed": seed}

@@ -58,6 +58,7 @@ them from a saved run).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -102,7 +103,11 @@ MODES = ("blocking", "overlap", "overlap-tau", "overlap-ready")
 RULES = {
     "overlap-local": OverlapConfig.local(),
     "overlap-prev": OverlapConfig(extrapolation=0.5, own_weight=0.75, message_weight=0.0),
+    "overlap-boundary": OverlapConfig(),
 }
+#: modes whose boundary encodes the message and adds its step to the start itself (the
+#: others step with defer_message=True and apply_message() after the first inner step)
+AT_BOUNDARY = ("overlap-boundary",)
 #: modes whose trajectory depends on timing (the step at which an aggregate arrives)
 TIMED = ("overlap-ready",)
 #: the setting of the longer runs at 1 Gbit/s (``--loss-rounds``)
@@ -137,8 +142,8 @@ def _split(report: Any, mode: str) -> dict[str, float]:
     background = ("encode", "publish", "gather", "aggregate")
     return {
         "publish": t.get("check", 0.0) + t.get("encode_message", 0.0),
-        "gather": t.get("wait", 0.0),
-        "apply": t.get("step", 0.0),
+        "gather": t.get("wait", 0.0) + t.get("message_wait", 0.0),
+        "apply": t.get("step", 0.0) + t.get("message", 0.0),
         "hidden": sum(t.get(k, 0.0) for k in background),
     }
 
@@ -188,8 +193,13 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
                 mid = outer_call(outer.finish) | {"applied_after": step}
                 t0 = time.perf_counter()
             inner_step(model, inner, data, gen, job["batch"])
+            end = time.perf_counter()
+            if outer.apply_message():  # after the first inner step, as OuterLoop does
+                compute += end - t0
+                t0 = time.perf_counter()
         compute += time.perf_counter() - t0
-        rounds.append({"compute": compute, **outer_call(outer.step), "mid": mid})
+        step = functools.partial(outer.step, defer_message=mode not in AT_BOUNDARY)
+        rounds.append({"compute": compute, **outer_call(step), "mid": mid})
     drain = outer_call(outer.finish) if outer.in_flight is not None else None
     wall = time.perf_counter() - start
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -595,6 +605,7 @@ def label(mode: str, args: Any) -> str:
         "overlap-ready": f"overlap τ≥{args.apply_after}, no wait",
         "overlap-local": f"overlap τ=H={args.inner_steps}, own progress only (a=0, w=1, v=0)",
         "overlap-prev": f"overlap τ=H={args.inner_steps}, previous rule (a=0.5, w=0.75, v=0)",
+        "overlap-boundary": f"overlap τ=H={args.inner_steps}, message step at the boundary",
     }[mode]
 
 

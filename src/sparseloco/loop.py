@@ -64,12 +64,26 @@ class OuterLoop:
             training never waits before the boundary. Every peer's global model stays the
             same, but the step it is applied at, and so each run's trajectory, then depends
             on timing.
+        defer_message: with an overlapped outer optimizer whose start rule has v > 0:
+            ``True`` (default) leaves encoding the message to the background round and adds
+            its step to the start after the window's first inner step (the boundary then
+            costs what it does with v = 0); ``False`` has the boundary encode and add it.
+            ``benchmarks/utilisation.py`` measures both (README, "Communication and
+            utilisation"): where the encode is a larger share of a round's compute, as on
+            small CPU models, ``True`` keeps utilisation; ``False`` ended lower in loss.
 
     Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
     ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a
     fused or capturable optimizer is called with ``optimizer.found_inf`` set and skips inside,
     which the post-step hook reads. :class:`DataParallel` under a GradScaler cannot run from
     these hooks (see its docstring); its hook raises if it sees ``found_inf``.
+
+    With an overlapped outer optimizer (``overlap=True``), ``sync_every`` > 1 and
+    ``defer_message`` the loop steps it with ``defer_message=True``: the boundary leaves
+    encoding this peer's message to the background round, and the start's own-message
+    step (v > 0) is added by ``outer.apply_message()``, which the hook calls after every
+    inner step of a window (it does something once: after the first, or the first after a
+    restart).
 
     With an overlapped outer optimizer (``overlap=True``) leaving the block without an
     exception calls ``outer.finish()``, which applies the last in-flight aggregate (its
@@ -87,6 +101,7 @@ class OuterLoop:
         on_round: Callable[[RoundReport], None] | None = None,
         apply_after: int | None = None,
         wait: bool = True,
+        defer_message: bool = True,
     ) -> None:
         self.inner = inner
         self.outer = outer
@@ -104,6 +119,9 @@ class OuterLoop:
         if not wait and apply_after is None:
             raise ConfigError("wait=False says how apply_after applies: give apply_after too")
         self.apply_after = None if apply_after == self.sync_every else apply_after
+        # the start's own-message step, left to the background, lands after the window's
+        # first inner step (a window of one step has none between its boundaries)
+        self._defer_message = defer_message and outer.overlap and self.sync_every > 1
         self.wait = wait
         self.on_round = on_round
         self.inner_step_count = 0
@@ -111,7 +129,7 @@ class OuterLoop:
         self._handle: Any = None
 
     def _run_outer(self) -> None:
-        self._record(self.outer.step())
+        self._record(self.outer.step(defer_message=self._defer_message))
 
     def _record(self, report: RoundReport) -> None:
         self.reports.append(report)
@@ -134,7 +152,9 @@ class OuterLoop:
         phase = self.inner_step_count % self.sync_every
         if phase == 0:
             self._run_outer()
-        elif self._apply_now(phase):
+            return
+        self.outer.apply_message()
+        if self._apply_now(phase):
             report = self.outer.finish()
             if report is not None:
                 self._record(report)

@@ -232,6 +232,11 @@ class _InFlight:
     set when that part ends (also by failing), ``published`` when the publish does.
     ``future`` is its background round (``None`` after ``load_state_dict``, or once its
     failure was raised: the next boundary then runs it in the foreground).
+
+    ``deferred``: the boundary left the start's own-message term for
+    :meth:`OuterOptimizer.apply_message`; the round then also computes it
+    (``message_steps``: v·α·D(m) by name, each dropped once applied) before setting
+    ``encoded``. ``message_times``: that call's timings, for the next report.
     """
 
     window: int
@@ -242,6 +247,9 @@ class _InFlight:
     committed: set[str] = field(default_factory=set)
     encoded: threading.Event = field(default_factory=threading.Event)
     published: threading.Event = field(default_factory=threading.Event)
+    deferred: bool = False
+    message_steps: dict[str, torch.Tensor] | None = None
+    message_times: dict[str, float] = field(default_factory=dict)
 
 
 class OuterOptimizer(Optimizer):
@@ -486,8 +494,17 @@ class OuterOptimizer(Optimizer):
         self._outer_update(p, group, agg)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> RoundReport:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, defer_message: bool = False
+    ) -> RoundReport:
         """One round: check, encode, publish, gather, aggregate, then commit; returns the report.
+
+        ``defer_message`` (overlapped rounds whose start rule has v > 0; ignored otherwise):
+        the boundary neither encodes the message nor adds the own message's step to the
+        start; the background round encodes and computes it, and :meth:`apply_message`
+        adds it during the window (:class:`~sparseloco.loop.OuterLoop` calls it after every
+        inner step, so it lands after the first). The caller must call it before the next
+        ``step()``, which otherwise raises.
 
         With an exchange whose ranks step together (``exchange.lockstep``:
         :class:`~sparseloco.ranks.RankZeroExchange`,
@@ -506,7 +523,7 @@ class OuterOptimizer(Optimizer):
         if closure is not None:
             raise ConfigError("outer optimizers take no closure")
         if self.overlap:
-            return self._step_overlapped()
+            return self._step_overlapped(defer_message)
         timer = _Timer()
         window = self.window
         params = self._round_params()
@@ -568,7 +585,7 @@ class OuterOptimizer(Optimizer):
             )
         return lock
 
-    def _step_overlapped(self) -> RoundReport:
+    def _step_overlapped(self, defer_message: bool) -> RoundReport:
         """An overlapped boundary: apply window k−1, start window k's round behind.
 
         Atomic like a blocking round: the finite check, waiting for window k−1's background
@@ -579,21 +596,31 @@ class OuterOptimizer(Optimizer):
         its message if the start rule needs it (v > 0) and leaves the rest of window k's round
         to a background thread: encoding (v = 0) and committing the error buffers, publish,
         gather, payload checks and aggregate; a retry after a failed one does what is left of
-        it in the foreground (publishing the same bytes).
+        it in the foreground (publishing the same bytes). With ``defer_message`` the message
+        is encoded by that round too, and its step added by :meth:`apply_message`.
         """
         timer = _Timer()
         window = self.window
         params = self._round_params()
         choice = self._backend(params[0][1].device)
+        previous = self._inflight
+        if previous is not None and previous.deferred:
+            raise ConfigError(
+                f"window {window}'s start still lacks its own message's step: call "
+                "apply_message() during the window (OuterLoop does), or step() without "
+                "defer_message"
+            )
         with timer("check"):
             self._check_inputs(params)
             deltas = {n: self._store(self._own_delta(p)) for n, p, _ in params}  # Δ_k
         done = None
-        if self._inflight is not None:
+        if previous is not None:
             with timer("wait"):
-                done = self._collect(self._inflight, params)
+                done = self._collect(previous, params)
+            timer.times |= previous.message_times
         own, norm = None, 0.0
-        if self.overlap_config.message_weight:  # the start needs m_k: encode it here
+        needs_message = bool(self.overlap_config.message_weight)
+        if needs_message and not defer_message:  # the start needs m_k: encode it here
             with timer("encode_message"):  # after the collect: it reads k−1's error buffers
                 own, norm = self._encode(params, deltas)
         with timer("step"):
@@ -601,6 +628,7 @@ class OuterOptimizer(Optimizer):
             for _, p, _ in params:  # s_{k+1} ← θ
                 self.state[p]["start"].copy_(p)
         self._inflight = _InFlight(window, own, None, deltas, norm)  # no thread: done later
+        self._inflight.deferred = needs_message and defer_message
         self.window = window + 1
         self._inflight.future = self._launch(self._inflight, params)
         report = self._overlapped_report(window, choice, done, timer)
@@ -625,12 +653,53 @@ class OuterOptimizer(Optimizer):
         choice = self._backend(params[0][1].device)
         with timer("wait"):
             done = self._collect(self._inflight, params)
-        with timer("step"):
+        timer.times |= self._inflight.message_times
+        with timer("step"):  # a message step not yet applied is dropped: g_k replaces it
             self._keep_local_progress(params, done.aggregates)
         self._inflight = None
         report = self._overlapped_report(done.window, choice, done, timer)
         self.last_report = report
         return report
+
+    @torch.no_grad()
+    def apply_message(self) -> bool:
+        """Add the own message's step that a ``step(defer_message=True)`` left out of the
+        start: θ ← θ − v·α·D(m_k) and s ← s − v·α·D(m_k), so the window's progress
+        Δ = s − θ is unchanged. Waits for the background round to have encoded m_k
+        (timings ``message_wait`` and ``message`` go to the next boundary's report).
+        Returns whether it added a step: ``False`` when none is pending, or when the
+        round's encode failed (the next boundary raises that failure, and the window goes
+        on from the start without the message's step). Call it during the window, after
+        an inner step, at a point fixed by the loop (the trajectory depends on it); a
+        :meth:`finish` before it drops the step (the aggregate replaces the prediction).
+        Atomic per tensor: a retry after a failure adds only the tensors not yet done.
+        """
+        flight = self._inflight
+        if flight is None or not flight.deferred:
+            return False
+        params = self._round_params()
+        timer = _Timer()
+        with timer("message_wait"):
+            if flight.future is not None:
+                flight.encoded.wait()
+            elif flight.message_steps is None and flight.own is not None:  # restored
+                flight.message_steps = self._message_steps(params, flight.own)
+        steps = flight.message_steps
+        if steps is not None:
+            with timer("message"):
+                for name, p, _ in params:
+                    if name in steps:
+                        step = steps[name].to(p.device)
+                        p.sub_(step)
+                        self.state[p]["start"].sub_(step)
+                        del steps[name]
+        flight.deferred, flight.message_steps = False, None
+        flight.message_times = timer.times
+        return steps is not None
+
+    def _message_steps(self, params: list[NamedParam], own: Payload) -> dict[str, torch.Tensor]:
+        """v·α·D(m) of every tensor, by name (CPU with ``offload``)."""
+        return {n: self._store(self._message_step(n, p, g, own)) for n, p, g in params}
 
     def _overlapped_report(
         self, window: int, choice: BackendChoice, done: _Round | None, timer: _Timer
@@ -672,8 +741,11 @@ class OuterOptimizer(Optimizer):
         if aggregates is not None:
             starts = {}  # −v·α·D(m_k) (v > 0), else uninitialised: each start is built in it
             for name, p, group in params:
-                m = self._message_step(name, p, group, own)
-                starts[name] = torch.empty_like(p, dtype=torch.float32) if m is None else m.neg_()
+                starts[name] = (
+                    torch.empty_like(p, dtype=torch.float32)
+                    if own is None
+                    else self._message_step(name, p, group, own).neg_()
+                )
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
                 theta0 = self.state[p]["theta0"]
@@ -697,8 +769,8 @@ class OuterOptimizer(Optimizer):
             if w != 1.0:
                 kept = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
                 change = kept if change is None else change.add_(kept)
-            message = self._message_step(name, p, group, own)
-            if message is not None:
+            if own is not None:
+                message = self._message_step(name, p, group, own)
                 change = message.neg_() if change is None else change.sub_(message)
             changes[name] = change
         for name, p, _ in params:
@@ -707,13 +779,10 @@ class OuterOptimizer(Optimizer):
             self.state[p].pop("last_step", None)
 
     def _message_step(
-        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload | None
-    ) -> torch.Tensor | None:
+        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload
+    ) -> torch.Tensor:
         """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
-        would make alone (its aggregate with no other peer), times v; ``None`` if v = 0
-        (``own`` is then ``None``)."""
-        if own is None:  # the boundary encodes m_k only for v > 0
-            return None
+        would make alone (its aggregate with no other peer), times v."""
         assert self.overlap_config is not None
         alone = self._aggregate_tensor(name, {self.exchange.peer_id: own}, p.device)
         return alone.to(torch.float32, copy=True).mul_(
@@ -758,16 +827,18 @@ class OuterOptimizer(Optimizer):
         return lambda p: deltas[self._names[p]].to(p.device)
 
     def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
-        """Encode the in-flight window's Δ with error feedback unless the boundary did, and
+        """Encode the in-flight window's Δ with error feedback unless the boundary did,
         commit the error buffers (only the round's thread touches them until it is
-        collected)."""
+        collected) and, if the boundary deferred it, compute the start's message step."""
         try:
-            if flight.deltas is None:
-                return  # encoded and committed before
-            if flight.own is None:
-                flight.own, flight.norm = self._encode(params, flight.deltas)
-            self._commit_own(params, flight.own, flight.deltas, flight.committed)
-            flight.deltas = None
+            if flight.deltas is not None:  # else encoded and committed before
+                if flight.own is None:
+                    flight.own, flight.norm = self._encode(params, flight.deltas)
+                self._commit_own(params, flight.own, flight.deltas, flight.committed)
+                flight.deltas = None
+            if flight.deferred and flight.message_steps is None:
+                assert flight.own is not None
+                flight.message_steps = self._message_steps(params, flight.own)
         finally:
             flight.encoded.set()
 
@@ -1054,6 +1125,8 @@ class OuterOptimizer(Optimizer):
         """The in-flight window, its payload once encoded, and its Δ of the tensors whose
         error buffers are not committed yet (all of them before the encode)."""
         out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
+        if flight.deferred:  # apply_message() recomputes the step from the payload
+            out["deferred"] = True
         if flight.own is not None:
             tensors, meta = flight.own.to_tensors()
             out.update(tensors=tensors, meta=dict(meta))
@@ -1160,6 +1233,9 @@ class OuterOptimizer(Optimizer):
             self._check(own, shapes)
             validate_payload(own)
         flight = _InFlight(int(saved["window"]), own, None, norm=float(saved.get("norm", 0.0)))
+        flight.deferred = saved.get("deferred", False)
+        if not isinstance(flight.deferred, bool):
+            raise ConfigError("state_dict's in-flight 'deferred' must be a bool")
         if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
             committed = set(saved.get("committed", ()))
             deltas = saved["deltas"]
