@@ -6,14 +6,18 @@ number of tokens (``--rounds`` × H=``--inner-steps`` inner steps); only the rou
 the link differ:
 
 * ``blocking``: ``outer.step()`` publishes, gathers and applies before the next inner step;
-* ``overlap τ=H``: ``SparseLoCo(..., overlap=True)``; the boundary keeps window k's Δ,
-  encodes its message, applies window k−1's aggregate (published, gathered and aggregated
-  in the background during window k's inner steps), starts window k+1 from
-  :class:`~sparseloco.OverlapConfig`'s prediction of the next global model and returns;
-  ``own progress only`` is the same with ``OverlapConfig.local()`` (a = 0, w = 1, v = 0:
-  the global model plus the own progress, the earliest rule) and ``previous rule`` with
-  a = 0.5, w = 0.75, v = 0 (the default before the own message's step), each run at
-  1 Gbit/s for the loss only;
+* ``overlap τ=H``: ``SparseLoCo(..., overlap=True)`` stepped as
+  :class:`~sparseloco.OuterLoop` does; the boundary keeps window k's Δ, applies window
+  k−1's aggregate (published, gathered and aggregated in the background during window k's
+  inner steps), starts window k+1 from :class:`~sparseloco.OverlapConfig`'s prediction of
+  the next global model and returns, leaving window k's encode to the background round;
+  the prediction's own-message step is added after window k+1's first inner step
+  (``step(defer_message=True)``, then ``apply_message()``). ``message step at the
+  boundary`` is the same rule with the boundary encoding the message and adding its step
+  (``step()``); ``own progress only`` uses ``OverlapConfig.local()`` (a = 0, w = 1, v = 0:
+  the global model plus the own progress, the earliest rule) and ``previous rule``
+  a = 0.5, w = 0.75, v = 0 (the default before the own message's step); these three run at
+  1 Gbit/s only;
 * ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
   the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
 * ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
@@ -36,9 +40,11 @@ Reported per run: per-peer compute utilisation (inner-step seconds ÷ wall secon
 common start to the end of the last round, the final ``finish()`` included; "w/o drain"
 leaves that out), the time per round that holds up training ("exposed": wall minus
 compute) split into compute / publish (check + encode + upload; overlapped: the finite check
-and keeping Δ, the rest is in the background) / gather (overlapped: the wait for the
-background round) / apply (aggregate + outer step; overlapped: the aggregate is in the
-background), the background rounds' own duration (hidden), and the held-out loss after
+and keeping Δ, and the message's encode where the boundary does it; the rest is in the
+background) / gather (overlapped: the wait for the background round, and for the deferred
+message step) / apply (aggregate + outer step; overlapped: the outer step and the start,
+and adding the deferred message step; the aggregate is in the background), the background
+rounds' own duration (hidden), and the held-out loss after
 equal tokens. On a machine with
 spare cores the hidden work is free; on 2 shared cores it slows the inner steps (compare
 the modes' compute seconds per round), and wall times of different runs compare only while
@@ -125,10 +131,11 @@ def _split(report: Any, mode: str) -> dict[str, float]:
     """One boundary's seconds that hold up training, and the overlapped round's hidden ones.
 
     publish: check + encode + the upload (overlapped: the finite check, keeping Δ and, when
-    the start rule needs it (v > 0), encoding the message; the upload is in the
-    background); gather: the gather (overlapped: the wait for the background round); apply:
-    aggregate and outer step (overlapped: the outer step and the start; the aggregate is in
-    the background); hidden: the background round's encode (unless the boundary did) and
+    the boundary adds the message's step, encoding the message; the upload is in the
+    background); gather: the gather (overlapped: the wait for the background round, and for
+    the deferred message step); apply: aggregate and outer step (overlapped: the outer step
+    and the start, and adding the deferred message step; the aggregate is in the
+    background); hidden: the background round's encode (unless the boundary did) and
     error-feedback commit + publish + gather + aggregate.
     """
     t = report.timings

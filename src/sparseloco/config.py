@@ -254,10 +254,13 @@ class OverlapConfig:
     ``benchmarks/utilisation.py``'s model with 2 peers, 60 rounds and seeds 0 and 1 (other
     seeds and 4 peers out of sample; README, "Communication and utilisation"). With v > 0
     the boundary encodes the message itself (the background round does with v = 0), which
-    costs time there. a = 0, v = 0, w = 1 (``OverlapConfig.local()``) continues from the own
-    progress alone, the rule of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s
-    default): exact for one peer with dense updates, but with 2 peers and Covenant's codec it
-    ends several per cent above blocking rounds' held-out loss.
+    costs time there, unless it is stepped with ``defer_message=True``
+    (:class:`~sparseloco.loop.OuterLoop`'s default): the background round then encodes
+    it too and the message's step is added after the window's first inner step. a = 0,
+    v = 0, w = 1 (``OverlapConfig.local()``) continues from the own progress alone, the
+    rule of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s default): exact for
+    one peer with dense updates, but with 2 peers and Covenant's codec it ends several per
+    cent above blocking rounds' held-out loss.
     """
 
     extrapolation: float = 0.75

@@ -58,6 +58,15 @@ last step is zero: θ ← Θ₀ − v·α·D(m₀) − w·Δ₀.
 ``finish()`` applies the last aggregate and keeps only the unpublished progress:
 Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
 
+``step(defer_message=True)`` (what :class:`~sparseloco.loop.OuterLoop` does when windows
+have more than one inner step) moves the encode off the boundary: window k+1 starts from
+Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k, the background round encodes m_k and computes
+v·α·D(m_k), and :meth:`~OuterOptimizer.apply_message`, called after the window's first
+inner step, subtracts it from θ and s alike (Δ_{k+1} = s_{k+1} − θ stays the inner steps'
+progress alone). Only that first inner step runs from the start without the message's step;
+the messages, the error buffers and Θ are bit-identical to the boundary's way, and a
+``finish()`` before the call drops the step (g_k replaces the prediction).
+
 Called τ inner steps into window k+1 (``OuterLoop(apply_after=τ)``), ``finish()`` gives
 Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of mixed:
 Θ_{k+1} = OuterStep(Θ_k, g_k), θ ← Θ_{k+1} + (θ − s_{k+1}), s_{k+1} ← Θ_{k+1}, so the
@@ -82,8 +91,9 @@ Extra state: s (``dtype_bytes`` per parameter), this peer's in-flight payload, t
 window's aggregate from the end of its gather to the next boundary (4 bytes per parameter,
 CPU with ``offload``), and Δ_k in float32 from the boundary until its round has committed
 the error buffers (4 bytes per parameter, CPU with ``offload``); while a boundary steps,
-the float32 start (4 bytes per parameter, holding v·α·D(m_k) until then) and with a > 0 a
-float32 copy of Θ_{k−1} beside θ₀ (4 more), which
+the float32 start (4 bytes per parameter, holding v·α·D(m_k) until then; deferred, that
+step waits in float32 from the background round's encode to :meth:`apply_message`, CPU
+with ``offload``) and with a > 0 a float32 copy of Θ_{k−1} beside θ₀ (4 more), which
 after a ``finish()`` or ``apply()`` stays as the step taken until the next boundary. The error
 buffers belong to the round's thread until it has committed them: ``state_dict()`` waits
 for that.
@@ -110,6 +120,7 @@ from sparseloco.codec import (
     CompressedTensor,
     CompressedUpdate,
     commit_tensor,
+    decode_tensor,
     encode_tensor,
 )
 from sparseloco.config import OuterConfig, OverlapConfig, preset
@@ -149,10 +160,13 @@ class RoundReport:
     ``pseudo_grad_norm``, ``update_norm`` and the timings
     ``encode``/``publish``/``gather``/``aggregate`` are that applied window's background
     round (``encode``: encoding its message unless the boundary did, and committing the
-    error buffers); ``check`` (finite check and keeping Δ), ``encode_message`` (this
-    window's message, encoded at the boundary when the start rule needs it: v > 0),
-    ``wait`` (blocked on the background round) and ``step`` (outer step and start) are this
-    boundary's.
+    error buffers; deferred, also computing the start's message step); ``check`` (finite
+    check and keeping Δ), ``encode_message`` (this window's message, encoded at the
+    boundary when the start rule needs it: v > 0, unless deferred), ``wait`` (blocked on
+    the background round) and ``step`` (outer step and start) are this boundary's;
+    ``message_wait`` and ``message`` are waiting for, then adding, the deferred step of
+    the applied window's message (:meth:`OuterOptimizer.apply_message`), during the window
+    this boundary ends.
     """
 
     window: int
@@ -235,8 +249,9 @@ class _InFlight:
 
     ``deferred``: the boundary left the start's own-message term for
     :meth:`OuterOptimizer.apply_message`; the round then also computes it
-    (``message_steps``: v·α·D(m) by name, each dropped once applied) before setting
-    ``encoded``. ``message_times``: that call's timings, for the next report.
+    (``message_steps``: v·α·D(m) by name, each dropped once applied) and sets
+    ``message_ready`` before it commits the error buffers (also by failing).
+    ``message_times``: that call's timings, for the next report.
     """
 
     window: int
@@ -249,6 +264,7 @@ class _InFlight:
     published: threading.Event = field(default_factory=threading.Event)
     deferred: bool = False
     message_steps: dict[str, torch.Tensor] | None = None
+    message_ready: threading.Event = field(default_factory=threading.Event)
     message_times: dict[str, float] = field(default_factory=dict)
 
 
@@ -681,7 +697,7 @@ class OuterOptimizer(Optimizer):
         timer = _Timer()
         with timer("message_wait"):
             if flight.future is not None:
-                flight.encoded.wait()
+                flight.message_ready.wait()
             elif flight.message_steps is None and flight.own is not None:  # restored
                 flight.message_steps = self._message_steps(params, flight.own)
         steps = flight.message_steps
@@ -784,10 +800,14 @@ class OuterOptimizer(Optimizer):
         """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
         would make alone (its aggregate with no other peer), times v."""
         assert self.overlap_config is not None
-        alone = self._aggregate_tensor(name, {self.exchange.peer_id: own}, p.device)
+        alone = self._decoded_own(name, own, p.device)
         return alone.to(torch.float32, copy=True).mul_(
             self.overlap_config.message_weight * group["lr"]
         )
+
+    def _decoded_own(self, name: str, own: Payload, device: torch.device) -> torch.Tensor:
+        """D(m) of tensor ``name``: the aggregate of this peer's payload alone."""
+        return self._aggregate_tensor(name, {self.exchange.peer_id: own}, device)
 
     def _outer_step_taken(
         self, params: list[NamedParam], aggregates: dict[str, torch.Tensor]
@@ -831,15 +851,16 @@ class OuterOptimizer(Optimizer):
         commit the error buffers (only the round's thread touches them until it is
         collected) and, if the boundary deferred it, compute the start's message step."""
         try:
-            if flight.deltas is not None:  # else encoded and committed before
-                if flight.own is None:
-                    flight.own, flight.norm = self._encode(params, flight.deltas)
+            if flight.own is None:
+                flight.own, flight.norm = self._encode(params, flight.deltas)
+            if flight.deferred and flight.message_steps is None:
+                flight.message_steps = self._message_steps(params, flight.own)
+            flight.message_ready.set()  # before the commit: the window waits for it
+            if flight.deltas is not None:  # else committed before
                 self._commit_own(params, flight.own, flight.deltas, flight.committed)
                 flight.deltas = None
-            if flight.deferred and flight.message_steps is None:
-                assert flight.own is not None
-                flight.message_steps = self._message_steps(params, flight.own)
         finally:
+            flight.message_ready.set()
             flight.encoded.set()
 
     @staticmethod
@@ -1433,6 +1454,12 @@ class SparseLoCo(OuterOptimizer):
                 error.copy_(work)
             if committed is not None:
                 committed.add(name)
+
+    def _decoded_own(self, name: str, own: Payload, device: torch.device) -> torch.Tensor:
+        """The decoded message: the values of the aggregate of it alone under either reducer
+        (one peer's clip factor is 1, its count 1), without the aggregate's passes."""
+        assert isinstance(own, CompressedUpdate)
+        return decode_tensor(name, own.tensors[name], self.config.codec).to(device)
 
     def _aggregate_tensor(
         self, name: str, updates: dict[str, Payload], device: torch.device
