@@ -63,9 +63,10 @@ have more than one inner step) moves the encode off the boundary: window k+1 sta
 Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k, the background round encodes m_k and computes
 v·α·D(m_k), and :meth:`~OuterOptimizer.apply_message`, called after the window's first
 inner step, subtracts it from θ and s alike (Δ_{k+1} = s_{k+1} − θ stays the inner steps'
-progress alone). Only that first inner step runs from the start without the message's step;
-the messages, the error buffers and Θ are bit-identical to the boundary's way, and a
-``finish()`` before the call drops the step (g_k replaces the prediction).
+progress alone). Only that first inner step runs from the start without the message's step,
+which is the same as the boundary's (m_k is the same message); from that step on the
+trajectory is another one. A ``finish()`` before the call drops the step (g_k replaces the
+prediction).
 
 Called τ inner steps into window k+1 (``OuterLoop(apply_after=τ)``), ``finish()`` gives
 Streaming DiLoCo's overlap of τ steps, with the local progress kept instead of mixed:
@@ -249,7 +250,8 @@ class _InFlight:
 
     ``deferred``: the boundary left the start's own-message term for
     :meth:`OuterOptimizer.apply_message`; the round then also computes it
-    (``message_steps``: v·α·D(m) by name, each dropped once applied) and sets
+    (``message_steps``: v·α·D(m) by name, each dropped once applied; ``message_scales``:
+    v·α by name as the boundary read α, ``None`` in a restored flight) and sets
     ``message_ready`` before it commits the error buffers (also by failing).
     ``message_times``: that call's timings, for the next report.
     """
@@ -263,6 +265,7 @@ class _InFlight:
     encoded: threading.Event = field(default_factory=threading.Event)
     published: threading.Event = field(default_factory=threading.Event)
     deferred: bool = False
+    message_scales: dict[str, float] | None = None
     message_steps: dict[str, torch.Tensor] | None = None
     message_ready: threading.Event = field(default_factory=threading.Event)
     message_times: dict[str, float] = field(default_factory=dict)
@@ -624,7 +627,7 @@ class OuterOptimizer(Optimizer):
             raise ConfigError(
                 f"window {window}'s start still lacks its own message's step: call "
                 "apply_message() during the window (OuterLoop does), or step() without "
-                "defer_message"
+                "defer_message from the next window on"
             )
         with timer("check"):
             self._check_inputs(params)
@@ -644,7 +647,9 @@ class OuterOptimizer(Optimizer):
             for _, p, _ in params:  # s_{k+1} ← θ
                 self.state[p]["start"].copy_(p)
         self._inflight = _InFlight(window, own, None, deltas, norm)  # no thread: done later
-        self._inflight.deferred = needs_message and defer_message
+        if needs_message and defer_message:  # α as of this boundary, whenever it is used
+            self._inflight.deferred = True
+            self._inflight.message_scales = {n: self._message_scale(g) for n, _, g in params}
         self.window = window + 1
         self._inflight.future = self._launch(self._inflight, params)
         report = self._overlapped_report(window, choice, done, timer)
@@ -667,10 +672,11 @@ class OuterOptimizer(Optimizer):
         timer = _Timer()
         params = self._round_params()
         choice = self._backend(params[0][1].device)
+        self._inflight.deferred = False  # a step not yet added is dropped: g_k replaces it
         with timer("wait"):
             done = self._collect(self._inflight, params)
         timer.times |= self._inflight.message_times
-        with timer("step"):  # a message step not yet applied is dropped: g_k replaces it
+        with timer("step"):
             self._keep_local_progress(params, done.aggregates)
         self._inflight = None
         report = self._overlapped_report(done.window, choice, done, timer)
@@ -683,39 +689,59 @@ class OuterOptimizer(Optimizer):
         start: θ ← θ − v·α·D(m_k) and s ← s − v·α·D(m_k), so the window's progress
         Δ = s − θ is unchanged. Waits for the background round to have encoded m_k
         (timings ``message_wait`` and ``message`` go to the next boundary's report).
-        Returns whether it added a step: ``False`` when none is pending, or when the
-        round's encode failed (the next boundary raises that failure, and the window goes
-        on from the start without the message's step). Call it during the window, after
-        an inner step, at a point fixed by the loop (the trajectory depends on it); a
+        Returns whether it added a step (``False``: none is pending). Where the background
+        round did not make the step (it failed first, or the window was restored from a
+        checkpoint), it is made here, the message encoded first if it is not yet; a
+        failure then raises with the step still pending (call it again), and the round's
+        own failure is raised by the next boundary. Call it during the window, after an
+        inner step, at a point fixed by the loop (the trajectory depends on it); a
         :meth:`finish` before it drops the step (the aggregate replaces the prediction).
         Atomic per tensor: a retry after a failure adds only the tensors not yet done.
+        In a bfloat16 model θ and s are each rounded once more at the message's
+        coordinates, so Δ there moves by up to a unit in the last place, as an inner
+        step's rounding does.
         """
         flight = self._inflight
         if flight is None or not flight.deferred:
             return False
         params = self._round_params()
         timer = _Timer()
-        with timer("message_wait"):
-            if flight.future is not None:
-                flight.message_ready.wait()
-            elif flight.message_steps is None and flight.own is not None:  # restored
-                flight.message_steps = self._message_steps(params, flight.own)
+        if flight.future is not None:
+            with timer("message_wait"):
+                flight.message_ready.wait()  # set also when the round failed before it
+        if flight.message_steps is None:  # the round failed first, or was restored
+            with timer("message_encode"):
+                if flight.own is None:  # its thread is past the encode: message_ready
+                    flight.own, flight.norm = self._encode(params, flight.deltas)
+                flight.message_steps = self._message_steps(
+                    params, flight.own, flight.message_scales
+                )
         steps = flight.message_steps
-        if steps is not None:
-            with timer("message"):
-                for name, p, _ in params:
-                    if name in steps:
-                        step = steps[name].to(p.device)
-                        p.sub_(step)
-                        self.state[p]["start"].sub_(step)
-                        del steps[name]
+        with timer("message"):
+            for name, p, _ in params:
+                if name in steps:
+                    start = self.state[p]["start"]  # on the CPU with offload
+                    on_p, on_start = steps[name].to(p.device), steps[name].to(start.device)
+                    p.sub_(on_p)
+                    start.sub_(on_start)
+                    del steps[name]
         flight.deferred, flight.message_steps = False, None
         flight.message_times = timer.times
-        return steps is not None
+        return True
 
-    def _message_steps(self, params: list[NamedParam], own: Payload) -> dict[str, torch.Tensor]:
-        """v·α·D(m) of every tensor, by name (CPU with ``offload``)."""
-        return {n: self._store(self._message_step(n, p, g, own)) for n, p, g in params}
+    def _message_steps(
+        self, params: list[NamedParam], own: Payload, scales: Mapping[str, float] | None
+    ) -> dict[str, torch.Tensor]:
+        """v·α·D(m) of every tensor, by name (CPU with ``offload``); α as the boundary read
+        it (``scales``: v·α by name), or as the groups hold it now."""
+        return {
+            n: self._store(
+                self._message_step(
+                    n, p, own, self._message_scale(g) if scales is None else scales[n]
+                )
+            )
+            for n, p, g in params
+        }
 
     def _overlapped_report(
         self, window: int, choice: BackendChoice, done: _Round | None, timer: _Timer
@@ -745,7 +771,8 @@ class OuterOptimizer(Optimizer):
         aggregates: dict[str, torch.Tensor] | None,
     ) -> None:
         """θ ← Θ_k + a·(Θ_k − Θ_{k−1}) − v·α·D(m_k) − w·Δ_k
-        (:class:`~sparseloco.config.OverlapConfig`; m_k = ``own``, ``None`` when v = 0).
+        (:class:`~sparseloco.config.OverlapConfig`; m_k = ``own``, ``None`` when v = 0 or
+        the message's step is deferred: the term is then left out).
 
         With ``aggregates`` (g_{k−1}, one round late) this boundary takes the step
         Θ_k = OuterStep(Θ_{k−1}, g_{k−1}); without, Θ_k is θ₀ as it is (= s_k) and its last
@@ -760,7 +787,7 @@ class OuterOptimizer(Optimizer):
                 starts[name] = (
                     torch.empty_like(p, dtype=torch.float32)
                     if own is None
-                    else self._message_step(name, p, group, own).neg_()
+                    else self._message_step(name, p, own, self._message_scale(group)).neg_()
                 )
             last = self._outer_step_taken(params, aggregates)
             for name, p, _ in params:
@@ -786,7 +813,7 @@ class OuterOptimizer(Optimizer):
                 kept = deltas[name].to(p.device, torch.float32, copy=True).mul_(1.0 - w)
                 change = kept if change is None else change.add_(kept)
             if own is not None:
-                message = self._message_step(name, p, group, own)
+                message = self._message_step(name, p, own, self._message_scale(group))
                 change = message.neg_() if change is None else change.sub_(message)
             changes[name] = change
         for name, p, _ in params:
@@ -794,16 +821,16 @@ class OuterOptimizer(Optimizer):
                 p.add_(changes[name])
             self.state[p].pop("last_step", None)
 
-    def _message_step(
-        self, name: str, p: torch.Tensor, group: dict[str, Any], own: Payload
-    ) -> torch.Tensor:
+    def _message_step(self, name: str, p: torch.Tensor, own: Payload, scale: float) -> torch.Tensor:
         """v·α·D(m_k) in float32 on ``p``'s device: the outer step this peer's own message
-        would make alone (its aggregate with no other peer), times v."""
-        assert self.overlap_config is not None
+        would make alone (its aggregate with no other peer), times v (``scale``: v·α)."""
         alone = self._decoded_own(name, own, p.device)
-        return alone.to(torch.float32, copy=True).mul_(
-            self.overlap_config.message_weight * group["lr"]
-        )
+        return alone.to(torch.float32, copy=True).mul_(scale)
+
+    def _message_scale(self, group: dict[str, Any]) -> float:
+        """v·α for a parameter of ``group``."""
+        assert self.overlap_config is not None
+        return self.overlap_config.message_weight * group["lr"]
 
     def _decoded_own(self, name: str, own: Payload, device: torch.device) -> torch.Tensor:
         """D(m) of tensor ``name``: the aggregate of this peer's payload alone."""
@@ -847,14 +874,16 @@ class OuterOptimizer(Optimizer):
         return lambda p: deltas[self._names[p]].to(p.device)
 
     def _encode_flight(self, flight: _InFlight, params: list[NamedParam]) -> None:
-        """Encode the in-flight window's Δ with error feedback unless the boundary did,
-        commit the error buffers (only the round's thread touches them until it is
-        collected) and, if the boundary deferred it, compute the start's message step."""
+        """Encode the in-flight window's Δ with error feedback unless the boundary did, make
+        the start's message step if the boundary deferred it, and commit the error buffers
+        (only the round's thread touches them until it is collected)."""
         try:
             if flight.own is None:
                 flight.own, flight.norm = self._encode(params, flight.deltas)
             if flight.deferred and flight.message_steps is None:
-                flight.message_steps = self._message_steps(params, flight.own)
+                flight.message_steps = self._message_steps(
+                    params, flight.own, flight.message_scales
+                )
             flight.message_ready.set()  # before the commit: the window waits for it
             if flight.deltas is not None:  # else committed before
                 self._commit_own(params, flight.own, flight.deltas, flight.committed)

@@ -317,9 +317,8 @@ class Miner(Node):
             self._publish_proof(window, digest)
         losses, applied = self._train(ids)
         self.outer.window = window
-        # the start's own-message step is left to the background, added after the next
-        # window's first inner step (_train); a window of one step has none in between
-        report = self.outer.step(defer_message=self.cfg.run.inner_steps > 1)
+        # not defer_message: save() below waits for the message's encode anyway
+        report = self.outer.step()
         if overlap:  # Θ now holds the last window's aggregate: what the validator scores on
             self._publish_proof(window, digest)
         applied = applied or report
@@ -377,7 +376,6 @@ class Miner(Node):
             loss.backward()
             self.inner.step()
             self.inner.zero_grad(set_to_none=True)
-            self.outer.apply_message()  # after the first inner step (see run_window)
             losses.append(float(loss.detach()))
         return losses, applied
 

@@ -10,6 +10,7 @@ to be forgotten.
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
 import torch
@@ -17,13 +18,18 @@ import torch
 import sparseloco.optim
 from sparseloco import (
     BackgroundRoundError,
+    CodecConfig,
     ConfigError,
     DenseUpdate,
+    ErrorFeedback,
     GatherResult,
     OuterLoop,
     OverlapConfig,
     PeerStatus,
     SparseLoCo,
+    decode,
+    encode,
+    iter_aggregate,
 )
 from sparseloco.serialization import dump_safetensors
 
@@ -214,7 +220,10 @@ def test_a_deferred_flag_of_the_wrong_type_is_refused():
         fresh.load_state_dict(saved)
 
 
-def test_a_failed_background_encode_adds_nothing_and_the_boundary_raises_it(monkeypatch):
+def test_a_failed_background_encode_is_made_up_in_the_window(monkeypatch):
+    """The round's encode fails: apply_message() encodes the message itself and adds the
+    step, the next boundary raises the round's failure and its retry publishes that same
+    message. The peer ends where one without the failure does."""
     model, outer, ex = _peer()
     clean_model, clean, clean_ex = _peer()
     real, calls = sparseloco.optim.encode_tensor, []
@@ -228,25 +237,66 @@ def test_a_failed_background_encode_adds_nothing_and_the_boundary_raises_it(monk
     monkeypatch.setattr(sparseloco.optim, "encode_tensor", fail_first)
     _perturb(model, 1), _perturb(clean_model, 1)
     outer.step(defer_message=True)
-    without = _theta(model)
-    assert outer.apply_message() is False  # nothing to add: the window goes on without it
-    _equal(_theta(model), without)
-    _perturb(model, 2)
+    clean.step(defer_message=True)
+    outer.wait_published()  # the round has failed
+    assert outer.apply_message() and "message_encode" in outer._inflight.message_times
+    assert clean.apply_message()
+    _equal(_theta(model), _theta(clean_model))
+    _perturb(model, 2), _perturb(clean_model, 2)
+    before = _theta(model)
     with pytest.raises(BackgroundRoundError, match="injected"):
         outer.step(defer_message=True)
-    monkeypatch.undo()
+    _equal(_theta(model), before)
     outer.step(defer_message=True)  # window 0's round, now in the foreground
     clean.step(defer_message=True)
-    clean.apply_message()
-    _perturb(clean_model, 2)
-    clean.step(defer_message=True)
-    _equal(_state(model, outer, "theta0"), _state(clean_model, clean, "theta0"))  # Θ₁
-    assert outer.apply_message() and clean.apply_message()  # window 1's, as usual
-    outer.finish(), clean.finish()
-    assert ex.published[0] == clean_ex.published[0]  # window 0's message, encoded once
+    for peer in (outer, clean):
+        assert peer.apply_message()
+        peer.finish()
+    assert len(calls) > 1 and ex.published == clean_ex.published  # each message once
+    _equal(_theta(model), _theta(clean_model))
+    _equal(_state(model, outer, "error"), _state(clean_model, clean, "error"))
 
 
-def _train(sync_every, manual, defer_message=True):
+def test_a_failure_while_making_the_step_leaves_it_pending(monkeypatch):
+    """A restored window makes its step in apply_message(); when that fails nothing
+    changes, and the next call adds it."""
+    model, outer, _ = _peer()
+    _perturb(model, 1)
+    outer.step(defer_message=True)
+    saved = outer.state_dict()
+    outer.apply_message(), outer.finish()
+    restored_model, restored, _ = _peer()
+    restored_model.load_state_dict(model.state_dict())
+    restored.load_state_dict(saved)
+    before = _theta(restored_model)
+    real = sparseloco.optim.decode_tensor
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(sparseloco.optim, "decode_tensor", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        restored.apply_message()
+    _equal(_theta(restored_model), before)
+    monkeypatch.setattr(sparseloco.optim, "decode_tensor", real)
+    assert restored.apply_message()
+    assert restored.apply_message() is False
+    restored.finish()
+
+
+def test_the_step_uses_the_learning_rate_of_its_boundary():
+    (m_b, boundary, _), (m_d, deferred, _) = _peer(), _peer()
+    _perturb(m_b, 1), _perturb(m_d, 1)
+    boundary.step()
+    deferred.step(defer_message=True)
+    for group in deferred.param_groups:  # a schedule moving α after the boundary
+        group["lr"] = 0.1
+    assert deferred.apply_message()
+    _close(_theta(m_d), _theta(m_b))
+    boundary.finish(), deferred.finish()
+
+
+def _train(sync_every, manual, **loop_options):
     """12 inner steps of AdamW, through OuterLoop or a hand-written loop doing the same."""
     model, outer, ex = _peer()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -269,7 +319,8 @@ def _train(sync_every, manual, defer_message=True):
                 outer.apply_message()
         reports.append(outer.finish())
     else:
-        with OuterLoop(inner, outer, sync_every=sync_every, defer_message=defer_message) as loop:
+        loop = OuterLoop(inner, outer, sync_every=sync_every, **loop_options)
+        with loop:
             for _ in range(12):
                 inner_step()
         reports = loop.reports
@@ -277,7 +328,7 @@ def _train(sync_every, manual, defer_message=True):
 
 
 def test_outer_loop_adds_the_step_after_the_first_inner_step():
-    theta, reports, ex = _train(4, manual=False)
+    theta, reports, ex = _train(4, manual=False, defer_message=True)
     expected, _, expected_ex = _train(4, manual=True)
     _equal(theta, expected)
     assert ex.published == expected_ex.published
@@ -289,11 +340,53 @@ def test_outer_loop_adds_the_step_after_the_first_inner_step():
 
 def test_outer_loop_with_one_step_windows_adds_the_step_at_the_boundary():
     """No inner step lies between two boundaries to add it after: the loop does not defer."""
-    _, reports, _ = _train(1, manual=False)
+    _, reports, _ = _train(1, manual=False, defer_message=True)
     assert all("encode_message" in r.timings for r in reports[:-1])
 
 
-def test_outer_loop_without_deferral_adds_the_step_at_the_boundary():
-    _, reports, _ = _train(4, manual=False, defer_message=False)
+def test_outer_loop_adds_the_step_at_the_boundary_by_default():
+    _, reports, _ = _train(4, manual=False)
     assert all("encode_message" in r.timings for r in reports[:-1])
     assert all("message" not in r.timings for r in reports)
+
+
+def test_the_window_waits_for_the_message_not_for_the_commit(monkeypatch):
+    """The step is ready once the message is encoded: apply_message() returns while the
+    background round still commits the error buffers (and so has published nothing)."""
+    model, outer, ex = _peer()
+    release, real = threading.Event(), sparseloco.optim.commit_tensor
+
+    def held(*args, **kwargs):
+        assert release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparseloco.optim, "commit_tensor", held)
+    _perturb(model, 1)
+    outer.step(defer_message=True)
+    assert outer.apply_message()
+    assert ex.published == []  # the commit, then the upload, are still to come
+    release.set()
+    outer.finish()
+    assert [w for w, _ in ex.published] == [0]
+
+
+@pytest.mark.parametrize("reducer", ["mean_selected", "mean"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize(
+    "codec",
+    [
+        {"chunk_size": 8, "topk": 4},
+        {"chunk_size": 8, "topk": 4, "value_coding": "ranked", "value_bits": 4},
+        {"chunk_size": 8, "topk": 4, "index_coding": "rice"},
+        {"chunk_size": 8, "topk": 64},  # dense: every entry sent
+    ],
+)
+def test_the_decoded_message_is_its_aggregate_alone(reducer, clip, codec):
+    """SparseLoCo's message step decodes its own message instead of aggregating it alone:
+    the same values under either reducer, clipped or not (one peer: factor 1, count 1)."""
+    g = torch.Generator().manual_seed(3)
+    delta = {"w": torch.randn(24, 40, generator=g), "b": torch.randn(40, generator=g)}
+    message = encode(delta, ErrorFeedback(CodecConfig(**codec)))
+    alone = dict(iter_aggregate({"me": message}, reducer=reducer, clip_to_median=clip))
+    for name, decoded in decode(message).items():
+        assert torch.equal(decoded, alone[name])
