@@ -6,20 +6,21 @@ number of tokens (``--rounds`` × H=``--inner-steps`` inner steps); only the rou
 the link differ:
 
 * ``blocking``: ``outer.step()`` publishes, gathers and applies before the next inner step;
-* ``overlap τ=H``: ``SparseLoCo(..., overlap=True)`` stepped as
-  :class:`~sparseloco.OuterLoop` does; the boundary keeps window k's Δ, applies window
-  k−1's aggregate (published, gathered and aggregated in the background during window k's
-  inner steps), starts window k+1 from :class:`~sparseloco.OverlapConfig`'s prediction of
-  the next global model and returns, leaving window k's encode to the background round;
-  the prediction's own-message step is added after window k+1's first inner step
-  (``step(defer_message=True)``, then ``apply_message()``). ``message step at the
+* ``overlap τ=H, message deferred``: ``SparseLoCo(..., overlap=True)`` stepped as
+  ``OuterLoop(..., defer_message=True)`` does; the boundary keeps window k's Δ, applies
+  window k−1's aggregate (published, gathered and aggregated in the background during
+  window k's inner steps), starts window k+1 from :class:`~sparseloco.OverlapConfig`'s
+  prediction of the next global model and returns, leaving window k's encode to the
+  background round; the prediction's own-message step is added after window k+1's first
+  inner step (``step(defer_message=True)``, then ``apply_message()``). ``message at the
   boundary`` is the same rule with the boundary encoding the message and adding its step
-  (``step()``); ``own progress only`` uses ``OverlapConfig.local()`` (a = 0, w = 1, v = 0:
-  the global model plus the own progress, the earliest rule) and ``previous rule``
-  a = 0.5, w = 0.75, v = 0 (the default before the own message's step); these three run at
-  1 Gbit/s only;
-* ``overlap τ``: the same, with each aggregate applied τ=``--apply-after`` inner steps into
-  the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)`` does);
+  (``step()``, as ``OuterLoop``'s default does); ``own progress only`` uses
+  ``OverlapConfig.local()`` (a = 0, w = 1, v = 0: the global model plus the own progress,
+  the earliest rule) and ``previous rule`` a = 0.5, w = 0.75, v = 0 (the default before the
+  own message's step); these three run at 1 Gbit/s only;
+* ``overlap τ``: the deferred one, with each aggregate applied τ=``--apply-after`` inner
+  steps into the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)``
+  does);
 * ``overlap τ, no wait``: applied at the first inner step from τ on at which the round has
   arrived (``OuterLoop(apply_after=τ, wait=False)``): training never waits before the
   boundary, and the step it is applied at, so the run's trajectory, depends on timing
@@ -432,6 +433,7 @@ def main() -> None:
             old["load_average_before"],
             old["load_average_after"],
             old["seconds"],
+            old["command"],
         )
         return
     if args.quick:
@@ -513,7 +515,9 @@ def applied_steps(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report(runs, args, load_before, load_after, seconds) -> None:
+def report(runs, args, load_before, load_after, seconds, command=None) -> None:
+    """Print the tables, draw the plot and write the JSON; ``command``: the one that ran
+    ``runs`` (a redraw from a saved run keeps that run's)."""
     seed0 = [
         r
         for r in runs
@@ -564,7 +568,7 @@ def report(runs, args, load_before, load_after, seconds) -> None:
     path = write_json(
         args.name,
         {
-            "command": " ".join(["python benchmarks/utilisation.py", *sys.argv[1:]]),
+            "command": command or " ".join(["python benchmarks/utilisation.py", *sys.argv[1:]]),
             "args": vars(args),
             "model": MODEL.to_dict(),
             "tokens_per_peer": args.rounds * args.inner_steps * args.batch * MODEL.block_size,
@@ -607,12 +611,12 @@ def loss_table(runs: list[dict[str, Any]], setting: str, args: Any) -> list[dict
 def label(mode: str, args: Any) -> str:
     return {
         "blocking": "blocking",
-        "overlap": f"overlap τ=H={args.inner_steps}",
+        "overlap": f"overlap τ=H={args.inner_steps}, message deferred",
         "overlap-tau": f"overlap τ={args.apply_after}",
         "overlap-ready": f"overlap τ≥{args.apply_after}, no wait",
         "overlap-local": f"overlap τ=H={args.inner_steps}, own progress only (a=0, w=1, v=0)",
         "overlap-prev": f"overlap τ=H={args.inner_steps}, previous rule (a=0.5, w=0.75, v=0)",
-        "overlap-boundary": f"overlap τ=H={args.inner_steps}, message step at the boundary",
+        "overlap-boundary": f"overlap τ=H={args.inner_steps}, message at the boundary",
     }[mode]
 
 
