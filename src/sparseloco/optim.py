@@ -58,7 +58,7 @@ last step is zero: θ ← Θ₀ − v·α·D(m₀) − w·Δ₀.
 ``finish()`` applies the last aggregate and keeps only the unpublished progress:
 Θ ← OuterStep(Θ, g), θ ← Θ + (θ − s), s ← Θ.
 
-``step(defer_message=True)`` (what :class:`~sparseloco.loop.OuterLoop` does when windows
+``step(defer_message=True)`` (what ``OuterLoop(..., defer_message=True)`` does when windows
 have more than one inner step) moves the encode off the boundary: window k+1 starts from
 Θ_k + a·(Θ_k − Θ_{k−1}) − w·Δ_k, the background round encodes m_k and computes
 v·α·D(m_k), and :meth:`~OuterOptimizer.apply_message`, called after the window's first
@@ -167,7 +167,7 @@ class RoundReport:
     the background round) and ``step`` (outer step and start) are this boundary's;
     ``message_wait`` and ``message`` are waiting for, then adding, the deferred step of
     the applied window's message (:meth:`OuterOptimizer.apply_message`), during the window
-    this boundary ends.
+    this boundary ends (``message_encode``: making it there, when its round had not).
     """
 
     window: int
