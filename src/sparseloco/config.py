@@ -255,8 +255,8 @@ class OverlapConfig:
     seeds and 4 peers out of sample; README, "Communication and utilisation"). With v > 0
     the boundary encodes the message itself (the background round does with v = 0), which
     costs time there, unless it is stepped with ``defer_message=True``
-    (:class:`~sparseloco.loop.OuterLoop`'s default): the background round then encodes
-    it too and the message's step is added after the window's first inner step. a = 0,
+    (``OuterLoop(..., defer_message=True)``): the background round then encodes it too
+    and the message's step is added after the window's first inner step. a = 0,
     v = 0, w = 1 (``OverlapConfig.local()``) continues from the own progress alone, the
     rule of earlier versions (and :class:`~sparseloco.optim.DiLoCo`'s default): exact for
     one peer with dense updates, but with 2 peers and Covenant's codec it ends several per

@@ -102,6 +102,7 @@ for that.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -251,8 +252,10 @@ class _InFlight:
     ``deferred``: the boundary left the start's own-message term for
     :meth:`OuterOptimizer.apply_message`; the round then also computes it
     (``message_steps``: v·α·D(m) by name, each dropped once applied; ``message_scales``:
-    v·α by name as the boundary read α, ``None`` in a restored flight) and sets
-    ``message_ready`` before it commits the error buffers (also by failing).
+    v·α by name as the boundary read α) and sets ``message_ready`` before it commits the
+    error buffers (also by failing). A restored flight makes the step in
+    :meth:`OuterOptimizer.apply_message`, for the names in ``message_left`` (``None``:
+    all) only: an interrupted apply saved the rest.
     ``message_times``: that call's timings, for the next report.
     """
 
@@ -267,6 +270,7 @@ class _InFlight:
     deferred: bool = False
     message_scales: dict[str, float] | None = None
     message_steps: dict[str, torch.Tensor] | None = None
+    message_left: set[str] | None = None
     message_ready: threading.Event = field(default_factory=threading.Event)
     message_times: dict[str, float] = field(default_factory=dict)
 
@@ -672,9 +676,9 @@ class OuterOptimizer(Optimizer):
         timer = _Timer()
         params = self._round_params()
         choice = self._backend(params[0][1].device)
-        self._inflight.deferred = False  # a step not yet added is dropped: g_k replaces it
         with timer("wait"):
             done = self._collect(self._inflight, params)
+        self._inflight.deferred = False  # a step not yet added is dropped: g_k replaces it
         timer.times |= self._inflight.message_times
         with timer("step"):
             self._keep_local_progress(params, done.aggregates)
@@ -714,7 +718,7 @@ class OuterOptimizer(Optimizer):
                 if flight.own is None:  # its thread is past the encode: message_ready
                     flight.own, flight.norm = self._encode(params, flight.deltas)
                 flight.message_steps = self._message_steps(
-                    params, flight.own, flight.message_scales
+                    params, flight.own, flight.message_scales, flight.message_left
                 )
         steps = flight.message_steps
         with timer("message"):
@@ -730,10 +734,15 @@ class OuterOptimizer(Optimizer):
         return True
 
     def _message_steps(
-        self, params: list[NamedParam], own: Payload, scales: Mapping[str, float] | None
+        self,
+        params: list[NamedParam],
+        own: Payload,
+        scales: Mapping[str, float] | None,
+        names: set[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """v·α·D(m) of every tensor, by name (CPU with ``offload``); α as the boundary read
-        it (``scales``: v·α by name), or as the groups hold it now."""
+        """v·α·D(m) of every tensor (of ``names`` only, if given), by name (CPU with
+        ``offload``); α as the boundary read it (``scales``: v·α by name), or as the groups
+        hold it now."""
         return {
             n: self._store(
                 self._message_step(
@@ -741,6 +750,7 @@ class OuterOptimizer(Optimizer):
                 )
             )
             for n, p, g in params
+            if names is None or n in names
         }
 
     def _overlapped_report(
@@ -830,7 +840,7 @@ class OuterOptimizer(Optimizer):
     def _message_scale(self, group: dict[str, Any]) -> float:
         """v·α for a parameter of ``group``."""
         assert self.overlap_config is not None
-        return self.overlap_config.message_weight * group["lr"]
+        return float(self.overlap_config.message_weight * group["lr"])
 
     def _decoded_own(self, name: str, own: Payload, device: torch.device) -> torch.Tensor:
         """D(m) of tensor ``name``: the aggregate of this peer's payload alone."""
@@ -1175,8 +1185,13 @@ class OuterOptimizer(Optimizer):
         """The in-flight window, its payload once encoded, and its Δ of the tensors whose
         error buffers are not committed yet (all of them before the encode)."""
         out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
-        if flight.deferred:  # apply_message() recomputes the step from the payload
+        if flight.deferred:  # apply_message() remakes the step from the payload
             out["deferred"] = True
+            if flight.message_scales is not None:
+                out["message_scales"] = dict(flight.message_scales)
+            left = flight.message_left if flight.message_steps is None else flight.message_steps
+            if left is not None:
+                out["message_left"] = sorted(left)
         if flight.own is not None:
             tensors, meta = flight.own.to_tensors()
             out.update(tensors=tensors, meta=dict(meta))
@@ -1286,6 +1301,21 @@ class OuterOptimizer(Optimizer):
         flight.deferred = saved.get("deferred", False)
         if not isinstance(flight.deferred, bool):
             raise ConfigError("state_dict's in-flight 'deferred' must be a bool")
+        scales, left = saved.get("message_scales"), saved.get("message_left")
+        if scales is not None and not (
+            isinstance(scales, dict)
+            and set(scales) == set(shapes)
+            and all(type(v) is float and math.isfinite(v) for v in scales.values())
+        ):
+            raise ConfigError(
+                "state_dict's in-flight 'message_scales' must map every parameter to a finite float"
+            )
+        if left is not None and not (
+            isinstance(left, list) and all(isinstance(n, str) and n in shapes for n in left)
+        ):
+            raise ConfigError("state_dict's in-flight 'message_left' must list parameter names")
+        flight.message_scales = scales
+        flight.message_left = None if left is None else set(left)
         if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
             committed = set(saved.get("committed", ()))
             deltas = saved["deltas"]

@@ -390,3 +390,101 @@ def test_the_decoded_message_is_its_aggregate_alone(reducer, clip, codec):
     alone = dict(iter_aggregate({"me": message}, reducer=reducer, clip_to_median=clip))
     for name, decoded in decode(message).items():
         assert torch.equal(decoded, alone[name])
+
+
+def _restored(model, outer):
+    """A fresh peer loaded from ``model``'s and ``outer``'s state, as after a restart."""
+    saved = outer.state_dict()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "outer": saved}, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    fresh_model, fresh, _ = _peer()
+    fresh_model.load_state_dict(loaded["model"])
+    fresh.load_state_dict(loaded["outer"])
+    return fresh_model, fresh
+
+
+def test_a_checkpoint_keeps_the_learning_rate_of_the_boundary():
+    (m_ref, ref, _), (model, outer, _) = _peer(), _peer()
+    for m, o in ((m_ref, ref), (model, outer)):
+        _perturb(m, 1)
+        o.step(defer_message=True)
+        for group in o.param_groups:  # a schedule moving α after the boundary
+            group["lr"] = 0.1
+    restored_model, restored = _restored(model, outer)
+    assert ref.apply_message() and restored.apply_message()
+    _equal(_theta(restored_model), _theta(m_ref))
+
+
+class FailSecond(dict):
+    """The message steps of a flight, failing on the second tensor taken."""
+
+    def __getitem__(self, name):
+        self.taken = getattr(self, "taken", set()) | {name}
+        if len(self.taken) == 2:
+            raise RuntimeError("out of memory (injected)")
+        return super().__getitem__(name)
+
+
+def test_an_interrupted_apply_adds_each_tensor_once_after_a_restart():
+    """apply_message() fails after its first tensor: a retry, here or in a peer restarted
+    from the state saved then, adds the other tensors only."""
+    (m_ref, ref, _), (model, outer, _) = _peer(), _peer()
+    for m, o in ((m_ref, ref), (model, outer)):
+        _perturb(m, 1)
+        o.step(defer_message=True)
+    assert ref.apply_message()
+    outer._inflight.message_ready.wait()
+    outer._inflight.message_steps = FailSecond(outer._inflight.message_steps)
+    with pytest.raises(RuntimeError, match="injected"):
+        outer.apply_message()
+    restored_model, restored = _restored(model, outer)
+    assert len(outer.state_dict()["outer"]["in_flight"]["message_left"]) == 3
+    outer._inflight.message_steps = dict(outer._inflight.message_steps)  # the fault passed
+    for m, o in ((model, outer), (restored_model, restored)):
+        assert o.apply_message()
+        _equal(_theta(m), _theta(m_ref))
+        _equal(_state(m, o, "start"), _state(m_ref, ref, "start"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("message_scales", {"0.weight": 0.5}), ("message_scales", None), ("message_left", ["x"])],
+)
+def test_malformed_message_state_is_refused(key, value):
+    model, outer, _ = _peer()
+    _perturb(model, 1)
+    outer.step(defer_message=True)
+    saved = outer.state_dict()
+    outer.apply_message(), outer.finish()
+    flight = saved["outer"]["in_flight"]
+    if value is None:  # a non-finite scale
+        value = dict.fromkeys(flight["message_scales"], float("nan"))
+    flight[key] = value
+    _, fresh, _ = _peer()
+    with pytest.raises(ConfigError, match=key):
+        fresh.load_state_dict(saved)
+
+
+class FailingGather(Scripted):
+    def __init__(self, shapes):
+        super().__init__(shapes)
+        self.fail = True
+
+    def gather(self, window):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("gather failed (injected)")
+        return super().gather(window)
+
+
+def test_a_failed_finish_keeps_the_step_pending():
+    model = _model()
+    ex = FailingGather([(n, p.shape) for n, p in model.named_parameters()])
+    outer = SparseLoCo(model.named_parameters(), ex, codec={"topk": 8}, lr=0.7, overlap=RULE)
+    _perturb(model, 1)
+    outer.step(defer_message=True)
+    with pytest.raises(BackgroundRoundError, match="injected"):
+        outer.finish()
+    assert outer.apply_message()  # still pending: the failed finish() changed nothing
+    assert outer.finish() is not None
