@@ -189,6 +189,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         tally["received"] += report.bytes_received
         return out | {"timings": report.timings}
 
+    boundary = functools.partial(outer.step, defer_message=mode not in AT_BOUNDARY)
     barrier.wait(timeout=300)
     start = time.perf_counter()
     for _ in range(job["rounds"]):
@@ -206,8 +207,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
                 compute += end - t0
                 t0 = time.perf_counter()
         compute += time.perf_counter() - t0
-        step = functools.partial(outer.step, defer_message=mode not in AT_BOUNDARY)
-        rounds.append({"compute": compute, **outer_call(step), "mid": mid})
+        rounds.append({"compute": compute, **outer_call(boundary), "mid": mid})
     drain = outer_call(outer.finish) if outer.in_flight is not None else None
     wall = time.perf_counter() - start
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -70,9 +70,9 @@ class OuterLoop:
             after the window's first inner step, so the boundary costs what it does with
             v = 0, but that step runs from the start without it. ``benchmarks/utilisation.py``
             measures both (README, "Communication and utilisation"): on its small CPU model,
-            where the encode is 3–4 % of a round's compute, ``True`` lifts utilisation from
-            0.95 to 0.98 and ends about 1 % higher in loss. With a model's usual batch the
-            encode is a far smaller share of the round, and ``False`` the better trade.
+            where the encode is about 3 % of a round's compute, ``True`` lifts utilisation from
+            0.95 to 0.98 and ends about 1 % higher in loss. With more tokens per inner step
+            the encode's share shrinks (not measured here), which favours ``False``.
 
     Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
     ``step()`` of an ordinary optimizer at all when it found Inf/NaN (so no hook runs); a

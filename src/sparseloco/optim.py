@@ -268,7 +268,7 @@ class _InFlight:
     encoded: threading.Event = field(default_factory=threading.Event)
     published: threading.Event = field(default_factory=threading.Event)
     deferred: bool = False
-    message_scales: dict[str, float] | None = None
+    message_scales: dict[str, float] = field(default_factory=dict)
     message_steps: dict[str, torch.Tensor] | None = None
     message_left: set[str] | None = None
     message_ready: threading.Event = field(default_factory=threading.Event)
@@ -737,19 +737,14 @@ class OuterOptimizer(Optimizer):
         self,
         params: list[NamedParam],
         own: Payload,
-        scales: Mapping[str, float] | None,
+        scales: Mapping[str, float],
         names: set[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """v·α·D(m) of every tensor (of ``names`` only, if given), by name (CPU with
-        ``offload``); α as the boundary read it (``scales``: v·α by name), or as the groups
-        hold it now."""
+        ``offload``); ``scales``: v·α by name, as the boundary read α."""
         return {
-            n: self._store(
-                self._message_step(
-                    n, p, own, self._message_scale(g) if scales is None else scales[n]
-                )
-            )
-            for n, p, g in params
+            n: self._store(self._message_step(n, p, own, scales[n]))
+            for n, p, _ in params
             if names is None or n in names
         }
 
@@ -1187,8 +1182,7 @@ class OuterOptimizer(Optimizer):
         out: dict[str, Any] = {"window": flight.window, "norm": flight.norm}
         if flight.deferred:  # apply_message() remakes the step from the payload
             out["deferred"] = True
-            if flight.message_scales is not None:
-                out["message_scales"] = dict(flight.message_scales)
+            out["message_scales"] = dict(flight.message_scales)
             left = flight.message_left if flight.message_steps is None else flight.message_steps
             if left is not None:
                 out["message_left"] = sorted(left)
@@ -1301,8 +1295,8 @@ class OuterOptimizer(Optimizer):
         flight.deferred = saved.get("deferred", False)
         if not isinstance(flight.deferred, bool):
             raise ConfigError("state_dict's in-flight 'deferred' must be a bool")
-        scales, left = saved.get("message_scales"), saved.get("message_left")
-        if scales is not None and not (
+        scales, left = saved.get("message_scales", {}), saved.get("message_left")
+        if flight.deferred and not (
             isinstance(scales, dict)
             and set(scales) == set(shapes)
             and all(type(v) is float and math.isfinite(v) for v in scales.values())
@@ -1314,7 +1308,7 @@ class OuterOptimizer(Optimizer):
             isinstance(left, list) and all(isinstance(n, str) and n in shapes for n in left)
         ):
             raise ConfigError("state_dict's in-flight 'message_left' must list parameter names")
-        flight.message_scales = scales
+        flight.message_scales = scales if flight.deferred else {}
         flight.message_left = None if left is None else set(left)
         if "deltas" in saved:  # error buffers still to commit (all of them if not encoded)
             committed = set(saved.get("committed", ()))

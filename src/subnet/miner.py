@@ -376,9 +376,6 @@ class Miner(Node):
             loss.backward()
             self.inner.step()
             self.inner.zero_grad(set_to_none=True)
-            # run_window does not defer; a checkpoint of a deferring version may still hold
-            # a step to add (a no-op otherwise)
-            self.outer.apply_message()
             losses.append(float(loss.detach()))
         return losses, applied
 

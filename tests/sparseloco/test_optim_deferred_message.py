@@ -20,12 +20,10 @@ from sparseloco import (
     BackgroundRoundError,
     CodecConfig,
     ConfigError,
-    DenseUpdate,
     ErrorFeedback,
     GatherResult,
     OuterLoop,
     OverlapConfig,
-    PeerStatus,
     SparseLoCo,
     decode,
     encode,
@@ -36,12 +34,12 @@ from sparseloco.serialization import dump_safetensors
 RULE = OverlapConfig(extrapolation=0.5, own_weight=0.5, message_weight=0.75)
 
 
-class Scripted:
-    """This peer's exchange: gather(w) returns peer "b"'s dense update for window w."""
+class Alone:
+    """A peer with no other: keeps the bytes of each publish; gather finds only itself."""
 
-    def __init__(self, shapes):
-        self.peer_id = "me"
-        self.shapes = shapes
+    peer_id = "me"
+
+    def __init__(self):
         self.published: list[tuple[int, bytes]] = []
 
     def publish(self, window, payload):
@@ -49,11 +47,7 @@ class Scripted:
         return payload.nbytes
 
     def gather(self, window):
-        g = torch.Generator().manual_seed(500 + window)
-        theirs = DenseUpdate({n: 0.05 * torch.randn(s, generator=g) for n, s in self.shapes})
-        return GatherResult(
-            window=window, updates={"b": theirs}, statuses={"b": PeerStatus("b", "ok")}
-        )
+        return GatherResult(window=window)
 
 
 def _model(dtype=torch.float32):
@@ -67,7 +61,7 @@ def _model(dtype=torch.float32):
 
 def _peer(dtype=torch.float32, rule=RULE, offload=False):
     model = _model(dtype)
-    ex = Scripted([(n, p.shape) for n, p in model.named_parameters()])
+    ex = Alone()
     outer = SparseLoCo(
         model.named_parameters(), ex, codec={"topk": 8}, lr=0.7, overlap=rule, offload=offload
     )
@@ -449,7 +443,12 @@ def test_an_interrupted_apply_adds_each_tensor_once_after_a_restart():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("message_scales", {"0.weight": 0.5}), ("message_scales", None), ("message_left", ["x"])],
+    [
+        ("message_scales", {"0.weight": 0.5}),
+        ("message_scales", {}),  # none kept
+        ("message_scales", None),
+        ("message_left", ["x"]),
+    ],
 )
 def test_malformed_message_state_is_refused(key, value):
     model, outer, _ = _peer()
@@ -466,10 +465,8 @@ def test_malformed_message_state_is_refused(key, value):
         fresh.load_state_dict(saved)
 
 
-class FailingGather(Scripted):
-    def __init__(self, shapes):
-        super().__init__(shapes)
-        self.fail = True
+class FailingGather(Alone):
+    fail = True
 
     def gather(self, window):
         if self.fail:
@@ -480,7 +477,7 @@ class FailingGather(Scripted):
 
 def test_a_failed_finish_keeps_the_step_pending():
     model = _model()
-    ex = FailingGather([(n, p.shape) for n, p in model.named_parameters()])
+    ex = FailingGather()
     outer = SparseLoCo(model.named_parameters(), ex, codec={"topk": 8}, lr=0.7, overlap=RULE)
     _perturb(model, 1)
     outer.step(defer_message=True)
