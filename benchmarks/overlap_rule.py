@@ -10,7 +10,9 @@ held-out loss, bit for bit, as its JSON's). Each rule is ``a,w,v``
 ``--jobs`` at a time. Each peer steps as :class:`~sparseloco.OuterLoop` does: the boundary
 leaves the own message's step to :meth:`~sparseloco.SparseLoCo.apply_message` after the next
 window's first inner step (``--at-boundary``: the boundary adds it, encoding the message
-itself). Prints the table and writes ``results/<name>.json``.
+itself). ``--apply-after TAU`` applies each aggregate TAU inner steps into the next window
+(``outer.finish()`` there, waiting for it, as ``OuterLoop(apply_after=TAU)`` does) instead
+of at the window's end. Prints the table and writes ``results/<name>.json``.
 
     python benchmarks/overlap_rule.py                          # the defaults' sweep, ~10 min
     python benchmarks/overlap_rule.py --rules 0.5,0.75,0 --seeds 0 --rounds 60
@@ -37,6 +39,7 @@ from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from benchmarks.utilisation import CORPUS_BYTES, MODEL, heldout_loss, inner_step  # noqa: E402
 from sparseloco import InProcessHub, OverlapConfig, SparseLoCo  # noqa: E402
 from sparseloco.data import TokenDataset, stdlib_corpus  # noqa: E402
+from sparseloco.loop import apply_due  # noqa: E402
 from sparseloco.models import GPT  # noqa: E402
 
 BLOCKING = "blocking"
@@ -79,8 +82,11 @@ def _train(
     outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=overlap)
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
     gen = torch.Generator().manual_seed(1000 * job["seed"] + index)
+    tau = None if overlap is False else job["apply_after"]
     for _ in range(job["rounds"]):
-        for _ in range(job["inner_steps"]):
+        for step in range(job["inner_steps"]):
+            if apply_due(outer, step, tau, wait=True):  # τ steps in, as OuterLoop does
+                outer.finish()
             inner_step(model, inner, data, gen, job["batch"])
             outer.apply_message()  # after the first inner step, as OuterLoop does
         outer.step(defer_message=not job["at_boundary"])
@@ -145,9 +151,18 @@ def main() -> None:
         action="store_true",
         help="the boundary adds the own message's step (else: after the first inner step)",
     )
+    ap.add_argument(
+        "--apply-after",
+        type=int,
+        default=None,
+        metavar="TAU",
+        help="apply each aggregate TAU inner steps into the next window (default: at its end)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--name", default="overlap_rule")
     args = ap.parse_args()
+    if args.apply_after is not None and not 1 <= args.apply_after < args.inner_steps:
+        ap.error(f"--apply-after must lie in [1, {args.inner_steps})")
     for rule in args.rules:
         OverlapConfig(*map(float, rule.split(",")))  # a bad rule fails before any run
     common = {
@@ -158,6 +173,7 @@ def main() -> None:
         "inner_lr": args.inner_lr,
         "timeout_s": 600.0,
         "at_boundary": args.at_boundary,
+        "apply_after": args.apply_after,
     }
     jobs = [
         common | {"rule": rule, "seed": seed}
@@ -173,7 +189,8 @@ def main() -> None:
     rows = table(results, args.seeds)
     print(
         f"\n{args.peers} peers, {args.rounds} rounds x {args.inner_steps} inner steps, "
-        "held-out loss at equal tokens (overlapped at tau = H):"
+        "held-out loss at equal tokens (overlapped at tau = "
+        f"{args.apply_after or 'H'}):"
     )
     print_table(rows, list(rows[0]))
     path = write_json(

@@ -12,12 +12,12 @@ the link differ:
   window k's inner steps), starts window k+1 from :class:`~sparseloco.OverlapConfig`'s
   prediction of the next global model and returns, leaving window k's encode to the
   background round; the prediction's own-message step is added after window k+1's first
-  inner step (``step(defer_message=True)``, then ``apply_message()``). ``message at the
-  boundary`` is the same rule with the boundary encoding the message and adding its step
-  (``step()``, as ``OuterLoop``'s default does); ``own progress only`` uses
-  ``OverlapConfig.local()`` (a = 0, w = 1, v = 0: the global model plus the own progress,
-  the earliest rule) and ``previous rule`` a = 0.5, w = 0.75, v = 0 (the default before the
-  own message's step); these three run at 1 Gbit/s only;
+  inner step (``step(defer_message=True)``, then ``apply_message()``);
+* ``overlap τ=H, message at the boundary``: the same rule with the boundary encoding the
+  message and adding its step (``step()``, as ``OuterLoop``'s default does);
+  ``own progress only`` uses ``OverlapConfig.local()`` (a = 0, w = 1, v = 0: the global
+  model plus the own progress, the earliest rule) and ``previous rule`` a = 0.5, w = 0.75,
+  v = 0 (the default before the own message's step); these two run at 1 Gbit/s only;
 * ``overlap τ``: the deferred one, with each aggregate applied τ=``--apply-after`` inner
   steps into the next window (``outer.finish()`` there, as ``OuterLoop(apply_after=τ)``
   does);
@@ -104,17 +104,24 @@ from sparseloco.models import GPT, GPTConfig  # noqa: E402
 
 MODEL = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 CORPUS_BYTES = 2_000_000
-MODES = ("blocking", "overlap", "overlap-tau", "overlap-ready")
-#: earlier start rules at τ = H, run for the loss tables only: the global model plus the own
+MODES = ("blocking", "overlap", "overlap-boundary", "overlap-tau", "overlap-ready")
+#: earlier start rules at τ = H, run at 1 Gbit/s only: the global model plus the own
 #: progress (OverlapConfig.local()), and the default before the message term (v = 0)
 RULES = {
     "overlap-local": OverlapConfig.local(),
     "overlap-prev": OverlapConfig(extrapolation=0.5, own_weight=0.75, message_weight=0.0),
-    "overlap-boundary": OverlapConfig(),
 }
 #: modes whose boundary encodes the message and adds its step to the start itself (the
 #: others step with defer_message=True and apply_message() after the first inner step)
 AT_BOUNDARY = ("overlap-boundary",)
+#: the bars' names in the plot
+SHORT = {
+    "blocking": "blocking",
+    "overlap": "τ=H deferred",
+    "overlap-boundary": "τ=H boundary",
+    "overlap-tau": "τ",
+    "overlap-ready": "τ, no wait",
+}
 #: modes whose trajectory depends on timing (the step at which an aggregate arrives)
 TIMED = ("overlap-ready",)
 #: the setting of the longer runs at 1 Gbit/s (``--loss-rounds``)
@@ -172,7 +179,7 @@ def run_peer(index: int, job: dict[str, Any], data: TokenDataset, barrier: Any) 
         compression_level=1,
     )
     ex = StorageExchange(me, storage, directory, signers[me], ModelSpec.from_module(model), config)
-    overlap = RULES.get(mode, mode != "blocking")
+    overlap = RULES.get(mode, mode != "blocking")  # True: OverlapConfig()
     outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=overlap)
     tau = job["apply_after"] if mode in ("overlap-tau", "overlap-ready") else None
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
@@ -637,7 +644,13 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
         for s, lab in zip(settings, labels, strict=True)
     ]
     x = range(len(settings))
-    for mode, marker in zip(MODES, "os^v", strict=True):
+    # a saved run of an older version may lack a mode at some links: drawn where it ran all
+    modes = [
+        m
+        for m in MODES
+        if all(any(r["mode"] == m for r in runs if r["setting"] == s) for s in settings)
+    ]
+    for mode, marker in zip(modes, "osD^v", strict=False):
         pick = [next(r for r in runs if r["setting"] == s and r["mode"] == mode) for s in settings]
         name = label(mode, args)
         axes[0].plot(x, [r["mean"]["utilisation"] for r in pick], marker=marker, label=name)
@@ -645,11 +658,11 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
     axes[0].axhline(0.97, color="grey", ls=":", lw=1)
     axes[0].set_ylabel("compute utilisation (mean over peers)")
     axes[1].set_ylabel("held-out loss at equal tokens (nats/byte)")
-    width = 0.2
+    width = 0.8 / len(modes)
     colors = {"compute": "C2", "publish": "C0", "gather": "C3", "apply": "C1"}
-    for j, mode in enumerate(MODES):
+    for j, mode in enumerate(modes):
         pick = [next(r for r in runs if r["setting"] == s and r["mode"] == mode) for s in settings]
-        pos = [i + (j - 1.5) * width for i in x]
+        pos = [i + (j - (len(modes) - 1) / 2) * width for i in x]
         bottoms = [0.0] * len(pick)
         for phase, color in colors.items():
             vals = [r["mean"][f"{phase}_s_per_round"] for r in pick]
@@ -659,12 +672,12 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
                 width,
                 bottom=bottoms,
                 color=color,
-                hatch=["", "//", "..", "xx"][j],
+                hatch=["", "//", "\\\\", "..", "xx"][MODES.index(mode)],
                 label=phase if j == 0 else None,
                 edgecolor="white",
             )
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
-    axes[2].set_ylabel("s per round: blocking | overlap τ=H | τ | τ, no wait")
+    axes[2].set_ylabel("s per round: " + " | ".join(SHORT[m] for m in modes))
     for ax in axes:
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_xlabel("link (per peer, each way)")
