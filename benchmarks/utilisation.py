@@ -677,7 +677,8 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
                 edgecolor="white",
             )
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
-    axes[2].set_ylabel("s per round: " + " | ".join(SHORT[m] for m in modes))
+    axes[2].set_ylabel("s per round (mean over peers)")
+    axes[2].set_title("bars: " + " | ".join(SHORT[m] for m in modes), fontsize=8)
     for ax in axes:
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_xlabel("link (per peer, each way)")
