@@ -161,8 +161,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--name", default="overlap_rule")
     args = ap.parse_args()
-    if args.apply_after is not None and not 1 <= args.apply_after < args.inner_steps:
-        ap.error(f"--apply-after must lie in [1, {args.inner_steps})")
+    if args.apply_after is not None and not 1 <= args.apply_after <= args.inner_steps:
+        ap.error(f"--apply-after must lie in [1, {args.inner_steps}] (H: at the boundary)")
+    if args.apply_after == args.inner_steps:  # as OuterLoop takes it
+        args.apply_after = None
     for rule in args.rules:
         OverlapConfig(*map(float, rule.split(",")))  # a bad rule fails before any run
     common = {

@@ -58,7 +58,7 @@ steeply). Prints tables,
 writes ``results/utilisation.json`` and ``results/utilisation.png`` (``--from-json`` redraws
 them from a saved run).
 
-    python benchmarks/utilisation.py            # ~8 min on 2 idle CPU cores (4 seeds: ~15)
+    python benchmarks/utilisation.py            # 2 seeds (the README's 4-seed run: 18 min)
     python benchmarks/utilisation.py --quick    # 4 rounds of 10 steps, one seed
 """
 
@@ -114,13 +114,13 @@ RULES = {
 #: modes whose boundary encodes the message and adds its step to the start itself (the
 #: others step with defer_message=True and apply_message() after the first inner step)
 AT_BOUNDARY = ("overlap-boundary",)
-#: the bars' names in the plot
+#: the bars' names in the plot (``tau``: ``--apply-after``)
 SHORT = {
     "blocking": "blocking",
     "overlap": "τ=H deferred",
     "overlap-boundary": "τ=H boundary",
-    "overlap-tau": "τ",
-    "overlap-ready": "τ, no wait",
+    "overlap-tau": "τ={tau}",
+    "overlap-ready": "τ≥{tau}, no wait",
 }
 #: modes whose trajectory depends on timing (the step at which an aggregate arrives)
 TIMED = ("overlap-ready",)
@@ -428,12 +428,17 @@ def main() -> None:
         help="also run every mode this many rounds at 1 Gbit/s per seed, for the loss (0: not)",
     )
     ap.add_argument("--quick", action="store_true", help="4 rounds of 10 steps, one seed")
-    ap.add_argument("--name", default="utilisation", help="results/<name>.json and .png")
+    ap.add_argument(
+        "--name",
+        help="results/<name>.json and .png (default: utilisation; with --from-json, the "
+        "saved run's name)",
+    )
     ap.add_argument("--from-json", help="re-render the tables and plot of a previous run")
     args = ap.parse_args()
     if args.from_json:
         old = json.loads(Path(args.from_json).read_text())
-        saved = argparse.Namespace(**(old["args"] | {"name": args.name, "from_json": None}))
+        name = args.name or old["args"]["name"]
+        saved = argparse.Namespace(**(old["args"] | {"name": name, "from_json": None}))
         report(
             old["runs"],
             saved,
@@ -443,6 +448,7 @@ def main() -> None:
             old["command"],
         )
         return
+    args.name = args.name or "utilisation"
     if args.quick:
         args.rounds, args.inner_steps, args.seeds, args.apply_after = 4, 10, [0], 4
         args.loss_rounds = 0
@@ -562,11 +568,13 @@ def report(runs, args, load_before, load_after, seconds, command=None) -> None:
         losses[LONG] = loss_table(runs, LONG, args)
         print(f"\nheld-out loss at equal tokens (1 Gbit/s runs, {args.loss_rounds} rounds):")
         print_table(losses[LONG], list(losses[LONG][0]))
-    same = {
-        mode: len({r["model_digest"] for r in seed0 if r["mode"] == mode}) == 1
+    digests = {
+        mode: [r["model_digest"] for r in seed0 if r["mode"] == mode]
         for mode in MODES
         if mode not in TIMED
     }
+    # only modes that ran at more than one link (a saved run may have one at 1 Gbit/s only)
+    same = {mode: len(set(d)) == 1 for mode, d in digests.items() if len(d) > 1}
     for line in applied_steps(runs):
         print(line)
     print(f"final model identical across links (per mode): {same}")
@@ -650,11 +658,12 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
         for m in MODES
         if all(any(r["mode"] == m for r in runs if r["setting"] == s) for s in settings)
     ]
-    for mode, marker in zip(modes, "osD^v", strict=False):
+    for mode in modes:  # marker and colour per mode, whichever modes are drawn
         pick = [next(r for r in runs if r["setting"] == s and r["mode"] == mode) for s in settings]
+        style = {"marker": "osD^v"[MODES.index(mode)], "color": f"C{MODES.index(mode)}"}
         name = label(mode, args)
-        axes[0].plot(x, [r["mean"]["utilisation"] for r in pick], marker=marker, label=name)
-        axes[1].plot(x, [r["heldout_loss"] for r in pick], marker=marker, label=name)
+        axes[0].plot(x, [r["mean"]["utilisation"] for r in pick], label=name, **style)
+        axes[1].plot(x, [r["heldout_loss"] for r in pick], label=name, **style)
     axes[0].axhline(0.97, color="grey", ls=":", lw=1)
     axes[0].set_ylabel("compute utilisation (mean over peers)")
     axes[1].set_ylabel("held-out loss at equal tokens (nats/byte)")
@@ -678,7 +687,8 @@ def plot(runs: list[dict[str, Any]], args: Any) -> Path:
             )
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
     axes[2].set_ylabel("s per round (mean over peers)")
-    axes[2].set_title("bars: " + " | ".join(SHORT[m] for m in modes), fontsize=8)
+    bars = " | ".join(SHORT[m].format(tau=args.apply_after) for m in modes)
+    axes[2].set_title(f"bars: {bars}", fontsize=8)
     for ax in axes:
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_xlabel("link (per peer, each way)")

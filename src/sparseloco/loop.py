@@ -72,7 +72,7 @@ class OuterLoop:
             measures both (README, "Communication and utilisation"): on its small CPU model
             at 8 × 64 tokens per inner step, where the encode is about 3 % of a round's
             compute, ``True`` lifts utilisation from 0.95 to 0.98 and ends about 1 % higher
-            in loss; at 32 × 64 tokens (the encode about 1.3 %) ``False`` reaches 0.985 and
+            in loss; at 32 × 64 tokens (the encode about 1 %) ``False`` reaches 0.985 and
             the two end within the seeds' spread of each other.
 
     Inner steps that ``torch.amp.GradScaler`` skips are not counted. The scaler does not call
