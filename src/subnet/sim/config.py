@@ -10,7 +10,7 @@ from netcomm.link import parse_link
 from sparseloco.config import PRESETS
 from sparseloco.errors import ConfigError
 from sparseloco.models.gpt import GPTConfig
-from subnet.config import ADVERSARY_KINDS
+from subnet.config import ADVERSARY_KINDS, MinerSettings
 
 #: default window length per miner process on a real-time clock. A window holds the
 #: validator's scoring of the previous one and then every miner's H inner steps, on cores the
@@ -142,13 +142,23 @@ class SimConfig:
                 raise ConfigError(f"--link: {exc}") from None
         if (self.window_s is not None and not self.window_s > 0) or not self.deadline_s > 0:
             raise ConfigError("window_s and deadline_s must be > 0 seconds")
-        if not 0 <= self.apply_after < self.inner_steps or (self.apply_after and not self.overlap):
+        if not 0 <= self.apply_after < self.inner_steps:
             raise ConfigError(
-                f"apply_after must be in [0, inner_steps) = [0, {self.inner_steps}) and needs "
-                f"overlap; got {self.apply_after}"
+                f"apply_after must be in [0, inner_steps) = [0, {self.inner_steps}); got "
+                f"{self.apply_after}"
             )
-        if not (self.apply_wait or self.apply_after):
-            raise ConfigError("apply_wait=False (--no-wait) needs apply_after >= 1")
+        self.miner_settings()  # the miner's own rules for overlap, apply_after, apply_wait
+
+    def miner_settings(self, behaviour: str = "honest", victim: str = "") -> MinerSettings:
+        """A miner's ``[miner]`` settings in this simulation (``behaviour``: honest or one of
+        :data:`~subnet.config.ADVERSARY_KINDS`)."""
+        return MinerSettings(
+            behaviour=behaviour,  # type: ignore[arg-type]
+            victim=victim,
+            overlap=self.overlap,
+            apply_after=self.apply_after,
+            apply_wait=self.apply_wait,
+        )
 
     @property
     def honest_ids(self) -> list[str]:

@@ -14,7 +14,6 @@ from subnet.config import (
     ChainConfig,
     DataConfig,
     ExchangeSettings,
-    MinerSettings,
     NodeConfig,
     RunConfig,
     StorageConfig,
@@ -119,13 +118,7 @@ def node_specs(cfg: SimConfig) -> list[NodeSpec]:
     ]
     miners = [(p, "honest") for p in cfg.honest_ids] + list(cfg.adversary_ids.items())
     for hotkey, kind in miners:
-        settings = MinerSettings(
-            behaviour=kind,  # type: ignore[arg-type]
-            victim=cfg.honest_ids[0] if kind == "copier" else "",
-            overlap=cfg.overlap,
-            apply_after=cfg.apply_after,
-            apply_wait=cfg.apply_wait,
-        )
+        settings = cfg.miner_settings(kind, cfg.honest_ids[0] if kind == "copier" else "")
         chain = ChainConfig(kind="local", path=path)
         specs.append(
             NodeSpec(hotkey, kind, _node(cfg, hotkey, "miner", chain=chain, miner=settings))
