@@ -82,10 +82,10 @@ def _train(
     outer = SparseLoCo(model.named_parameters(), ex, "covenant-72b", overlap=overlap)
     inner = torch.optim.AdamW(model.parameters(), lr=job["inner_lr"], weight_decay=0.1)
     gen = torch.Generator().manual_seed(1000 * job["seed"] + index)
-    tau = None if overlap is False else job["apply_after"]
     for _ in range(job["rounds"]):
         for step in range(job["inner_steps"]):
-            if apply_due(outer, step, tau, wait=True):  # τ steps in, as OuterLoop does
+            # τ steps in, as OuterLoop does (never for blocking: nothing is in flight)
+            if apply_due(outer, step, job["apply_after"], wait=True):
                 outer.finish()
             inner_step(model, inner, data, gen, job["batch"])
             outer.apply_message()  # after the first inner step, as OuterLoop does
